@@ -1,0 +1,3 @@
+from selfhost.cli.app import main
+
+main()

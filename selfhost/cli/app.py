@@ -1,0 +1,127 @@
+"""The `selfhost` command: assembles the command modules and owns the one error boundary.
+
+Each command module exposes `register(app)` (train modules: `register(app, train)`); the
+boundary wraps every registered callback so a user-caused error prints one line and exits
+non-zero, in the installed executable and under `typer.testing.CliRunner` alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from selfhost import __version__
+from selfhost.cli import chat, history, info, models, pull, quantize, train_gpt, train_mnist
+from selfhost.cli.console import err_console
+from selfhost.errors import SelfhostError
+
+app = typer.Typer(
+    name="selfhost",
+    help="Run the whole local-LLM loop on your own machine: pull, quantize, chat, train.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+train_app = typer.Typer(help="Train your own models (needs the `train` extra: PyTorch).", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"selfhost {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Run the whole local-LLM loop on your own machine: pull, quantize, chat, train."""
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("SELFHOST_DEBUG", "") not in ("", "0", "false")
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line (and exit code) a user sees for an error they can fix."""
+    if isinstance(exc, SelfhostError):
+        return f"error: {exc}", exc.exit_code
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "error: the disk is full (free some space and run the command again)", 1
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"error: {exc.strerror or exc}{where}", 1
+    return f"error: {exc}", 1
+
+
+def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map typed errors to one line on stderr and a non-zero exit (SELFHOST_DEBUG=1: traceback)."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (SelfhostError, OSError) as exc:
+            if debug_enabled():
+                raise
+            line, code = error_line(exc)
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            err_console.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return guarded
+
+
+def _guard(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.callback is not None and not getattr(command.callback, "__wrapped__", None):
+            command.callback = boundary(command.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _guard(group.typer_instance)
+
+
+pull.register(app)
+models.register(app)
+quantize.register(app)
+chat.register(app)
+history.register(app)
+info.register(app)
+train_gpt.register(app, train_app)
+train_mnist.register(app, train_app)
+app.add_typer(train_app, name="train")
+_guard(app)
+
+
+def main() -> None:
+    """Entry point of the `selfhost` executable."""
+    try:
+        app(prog_name="selfhost")
+    except SelfhostError as exc:  # raised outside a command (e.g. while parsing)
+        line, code = error_line(exc)
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        err_console.print(
+            f"internal error: {type(exc).__name__}: {exc} (set SELFHOST_DEBUG=1 for the traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(70)

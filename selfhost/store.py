@@ -1,0 +1,162 @@
+"""The local model store: a JSON manifest of every model selfhost knows about.
+
+Files downloaded from the Hub stay in huggingface-hub's cache (shared with `hf download`);
+files selfhost makes (quantized, trained, imported) live in `paths.models_dir()`.
+The manifest is rewritten atomically under a lock, so concurrent commands cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from selfhost import atomic, paths
+from selfhost.errors import NotFoundError, SelfhostError
+
+Source = Literal["hub", "local", "quantized", "trained", "embedded"]
+
+
+class ModelRecord(BaseModel):
+    """One model file registered in the store."""
+
+    name: str  # "smollm2-135m:Q4_K_M", "owner/repo:Q8_0", "my-gpt", "my-gpt:Q8_0"
+    path: Path
+    size: int
+    sha256: str
+    source: Source
+    repo: str | None = None
+    revision: str | None = None  # resolved commit sha for Hub models
+    file: str | None = None  # file name inside the repo
+    quant: str | None = None
+    parent: str | None = None  # model this one was derived from (quantize, train export)
+    pulled_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def base(self) -> str:
+        return split_name(self.name)[0]
+
+
+class _Manifest(BaseModel):
+    version: int = 1
+    models: list[ModelRecord] = []
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """'alias:Q4_K_M' -> ('alias', 'Q4_K_M'); 'alias' -> ('alias', None)."""
+    base, sep, tag = name.rpartition(":")
+    if not sep or not base or "/" in tag or "\\" in tag:
+        return name, None
+    return base, tag
+
+
+class Store:
+    def __init__(self, manifest: Path | None = None) -> None:
+        self.manifest = manifest or paths.store_file()
+
+    # -- reading -------------------------------------------------------------------------
+    def _read(self) -> _Manifest:
+        if not self.manifest.exists():
+            return _Manifest()
+        try:
+            return _Manifest.model_validate(json.loads(self.manifest.read_text("utf-8")))
+        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
+            raise SelfhostError(
+                f"the model store {self.manifest} is corrupt ({type(exc).__name__})",
+                hint="move it aside; `selfhost pull` will re-register models",
+            ) from exc
+
+    def list(self) -> list[ModelRecord]:
+        return sorted(self._read().models, key=lambda r: r.name)
+
+    def get(self, name: str) -> ModelRecord | None:
+        return next((r for r in self._read().models if r.name == name), None)
+
+    def find(self, ref: str, prefer_quant: str | None = None) -> ModelRecord:
+        """Resolve a user reference: an exact name, or a base name with a single (or preferred) quant."""
+        records = self._read().models
+        exact = [r for r in records if r.name == ref]
+        if exact:
+            return exact[0]
+        same_base = [r for r in records if r.base == ref]
+        if len(same_base) == 1:
+            return same_base[0]
+        if same_base:
+            for r in same_base:
+                if prefer_quant and r.quant == prefer_quant:
+                    return r
+            choices = ", ".join(sorted(r.name for r in same_base))
+            raise NotFoundError(f"'{ref}' is ambiguous: {choices}", hint="name one of them")
+        raise NotFoundError(f"no model named '{ref}' in the store", hint="see `selfhost models list`")
+
+    # -- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[_Manifest]:
+        self.manifest.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.manifest.with_suffix(".lock")
+        with open(lock_path, "a+") as lock:
+            _flock(lock)
+            data = self._read()
+            yield data
+            atomic.write_text(self.manifest, data.model_dump_json(indent=2))
+
+    def add(self, record: ModelRecord) -> ModelRecord:
+        """Register (or replace) a record by name."""
+        with self._locked() as data:
+            data.models = [r for r in data.models if r.name != record.name] + [record]
+        return record
+
+    def remove(self, name: str, delete_file: bool = True) -> ModelRecord:
+        """Unregister `name`; delete its file if no other record points at it and selfhost owns it."""
+        with self._locked() as data:
+            record = next((r for r in data.models if r.name == name), None)
+            if record is None:
+                raise NotFoundError(f"no model named '{name}' in the store")
+            data.models = [r for r in data.models if r.name != name]
+            still_used = any(r.path == record.path for r in data.models)
+        if delete_file and not still_used and record.source != "embedded":
+            _delete_model_file(record)
+        return record
+
+
+def _delete_model_file(record: ModelRecord) -> None:
+    """Hub files live in the HF cache as snapshot symlink -> blob: remove both."""
+    path = Path(record.path)
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink():
+            target = path.resolve()
+            path.unlink()
+            target.unlink(missing_ok=True)
+        elif record.source != "local" or _inside(path, paths.models_dir()):
+            path.unlink()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _flock(fh) -> None:  # noqa: ANN001
+    if os.name == "posix":
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

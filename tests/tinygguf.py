@@ -1,0 +1,109 @@
+"""Write tiny random llama-architecture GGUF models for tests (no downloads).
+
+The vocabulary is GPT-2 byte-level BPE: the 256 byte symbols, a few merges, and ChatML
+special tokens, so llama.cpp can tokenize any text. Weights are random: the model loads,
+evaluates and samples like a real one, but says nothing useful.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"]
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's reversible byte -> printable unicode mapping, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return [mapping[b] for b in range(256)]
+
+
+def vocabulary() -> tuple[list[str], list[int]]:
+    tokens = byte_symbols() + [m.replace(" ", "") for m in MERGES] + SPECIALS
+    types = [1] * (len(tokens) - len(SPECIALS)) + [3] * len(SPECIALS)  # 1 normal, 3 control
+    return tokens, types
+
+
+def write_tiny_llama(
+    path: Path,
+    *,
+    n_ctx: int = 128,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    chat_template: str | None = CHATML_TEMPLATE,
+    dtype: str = "f32",
+    seed: int = 0,
+    name: str = "tiny-llama",
+) -> Path:
+    """Write a random llama GGUF to `path`. dtype: 'f32' or 'f16'. Returns `path`."""
+    import gguf
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    np_dtype = np.float32 if dtype == "f32" else np.float16
+    tokens, types = vocabulary()
+    n_vocab = len(tokens)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_add_bos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.02).astype(np_dtype)
+
+    def norm() -> np.ndarray:
+        return np.ones(n_embd, dtype=np.float32)  # norms stay F32, as llama.cpp expects
+
+    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        for part in ("q", "k", "v", "output"):
+            w.add_tensor(f"blk.{i}.attn_{part}.weight", mat(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", norm())
+    w.add_tensor("output.weight", mat(n_vocab, n_embd))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
