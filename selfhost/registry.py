@@ -99,5 +99,6 @@ def _load(shipped: Path, user: Path | None, user_mtime: float | None) -> Registr
 def load_registry() -> Registry:
     """The shipped registry merged with SELFHOST_HOME/models.toml (user entries win)."""
     user = paths.user_registry()
-    has_user = user.exists()
-    return _load(shipped_registry_path(), user if has_user else None, user.stat().st_mtime if has_user else None)
+    if not user.exists():
+        return _load(shipped_registry_path(), None, None)
+    return _load(shipped_registry_path(), user, user.stat().st_mtime)

@@ -28,7 +28,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-train_app = typer.Typer(help="Train your own models (needs the `train` extra: PyTorch).", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train your own models (needs the `train` extra: PyTorch).", no_args_is_help=True
+)
 
 
 def _version(value: bool) -> None:

@@ -1,9 +1,34 @@
-"""`selfhost info` (placeholder until its issue lands)."""
+"""`selfhost info`: which backends this installation got (llama.cpp build, PyTorch device)."""
 
 from __future__ import annotations
 
 import typer
+from rich.table import Table
+
+from selfhost.cli.console import console
+
+
+def info(json_output: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
+    """Show versions, SELFHOST_HOME, the llama.cpp backend (CPU/CUDA/Metal) and the PyTorch device."""
+    from selfhost.system_info import collect
+
+    data = collect()
+    if json_output:
+        typer.echo(data.model_dump_json(indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("selfhost", data.selfhost_version)
+    table.add_row("python", f"{data.python} on {data.platform}")
+    table.add_row("home", data.home)
+    offload = "GPU offload available" if data.llama_gpu_offload else "no GPU offload in this build"
+    table.add_row("llama.cpp", f"{data.llama_backend} ({offload}), llama-cpp-python {data.llama_cpp_version}")
+    table.add_row("llama.cpp features", data.llama_system_info)
+    t = data.torch
+    torch_line = f"{t.version} on {t.device}" if t.installed else "not installed (selfhost[train])"
+    table.add_row("pytorch", torch_line)
+    table.add_row("embedded model", data.embedded_model or "not installed (selfhost[demo])")
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("info")(info)
