@@ -44,3 +44,46 @@ def test_installed_executable_reports_one_line_errors(tmp_path):
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_info_reports_measured_backend(runner):
+    import json
+
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["llama_backend"] in {"CPU", "CUDA", "Metal", "Vulkan", "SYCL", "HIP", "GPU"}
+    assert "AVX" in data["llama_system_info"] or data["llama_gpu_offload"]
+    assert data["torch"]["installed"] is True
+
+
+def test_boundary_maps_typed_errors_to_one_line(monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from selfhost.cli.app import boundary
+    from selfhost.errors import NotFoundError
+
+    demo = typer.Typer()
+
+    @demo.command()
+    def fail() -> None:
+        raise NotFoundError("no model named 'x'", hint="see `selfhost models list`")
+
+    @demo.command()
+    def disk() -> None:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for command in demo.registered_commands:
+        command.callback = boundary(command.callback)
+    runner = CliRunner()
+    result = runner.invoke(demo, ["fail"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: no model named 'x' (see `selfhost models list`)"
+    result = runner.invoke(demo, ["disk"])
+    assert result.exit_code == 1 and "disk is full" in result.output
+    monkeypatch.setenv("SELFHOST_DEBUG", "1")
+    result = runner.invoke(demo, ["fail"])
+    assert isinstance(result.exception, NotFoundError)

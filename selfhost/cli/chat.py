@@ -1,9 +1,367 @@
-"""`selfhost chat` (placeholder until its issue lands)."""
+"""`selfhost chat`: a thin renderer over selfhost.chat.engine.ChatEngine (REPL and one-shot).
+
+Ctrl-C during a reply stops it and keeps the partial reply (marked "interrupted"; /undo or
+/retry drops it); Ctrl-C twice at the prompt, or Ctrl-D, leaves.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
 import typer
+
+from selfhost.cli.console import console, err_console
+from selfhost.errors import SelfhostError, UsageError
+
+HELP = """\
+/help              this list
+/system TEXT       set the system prompt (no TEXT: show it)
+/reset             start a new conversation
+/undo              remove the last message and its reply
+/retry             generate the last reply again
+/history           show the conversation
+/stats             speed, tokens reused from the KV cache, context used
+/save FILE         export the conversation (.md or .json)
+/load FILE         continue a conversation exported as .json
+/exit              leave (also Ctrl-D, or Ctrl-C twice)
+A line with only \"\"\" starts and ends a multi-line message."""
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("chat")(chat)
+
+
+def chat(
+    model: str | None = typer.Argument(
+        None, help="Alias, pulled name or .gguf path (default: embedded model)."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    temperature: float = typer.Option(
+        0.8, "--temperature", "-t", min=0.0, help="Sampling temperature (0: greedy)"
+    ),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(40, "--top-k", min=0),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", min=0.0),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed each reply's sampling (reproducible)."),
+    max_tokens: int | None = typer.Option(
+        None,
+        "--max-tokens",
+        "-n",
+        min=1,
+        help="Longest reply (default: until the model stops or the context is full)",
+    ),
+    ctx: int | None = typer.Option(
+        None, "--ctx", min=16, help="Context size in tokens (default: the model's, capped by memory and 8192)"
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_layers: int | None = typer.Option(
+        None,
+        "--gpu-layers",
+        min=-1,
+        help="Layers to offload (-1: all; default: all when the build has a GPU).",
+    ),
+    raw: bool = typer.Option(False, "--raw", help="Plain text completion, no chat template."),
+    schema_file: str | None = typer.Option(None, "--schema", help="JSON schema file the reply must follow."),
+    as_json: bool = typer.Option(False, "--json", help="One-shot: print the reply and usage as JSON."),
+    resume: bool = typer.Option(False, "--continue", "-c", help="Continue the last conversation."),
+    conversation: int | None = typer.Option(None, "--conversation", help="Continue conversation ID."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not write this chat to the history."),
+) -> None:
+    """Chat with a local model: a REPL, or one answer with -p (stdin is added when piped)."""
+    from selfhost.chat.engine import ChatEngine, Sampling
+    from selfhost.chat.history import ChatLog, HistoryStore
+
+    if resume and conversation is not None:
+        raise UsageError("use either --continue or --conversation ID, not both")
+    if as_json and prompt is None:
+        raise UsageError("--json needs a one-shot message", hint='add -p "..."')
+    schema = None
+    if schema_file is not None:
+        from selfhost.chat.schema import load_schema
+
+        schema = load_schema(Path(schema_file))
+
+    store = None if no_log else HistoryStore()
+    previous = None
+    if resume or conversation is not None:
+        source = store or HistoryStore()
+        conv_id = conversation if conversation is not None else source.latest_id()
+        if conv_id is None:
+            raise UsageError("there is no conversation to continue yet")
+        previous = source.get(conv_id)
+    elif store is not None:
+        store.schema_version()  # a corrupt history database stops us before the model loads
+
+    sampling = Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repeat_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+    )
+    engine = ChatEngine.load(
+        model,
+        ctx=ctx,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        raw=raw,
+        sampling=sampling,
+        system=system,
+        schema=schema,
+    )
+    log = ChatLog(store)
+    if previous is not None:
+        engine.load_conversation(previous, keep_system=system is not None)
+        log.conversation_id = previous.id if store is not None else None
+    line = engine.summary.line() + ("" if prompt is not None else " · /help for commands")
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True, style="dim")
+
+    if prompt is not None:
+        _one_shot(engine, log, _with_stdin(prompt), as_json)
+    else:
+        _repl(engine, log)
+
+
+def _with_stdin(prompt: str) -> str:
+    """`cat notes.txt | selfhost chat -p "summarise"`: the piped text, then the instruction."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return prompt
+    piped = sys.stdin.read()
+    return f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
+
+
+# ----------------------------------------------------------------------------- rendering
+def _stream(chunks: Iterable[object], echo: bool = True) -> object | None:
+    """Print text chunks as they come; return the DoneChunk."""
+    from selfhost.chat.messages import DoneChunk, TextChunk, TrimChunk
+
+    done = None
+    try:
+        for chunk in chunks:
+            if isinstance(chunk, TextChunk):
+                if echo:
+                    console.out(chunk.text, end="", highlight=False)
+                    console.file.flush()
+            elif isinstance(chunk, TrimChunk):
+                err_console.print(
+                    f"[dropped the {chunk.dropped_turns} oldest turn(s) to fit the context; "
+                    f"{chunk.dropped_total} out of context so far]",
+                    markup=False,
+                    highlight=False,
+                    style="yellow",
+                )
+            elif isinstance(chunk, DoneChunk):
+                done = chunk
+    finally:
+        # Ctrl-C may land here, between two chunks: closing the stream now (not at garbage
+        # collection) lets the engine record the partial reply before anyone looks at it.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return done
+
+
+def _finish_note(reason: str) -> str | None:
+    return {
+        "length": "[reply stopped at --max-tokens]",
+        "context": "[reply stopped: the context is full]",
+        "interrupted": "[interrupted]",
+    }.get(reason)
+
+
+def _one_shot(engine, log, text: str, as_json: bool) -> None:  # noqa: ANN001
+    if not text.strip():
+        raise UsageError("the message is empty")
+    done = None
+    try:
+        done = _stream(engine.chat(text), echo=not as_json)
+    finally:
+        log.save(engine.system, engine.messages, engine.summary.name)
+    assert done is not None
+    reply, usage = done.message, done.usage
+    if as_json:
+        payload = {
+            "model": engine.summary.name,
+            "reply": reply.content,
+            "finish_reason": reply.finish_reason,
+            "conversation_id": log.conversation_id,
+            "usage": usage.model_dump(),
+        }
+        if engine.schema is not None:
+            payload["schema_valid"] = done.schema_valid
+            payload["data"] = json.loads(reply.content) if done.schema_valid else None
+        console.out(json.dumps(payload, indent=2), highlight=False)
+    else:
+        console.out("", highlight=False)
+        note = _finish_note(usage.finish_reason)
+        if note:
+            err_console.print(note, markup=False, highlight=False, style="dim")
+    if engine.schema is not None and not done.schema_valid:
+        raise SelfhostError(done.schema_error or "the reply does not match the schema")
+
+
+# ----------------------------------------------------------------------------- the REPL
+def _read_message() -> str:
+    """One message: a line, or the lines between two lines holding only \"\"\"."""
+    line = input(">>> ")
+    if line.strip() != '"""':
+        return line
+    lines = []
+    while True:
+        more = input("... ")
+        if more.strip() == '"""':
+            return "\n".join(lines)
+        lines.append(more)
+
+
+def _repl(engine, log) -> None:  # noqa: ANN001
+    if sys.stdin is not None and sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # pragma: no cover - Windows
+            pass
+    interrupted_at_prompt = False
+    while True:
+        try:
+            text = _read_message()
+        except EOFError:
+            console.out("", highlight=False)
+            return
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:
+                console.out("", highlight=False)
+                return
+            interrupted_at_prompt = True
+            console.print("\n(Ctrl-C again or Ctrl-D to exit)", markup=False, style="dim")
+            continue
+        interrupted_at_prompt = False
+        if not text.strip():
+            continue
+        try:
+            if text.startswith("/"):
+                if _command(engine, log, text) == "exit":
+                    return
+            else:
+                _turn(engine, log, engine.chat(text))
+        except SelfhostError as exc:
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        except OSError as exc:
+            err_console.print(f"error: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _turn(engine, log, chunks) -> None:  # noqa: ANN001
+    """Stream one reply; Ctrl-C stops it and keeps what was generated. Logs the turn."""
+    try:
+        done = _stream(chunks)
+        console.out("", highlight=False)
+        note = _finish_note(done.usage.finish_reason) if done is not None else None
+        if note:
+            console.print(note, markup=False, style="dim")
+    except KeyboardInterrupt:
+        if engine.messages and engine.messages[-1].role == "user":
+            engine.messages.pop()  # stopped before the reply started
+        console.print("\n[interrupted]", markup=False, style="dim")
+    finally:
+        log.save(engine.system, engine.messages, engine.summary.name)
+
+
+def _command(engine, log, text: str) -> str | None:  # noqa: ANN001
+    name, _, arg = text.strip().partition(" ")
+    arg = arg.strip()
+    say = console.print
+    if name in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if name in ("/help", "/?"):
+        say(HELP, markup=False)
+    elif name == "/system":
+        if not arg:
+            say(f"system prompt: {engine.system!r}" if engine.system else "no system prompt", markup=False)
+        else:
+            engine.system = arg
+            log.save(engine.system, engine.messages, engine.summary.name)
+            say("system prompt set", markup=False, style="dim")
+    elif name == "/reset":
+        engine.reset()
+        log.start_new()
+        say("new conversation", markup=False, style="dim")
+    elif name == "/undo":
+        removed = engine.undo()
+        log.save(engine.system, engine.messages, engine.summary.name)
+        say(f"removed {removed} message(s)" if removed else "nothing to undo", markup=False, style="dim")
+    elif name == "/retry":
+        _turn(engine, log, engine.retry())
+    elif name == "/history":
+        _show_history(engine)
+    elif name == "/stats":
+        _show_stats(engine)
+    elif name == "/save":
+        if not arg:
+            raise UsageError("/save needs a file name", hint="/save chat.md or /save chat.json")
+        from selfhost.chat import export
+
+        conv = engine.conversation()
+        conv.id = log.conversation_id
+        path = export.save(conv, Path(arg))
+        say(f"saved {len(conv.messages)} message(s) to {path}", markup=False, style="dim")
+    elif name == "/load":
+        if not arg:
+            raise UsageError("/load needs a file name", hint="/load chat.json")
+        from selfhost.chat import export
+
+        conv = export.load(Path(arg))
+        engine.load_conversation(conv)
+        log.start_new()
+        say(f"loaded {len(conv.messages)} message(s) from {arg}", markup=False, style="dim")
+    else:
+        err_console.print(f"unknown command {name} (type /help for the list)", markup=False, highlight=False)
+    return None
+
+
+def _show_history(engine) -> None:  # noqa: ANN001
+    if engine.system:
+        console.print(f"system: {engine.system}", markup=False)
+    if not engine.messages:
+        console.print("(no messages yet)", markup=False, style="dim")
+    for i, m in enumerate(engine.messages):
+        flags = []
+        if m.tokens is not None:
+            flags.append(f"{m.tokens} tok")
+        if m.finish_reason and m.finish_reason != "stop":
+            flags.append(m.finish_reason)
+        if i < engine.window_start:
+            flags.append("out of context")
+        console.print(f"{m.role} ({', '.join(flags)}): {m.content}", markup=False, highlight=False)
+
+
+def _show_stats(engine) -> None:  # noqa: ANN001
+    u = engine.last_usage
+    say = console.print
+    if u is None:
+        say("no reply yet", markup=False, style="dim")
+        return
+    say(
+        f"last reply: {u.generated_tokens} tokens at {u.generation_tokens_per_s:.1f} tok/s, "
+        f"first token after {u.time_to_first_token_s * 1000:.0f} ms ({u.finish_reason})",
+        markup=False,
+    )
+    say(
+        f"prompt: {u.prompt_tokens} tokens, {u.reused_tokens} reused from the KV cache, {u.evaluated_tokens} "
+        f"evaluated at {u.prompt_tokens_per_s:.1f} tok/s",
+        markup=False,
+    )
+    out_of_context = sum(1 for m in engine.messages[: engine.window_start] if m.role == "user")
+    say(
+        f"context: {u.context_used}/{u.context_size} tokens used; {out_of_context} turn(s) dropped so far",
+        markup=False,
+    )
+    t = engine.totals
+    say(
+        f"session: {t['turns']} replies, {t['generated']} generated, "
+        f"{t['evaluated']} prompt tokens evaluated, {t['reused']} reused",
+        markup=False,
+    )

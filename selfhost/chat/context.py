@@ -1,0 +1,98 @@
+"""How big the context is, and which turns of a conversation fit into it.
+
+llama.cpp aborts the process when asked to evaluate past its context, so the engine sizes the
+context up front (trained length, capped by memory) and trims the oldest turns before a turn
+would not fit: prompt + the reply budget must stay within n_ctx.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from selfhost.chat.messages import Message
+from selfhost.errors import UsageError
+from selfhost.gguf_info import GGUFInfo
+
+CONTEXT_CEILING = 8192  # a sane default ceiling; --ctx can ask for more
+FALLBACK_TRAINED = 2048  # when the GGUF does not say
+KV_MEMORY_SHARE = 0.5  # the KV cache may take at most this share of the RAM left after the weights
+DEFAULT_REPLY_RESERVE = 512  # tokens kept free for a reply when --max-tokens is not set
+MIN_CONTEXT = 32
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def kv_bytes_per_token(info: GGUFInfo) -> int:
+    """F16 K and V for every layer. Uses n_embd (an upper bound: grouped-query attention stores less)."""
+    n_layers = info.n_layers or 32
+    n_embd = info.embedding_length or 4096
+    return 2 * n_layers * n_embd * 2
+
+
+def default_context(info: GGUFInfo, available: int | None = None, ceiling: int = CONTEXT_CEILING) -> int:
+    """The model's trained context, capped by `ceiling` and by what the KV cache may take in RAM."""
+    trained = info.context_length or FALLBACK_TRAINED
+    limit = min(trained, ceiling)
+    available = available_memory() if available is None else available
+    if available is not None:
+        budget = max(0, available - info.size) * KV_MEMORY_SHARE
+        by_memory = int(budget // kv_bytes_per_token(info)) // 256 * 256
+        limit = min(limit, max(by_memory, min(trained, 512)))
+    return max(limit, min(trained, MIN_CONTEXT))
+
+
+def reply_reserve(n_ctx: int, max_tokens: int | None) -> int:
+    """Tokens kept free for the reply when deciding whether a turn fits."""
+    wanted = max_tokens if max_tokens is not None else DEFAULT_REPLY_RESERVE
+    return max(1, min(wanted, n_ctx // 2))
+
+
+def turn_starts(messages: Sequence[Message], start: int) -> list[int]:
+    """Indices (>= start) where a turn (a user message and what follows it) begins."""
+    return [i for i in range(start, len(messages)) if messages[i].role == "user"]
+
+
+def fit_window(
+    messages: Sequence[Message],
+    start: int,
+    measure: Callable[[Sequence[Message]], int],
+    n_ctx: int,
+    reserve: int,
+) -> tuple[int, int, int]:
+    """Drop the oldest turns from messages[start:] until prompt + reserve fits in n_ctx.
+
+    `measure(window)` returns the prompt tokens for a window (the system prompt is added by it).
+    The latest turn is always kept. Returns (new start, turns dropped, prompt tokens).
+    Raises UsageError when even the latest message alone does not fit.
+    """
+    starts = turn_starts(messages, start)
+    if start < len(messages) and (not starts or starts[0] != start):
+        starts.insert(0, start)  # a window may begin with a reply (e.g. after /load)
+    dropped = 0
+    while True:
+        n_prompt = measure(messages[start:])
+        if n_prompt + reserve <= n_ctx:
+            return start, dropped, n_prompt
+        if len(starts) <= 1:
+            raise UsageError(
+                f"the message does not fit: the prompt is {n_prompt} tokens, the context holds {n_ctx} "
+                f"with {reserve} kept for the reply",
+                hint="send a shorter message, or use a larger --ctx or a smaller --max-tokens",
+            )
+        starts.pop(0)
+        start = starts[0]
+        dropped += 1

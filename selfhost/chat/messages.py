@@ -1,0 +1,78 @@
+"""Typed chat messages and the typed chunks the engine streams to its renderers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "context", "interrupted"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    role: Role
+    content: str
+    tokens: int | None = None  # tokens of `content` (generated tokens for a reply)
+    created_at: datetime = Field(default_factory=utc_now)
+    model: str | None = None  # which model wrote a reply
+    finish_reason: FinishReason | None = None  # replies only
+    id: int | None = None  # row id once written to the history database
+
+
+class Usage(BaseModel):
+    """What one turn cost, measured (llama.cpp's own counters and wall-clock time)."""
+
+    prompt_tokens: int  # tokens of the whole rendered prompt
+    reused_tokens: int  # prompt prefix already in the KV cache (not evaluated again)
+    evaluated_tokens: int  # prompt tokens llama.cpp actually evaluated this turn
+    generated_tokens: int
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+    time_to_first_token_s: float
+    total_s: float
+    finish_reason: FinishReason
+    context_used: int  # tokens in the KV cache after the turn
+    context_size: int
+    dropped_turns: int = 0  # oldest turns trimmed to make this one fit
+
+
+class TextChunk(BaseModel):
+    kind: Literal["text"] = "text"
+    text: str
+
+
+class TrimChunk(BaseModel):
+    """Sent before generation when the oldest turns were dropped to fit the context."""
+
+    kind: Literal["trim"] = "trim"
+    dropped_turns: int
+    dropped_total: int  # turns out of the context window so far in this conversation
+
+
+class DoneChunk(BaseModel):
+    kind: Literal["done"] = "done"
+    message: Message
+    usage: Usage
+    schema_valid: bool | None = None  # with --schema: does the reply parse and validate?
+    schema_error: str | None = None
+
+
+Chunk = TextChunk | TrimChunk | DoneChunk
+
+
+class Conversation(BaseModel):
+    """A whole conversation as stored in the history database and in exports."""
+
+    id: int | None = None
+    title: str = ""
+    model: str | None = None
+    system: str | None = None
+    created_at: datetime = Field(default_factory=utc_now)
+    updated_at: datetime = Field(default_factory=utc_now)
+    messages: list[Message] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""`selfhost quantize`: llama.cpp quantization with progress events, and quality reports."""

@@ -1,0 +1,150 @@
+"""Training configuration: presets, a TOML file for repeatable runs, and per-flag overrides.
+
+Precedence: preset < config file < explicit overrides (CLI flags). Every hyper-parameter is a field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfhost.errors import NotFoundError, UsageError
+
+TokenizerKind = Literal["char", "bpe"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a run. Field names are the TOML keys and (with dashes) the CLI flags."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data + tokenizer
+    tokenizer: TokenizerKind = "char"
+    vocab_size: int = Field(4096, ge=260, le=1 << 20)  # BPE only: 256 bytes + end-of-text + merges
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    # model (GPT-2 architecture)
+    n_layer: int = Field(6, ge=1)
+    n_head: int = Field(6, ge=1)
+    n_embd: int = Field(384, ge=1)
+    block_size: int = Field(256, ge=2)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    # optimisation
+    batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_iters: int = Field(5000, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    decay_lr: bool = True
+    warmup_iters: int = Field(100, ge=0)
+    lr_decay_iters: int | None = Field(None, ge=1)  # None: max_iters
+    min_lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.99, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    # evaluation + logging
+    eval_interval: int = Field(500, ge=1)
+    eval_iters: int = Field(200, ge=1)
+    log_interval: int = Field(10, ge=1)
+    sample_tokens: int = Field(200, ge=0)  # text sample at each eval (0: none)
+    # system
+    device: Device = "auto"
+    dtype: DType = "auto"
+    compile: bool = False
+    seed: int = 1337
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.max_iters
+
+    @property
+    def tokens_per_iter(self) -> int:
+        """Tokens one optimizer step consumes in ONE process (x world size under DDP)."""
+        return self.batch_size * self.block_size * self.grad_accum
+
+
+_SHAKESPEARE_CHAR: dict[str, Any] = dict(
+    n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+    batch_size=64, max_iters=5000, learning_rate=1e-3, lr_decay_iters=5000, min_lr=1e-4,
+    warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+    eval_interval=250, eval_iters=200, log_interval=10,
+)  # fmt: skip
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed material's configuration (constant lr, AdamW defaults, no clipping).
+    "seed": dict(
+        n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+        batch_size=64, max_iters=5000, learning_rate=3e-4, decay_lr=False, warmup_iters=0,
+        min_lr=3e-4, beta2=0.999, weight_decay=0.01, grad_clip=0.0,
+        eval_interval=500, eval_iters=200, log_interval=10,
+    ),
+    # nanoGPT's config/train_shakespeare_char.py
+    "shakespeare-char": _SHAKESPEARE_CHAR,
+    # nanoGPT's "baby GPT" CPU settings: a few minutes on 2 cores.
+    "cpu-tiny": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+        batch_size=12, max_iters=2000, learning_rate=1e-3, lr_decay_iters=2000, min_lr=1e-4,
+        warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+        eval_interval=250, eval_iters=20, log_interval=10, sample_tokens=100,
+    ),
+}  # fmt: skip
+DEFAULT_PRESET = "cpu-tiny"
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise NotFoundError(f"unknown preset '{name}'", hint=f"choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A config file: top-level keys are TrainConfig fields (`preset = "..."` picks the base)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"no such config file: {path}")
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(
+    preset: str | None = None, config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """preset < config file < overrides (None values in overrides are ignored)."""
+    file_values = read_toml(config_file) if config_file else {}
+    preset = preset or file_values.pop("preset", None) or DEFAULT_PRESET
+    file_values.pop("preset", None)
+    values = preset_values(preset)
+    values.update(file_values)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_config(values)
+
+
+def validate_config(values: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"invalid training setting {where}: {msg}") from exc
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name) or ":" in name:
+        raise UsageError(f"invalid model name '{name}'", hint="use letters, digits, '.', '_' and '-'")
+    return name

@@ -1,0 +1,130 @@
+"""Export a trained GPT to GGUF (llama.cpp architecture `gpt2`) and register it in the store.
+
+nanoGPT's Linear weights are (out, in) in PyTorch, which the gguf package writes as ggml's
+(in, out): exactly what llama.cpp expects, so no tensor is transposed. qkv stays fused
+(`attn_qkv`), every bias is kept, and the tied output matrix is omitted (llama.cpp reuses
+`token_embd`). The tokenizer, bos/eos ids and a chat template travel inside the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from selfhost import atomic, gguf_info, paths
+from selfhost.errors import UsageError
+from selfhost.store import ModelRecord, Store, sha256_file
+from selfhost.train.gpt.model import LAYER_NORM_EPS
+from selfhost.train.gpt.tokenizer import Tokenizer
+
+ExportType = Literal["f32", "f16"]
+# A base model has no roles: the prompt is the messages' text, one per line.
+BASE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}\n{% endif %}{% endfor %}"
+)
+
+_BLOCK_TENSORS = {  # our state-dict name -> llama.cpp gpt2 tensor name
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+
+
+def gguf_tensors(state: dict[str, Any], n_layer: int) -> dict[str, np.ndarray]:
+    """Our state dict (torch tensors) -> llama.cpp tensor names (float32 numpy arrays)."""
+
+    def arr(key: str) -> np.ndarray:
+        return state[key].detach().float().cpu().numpy()
+
+    out = {
+        "token_embd.weight": arr("wte.weight"),
+        "position_embd.weight": arr("wpe.weight"),
+        "output_norm.weight": arr("ln_f.weight"),
+        "output_norm.bias": arr("ln_f.bias"),
+    }
+    for i in range(n_layer):
+        for ours, theirs in _BLOCK_TENSORS.items():
+            for part in ("weight", "bias"):
+                out[f"blk.{i}.{theirs}.{part}"] = arr(f"blocks.{i}.{ours}.{part}")
+    return out
+
+
+def write_gguf(
+    dest: Path,
+    state: dict[str, Any],
+    model_args: dict[str, Any],
+    tokenizer: Tokenizer,
+    *,
+    name: str,
+    dtype: ExportType = "f16",
+) -> Path:
+    """Write the GGUF atomically to `dest`."""
+    import gguf
+
+    if dtype not in ("f32", "f16"):
+        raise UsageError(f"unknown export type '{dtype}'", hint="use f32 or f16")
+    vocab = tokenizer.gguf_vocab()
+    n_embd, n_layer = int(model_args["n_embd"]), int(model_args["n_layer"])
+    if len(vocab.tokens) != int(model_args["vocab_size"]):
+        raise UsageError(f"tokenizer has {len(vocab.tokens)} tokens, model {model_args['vocab_size']}")
+    tensors = gguf_tensors(state, n_layer)
+    size = sum(a.size for a in tensors.values()) * (4 if dtype == "f32" else 2)
+    atomic.ensure_free_space(Path(dest).parent, size, "the GGUF export")
+
+    with atomic.atomic_path(Path(dest)) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "gpt2")
+        w.add_name(name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_context_length(int(model_args["block_size"]))
+        w.add_embedding_length(n_embd)
+        w.add_feed_forward_length(4 * n_embd)
+        w.add_block_count(n_layer)
+        w.add_head_count(int(model_args["n_head"]))
+        w.add_layer_norm_eps(LAYER_NORM_EPS)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        w.add_token_merges(vocab.merges)
+        w.add_bos_token_id(vocab.eot_id)
+        w.add_eos_token_id(vocab.eot_id)
+        w.add_add_bos_token(True)  # documents start after <|endoftext|>, as in training
+        w.add_add_eos_token(False)
+        w.add_chat_template(BASE_CHAT_TEMPLATE)
+        for tname, data in tensors.items():
+            if dtype == "f16" and data.ndim == 2:
+                data = data.astype(np.float16)  # matrices in F16, norms and biases stay F32
+            w.add_tensor(tname, np.ascontiguousarray(data))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    gguf_info.inspect(Path(dest))  # raises GGUFError if anything is off
+    return Path(dest)
+
+
+def export_checkpoint(
+    ckpt_path: Path, name: str, *, dtype: ExportType = "f16", dest: Path | None = None, register: bool = True
+) -> tuple[Path, ModelRecord | None]:
+    """Checkpoint -> GGUF in the models folder (or `dest`) -> store record `name` (source "trained")."""
+    from selfhost.train.gpt import checkpoint, config, tokenizer
+
+    config.check_name(name)
+    ckpt = checkpoint.load(ckpt_path)
+    tok = tokenizer.from_json(ckpt["tokenizer"])
+    quant = dtype.upper()
+    dest = Path(dest) if dest else paths.models_dir() / f"{name}.{quant}.gguf"
+    write_gguf(dest, ckpt["model"], ckpt["model_args"], tok, name=name, dtype=dtype)
+    if not register:
+        return dest, None
+    record = ModelRecord(
+        name=name, path=dest.resolve(), size=dest.stat().st_size, sha256=sha256_file(dest),
+        source="trained", quant=quant, file=dest.name,
+    )  # fmt: skip
+    Store().add(record)
+    return dest, record

@@ -1,0 +1,52 @@
+"""Generate text from a PyTorch checkpoint (no GGUF needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from selfhost.errors import UsageError
+from selfhost.train.gpt import checkpoint, tokenizer
+from selfhost.train.gpt.trainer import load_model, resolve_device
+
+
+def generate(
+    ckpt_path: Path,
+    prompt: str = "",
+    *,
+    max_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int | None = None,
+    device: str = "auto",
+) -> Iterator[str]:
+    """Yield text pieces as they are generated (the prompt is not repeated)."""
+    if max_tokens < 0:
+        raise UsageError("--max-tokens must be 0 or more")
+    if top_k is not None and top_k < 1:
+        raise UsageError("--top-k must be 1 or more")
+    dev = resolve_device(device)
+    ckpt = checkpoint.load(ckpt_path)
+    tok = tokenizer.from_json(ckpt["tokenizer"])
+    model = load_model(ckpt, dev)
+    gen = torch.Generator(device=dev)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    prompt_ids = tok.encode(prompt)
+    idx = torch.tensor([[tok.eot_id, *prompt_ids]], dtype=torch.long, device=dev)
+    ids: list[int] = []
+    shown = ""
+    for nxt in model.generate(idx, max_tokens, temperature, top_k, generator=gen):
+        token = int(nxt)
+        if token == tok.eot_id:
+            break
+        ids.append(token)
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        yield text[len(shown) :]
+        shown = text

@@ -1,0 +1,213 @@
+"""Tokenizers saved with the model: character-level, and byte-level BPE (the `tokenizers` library).
+
+Both export to a GGUF `gpt2` (byte-level BPE) vocabulary that llama.cpp tokenizes exactly like we do:
+
+- BPE: GPT-2's ByteLevel pre-tokenizer regex (llama.cpp pre-tokenizer "gpt-2"), no prefix space.
+- char: each character's token is the byte-level encoding of its UTF-8 bytes; multi-byte characters are
+  rebuilt by merges inside the character (merges never cross characters, so the pre-tokenizer cannot
+  change the result). Characters never seen in training are dropped, here and in llama.cpp alike.
+
+Special token: `<|endoftext|>` ends every document; it is the GGUF's bos and eos.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfhost import atomic
+from selfhost.errors import IntegrityError, SelfhostError, UsageError
+
+EOT = "<|endoftext|>"
+NORMAL, CONTROL = 1, 3  # llama.cpp token types (gguf.TokenType)
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def byte_level(text: str) -> str:
+    table = byte_to_unicode()
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+@dataclass
+class GGUFVocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str  # tokenizer.ggml.pre
+    eot_id: int
+
+
+class Tokenizer:
+    kind: str
+    eot_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        raise NotImplementedError
+
+    def gguf_vocab(self) -> GGUFVocab:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> None:
+        atomic.write_text(Path(path), self.to_json())
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eot_id = len(self.chars)
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self.stoi
+        return [stoi[c] for c in text if c in stoi]  # unseen characters are dropped
+
+    def decode(self, ids: Iterable[int]) -> str:
+        chars = self.chars
+        return "".join(chars[i] for i in ids if 0 <= i < len(chars))
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False)
+
+    def gguf_vocab(self) -> GGUFVocab:
+        tokens = [byte_level(c) for c in self.chars] + [EOT]
+        types = [NORMAL] * len(self.chars) + [CONTROL]
+        merges: list[str] = []
+        seen: set[str] = set()
+        table = byte_to_unicode()
+        for c in self.chars:
+            raw = c.encode("utf-8")
+            for k in range(1, len(raw)):  # rebuild the character left to right
+                left = "".join(table[b] for b in raw[:k])
+                merge = f"{left} {table[raw[k]]}"
+                if merge not in seen:
+                    seen.add(merge)
+                    merges.append(merge)
+        if not merges:  # llama.cpp needs the merges key; this pair (two UTF-8 lead bytes) never occurs
+            merges.append(f"{table[0xC3]} {table[0xC3]}")
+        return GGUFVocab(tokens=tokens, types=types, merges=merges, pre="gpt-2", eot_id=self.eot_id)
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.tok.encode_special_tokens = True  # "<|endoftext|>" in text is text, as in llama.cpp
+        eot = tok.token_to_id(EOT)
+        if eot is None:
+            raise IntegrityError("the BPE tokenizer has no <|endoftext|> token")
+        self.eot_id = eot
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from selfhost.train.gpt import require_tokenizers
+
+        tk = require_tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        # GPT-2's regex, no prefix space: exactly llama.cpp's pre-tokenizer "gpt-2".
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "bpe", "tokenizer": json.loads(self.tok.to_str())}, ensure_ascii=False)
+
+    def gguf_vocab(self) -> GGUFVocab:
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        tokens = [""] * len(vocab)
+        for text, i in vocab.items():
+            tokens[i] = text
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        types = [CONTROL if t in special else NORMAL for t in tokens]
+        raw = json.loads(self.tok.to_str())["model"]["merges"]
+        merges = [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in raw]
+        return GGUFVocab(tokens=tokens, types=types, merges=merges, pre="gpt-2", eot_id=self.eot_id)
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    raise UsageError(f"unknown tokenizer '{kind}'", hint="use char or bpe")
+
+
+def from_json(text: str) -> Tokenizer:
+    try:
+        data = json.loads(text)
+        if data["kind"] == "char":
+            return CharTokenizer(list(data["chars"]))
+        if data["kind"] == "bpe":
+            from selfhost.train.gpt import require_tokenizers
+
+            tk = require_tokenizers()
+            return BPETokenizer(tk.Tokenizer.from_str(json.dumps(data["tokenizer"])))
+    except SelfhostError:
+        raise
+    except Exception as exc:  # malformed JSON or a tokenizers parse error
+        raise IntegrityError(f"the saved tokenizer is unreadable ({type(exc).__name__})") from exc
+    raise IntegrityError(f"unknown saved tokenizer kind '{data.get('kind')}'")
+
+
+def load(path: Path) -> Tokenizer:
+    return from_json(Path(path).read_text("utf-8"))

@@ -1,0 +1,131 @@
+"""Use a trained model: classify your own digit images, re-measure test accuracy.
+
+Images are turned into MNIST's format the way MNIST itself was made: the digit's bounding box is
+fitted into 20x20 (aspect ratio kept), then placed in a 28x28 frame so that its centre of mass is
+in the centre; white ink on black, whatever the input's polarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from selfhost.errors import IntegrityError, NotFoundError, UsageError
+from selfhost.train.mnist import deps
+
+if TYPE_CHECKING:
+    import numpy as np
+
+INK_THRESHOLD = 0.2  # a pixel is part of the digit above this fraction of the strongest ink
+
+
+def load_ink(path: Path) -> np.ndarray:
+    """The image as float 'ink' in [0, 1] (1 = stroke), background removed."""
+    import numpy as np
+
+    image_mod = deps.pil_image()
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"image {path} does not exist")
+    try:
+        with image_mod.open(path) as image:
+            image.load()
+            rgba = image.convert("RGBA")
+    except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise IntegrityError(f"{path} is not a readable image: {exc}") from None
+    pixels = np.asarray(rgba, dtype=np.float32) / 255.0  # (H, W, 4)
+    alpha = pixels[..., 3]
+    if alpha.min() < 0.99:  # drawn on a transparent canvas: opacity is the ink
+        ink = alpha.copy()
+    else:
+        gray = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        background = float(np.median(border))
+        # Dark-on-light (paper) or light-on-dark (MNIST): the border tells which is background.
+        ink = background - gray if background > 0.5 else gray - background
+    ink = np.clip(ink, 0.0, None)
+    peak = float(ink.max())
+    if peak < 0.05:
+        raise UsageError(f"{path} looks blank: no digit found")
+    return ink / peak
+
+
+def to_mnist(ink: np.ndarray) -> np.ndarray:
+    """Ink (H, W) in [0, 1] -> (28, 28) uint8 MNIST-style: 20x20 box, centred by centre of mass."""
+    import numpy as np
+
+    image_mod = deps.pil_image()
+    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    crop = np.where(crop > INK_THRESHOLD / 2, crop, 0.0)  # drop faint noise around the stroke
+    h, w = crop.shape
+    scale = 20.0 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = image_mod.fromarray((crop * 255).astype(np.uint8)).resize(size, image_mod.Resampling.LANCZOS)
+    digit = np.asarray(small, dtype=np.float32)
+    # Place it so the centre of mass lands on (14, 14), clipped to the frame.
+    ys, xs = np.indices(digit.shape)
+    mass = digit.sum()
+    cy, cx = (ys * digit).sum() / mass, (xs * digit).sum() / mass
+    top = int(np.clip(round(14 - cy), 0, 28 - digit.shape[0]))
+    left = int(np.clip(round(14 - cx), 0, 28 - digit.shape[1]))
+    frame = np.zeros((28, 28), dtype=np.float32)
+    frame[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return np.clip(frame * (255.0 / max(frame.max(), 1e-6)), 0, 255).astype(np.uint8)
+
+
+def preprocess(path: Path) -> np.ndarray:
+    """Any PNG/JPG/... of one digit -> (28, 28) uint8, white ink on black."""
+    return to_mnist(load_ink(path))
+
+
+@dataclass
+class Prediction:
+    path: Path
+    digit: int
+    top: list[tuple[int, float]]  # the 3 most likely digits with their probabilities
+
+
+def predict(images: list[Path], model_path: Path | None = None, device: str = "cpu") -> Iterator[Prediction]:
+    """Classify each image with the saved model (default: the last `selfhost train mnist`)."""
+    from selfhost.train.mnist.net import normalise
+    from selfhost.train.mnist.train import default_model, load_model, pick_device, torch
+
+    model, _ = load_model(model_path or default_model(), pick_device(device))
+    dev = next(model.parameters()).device
+    for path in images:
+        pixels = torch.from_numpy(preprocess(path)).to(dev)
+        with torch.no_grad():
+            probs = torch.softmax(model(normalise(pixels.unsqueeze(0))), dim=1)[0].cpu()
+        values, digits = probs.topk(3)
+        top = [(int(d), float(v)) for d, v in zip(digits, values, strict=True)]
+        yield Prediction(Path(path), top[0][0], top)
+
+
+@dataclass
+class EvalReport:
+    model_path: Path
+    accuracy: float
+    loss: float
+    n: int
+    confusion: list[list[int]]
+    metadata: dict[str, str]
+
+
+def evaluate_saved(
+    model_path: Path | None = None, data: Path | None = None, device: str = "auto", limit: int | None = None
+) -> Iterator[object]:
+    """Re-measure a saved model on the MNIST test set; yields download events, then an EvalReport."""
+    from selfhost.train.mnist.download import download_mnist
+    from selfhost.train.mnist.train import default_model, evaluate, load_model, load_tensors, pick_device
+
+    dev = pick_device(device)
+    path = Path(model_path) if model_path else default_model()
+    model, metadata = load_model(path, dev)
+    data_dir = Path(data) if data else (yield from download_mnist())
+    tensors = load_tensors(data_dir, dev, train_limit=0, test_limit=limit)
+    result = evaluate(model, tensors.test_x, tensors.test_y)
+    yield EvalReport(path, result.accuracy, result.loss, len(tensors.test_x), result.confusion, metadata)

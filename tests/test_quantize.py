@@ -1,0 +1,286 @@
+"""`selfhost quantize` on tiny generated GGUFs: real llama.cpp quantization, options, imatrix, bad input."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selfhost import paths
+from selfhost.cli.app import app
+from selfhost.quantize import fastgguf
+from selfhost.quantize.run import Finished, QuantizeOptions, TensorDone, quantize, run_quantize
+from selfhost.store import Store
+from tests.tinygguf import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """F32 tiny llama whose rows (256, 512) fit every K-quant block."""
+    return write_tiny_llama(tmp_path_factory.mktemp("q") / "tiny.gguf", n_embd=256, n_ff=512, n_ctx=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory: pytest.TempPathFactory, tiny_f32: Path) -> Path:
+    out = tmp_path_factory.mktemp("q8") / "tiny-q8.gguf"
+    run_quantize(str(tiny_f32), QuantizeOptions(type="Q8_0", out=out, threads=1, add_to_store=False))
+    return out
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def listing(*dirs: Path) -> set[str]:
+    return {str(p) for d in dirs if d.exists() for p in d.rglob("*")}
+
+
+def one_error_line(result) -> str:  # noqa: ANN001
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+# -- listing types -------------------------------------------------------------------------
+def test_list_types_shows_every_llama_cpp_type_with_published_cost(runner):
+    import llama_cpp
+
+    result = runner.invoke(app, ["quantize", "--list-types"])
+    assert result.exit_code == 0, result.output
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            assert attr.removeprefix("LLAMA_FTYPE_MOSTLY_") in result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    assert "+0.1754" in rows["Q4_K_M"] and "4.90" in rows["Q4_K_M"] and "recommended" in rows["Q4_K_M"]
+    assert "+0.0026" in rows["Q8_0"] and "+3.5199" in rows["Q2_K"] and "+0.4685" in rows["Q4_0"]
+    for name in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"):
+        assert "required" in rows[name]
+    assert "required" not in rows["Q2_K"]
+
+
+# -- real quantization ---------------------------------------------------------------------
+def test_quantize_registers_output_and_reports_summary(runner, tiny_f32):
+    result = runner.invoke(app, ["quantize", str(tiny_f32), "--type", "q4_k_m", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    out = paths.models_dir() / "tiny-Q4_K_M.gguf"
+    assert out.is_file() and (out.stat().st_mode & 0o777) != 0o600
+    info = fastgguf.inspect(out)
+    assert info.quant == "Q4_K_M" and info.size < tiny_f32.stat().st_size / 5
+    record = Store().get("tiny:Q4_K_M")
+    assert record is not None and record.source == "quantized" and record.parent == "tiny"
+    assert record.quant == "Q4_K_M" and Path(record.path) == out.resolve() and record.size == info.size
+    assert "0 fell back" in result.output and "tiny:Q4_K_M" in result.output
+    assert "bits per weight 32.03 ->" in result.output
+
+    from selfhost.resolve import resolve_model
+
+    assert resolve_model("tiny:Q4_K_M").path == out.resolve()
+    # llama.cpp's own log never reaches the terminal
+    assert "llama_model_loader" not in result.output and "converting to" not in result.output
+
+
+def test_progress_events_cover_every_tensor(tiny_f32, tmp_path):
+    events = list(quantize(str(tiny_f32), QuantizeOptions(type="Q6_K", out=tmp_path / "o.gguf", threads=1)))
+    done = [e for e in events if isinstance(e, TensorDone)]
+    total = fastgguf.inspect(tiny_f32).n_tensors
+    assert [e.index for e in done] == list(range(1, total + 1))
+    assert {e.to_type for e in done if e.to_type} == {"Q6_K"}
+    assert isinstance(events[-1], Finished) and events[-1].result.n_quantized == 16
+
+
+def test_advanced_options_reach_llama_cpp(tiny_f32, tmp_path):
+    def run(name: str, **kw) -> dict[str, str]:  # noqa: ANN003
+        out = tmp_path / f"{name}.gguf"
+        options = QuantizeOptions(type="Q4_K_M", out=out, threads=1, add_to_store=False, **kw)
+        run_quantize(str(tiny_f32), options)
+        return tensor_types(out)
+
+    mixed = run("mixed")
+    assert "Q6_K" in mixed.values()  # Q4_K_M keeps some tensors at Q6_K
+    pure = run("pure", pure=True)
+    assert {t for n, t in pure.items() if not n.endswith("norm.weight")} == {"Q4_K"}
+    leave = run("leave", leave_output_tensor=True)
+    assert leave["output.weight"] == "F32"
+    typed = run("typed", output_tensor_type="q8_0", token_embedding_type="F16")
+    assert typed["output.weight"] == "Q8_0" and typed["token_embd.weight"] == "F16"
+
+
+def test_eval_prints_quality_table(runner, tiny_f32, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and then the other one sat there too. " * 40)
+    result = runner.invoke(
+        app,
+        ["quantize", str(tiny_f32), "-t", "Q8_0", "--out", str(tmp_path / "e.gguf"), "--threads", "1",
+         "--eval", str(text), "--window", "64", "--chunks", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "reference" in result.output and "Q8_0" in result.output and "ppl" in result.output
+
+
+# -- importance matrix ---------------------------------------------------------------------
+def imatrix_entries(model: Path) -> dict[str, int]:
+    """weight tensor -> its row length (the imatrix length llama.cpp expects)."""
+    from gguf import GGUFReader
+
+    return {t.name: int(t.shape[0]) for t in GGUFReader(model).tensors if len(t.shape) == 2}
+
+
+def write_imatrix_gguf(path: Path, entries: dict[str, int]) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["unit-test.txt"])
+    w.add_uint32("imatrix.chunk_count", 4)
+    w.add_uint32("imatrix.chunk_size", 64)
+    rng = np.random.default_rng(0)
+    for name, n in entries.items():
+        w.add_tensor(f"{name}.in_sum2", (4 * rng.uniform(0.5, 2.0, size=(1, n))).astype(np.float32))
+        w.add_tensor(f"{name}.counts", np.full((1, 1), 4.0, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_imatrix_dat(path: Path, entries: dict[str, int]) -> Path:
+    blob = struct.pack("<i", len(entries))
+    for name, n in entries.items():
+        raw = name.encode()
+        blob += struct.pack("<i", len(raw)) + raw + struct.pack("<ii", 3, n)
+        blob += np.full(n, 3.0, dtype="<f4").tobytes()
+    blob += struct.pack("<i", 3) + struct.pack("<i", 5) + b"x.txt"
+    path.write_bytes(blob)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+def test_imatrix_types_work_with_an_importance_matrix(tiny_f32, tmp_path, fmt):
+    entries = imatrix_entries(tiny_f32)
+    write = write_imatrix_gguf if fmt == "gguf" else write_imatrix_dat
+    matrix = write(tmp_path / f"imatrix.{fmt}", entries)
+    out = tmp_path / "iq2.gguf"
+    result = run_quantize(
+        str(tiny_f32), QuantizeOptions(type="IQ2_XXS", out=out, imatrix=matrix, threads=1, add_to_store=False)
+    )
+    assert result.type == "IQ2_XXS" and fastgguf.inspect(out).quant == "IQ2_XXS"
+    assert "IQ2_XXS" in tensor_types(out).values()
+
+    from gguf import GGUFReader
+
+    fields = GGUFReader(out).fields
+    assert bytes(fields["quantize.imatrix.file"].parts[-1]).decode() == matrix.name
+    assert int(fields["quantize.imatrix.entries_count"].parts[-1][0]) == len(entries)
+
+
+def test_imatrix_of_another_model_fails_cleanly(runner, tiny_f32, tmp_path):
+    wrong = {name: n + 32 for name, n in imatrix_entries(tiny_f32).items()}  # wrong row lengths
+    matrix = write_imatrix_gguf(tmp_path / "wrong.gguf", wrong)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    args = ["quantize", str(tiny_f32), "-t", "IQ2_XS", "--imatrix", str(matrix), "-o", str(outdir)]
+    result = runner.invoke(app, [*args, "--threads", "1"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    line = result.output.strip().splitlines()[-1]  # after the "quantizing ..." header: llama.cpp's reason
+    assert line.startswith("error: llama.cpp could not quantize") and "imatrix size" in line
+    assert listing(outdir) == set()
+
+
+# -- bad input: one clear line, non-zero exit, no stray files -------------------------------
+@pytest.fixture
+def not_gguf(tmp_path) -> Path:
+    path = tmp_path / "in" / "notes.gguf"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("this is not a model\n" * 10)
+    return path
+
+
+@pytest.fixture
+def truncated(tmp_path, tiny_f32) -> Path:
+    path = tmp_path / "in" / "cut.gguf"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(tiny_f32.read_bytes()[: tiny_f32.stat().st_size // 2])
+    return path
+
+
+def test_bad_inputs_fail_with_one_line_and_leave_nothing(
+    runner, tmp_path, tiny_f32, tiny_q8, not_gguf, truncated
+):
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (outdir / "exists.gguf").write_bytes(b"keep me")
+    cases = {
+        "not a GGUF": (["quantize", str(not_gguf)], "not a GGUF file"),
+        "truncated": (["quantize", str(truncated)], "truncated"),
+        "unknown type": (["quantize", str(tiny_f32), "--type", "Q5_K_XL"], "unknown quantization type"),
+        "needs imatrix": (["quantize", str(tiny_f32), "--type", "IQ1_S"], "needs an importance matrix"),
+        "output exists": (
+            ["quantize", str(tiny_f32), "--out", str(outdir / "exists.gguf")], "already exists (pass --force"
+        ),
+        "requantize": (["quantize", str(tiny_q8), "--type", "Q4_0"], "already quantized (Q8_0)"),
+        "missing model": (["quantize", str(tmp_path / "nope.gguf")], "no such model file"),
+        "no model": (["quantize"], "name a model"),
+        "bad tensor type": (["quantize", str(tiny_f32), "--output-tensor-type", "q9"], "unknown tensor type"),
+        "missing imatrix": (
+            ["quantize", str(tiny_f32), "--imatrix", str(tmp_path / "no.dat")], "no such imatrix"
+        ),
+        "bad imatrix": (["quantize", str(tiny_f32), "--imatrix", str(not_gguf)], "not an imatrix"),
+    }
+    watched = (paths.models_dir(), outdir, not_gguf.parent, tiny_f32.parent, tiny_q8.parent)
+    before = listing(*watched)
+    for label, (args, expected) in cases.items():
+        out_args = [] if "--out" in args else ["--out", str(outdir)]
+        result = runner.invoke(app, args + out_args if len(args) > 1 else args)
+        line = one_error_line(result)
+        assert expected in line, (label, line)
+        assert listing(*watched) == before, label
+    assert (outdir / "exists.gguf").read_bytes() == b"keep me"
+    assert Store().list() == []
+
+
+def test_allow_requantize_and_force(runner, tiny_q8, tmp_path):
+    out = tmp_path / "re.gguf"
+    args = ["quantize", str(tiny_q8), "-t", "Q4_0", "--allow-requantize", "-o", str(out), "--threads", "1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "requantizing Q8_0 -> Q4_0" in first.output and fastgguf.inspect(out).quant == "Q4_0"
+    assert runner.invoke(app, args).exit_code != 0
+    again = runner.invoke(app, [*args, "--force"])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["re.gguf"]
+
+
+def test_interrupt_mid_run_leaves_nothing(tiny_f32, tmp_path):
+    """Ctrl-C while llama.cpp runs (here: raised from the progress callback) removes the partial file."""
+
+    def stop(event: object) -> None:
+        if isinstance(event, TensorDone) and event.index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize(str(tiny_f32), QuantizeOptions(type="Q4_K_M", out=tmp_path / "x.gguf", threads=1), stop)
+    deadline = time.time() + 30
+    while any(t.name == "llama-quantize" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.iterdir()) == []
+    assert Store().list() == []
+
+
+def test_fast_inspect_agrees_with_gguf_info(tiny_f32, tiny_q8, smollm2_gguf, truncated, not_gguf):
+    from selfhost import gguf_info
+    from selfhost.errors import GGUFError
+
+    for path in (tiny_f32, tiny_q8, smollm2_gguf):
+        assert fastgguf.inspect(path) == gguf_info.inspect(path)
+    for bad in (truncated, not_gguf):
+        with pytest.raises(GGUFError):
+            fastgguf.inspect(bad)

