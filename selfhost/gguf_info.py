@@ -77,38 +77,46 @@ def inspect(path: Path) -> GGUFInfo:
     check_header(path)
     size = path.stat().st_size
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-        fields = {name: _field_value(f) for name, f in reader.fields.items()}
-        tensors = list(reader.tensors)
-    except GGUFError:
-        raise
-    except Exception as exc:  # the gguf package raises assorted errors on malformed input
+        fields, tensors, data_start = _read_tables(path)
+    except GGUFError as exc:
+        raise GGUFError(f"{path} is corrupt or truncated ({exc.message})") from exc
+    except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
         raise GGUFError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
 
     if not tensors:
         raise GGUFError(f"{path} holds no tensors")
-    for t in tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    type_counts: Counter[str] = Counter()
+    n_params = 0
+    for name, dims, ggml_type, offset in tensors:
+        try:
+            qtype = GGMLQuantizationType(ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError) as exc:
+            raise GGUFError(f"{path}: tensor '{name}' has unknown type {ggml_type}") from exc
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        end = data_start + offset + n_elements // block * type_size
         if end > size:
-            raise GGUFError(f"{path} is truncated: tensor '{t.name}' ends at byte {end}, file has {size}")
+            raise GGUFError(f"{path} is truncated: tensor '{name}' ends at byte {end}, file has {size}")
+        type_counts[qtype.name] += 1
+        n_params += n_elements
 
     arch = str(fields.get("general.architecture") or "unknown")
-    type_counts = Counter(t.tensor_type.name for t in tensors)
-    tokens = fields.get("tokenizer.ggml.tokens")
     return GGUFInfo(
         path=path,
         size=size,
-        version=int(fields.get("GGUF.version", 3) or 3),
+        version=int(fields["GGUF.version"]),
         architecture=arch,
         name=_opt_str(fields.get("general.name")),
         n_tensors=len(tensors),
-        n_params=sum(int(t.n_elements) for t in tensors),
+        n_params=n_params,
         context_length=_opt_int(fields.get(f"{arch}.context_length")),
         n_layers=_opt_int(fields.get(f"{arch}.block_count")),
         embedding_length=_opt_int(fields.get(f"{arch}.embedding_length")),
-        vocab_size=len(tokens) if isinstance(tokens, list) else None,
+        vocab_size=_opt_int(fields.get("tokenizer.ggml.tokens#count")),
         file_type=_file_type_name(fields.get("general.file_type")),
         tensor_types=dict(type_counts),
         chat_template=_opt_str(fields.get("tokenizer.chat_template")),
@@ -118,21 +126,82 @@ def inspect(path: Path) -> GGUFInfo:
     )
 
 
-def _field_value(field: Any) -> Any:
-    """Decode a ReaderField into a Python value (str, int, float, bool or list of those)."""
-    from gguf import GGUFValueType
+# GGUF value types -> struct format of one scalar (8 = string, 9 = array)
+_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
+}
+_MAX_STRING = 64 * 1024 * 1024
 
-    if not field.types:
-        return None
-    kind = field.types[0]
-    if kind == GGUFValueType.ARRAY:
-        sub = field.types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-    return field.parts[field.data[0]].tolist()[0]
+
+class _Cursor:
+    """Sequential little-endian reads from a file, failing cleanly at the end of the file."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self.fh, self.size = fh, size
+
+    def take(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        if len(data) != n:
+            raise GGUFError(f"unexpected end of file at byte {self.fh.tell()}")
+        return data
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if n > _MAX_STRING:
+            raise GGUFError(f"implausible string length {n}")
+        return self.take(n).decode("utf-8")
+
+    def skip(self, n: int) -> None:
+        if self.fh.tell() + n > self.size:
+            raise GGUFError("a value runs past the end of the file")
+        self.fh.seek(n, 1)
+
+
+def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
+    """Stream the key/value table and the tensor table without loading any tensor data.
+
+    Arrays are skipped (49k-token vocabularies would take seconds to decode); only their length is
+    kept, as 'key#count'. Returns (fields, [(name, dims, ggml type, offset)], data start offset).
+    """
+    size = path.stat().st_size
+    with open(path, "rb", buffering=1 << 16) as fh:
+        cur = _Cursor(fh, size)
+        cur.take(4)
+        version, n_tensors, n_kv = cur.scalar("<I"), cur.scalar("<Q"), cur.scalar("<Q")
+        fields: dict[str, Any] = {"GGUF.version": version}
+        for _ in range(n_kv):
+            key = cur.string()
+            kind = cur.scalar("<I")
+            if kind == 8:
+                fields[key] = cur.string()
+            elif kind == 9:
+                sub, count = cur.scalar("<I"), cur.scalar("<Q")
+                fields[f"{key}#count"] = count
+                if sub == 8:
+                    for _ in range(count):
+                        cur.skip(cur.scalar("<Q"))
+                elif sub in _SCALARS:
+                    cur.skip(count * struct.calcsize(_SCALARS[sub]))
+                else:
+                    raise GGUFError(f"key '{key}' is an array of unsupported type {sub}")
+            elif kind in _SCALARS:
+                fields[key] = cur.scalar(_SCALARS[kind])
+            else:
+                raise GGUFError(f"key '{key}' has unknown value type {kind}")
+        tensors = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            if n_dims > 8:
+                raise GGUFError(f"tensor '{name}' has {n_dims} dimensions")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
+            tensors.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+        alignment = int(fields.get("general.alignment", 32) or 32)
+        data_start = -(-fh.tell() // alignment) * alignment
+    return fields, tensors, data_start
 
 
 def _file_type_name(value: Any) -> str | None:

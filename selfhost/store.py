@@ -89,7 +89,7 @@ class Store:
             return same_base[0]
         if same_base:
             for r in same_base:
-                if prefer_quant and r.quant == prefer_quant:
+                if prefer_quant and prefer_quant in (r.quant, split_name(r.name)[1]):
                     return r
             choices = ", ".join(sorted(r.name for r in same_base))
             raise NotFoundError(f"'{ref}' is ambiguous: {choices}", hint="name one of them")
@@ -119,20 +119,26 @@ class Store:
             if record is None:
                 raise NotFoundError(f"no model named '{name}' in the store")
             data.models = [r for r in data.models if r.name != name]
-            still_used = any(r.path == record.path for r in data.models)
-        if delete_file and not still_used and record.source != "embedded":
-            _delete_model_file(record)
+            blob = Path(record.path).resolve()
+            blob_shared = any(Path(r.path).resolve() == blob for r in data.models)
+            link_shared = any(Path(r.path) == Path(record.path) for r in data.models)
+        if delete_file and record.source != "embedded" and not link_shared:
+            _delete_model_file(record, keep_blob=blob_shared)
         return record
 
 
-def _delete_model_file(record: ModelRecord) -> None:
-    """Hub files live in the HF cache as snapshot symlink -> blob: remove both."""
+def _delete_model_file(record: ModelRecord, keep_blob: bool) -> None:
+    """Hub files live in the HF cache as snapshot symlink -> blob: remove both (the blob only
+    when no other record still points at it)."""
     path = Path(record.path)
     with contextlib.suppress(FileNotFoundError):
         if path.is_symlink():
             target = path.resolve()
             path.unlink()
-            target.unlink(missing_ok=True)
+            if not keep_blob:
+                target.unlink(missing_ok=True)
+        elif keep_blob:
+            return
         elif record.source != "local" or _inside(path, paths.models_dir()):
             path.unlink()
 

@@ -269,15 +269,12 @@ class ChatEngine:
         return buf.raw[:n]
 
     def _reply(self, tokens: list[int], dropped: int) -> Iterator[Chunk]:
-        if dropped:
-            yield TrimChunk(dropped_turns=dropped, dropped_total=self._turns_before(self.window_start))
         lib, llm, s = self.lib, self.llm, self.sampling
         room = self.n_ctx - len(tokens)  # a reply may fill the context, never pass it
         budget, limit_reason = room, "context"
         if s.max_tokens is not None and s.max_tokens <= room:
             budget, limit_reason = s.max_tokens, "length"
-        if s.seed is not None:
-            llm.set_seed(s.seed)
+        llm.set_seed(s.seed if s.seed is not None else lib.LLAMA_DEFAULT_SEED)  # default: random per reply
         lib.llama_perf_context_reset(llm._ctx.ctx)
 
         out: list[int] = []
@@ -295,7 +292,9 @@ class ChatEngine:
             repeat_penalty=s.repeat_penalty,
             grammar=self._grammar,
         )
-        try:
+        try:  # from here on, however the stream ends, the (partial) reply is recorded
+            if dropped:
+                yield TrimChunk(dropped_turns=dropped, dropped_total=self._turns_before(self.window_start))
             for token in gen:
                 sampled += 1
                 if t_first is None:
