@@ -40,11 +40,12 @@ def bare_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
     return seconds
 
 
-def core_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
+def core_quantize(src: Path, dst: Path, qtype: str, threads: int, store: bool = True) -> float:
     from selfhost.quantize.run import QuantizeOptions, run_quantize
 
     started = time.perf_counter()
-    run_quantize(str(src), QuantizeOptions(type=qtype, out=dst, threads=threads, force=True))
+    options = QuantizeOptions(type=qtype, out=dst, threads=threads, force=True, add_to_store=store)
+    run_quantize(str(src), options)
     return time.perf_counter() - started
 
 
@@ -74,15 +75,17 @@ def main() -> int:
           f"repeats {args.repeats}, load average {os.getloadavg()[0]:.2f}")
 
     print("\n## quantize time: bare llama_model_quantize vs selfhost core (best of N, seconds)\n")
-    print("| type | bare | selfhost | ratio | runs bare | runs selfhost |")
-    print("|---|---:|---:|---:|---|---|")
+    print("| type | bare | selfhost | ratio | selfhost, no store (no sha256) | ratio "
+          "| runs bare | runs selfhost |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for qtype in ("Q4_K_M", "Q8_0"):
-        bare, core = [], []
-        for _ in range(args.repeats):  # interleaved so both see the same machine load
+        bare, core, nostore = [], [], []
+        for _ in range(args.repeats):  # interleaved so all see the same machine load
             bare.append(bare_quantize(f16, work / f"bare-{qtype}.gguf", qtype, args.threads))
             core.append(core_quantize(f16, work / f"core-{qtype}.gguf", qtype, args.threads))
-        ratio = min(core) / min(bare)
-        print(f"| {qtype} | {min(bare):.3f} | {min(core):.3f} | {ratio:.3f} | "
+            nostore.append(core_quantize(f16, work / f"nostore-{qtype}.gguf", qtype, args.threads, False))
+        print(f"| {qtype} | {min(bare):.3f} | {min(core):.3f} | {min(core) / min(bare):.3f} | "
+              f"{min(nostore):.3f} | {min(nostore) / min(bare):.3f} | "
               f"{', '.join(f'{s:.2f}' for s in bare)} | {', '.join(f'{s:.2f}' for s in core)} |")
         if (work / f"bare-{qtype}.gguf").read_bytes() != (work / f"core-{qtype}.gguf").read_bytes():
             print(f"  note: {qtype} outputs differ byte-wise")

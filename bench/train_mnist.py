@@ -42,11 +42,11 @@ class Run:
             self.time_to_99 = wall
 
 
-def run_selfhost(data: Path, device: str, seed: int) -> Run:
+def run_selfhost(data: Path, device: str, seed: int, limit: int | None = None) -> Run:
     from selfhost.train.mnist.train import EpochEnd, Started, TrainConfig, train
 
     run = Run("selfhost default")
-    config = TrainConfig(data=data, device=device, seed=seed)
+    config = TrainConfig(data=data, device=device, seed=seed, train_limit=limit, test_limit=limit)
     per_epoch = 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -102,7 +102,7 @@ def reference_net():
     return Net()
 
 
-def run_reference(data: Path, device_name: str, seed: int, budget: float) -> Run:
+def run_reference(data: Path, device_name: str, seed: int, budget: float, limit: int | None = None) -> Run:
     import torch
     import torch.nn.functional as F
 
@@ -114,7 +114,7 @@ def run_reference(data: Path, device_name: str, seed: int, budget: float) -> Run
     if device.type == "cpu":
         torch.set_num_threads(cpu_count())
     torch.manual_seed(seed)
-    tensors = load_tensors(data, device)
+    tensors = load_tensors(data, device, limit, limit)
     model = reference_net().to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="first N images only (a quick smoke run)")
     args = parser.parse_args()
 
     from selfhost.train.mnist.train import cpu_count
@@ -179,9 +180,9 @@ def main() -> None:
         f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cores {cpu_count()}",
         flush=True,
     )
-    ours = run_selfhost(args.data, args.device, args.seed)
+    ours = run_selfhost(args.data, args.device, args.seed, args.limit)
     print(f"load average after selfhost: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    ref = run_reference(args.data, args.device, args.seed, budget=ours.wall_seconds)
+    ref = run_reference(args.data, args.device, args.seed, ours.wall_seconds, args.limit)
     print(f"load average after reference: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
     def fmt_time(t: float | None) -> str:

@@ -317,5 +317,6 @@ def test_real_terminal_ctrl_c_stops_the_reply_and_the_chat_survives(tmp_path: Pa
     assert child.exitstatus == 0, transcript.getvalue()[-2000:]
     assert 0 < generated < 16000
     kept = rows("SELECT role, finish_reason, tokens FROM messages ORDER BY seq")
-    assert [r[:2] for r in kept] == [("user", None), ("assistant", "interrupted")], transcript.getvalue()[-3000:]
+    log = transcript.getvalue()[-3000:]
+    assert [r[:2] for r in kept] == [("user", None), ("assistant", "interrupted")], log
     assert kept[1][2] == generated

@@ -284,3 +284,38 @@ def test_fast_inspect_agrees_with_gguf_info(tiny_f32, tiny_q8, smollm2_gguf, tru
     for bad in (truncated, not_gguf):
         with pytest.raises(GGUFError):
             fastgguf.inspect(bad)
+
+
+def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from selfhost.quantize import run
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 10**6, 10**6))
+    result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
+    assert "not enough disk space" in one_error_line(result)
+    monkeypatch.undo()
+    monkeypatch.setattr(run, "available_ram", lambda: 1024)
+    result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
+    assert "not enough memory" in one_error_line(result)
+    assert list(outdir.iterdir()) == []
+
+
+def test_installed_executable_keeps_llama_logs_off_the_terminal(tiny_f32, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "selfhost")
+    out = tmp_path / "t.gguf"
+    done = subprocess.run(
+        [exe, "quantize", str(tiny_f32), "-t", "Q5_K_M", "-o", str(out), "--threads", "1"],
+        capture_output=True, text=True, env={**os.environ}, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tiny:Q5_K_M" in done.stdout and fastgguf.inspect(out).quant == "Q5_K_M"
+    assert "llama_model" not in done.stdout + done.stderr and "converting to" not in done.stderr
