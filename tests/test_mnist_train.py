@@ -26,6 +26,24 @@ def mnist_dir(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def small_data(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 1,024 training and 256 test images as raw (not gzipped) IDX files: quick to load."""
+    import struct
+
+    data = load_mnist(mnist_dir)
+    out = tmp_path_factory.mktemp("small")
+    for name, array in [
+        ("train-images-idx3-ubyte", data.train_images[:1024]),
+        ("train-labels-idx1-ubyte", data.train_labels[:1024]),
+        ("t10k-images-idx3-ubyte", data.test_images[:256]),
+        ("t10k-labels-idx1-ubyte", data.test_labels[:256]),
+    ]:
+        header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+        (out / name).write_bytes(header + array.tobytes())
+    return out
+
+
+@pytest.fixture(scope="module")
 def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Finished, list]:
     """Two epochs on the first 10,000 training images, tested on the first 2,000 test images (CPU)."""
     out = tmp_path_factory.mktemp("run")
@@ -126,33 +144,31 @@ def test_eval_remeasures_the_saved_model(trained, mnist_dir: Path, runner) -> No
     assert "confusion matrix" in result.output and "on 2,000 images" in result.output
 
 
-def tiny(mnist_dir: Path, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(
-        data=mnist_dir, out=out, device="cpu", train_limit=512, test_limit=256, batch_size=64, **kw
-    )
+def tiny(data: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(data=data, out=out, device="cpu", train_limit=512, batch_size=64, **kw)
 
 
-def test_resume_continues_an_interrupted_run(mnist_dir: Path, tmp_path: Path) -> None:
-    events = train(tiny(mnist_dir, tmp_path, epochs=2))
+def test_resume_continues_an_interrupted_run(small_data: Path, tmp_path: Path) -> None:
+    events = train(tiny(small_data, tmp_path, epochs=2))
     for event in events:  # stop after the first epoch, as Ctrl-C would
         if isinstance(event, EpochEnd):
             break
     events.close()
     first = load_model(tmp_path / "model.safetensors")[1]
     assert first["epochs_done"] == "1"
-    resumed = list(train(tiny(mnist_dir, tmp_path, resume=True)))
+    resumed = list(train(tiny(small_data, tmp_path, resume=True)))
     assert isinstance(resumed[0], Started) and resumed[0].start_epoch == 1 and resumed[0].epochs == 2
     assert [e.epoch for e in resumed if isinstance(e, EpochEnd)] == [2]
     assert load_model(tmp_path / "model.safetensors")[1]["epochs_done"] == "2"
     with pytest.raises(UsageError, match="already trained 2 epochs"):
-        list(train(tiny(mnist_dir, tmp_path, resume=True)))
+        list(train(tiny(small_data, tmp_path, resume=True)))
     with pytest.raises(NotFoundError, match="nothing to resume"):
-        list(train(tiny(mnist_dir, tmp_path / "empty", resume=True)))
+        list(train(tiny(small_data, tmp_path / "empty", resume=True)))
 
 
-def test_same_seed_same_model(mnist_dir: Path, tmp_path: Path) -> None:
-    a = [e for e in train(tiny(mnist_dir, tmp_path / "a", epochs=1)) if isinstance(e, Finished)][0]
-    b = [e for e in train(tiny(mnist_dir, tmp_path / "b", epochs=1)) if isinstance(e, Finished)][0]
+def test_same_seed_same_model(small_data: Path, tmp_path: Path) -> None:
+    a = [e for e in train(tiny(small_data, tmp_path / "a", epochs=1)) if isinstance(e, Finished)][0]
+    b = [e for e in train(tiny(small_data, tmp_path / "b", epochs=1)) if isinstance(e, Finished)][0]
     wa, wb = (load_model(x.model_path)[0].state_dict() for x in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -167,18 +183,18 @@ def test_corrupt_model_file(tmp_path: Path) -> None:
 # ---- the CLI ------------------------------------------------------------------------------------
 
 
-def test_cli_train_and_resume(mnist_dir: Path, tmp_path: Path, runner) -> None:
+def test_cli_train_and_resume(small_data: Path, tmp_path: Path, runner) -> None:
     args = [
         "train",
         "mnist",
         "--data",
-        str(mnist_dir),
+        str(small_data),
         "--out",
         str(tmp_path),
         "--limit",
         "512",
         "--test-limit",
-        "256",
+        "200",
         "--batch-size",
         "64",
         "--device",
@@ -187,7 +203,8 @@ def test_cli_train_and_resume(mnist_dir: Path, tmp_path: Path, runner) -> None:
     ]
     result = runner.invoke(app, [*args, "--epochs", "1"])
     assert result.exit_code == 0, result.output
-    assert "training on cpu" in result.output and "epoch 1/1" in result.output
+    assert "training on cpu" in result.output and "512 images, test 200" in result.output
+    assert "epoch 1/1" in result.output
     assert "images/s" in result.output and "ETA" in result.output
     assert "confusion matrix" in result.output and "test accuracy" in result.output
     assert (tmp_path / "model.safetensors").is_file()

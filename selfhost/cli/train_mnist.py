@@ -128,7 +128,7 @@ def _confusion_table(confusion: list[list[int]], title: str) -> Any:
 
 def train_mnist(
     epochs: Annotated[
-        int | None, typer.Option(help="Epochs (default 4; with --resume: the run's own).")
+        int | None, typer.Option(help="Epochs (default 3; with --resume: the run's own).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the one-cycle schedule (AdamW).")] = 0.01,
@@ -142,7 +142,9 @@ def train_mnist(
         Path | None,
         typer.Option(help="Directory with the four MNIST IDX files (gz or not); default: download once."),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last epoch.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")
+    ] = False,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Train on the first N training images only.")
     ] = None,
@@ -182,7 +184,8 @@ MODEL_OPTION = typer.Option(help="Model file (default: the last one `selfhost tr
 
 def predict(
     images: Annotated[
-        list[Path], typer.Argument(help="PNG/JPG images of one digit each (any size/polarity).")
+        list[Path],
+        typer.Argument(metavar="IMAGE...", help="PNG/JPG images of one digit each (any size/polarity)."),
     ],
     model: Annotated[Path | None, MODEL_OPTION] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",

@@ -408,16 +408,22 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
                 f"{run_dir} already holds a training run",
                 hint="continue it with --resume, or pick another --name / --out",
             )
-        if dist.is_master:
-            tok, ds = prepare_data(req, cfg)
-            save_arrays(run_dir, tok, ds, cfg)
+        failed: BaseException | None = None
+        if dist.is_master:  # rank 0 prepares the data; the others read what it saved
+            try:
+                tok, ds = prepare_data(req, cfg)
+                save_arrays(run_dir, tok, ds, cfg)
+            except BaseException as exc:  # let the other ranks pass the barrier, then fail
+                failed = exc
         if dist.enabled:
             torch.distributed.barrier()
+        if failed is not None:
+            raise failed
         if not dist.is_master:
-            tok = tokenizer.load(run_dir / "tokenizer.json")
             loaded = data.Dataset.load(run_dir)
-            assert loaded is not None
-            ds = loaded
+            if loaded is None or not (run_dir / "tokenizer.json").is_file():
+                raise UsageError("rank 0 could not prepare the training data")
+            tok, ds = tokenizer.load(run_dir / "tokenizer.json"), loaded
     ds.check_fits(cfg.block_size)
 
     device = resolve_device(cfg.device, dist)

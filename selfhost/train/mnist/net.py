@@ -1,7 +1,8 @@
 """The CNN: three conv-batchnorm-relu-maxpool blocks and one linear layer (~30k parameters).
 
-Small on purpose: it reaches 99% in about one epoch and ~99.4% in four, at a few thousand images/s
-on two CPU cores (the pytorch/examples net has 1.2M parameters and is ~10x slower per image).
+Small on purpose: with the default recipe (AdamW, one-cycle, 3 epochs) it passes 99% test accuracy
+after two epochs and ends at ~99.4%, at ~3,400 images/s on two CPU cores (the pytorch/examples net
+has 1.2M parameters and trains ~3x slower per image).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class TrainConfig:
     channels: tuple[int, int, int] = DEFAULT_CHANNELS
 
 
-DEFAULT_EPOCHS = 4
+DEFAULT_EPOCHS = 3
 
 
 # ---- events -----------------------------------------------------------------------------------
