@@ -159,3 +159,37 @@ def test_eot_is_a_control_token() -> None:
         assert vocab.tokens[tok.eot_id] == EOT and vocab.types[tok.eot_id] == 3
         assert vocab.types.count(3) == 1
         assert tok.encode(EOT) != [tok.eot_id]  # in text it is just text, as in llama.cpp
+
+
+@pytest.mark.slow
+def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, runner) -> None:  # noqa: ANN001
+    from selfhost import paths
+    from selfhost.cli.app import app
+    from selfhost.store import Store
+    from selfhost.train.gpt import tokenizer
+    from selfhost.train.gpt.trainer import load_model
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, chunk in enumerate(TRAIN_TEXT.split("ROMEO:")):
+        (docs / f"{i:03d}.txt").write_text(f"ROMEO:{chunk}" * 3, "utf-8")
+    args = ["train", "gpt", "-d", str(docs), "--name", "bpe-gpt", "--tokenizer", "bpe", "--vocab-size", "300",
+            "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
+            "--iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--export-type=f32"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "bpe vocabulary" in result.output
+    record = Store().find("bpe-gpt")
+    ckpt = checkpoint.load(paths.runs_dir() / "bpe-gpt")  # its best weights: what was exported
+    tok = tokenizer.from_json(ckpt["tokenizer"])
+    model = load_model(ckpt, torch.device("cpu"))
+    llm = load(record.path, logits_all=True)
+    text = "ROMEO:\nWhat's this? Café 日本語 😀"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    ids = [tok.eot_id, *tok.encode(text)][:32]
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0][0].numpy()
+    got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - expected).max() <= 1e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from types import ModuleType
 
 from selfhost.errors import DependencyError
@@ -10,6 +12,11 @@ INSTALL_HINT = "install selfhost[train]: pip install 'selfhost[train]'"
 
 
 def torch() -> ModuleType:
+    if "torch" not in sys.modules:
+        # OpenMP threads that spin while waiting make a CPU shared with other work crawl (measured on
+        # 2 cores with a second job: >5x slower); sleeping waiters cost nothing measurable when idle.
+        # Read once when OpenMP loads, so it only helps if torch was not imported yet.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch as module
     except ImportError:

@@ -53,6 +53,7 @@ class TrainConfig:
     train_limit: int | None = None  # train on the first N training images only
     test_limit: int | None = None  # evaluate on the first N test images only
     channels: tuple[int, int, int] = DEFAULT_CHANNELS
+    threads: int | None = None  # CPU threads; None: one per core this process may use
 
 
 DEFAULT_EPOCHS = 3
@@ -271,7 +272,7 @@ def train(config: TrainConfig) -> Iterator[Event]:
     out = Path(config.out) if config.out else default_out()
     model_path, state_path = out / MODEL_FILE, out / STATE_FILE
     device = pick_device(config.device)
-    threads = cpu_count()
+    threads = config.threads or cpu_count()
     if device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
