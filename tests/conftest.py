@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
+
+# llama.cpp and torch both use OpenMP: with busy-waiting threads, two processes on 2 cores (a test and
+# the subprocess it drives) slow each other down by 10x. Set before either library is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 from typer.testing import CliRunner

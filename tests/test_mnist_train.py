@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 
 from selfhost.cli.app import app
-from selfhost.errors import IntegrityError, NotFoundError, UsageError
+from selfhost.errors import DependencyError, IntegrityError, NotFoundError, UsageError
+from selfhost.train.mnist import deps
 from selfhost.train.mnist.idx import load_mnist
 
-torch = pytest.importorskip("torch")
+try:
+    torch = deps.torch()  # first, so that torch loads with the trainer's OpenMP settings
+except DependencyError:
+    pytest.skip("PyTorch is not installed", allow_module_level=True)
 PIL = pytest.importorskip("PIL.Image")
 
 from selfhost.train.mnist.predict import evaluate_saved, predict, preprocess  # noqa: E402
@@ -289,3 +293,18 @@ def test_no_torch_import_for_help_and_missing_torch_is_one_line(tmp_path: Path) 
     first, second = out.stdout.strip().splitlines()
     assert first == "[]"
     assert second.startswith("1 error: PyTorch is not installed") and "selfhost[train]" in second
+
+
+def test_model_of_another_layout_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from selfhost.train.mnist.net import Net
+
+    path = tmp_path / "old.safetensors"
+    save_file(
+        dict(Net().state_dict()),
+        str(path),
+        metadata={"format": "selfhost-mnist", "arch": "old", "channels": "16,32,64"},
+    )
+    with pytest.raises(IntegrityError, match="another network layout"):
+        load_model(path)

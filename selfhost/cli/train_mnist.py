@@ -81,7 +81,7 @@ def _render_training(events: Any) -> Any:
         p = view.progress
         for event in events:
             if isinstance(event, Started):
-                where = f"{event.threads} threads" if event.threads else event.device
+                where = f"{event.threads} CPU threads" if event.threads else "GPU"
                 resumed = f", resuming after epoch {event.start_epoch}" if event.start_epoch else ""
                 p.console.print(
                     f"training on {event.device} ({where}): {event.n_train:,} images, test {event.n_test:,}, "
@@ -128,7 +128,7 @@ def _confusion_table(confusion: list[list[int]], title: str) -> Any:
 
 def train_mnist(
     epochs: Annotated[
-        int | None, typer.Option(help="Epochs (default 3; with --resume: the run's own).")
+        int | None, typer.Option(help="Epochs (default 5; with --resume: the run's own).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the one-cycle schedule (AdamW).")] = 0.01,

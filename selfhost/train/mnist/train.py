@@ -20,7 +20,8 @@ from selfhost import paths
 from selfhost.atomic import atomic_path
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
 from selfhost.train.mnist import deps
-from selfhost.train.mnist.net import DEFAULT_CHANNELS, MEAN, STD, Net, normalise
+from selfhost.train.mnist.download import DownloadEvent, download_mnist
+from selfhost.train.mnist.net import ARCH, DEFAULT_CHANNELS, MEAN, STD, Net, normalise
 
 torch = deps.torch()
 F = torch.nn.functional
@@ -56,7 +57,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads; None: one per core this process may use
 
 
-DEFAULT_EPOCHS = 3
+DEFAULT_EPOCHS = 5
 
 
 # ---- events -----------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class Finished:
     elapsed_s: float
 
 
-Event = Started | Step | EpochEnd | Finished
+Event = DownloadEvent | Started | Step | EpochEnd | Finished
 
 
 # ---- device, data -----------------------------------------------------------------------------
@@ -215,6 +216,7 @@ def save_model(model: Net, path: Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
+        "arch": ARCH,
         "channels": ",".join(map(str, model.channels)),
         "mean": str(MEAN),
         "std": str(STD),
@@ -240,6 +242,11 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dic
         raise IntegrityError(f"{path} is not a readable safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT:
         raise IntegrityError(f"{path} is not a selfhost MNIST model (format {metadata.get('format')!r})")
+    if metadata.get("arch") != ARCH:
+        raise IntegrityError(
+            f"{path} holds another network layout ({metadata.get('arch')!r})",
+            hint="train it again with this version of selfhost",
+        )
     model = Net(tuple(int(c) for c in metadata["channels"].split(",")))
     try:
         model.load_state_dict(tensors)
@@ -261,8 +268,6 @@ def make_schedule(
 
 def train(config: TrainConfig) -> Iterator[Event]:
     """Train (or resume) a Net; yields Started, Step, EpochEnd per epoch and Finished."""
-    from selfhost.train.mnist.download import download_mnist
-
     if config.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if config.lr <= 0:
@@ -312,11 +317,12 @@ def train(config: TrainConfig) -> Iterator[Event]:
     steps = n // batch  # the last partial batch is dropped: every step sees a full batch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if state is not None and planned == int(state["epochs"]):
+    same_plan = state is not None and (planned, steps) == (int(state["epochs"]), int(state.get("steps", -1)))
+    if same_plan:
         optimizer.load_state_dict(state["optimizer"])
         schedule = make_schedule(optimizer, config.lr, planned * steps)
         schedule.load_state_dict(state["scheduler"])
-    else:  # new run, or a finished/partial run extended: a fresh one-cycle over the remaining epochs
+    else:  # a new run, or a run extended/changed: a fresh one-cycle over the remaining epochs
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
         schedule = make_schedule(optimizer, config.lr, (planned - start_epoch) * steps)
@@ -376,6 +382,7 @@ def train(config: TrainConfig) -> Iterator[Event]:
                 {
                     "epoch": epoch,
                     "epochs": planned,
+                    "steps": steps,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": schedule.state_dict(),
                 },
