@@ -29,7 +29,7 @@ class ModelRecord(BaseModel):
     name: str  # "smollm2-135m:Q4_K_M", "owner/repo:Q8_0", "my-gpt", "my-gpt:Q8_0"
     path: Path
     size: int
-    sha256: str
+    sha256: str | None  # None: a file selfhost wrote itself, hashed on first need (ensure_sha256)
     source: Source
     repo: str | None = None
     revision: str | None = None  # resolved commit sha for Hub models
@@ -111,6 +111,23 @@ class Store:
         with self._locked() as data:
             data.models = [r for r in data.models if r.name != record.name] + [record]
         return record
+
+    def ensure_sha256(self, name: str) -> ModelRecord:
+        """The record of `name` with its sha256, hashing the file (and saving the digest) if not yet done.
+
+        Files selfhost writes itself (quantize) are registered unhashed: hashing a freshly written
+        output would add about a third to quantizing a small model, for a digest rarely read."""
+        record = self.get(name)
+        if record is None:
+            raise NotFoundError(f"no model named '{name}' in the store")
+        if record.sha256 is not None:
+            return record
+        digest = sha256_file(record.path)
+        with self._locked() as data:
+            for r in data.models:
+                if r.name == name and r.path == record.path:
+                    r.sha256 = digest
+        return record.model_copy(update={"sha256": digest})
 
     def remove(self, name: str, delete_file: bool = True) -> ModelRecord:
         """Unregister `name`; delete its file if no other record points at it and selfhost owns it."""

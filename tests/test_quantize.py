@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import threading
 import time
@@ -10,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfhost import paths
+from selfhost import gguf_info, paths
 from selfhost.cli.app import app
-from selfhost.quantize import fastgguf
 from selfhost.quantize.run import Finished, QuantizeOptions, TensorDone, quantize, run_quantize
 from selfhost.store import Store
 from tests.tinygguf import write_tiny_llama
@@ -72,12 +72,19 @@ def test_quantize_registers_output_and_reports_summary(runner, tiny_f32):
     assert result.exit_code == 0, result.output
     out = paths.models_dir() / "tiny-Q4_K_M.gguf"
     assert out.is_file() and (out.stat().st_mode & 0o777) != 0o600
-    info = fastgguf.inspect(out)
+    info = gguf_info.inspect(out)
     assert info.quant == "Q4_K_M" and info.size < tiny_f32.stat().st_size / 5
     record = Store().get("tiny:Q4_K_M")
     assert record is not None and record.source == "quantized" and record.parent == "tiny"
     assert record.quant == "Q4_K_M" and Path(record.path) == out.resolve() and record.size == info.size
     assert "0 fell back" in result.output and "tiny:Q4_K_M" in result.output
+    # the digest is left for later: `models show` computes it once and keeps it
+    assert record.sha256 is None
+    shown = runner.invoke(app, ["models", "show", "tiny:Q4_K_M", "--json"])
+    assert shown.exit_code == 0, shown.output
+    from selfhost.store import sha256_file
+
+    assert json.loads(shown.output)["sha256"] == sha256_file(out) == Store().get("tiny:Q4_K_M").sha256
     assert "bits per weight 32.03 ->" in result.output
 
     from selfhost.resolve import resolve_model
@@ -90,7 +97,7 @@ def test_quantize_registers_output_and_reports_summary(runner, tiny_f32):
 def test_progress_events_cover_every_tensor(tiny_f32, tmp_path):
     events = list(quantize(str(tiny_f32), QuantizeOptions(type="Q6_K", out=tmp_path / "o.gguf", threads=1)))
     done = [e for e in events if isinstance(e, TensorDone)]
-    total = fastgguf.inspect(tiny_f32).n_tensors
+    total = gguf_info.inspect(tiny_f32).n_tensors
     assert [e.index for e in done] == list(range(1, total + 1))
     assert {e.to_type for e in done if e.to_type} == {"Q6_K"}
     assert isinstance(events[-1], Finished) and events[-1].result.n_quantized == 16
@@ -172,7 +179,7 @@ def test_imatrix_types_work_with_an_importance_matrix(tiny_f32, tmp_path, fmt):
     result = run_quantize(
         str(tiny_f32), QuantizeOptions(type="IQ2_XXS", out=out, imatrix=matrix, threads=1, add_to_store=False)
     )
-    assert result.type == "IQ2_XXS" and fastgguf.inspect(out).quant == "IQ2_XXS"
+    assert result.type == "IQ2_XXS" and gguf_info.inspect(out).quant == "IQ2_XXS"
     assert "IQ2_XXS" in tensor_types(out).values()
 
     from gguf import GGUFReader
@@ -252,7 +259,7 @@ def test_allow_requantize_and_force(runner, tiny_q8, tmp_path):
     args = ["quantize", str(tiny_q8), "-t", "Q4_0", "--allow-requantize", "-o", str(out), "--threads", "1"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert "requantizing Q8_0 -> Q4_0" in first.output and fastgguf.inspect(out).quant == "Q4_0"
+    assert "requantizing Q8_0 -> Q4_0" in first.output and gguf_info.inspect(out).quant == "Q4_0"
     assert runner.invoke(app, args).exit_code != 0
     again = runner.invoke(app, [*args, "--force"])
     assert again.exit_code == 0, again.output
@@ -273,17 +280,6 @@ def test_interrupt_mid_run_leaves_nothing(tiny_f32, tmp_path):
         time.sleep(0.05)
     assert list(tmp_path.iterdir()) == []
     assert Store().list() == []
-
-
-def test_fast_inspect_agrees_with_gguf_info(tiny_f32, tiny_q8, smollm2_gguf, truncated, not_gguf):
-    from selfhost import gguf_info
-    from selfhost.errors import GGUFError
-
-    for path in (tiny_f32, tiny_q8, smollm2_gguf):
-        assert fastgguf.inspect(path) == gguf_info.inspect(path)
-    for bad in (truncated, not_gguf):
-        with pytest.raises(GGUFError):
-            fastgguf.inspect(bad)
 
 
 def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, tmp_path, monkeypatch):
@@ -317,5 +313,5 @@ def test_installed_executable_keeps_llama_logs_off_the_terminal(tiny_f32, tmp_pa
         capture_output=True, text=True, env={**os.environ}, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "tiny:Q5_K_M" in done.stdout and fastgguf.inspect(out).quant == "Q5_K_M"
+    assert "tiny:Q5_K_M" in done.stdout and gguf_info.inspect(out).quant == "Q5_K_M"
     assert "llama_model" not in done.stdout + done.stderr and "converting to" not in done.stderr

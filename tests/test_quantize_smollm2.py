@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from selfhost import gguf_info
 from selfhost.cli.app import app
-from selfhost.quantize import fastgguf
 from selfhost.quantize.run import QuantizeOptions, run_quantize
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def smol_f16(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Pa
     from selfhost.quantize.dequantize import dequantize_gguf
 
     out = dequantize_gguf(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16.gguf")
-    info = fastgguf.inspect(out)
+    info = gguf_info.inspect(out)
     assert info.quant == "F16" and info.chat_template and info.vocab_size == 49152
     return out
 
@@ -43,7 +43,7 @@ def test_outputs_report_their_type_load_and_generate(quantized):
     from selfhost.llama_backend import load_model
 
     for qtype, path in quantized.items():
-        assert fastgguf.inspect(path).quant == qtype
+        assert gguf_info.inspect(path).quant == qtype
         llm, report = load_model(path, n_ctx=128, n_threads=2)
         out = llm.create_completion("The capital of France is", max_tokens=6, temperature=0.0)
         assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["text"].strip(), qtype

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from selfhost.train.gpt.tokenizer import byte_to_unicode
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -23,14 +25,7 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"]
 
 def byte_symbols() -> list[str]:
     """GPT-2's reversible byte -> printable unicode mapping, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
+    mapping = byte_to_unicode()
     return [mapping[b] for b in range(256)]
 
 

@@ -104,10 +104,12 @@ def show_command(
     from selfhost.atomic import human_bytes
     from selfhost.registry import load_registry
     from selfhost.resolve import resolve_model
-    from selfhost.store import split_name
+    from selfhost.store import Store, split_name
 
     resolved = resolve_model(name)
     record = resolved.record
+    if record is not None and record.sha256 is None:
+        record = Store().ensure_sha256(record.name)
     base = record.base if record else split_name(resolved.name)[0]
     entry = load_registry().get(base)
     info = gguf_info.inspect(resolved.path)

@@ -109,8 +109,9 @@ def render(events: Iterable[object]) -> None:
                     bars = None
                 r = event.record
                 how = "downloaded and verified" if event.downloaded else "already on disk, verified"
+                digest = (r.sha256 or "not computed")[:12]
                 console.print(
-                    f"{r.name}: {how} (sha256 {r.sha256[:12]}, {human_bytes(r.size)}, source {r.source})",
+                    f"{r.name}: {how} (sha256 {digest}, {human_bytes(r.size)}, source {r.source})",
                     markup=False,
                 )
                 console.print(f"  {r.path}", markup=False, style="dim")

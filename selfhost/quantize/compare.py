@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from selfhost import gguf_info
 from selfhost.errors import UsageError
-from selfhost.quantize import fastgguf
 from selfhost.quantize.perplexity import perplexity
 
 
@@ -68,7 +68,7 @@ def compare(
         raise UsageError("name at least one model to evaluate")
     emit = on_event or (lambda _event: None)
     resolved = [resolve_model(m) for m in models]
-    infos = [fastgguf.inspect(r.path) for r in resolved]  # fail on a bad file before the slow part
+    infos = [gguf_info.inspect(r.path) for r in resolved]  # fail on a bad file before the slow part
 
     rows, results = [], []
     for i, (model, info) in enumerate(zip(resolved, infos, strict=True), start=1):

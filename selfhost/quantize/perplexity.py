@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from selfhost import gguf_info
 from selfhost.errors import UsageError
-from selfhost.quantize import fastgguf
 
 MIN_TOKENS = 16
 GEN_PROMPT_TOKENS = 16
@@ -65,7 +65,7 @@ def perplexity(
         raise UsageError(f"--window must be at least {MIN_TOKENS} tokens")
     if chunks is not None and chunks < 1:
         raise UsageError("--chunks must be at least 1")
-    info = fastgguf.inspect(path)
+    info = gguf_info.inspect(path)
     if info.context_length:
         window = min(window, info.context_length)  # past the trained context llama.cpp may abort
 

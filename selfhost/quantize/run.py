@@ -25,7 +25,6 @@ from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import IntegrityError, ModelLoadError, SelfhostError, UsageError
-from selfhost.quantize import fastgguf
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
 
 
@@ -218,7 +217,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
         raise UsageError("--threads must be at least 1")
 
     resolved = resolve_model(model)
-    info = fastgguf.inspect(resolved.path)  # full validation before llama.cpp touches the file
+    info = gguf_info.inspect(resolved.path)  # full validation before llama.cpp touches the file
     if info.vocab_size is None or not info.tensor_types:
         raise IntegrityError(f"{resolved.path} is not a language model GGUF (no tokenizer)")
     requantize = is_quantized(info)
@@ -310,7 +309,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
             raise ModelLoadError(
                 f"llama.cpp could not quantize {resolved.path.name} to {qtype.name}: {reason}"
             )
-        out_info = fastgguf.inspect(tmp)
+        out_info = gguf_info.inspect(tmp)
         _make_readable(tmp)
         if out_info.quant != qtype.name:
             raise IntegrityError(f"llama.cpp wrote file type {out_info.quant}, expected {qtype.name}")
@@ -370,11 +369,11 @@ def _unlink(path: Path) -> None:
 
 
 def _register(name: str, out: Path, out_info: gguf_info.GGUFInfo, parent: str, qtype: QuantType) -> str:
-    from selfhost.store import ModelRecord, Store, sha256_file
+    from selfhost.store import ModelRecord, Store
 
-    Store().add(
+    Store().add(  # sha256 left for `models show` to compute (Store.ensure_sha256): it costs ~30% here
         ModelRecord(
-            name=name, path=out.resolve(), size=out_info.size, sha256=sha256_file(out),
+            name=name, path=out.resolve(), size=out_info.size, sha256=None,
             source="quantized", quant=qtype.name, parent=parent,
         )
     )
