@@ -7,6 +7,7 @@ perplexities F16 <= Q8_0 <= Q4_K_M <= Q4_0 on Shakespeare; K-quant fallbacks are
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,14 @@ def test_cli_summary_counts_k_quant_fallbacks(runner, smol_f16):
 
     record = resolve_model("smollm2-f16:Q4_K_M").record
     assert record is not None and record.parent == "smollm2-f16" and record.source == "quantized"
+
+    # the registered name works in chat right away, and the quantized model still knows its facts
+    question = ["-p", "What is the capital of France?", "--system", "Answer in one short sentence."]
+    chat = ["chat", "smollm2-f16:Q4_K_M", *question, "--seed", "7", "-n", "24", "--threads", "1"]
+    answer = runner.invoke(app, [*chat, "--ctx", "512", "--no-log", "--json"])
+    assert answer.exit_code == 0, answer.output
+    reply = json.loads(answer.output[answer.output.index("{") :])
+    assert reply["model"] == "smollm2-f16:Q4_K_M" and "Paris" in reply["reply"], reply
 
 
 def test_perplexity_orders_by_precision(runner, smol_f16, quantized, shared_data):
