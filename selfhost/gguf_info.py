@@ -32,6 +32,10 @@ class GGUFInfo(BaseModel):
     context_length: int | None = None
     n_layers: int | None = None
     embedding_length: int | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None  # < head_count with grouped-query attention
+    key_length: int | None = None  # per-head K size when it is not n_embd / n_head (Gemma)
+    value_length: int | None = None
     vocab_size: int | None = None
     file_type: str | None = None  # from general.file_type, e.g. "MOSTLY_Q4_K_M"
     tensor_types: dict[str, int]  # ggml type name -> tensor count
@@ -117,6 +121,10 @@ def inspect(path: Path) -> GGUFInfo:
         context_length=_opt_int(fields.get(f"{arch}.context_length")),
         n_layers=_opt_int(fields.get(f"{arch}.block_count")),
         embedding_length=_opt_int(fields.get(f"{arch}.embedding_length")),
+        head_count=_opt_int(fields.get(f"{arch}.attention.head_count")),
+        head_count_kv=_opt_int(fields.get(f"{arch}.attention.head_count_kv")),
+        key_length=_opt_int(fields.get(f"{arch}.attention.key_length")),
+        value_length=_opt_int(fields.get(f"{arch}.attention.value_length")),
         vocab_size=_opt_int(fields.get("tokenizer.ggml.tokens#count")),
         file_type=_file_type_name(fields.get("general.file_type")),
         tensor_types=dict(type_counts),

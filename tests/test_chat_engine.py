@@ -56,6 +56,27 @@ def test_default_context_is_trained_capped_by_ceiling_and_memory() -> None:
     assert default_context(fake_info(context_length=None), available=64 * 2**30) == 2048
 
 
+def test_kv_estimate_counts_grouped_query_heads_and_matches_llama_cpp(smollm2_gguf: Path) -> None:
+    import re
+
+    from selfhost import gguf_info
+    from selfhost.llama_backend import capture_logs, load_model
+
+    # Llama-3-8B shape: 8 KV heads of 32 store a quarter of n_embd for K and for V
+    gqa = fake_info(head_count=32, head_count_kv=8)
+    assert kv_bytes_per_token(gqa) == 32 * 8 * (128 + 128) * 2  # 128 KiB per token
+    assert kv_bytes_per_token(fake_info(head_count=8, head_count_kv=4, key_length=256, value_length=256)) == (
+        32 * 4 * 512 * 2
+    )
+    # the estimate is what llama.cpp allocates (SmolLM2: 30 layers, 3 of 9 heads keep K/V)
+    info = gguf_info.inspect(smollm2_gguf)
+    with capture_logs() as log:
+        llm, _ = load_model(smollm2_gguf, n_ctx=1024, n_threads=1)
+    llm.close()
+    sizes = re.findall(r"KV buffer size =\s*([\d.]+) MiB", "".join(log))
+    assert sizes and sum(float(x) for x in sizes) * 2**20 == kv_bytes_per_token(info) * 1024
+
+
 def test_fit_window_drops_oldest_turns_and_refuses_what_cannot_fit() -> None:
     msgs = []
     for i in range(5):

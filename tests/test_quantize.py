@@ -295,7 +295,7 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
     result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
     assert "not enough disk space" in one_error_line(result)
     monkeypatch.undo()
-    monkeypatch.setattr(run, "available_ram", lambda: 1024)
+    monkeypatch.setattr(run, "available_memory", lambda: 1024)
     result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
     assert "not enough memory" in one_error_line(result)
     assert list(outdir.iterdir()) == []

@@ -7,9 +7,9 @@ would not fit: prompt + the reply budget must stay within n_ctx.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
+from selfhost import system_info
 from selfhost.chat.messages import Message
 from selfhost.errors import UsageError
 from selfhost.gguf_info import GGUFInfo
@@ -21,33 +21,27 @@ DEFAULT_REPLY_RESERVE = 512  # tokens kept free for a reply when --max-tokens is
 MIN_CONTEXT = 32
 
 
-def available_memory() -> int | None:
-    """Bytes of RAM available to a new allocation (Linux MemAvailable, else free pages)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def kv_bytes_per_token(info: GGUFInfo) -> int:
-    """F16 K and V for every layer. Uses n_embd (an upper bound: grouped-query attention stores less)."""
+    """F16 K and V for every layer: n_layer x n_head_kv x (key + value head size) x 2 bytes.
+
+    Grouped-query attention (n_head_kv < n_head) stores less; without head counts in the GGUF,
+    n_embd for K and for V is the upper bound."""
     n_layers = info.n_layers or 32
     n_embd = info.embedding_length or 4096
-    return 2 * n_layers * n_embd * 2
+    if info.head_count:
+        head = n_embd // info.head_count
+        n_kv = info.head_count_kv or info.head_count
+        width = n_kv * ((info.key_length or head) + (info.value_length or head))
+    else:
+        width = 2 * n_embd
+    return n_layers * width * 2
 
 
 def default_context(info: GGUFInfo, available: int | None = None, ceiling: int = CONTEXT_CEILING) -> int:
     """The model's trained context, capped by `ceiling` and by what the KV cache may take in RAM."""
     trained = info.context_length or FALLBACK_TRAINED
     limit = min(trained, ceiling)
-    available = available_memory() if available is None else available
+    available = system_info.available_memory() if available is None else available
     if available is not None:
         budget = max(0, available - info.size) * KV_MEMORY_SHARE
         by_memory = int(budget // kv_bytes_per_token(info)) // 256 * 256

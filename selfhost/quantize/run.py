@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import IntegrityError, ModelLoadError, SelfhostError, UsageError
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
+from selfhost.system_info import available_memory
 
 
 class QuantizeOptions(BaseModel):
@@ -157,18 +158,6 @@ def is_quantized(info: gguf_info.GGUFInfo) -> bool:
     return any(t not in FLOAT_TYPES for t in info.tensor_types)
 
 
-def available_ram() -> int | None:
-    """Bytes of RAM available now (Linux /proc/meminfo, else sysconf), None if unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
 def ram_needed(info: gguf_info.GGUFInfo) -> int:
     """Peak RAM of llama_model_quantize: the input is memory-mapped; per tensor it holds an F32
     copy, a work buffer and the quantized rows. Estimated from the largest tensor, usually
@@ -180,7 +169,7 @@ def ram_needed(info: gguf_info.GGUFInfo) -> int:
 
 
 def _check_ram(info: gguf_info.GGUFInfo) -> None:
-    free, need = available_ram(), ram_needed(info)
+    free, need = available_memory(), ram_needed(info)
     if free is not None and free < need:
         raise SelfhostError(
             f"not enough memory to quantize {info.path.name}: need about {atomic.human_bytes(need)}, "
