@@ -1,4 +1,4 @@
-"""Benchmark: `selfhost chat -p` (the ChatEngine) versus bare llama-cpp-python on the same GGUF.
+"""Benchmark: `selfhost chat -p` (the ChatSession) versus bare llama-cpp-python on the same GGUF.
 
 Each measurement runs in its own process (so peak RSS is per path), alternating paths, same
 threads / context / prompt / seed / max tokens, and reports the median of --repeats runs:
@@ -6,7 +6,7 @@ threads / context / prompt / seed / max tokens, and reports the median of --repe
     .venv/bin/python bench/chat.py [--model PATH] [--threads 1] [--max-tokens 256] [--repeats 3] [--exe]
 
 Paths:  bare   = llama_cpp.Llama.create_completion(stream=True) on the rendered chat prompt
-        engine = selfhost.chat.engine.ChatEngine.chat() in-process (what `selfhost chat -p` runs)
+        engine = selfhost.chat.session.ChatSession.chat() in-process (what `selfhost chat -p` runs)
         exe    = the `selfhost chat -p ... --json` executable (its own usage figures; --exe)
 Rates are wall-clock: prompt tok/s = prompt tokens / time to first token, generation tok/s =
 tokens fed back / (last token - first token). The memory-bandwidth bound: every generated token
@@ -79,10 +79,10 @@ def worker(args: argparse.Namespace) -> dict:
         perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
         fed_back = int(perf.n_eval)
     else:
-        from selfhost.chat.engine import ChatEngine, Sampling
         from selfhost.chat.messages import DoneChunk, TextChunk
+        from selfhost.chat.session import ChatSession, Sampling
 
-        engine = ChatEngine.load(
+        session = ChatSession.load(
             str(args.model),
             ctx=args.ctx,
             threads=args.threads,
@@ -90,20 +90,19 @@ def worker(args: argparse.Namespace) -> dict:
             system=SYSTEM,
             sampling=Sampling(seed=0, max_tokens=4, **sampling),
         )
-        list(engine.chat("Hello"))  # warm-up
-        engine.reset()
-        engine.llm.reset()  # no prefix reuse from the warm-up
-        engine.sampling = Sampling(seed=args.seed, max_tokens=args.max_tokens, **sampling)
+        list(session.chat("Hello"))  # warm-up
+        session.reset()
+        session.model.engine.clear_cache()  # no prefix reuse from the warm-up
+        session.sampling = Sampling(seed=args.seed, max_tokens=args.max_tokens, **sampling)
         t0 = time.perf_counter()
         stamps, done = [], None
-        for chunk in engine.chat(PROMPT):
+        for chunk in session.chat(PROMPT):
             if isinstance(chunk, TextChunk):
                 stamps.append(time.perf_counter())
             elif isinstance(chunk, DoneChunk):
                 done = chunk
         n_prompt = done.usage.prompt_tokens
-        perf = engine.lib.llama_perf_context(engine.llm._ctx.ctx)
-        fed_back = int(perf.n_eval)
+        fed_back = done.usage.generated_tokens - 1
     ttft = stamps[0] - t0
     return {
         "prompt_tokens": n_prompt,

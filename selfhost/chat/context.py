@@ -37,13 +37,16 @@ def kv_bytes_per_token(info: GGUFInfo) -> int:
     return n_layers * width * 2
 
 
-def default_context(info: GGUFInfo, available: int | None = None, ceiling: int = CONTEXT_CEILING) -> int:
-    """The model's trained context, capped by `ceiling` and by what the KV cache may take in RAM."""
+def default_context(
+    info: GGUFInfo, available: int | None = None, ceiling: int = CONTEXT_CEILING, slots: int = 1
+) -> int:
+    """Tokens per slot: the model's trained context, capped by `ceiling` and by what `slots` KV
+    caches may take in RAM together."""
     trained = info.context_length or FALLBACK_TRAINED
     limit = min(trained, ceiling)
     available = system_info.available_memory() if available is None else available
     if available is not None:
-        budget = max(0, available - info.size) * KV_MEMORY_SHARE
+        budget = max(0, available - info.size) * KV_MEMORY_SHARE / max(1, slots)
         by_memory = int(budget // kv_bytes_per_token(info)) // 256 * 256
         limit = min(limit, max(by_memory, min(trained, 512)))
     return max(limit, min(trained, MIN_CONTEXT))

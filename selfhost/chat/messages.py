@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "context", "interrupted"]
+Role = Literal["system", "user", "assistant", "tool"]  # "tool": results of tool calls (server only)
+FinishReason = Literal["stop", "length", "context", "interrupted", "tool_calls"]
 
 
 def utc_now() -> datetime:
@@ -23,6 +23,17 @@ class Message(BaseModel):
     model: str | None = None  # which model wrote a reply
     finish_reason: FinishReason | None = None  # replies only
     id: int | None = None  # row id once written to the history database
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, OpenAI's shape (server)
+    tool_call_id: str | None = None  # which call a "tool" message answers
+
+    def template_dict(self) -> dict[str, Any]:
+        """What a chat template sees of this message."""
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            data["tool_call_id"] = self.tool_call_id
+        return data
 
 
 class Usage(BaseModel):

@@ -36,14 +36,15 @@ def load_schema(path: Path) -> dict[str, Any]:
     return schema
 
 
-def grammar_for(schema: dict[str, Any]) -> Any:
-    """A llama.cpp grammar (LlamaGrammar) that only admits JSON matching `schema`."""
-    from selfhost.llama_backend import capture_logs, llama
+def grammar_for(schema: dict[str, Any]) -> str:
+    """GBNF text (root rule "root") that only admits JSON matching `schema`: llama.cpp's own converter."""
+    from selfhost.llama_backend import llama
 
-    lib = llama()
+    llama()
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
     try:
-        with capture_logs():
-            return lib.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
         raise UsageError(
             f"the schema cannot be turned into a llama.cpp grammar: {type(exc).__name__}: {exc}"

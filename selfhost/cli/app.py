@@ -17,13 +17,13 @@ from typing import Any
 import typer
 
 from selfhost import __version__
-from selfhost.cli import chat, history, info, models, pull, quantize, train_gpt, train_mnist
+from selfhost.cli import chat, history, info, models, pull, quantize, serve, train_gpt, train_mnist
 from selfhost.cli.console import err_console
 from selfhost.errors import SelfhostError
 
 app = typer.Typer(
     name="selfhost",
-    help="Run the whole local-LLM loop on your own machine: pull, quantize, chat, train.",
+    help="Run the whole local-LLM loop on your own machine: pull, quantize, chat, serve, train.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -45,7 +45,7 @@ def _root(
         False, "--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    """Run the whole local-LLM loop on your own machine: pull, quantize, chat, train."""
+    """Run the whole local-LLM loop on your own machine: pull, quantize, chat, serve, train."""
 
 
 def debug_enabled() -> bool:
@@ -99,6 +99,7 @@ pull.register(app)
 models.register(app)
 quantize.register(app)
 chat.register(app)
+serve.register(app)
 history.register(app)
 info.register(app)
 train_gpt.register(app, train_app)

@@ -1,4 +1,4 @@
-"""`selfhost chat`: a thin renderer over selfhost.chat.engine.ChatEngine (REPL and one-shot).
+"""`selfhost chat`: a thin renderer over selfhost.chat.session.ChatSession (REPL and one-shot).
 
 Ctrl-C during a reply stops it and keeps the partial reply (marked "interrupted"; /undo or
 /retry drops it); Ctrl-C twice at the prompt, or Ctrl-D, leaves.
@@ -72,8 +72,8 @@ def chat(
     no_log: bool = typer.Option(False, "--no-log", help="Do not write this chat to the history."),
 ) -> None:
     """Chat with a local model: a REPL, or one answer with -p (stdin is added when piped)."""
-    from selfhost.chat.engine import ChatEngine, Sampling
     from selfhost.chat.history import ChatLog, HistoryStore
+    from selfhost.chat.session import ChatSession, Sampling
 
     if resume and conversation is not None:
         raise UsageError("use either --continue or --conversation ID, not both")
@@ -104,7 +104,8 @@ def chat(
         seed=seed,
         max_tokens=max_tokens,
     )
-    engine = ChatEngine.load(
+    log = ChatLog(store)
+    session = ChatSession.load(
         model,
         ctx=ctx,
         threads=threads,
@@ -113,18 +114,18 @@ def chat(
         sampling=sampling,
         system=system,
         schema=schema,
+        log=log,
     )
-    log = ChatLog(store)
     if previous is not None:
-        engine.load_conversation(previous, keep_system=system is not None)
+        session.load_conversation(previous, keep_system=system is not None)
         log.conversation_id = previous.id if store is not None else None
-    line = engine.summary.line() + ("" if prompt is not None else " · /help for commands")
+    line = session.summary.line() + ("" if prompt is not None else " · /help for commands")
     err_console.print(line, markup=False, highlight=False, soft_wrap=True, style="dim")
 
     if prompt is not None:
-        _one_shot(engine, log, _with_stdin(prompt), as_json)
+        _one_shot(session, _with_stdin(prompt), as_json)
     else:
-        _repl(engine, log)
+        _repl(session)
 
 
 def _with_stdin(prompt: str) -> str:
@@ -174,25 +175,21 @@ def _finish_note(reason: str) -> str | None:
     }.get(reason)
 
 
-def _one_shot(engine, log, text: str, as_json: bool) -> None:  # noqa: ANN001
+def _one_shot(session, text: str, as_json: bool) -> None:  # noqa: ANN001
     if not text.strip():
         raise UsageError("the message is empty")
-    done = None
-    try:
-        done = _stream(engine.chat(text), echo=not as_json)
-    finally:
-        log.save(engine.system, engine.messages, engine.summary.name)
+    done = _stream(session.chat(text), echo=not as_json)
     assert done is not None
     reply, usage = done.message, done.usage
     if as_json:
         payload = {
-            "model": engine.summary.name,
+            "model": session.summary.name,
             "reply": reply.content,
             "finish_reason": reply.finish_reason,
-            "conversation_id": log.conversation_id,
+            "conversation_id": session.log.conversation_id,
             "usage": usage.model_dump(),
         }
-        if engine.schema is not None:
+        if session.schema is not None:
             payload["schema_valid"] = done.schema_valid
             payload["data"] = json.loads(reply.content) if done.schema_valid else None
         console.out(json.dumps(payload, indent=2), highlight=False)
@@ -201,7 +198,7 @@ def _one_shot(engine, log, text: str, as_json: bool) -> None:  # noqa: ANN001
         note = _finish_note(usage.finish_reason)
         if note:
             err_console.print(note, markup=False, highlight=False, style="dim")
-    if engine.schema is not None and not done.schema_valid:
+    if session.schema is not None and not done.schema_valid:
         raise SelfhostError(done.schema_error or "the reply does not match the schema")
 
 
@@ -219,7 +216,7 @@ def _read_message() -> str:
         lines.append(more)
 
 
-def _repl(engine, log) -> None:  # noqa: ANN001
+def _repl(session) -> None:  # noqa: ANN001
     if sys.stdin is not None and sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -244,18 +241,18 @@ def _repl(engine, log) -> None:  # noqa: ANN001
             continue
         try:
             if text.startswith("/"):
-                if _command(engine, log, text) == "exit":
+                if _command(session, text) == "exit":
                     return
             else:
-                _turn(engine, log, engine.chat(text))
+                _turn(session, session.chat(text))
         except SelfhostError as exc:
             err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         except OSError as exc:
             err_console.print(f"error: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _turn(engine, log, chunks) -> None:  # noqa: ANN001
-    """Stream one reply; Ctrl-C stops it and keeps what was generated. Logs the turn."""
+def _turn(session, chunks) -> None:  # noqa: ANN001
+    """Stream one reply; Ctrl-C stops it and keeps what was generated (the session logs the turn)."""
     try:
         done = _stream(chunks)
         console.out("", highlight=False)
@@ -263,14 +260,10 @@ def _turn(engine, log, chunks) -> None:  # noqa: ANN001
         if note:
             console.print(note, markup=False, style="dim")
     except KeyboardInterrupt:
-        if engine.messages and engine.messages[-1].role == "user":
-            engine.messages.pop()  # stopped before the reply started
         console.print("\n[interrupted]", markup=False, style="dim")
-    finally:
-        log.save(engine.system, engine.messages, engine.summary.name)
 
 
-def _command(engine, log, text: str) -> str | None:  # noqa: ANN001
+def _command(session, text: str) -> str | None:  # noqa: ANN001
     name, _, arg = text.strip().partition(" ")
     arg = arg.strip()
     say = console.print
@@ -280,32 +273,28 @@ def _command(engine, log, text: str) -> str | None:  # noqa: ANN001
         say(HELP, markup=False)
     elif name == "/system":
         if not arg:
-            say(f"system prompt: {engine.system!r}" if engine.system else "no system prompt", markup=False)
+            say(f"system prompt: {session.system!r}" if session.system else "no system prompt", markup=False)
         else:
-            engine.system = arg
-            log.save(engine.system, engine.messages, engine.summary.name)
+            session.set_system(arg)
             say("system prompt set", markup=False, style="dim")
     elif name == "/reset":
-        engine.reset()
-        log.start_new()
+        session.reset()
         say("new conversation", markup=False, style="dim")
     elif name == "/undo":
-        removed = engine.undo()
-        log.save(engine.system, engine.messages, engine.summary.name)
+        removed = session.undo()
         say(f"removed {removed} message(s)" if removed else "nothing to undo", markup=False, style="dim")
     elif name == "/retry":
-        _turn(engine, log, engine.retry())
+        _turn(session, session.retry())
     elif name == "/history":
-        _show_history(engine)
+        _show_history(session)
     elif name == "/stats":
-        _show_stats(engine)
+        _show_stats(session)
     elif name == "/save":
         if not arg:
             raise UsageError("/save needs a file name", hint="/save chat.md or /save chat.json")
         from selfhost.chat import export
 
-        conv = engine.conversation()
-        conv.id = log.conversation_id
+        conv = session.conversation()
         path = export.save(conv, Path(arg))
         say(f"saved {len(conv.messages)} message(s) to {path}", markup=False, style="dim")
     elif name == "/load":
@@ -314,32 +303,32 @@ def _command(engine, log, text: str) -> str | None:  # noqa: ANN001
         from selfhost.chat import export
 
         conv = export.load(Path(arg))
-        engine.load_conversation(conv)
-        log.start_new()
+        session.load_conversation(conv)
+        session.log.start_new()
         say(f"loaded {len(conv.messages)} message(s) from {arg}", markup=False, style="dim")
     else:
         err_console.print(f"unknown command {name} (type /help for the list)", markup=False, highlight=False)
     return None
 
 
-def _show_history(engine) -> None:  # noqa: ANN001
-    if engine.system:
-        console.print(f"system: {engine.system}", markup=False)
-    if not engine.messages:
+def _show_history(session) -> None:  # noqa: ANN001
+    if session.system:
+        console.print(f"system: {session.system}", markup=False)
+    if not session.messages:
         console.print("(no messages yet)", markup=False, style="dim")
-    for i, m in enumerate(engine.messages):
+    for i, m in enumerate(session.messages):
         flags = []
         if m.tokens is not None:
             flags.append(f"{m.tokens} tok")
         if m.finish_reason and m.finish_reason != "stop":
             flags.append(m.finish_reason)
-        if i < engine.window_start:
+        if i < session.window_start:
             flags.append("out of context")
         console.print(f"{m.role} ({', '.join(flags)}): {m.content}", markup=False, highlight=False)
 
 
-def _show_stats(engine) -> None:  # noqa: ANN001
-    u = engine.last_usage
+def _show_stats(session) -> None:  # noqa: ANN001
+    u = session.last_usage
     say = console.print
     if u is None:
         say("no reply yet", markup=False, style="dim")
@@ -354,12 +343,12 @@ def _show_stats(engine) -> None:  # noqa: ANN001
         f"evaluated at {u.prompt_tokens_per_s:.1f} tok/s",
         markup=False,
     )
-    out_of_context = sum(1 for m in engine.messages[: engine.window_start] if m.role == "user")
+    out_of_context = sum(1 for m in session.messages[: session.window_start] if m.role == "user")
     say(
         f"context: {u.context_used}/{u.context_size} tokens used; {out_of_context} turn(s) dropped so far",
         markup=False,
     )
-    t = engine.totals
+    t = session.totals
     say(
         f"session: {t['turns']} replies, {t['generated']} generated, "
         f"{t['evaluated']} prompt tokens evaluated, {t['reused']} reused",

@@ -1,4 +1,4 @@
-"""ChatEngine on real llama.cpp: SmolLM2 answers, KV-cache reuse, context trimming on tiny GGUFs."""
+"""ChatSession on real llama.cpp: SmolLM2 answers, KV-cache reuse, context trimming on tiny GGUFs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from selfhost.chat.context import default_context, fit_window, kv_bytes_per_token, reply_reserve
-from selfhost.chat.engine import ChatEngine, Sampling
 from selfhost.chat.messages import DoneChunk, Message, TextChunk, TrimChunk
+from selfhost.chat.session import ChatSession, Sampling
 from selfhost.errors import UsageError
 from selfhost.gguf_info import GGUFInfo
 from tests.tinygguf import write_tiny_llama
@@ -98,13 +98,13 @@ def test_fit_window_drops_oldest_turns_and_refuses_what_cannot_fit() -> None:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf: Path) -> ChatEngine:
-    return ChatEngine.load(
+def smol(smollm2_gguf: Path) -> ChatSession:
+    return ChatSession.load(
         str(smollm2_gguf), ctx=1024, threads=1, system=BRIEF, sampling=Sampling(temperature=0, max_tokens=24)
     )
 
 
-def test_smollm2_knows_the_capital_of_france(smol: ChatEngine) -> None:
+def test_smollm2_knows_the_capital_of_france(smol: ChatSession) -> None:
     smol.reset()
     smol.sampling = Sampling(temperature=0.8, seed=7, max_tokens=24)
     text, done, _ = run_turn(smol.chat("What is the capital of France?"))
@@ -118,7 +118,7 @@ def test_smollm2_knows_the_capital_of_france(smol: ChatEngine) -> None:
     assert smol.summary.backend == "CPU" and smol.summary.n_ctx == 1024 and smol.summary.quant == "Q4_1"
 
 
-def test_second_turn_uses_history_and_evaluates_only_new_tokens(smol: ChatEngine) -> None:
+def test_second_turn_uses_history_and_evaluates_only_new_tokens(smol: ChatSession) -> None:
     smol.reset()
     _, first, _ = run_turn(smol.chat("My name is Zorblax."))
     second_text, second, _ = run_turn(smol.chat("What is my name?"))
@@ -137,7 +137,7 @@ def test_second_turn_uses_history_and_evaluates_only_new_tokens(smol: ChatEngine
     assert "Zorblax" not in alone
 
 
-def test_undo_retry_and_seeded_retry_is_reproducible(smol: ChatEngine) -> None:
+def test_undo_retry_and_seeded_retry_is_reproducible(smol: ChatSession) -> None:
     smol.reset()
     smol.sampling = Sampling(temperature=0.9, seed=3, max_tokens=12)
     try:
@@ -159,7 +159,7 @@ def tiny128(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_overflow_twenty_turns_in_128_tokens_trims_and_never_aborts(tiny128: Path) -> None:
-    engine = ChatEngine.load(
+    engine = ChatSession.load(
         str(tiny128), threads=1, sampling=Sampling(temperature=0.8, seed=1, max_tokens=16)
     )
     assert engine.n_ctx == 128  # the trained context, not llama-cpp-python's 512
@@ -185,7 +185,7 @@ def test_overflow_twenty_turns_in_128_tokens_trims_and_never_aborts(tiny128: Pat
 
 def test_reply_stops_before_the_context_is_full(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
-    engine = ChatEngine.load(str(path), ctx=64, threads=1, sampling=Sampling(temperature=0))
+    engine = ChatSession.load(str(path), ctx=64, threads=1, sampling=Sampling(temperature=0))
     _, done, _ = run_turn(engine.chat("hi"))
     u = done.usage
     assert u.finish_reason == "context"
@@ -195,9 +195,9 @@ def test_reply_stops_before_the_context_is_full(tmp_path: Path) -> None:
 def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "notemplate.gguf", chat_template=None)
     with pytest.raises(UsageError, match="no chat template") as err:
-        ChatEngine.load(str(path), threads=1)
+        ChatSession.load(str(path), threads=1)
     assert "--raw" in str(err.value)
-    engine = ChatEngine.load(str(path), threads=1, raw=True, sampling=Sampling(seed=1, max_tokens=8))
+    engine = ChatSession.load(str(path), threads=1, raw=True, sampling=Sampling(seed=1, max_tokens=8))
     assert engine.render([Message(role="user", content="Once upon")]) == "Once upon"
     _, done, _ = run_turn(engine.chat("Once upon"))
     assert done.usage.generated_tokens > 0
@@ -206,7 +206,7 @@ def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
 
 def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
-    engine = ChatEngine.load(str(path), threads=1, sampling=Sampling(temperature=0))
+    engine = ChatSession.load(str(path), threads=1, sampling=Sampling(temperature=0))
     stream = engine.chat("hi")
     shown = "".join(next(stream).text for _ in range(3))
     stream.close()  # what Ctrl-C in a renderer does

@@ -1,0 +1,537 @@
+"""Continuous batching over N slots of one llama.cpp context: the one generation loop of selfhost.
+
+Every reply, in the REPL, in one-shot mode and in the server, is a `Job` run by a `BatchEngine`:
+
+- one llama.cpp context holds N sequences (slots), each with its own stream of the KV cache;
+- each `step()` builds one batch: the last sampled token of every generating slot, then prompt
+  tokens of slots still reading their prompt, up to `prefill_chunk` tokens, so a long new prompt
+  is read over several steps instead of stalling the replies in flight (chunked prefill);
+- new jobs take a free slot between two steps (the one whose cached tokens share the longest
+  prefix with the prompt: that prefix is not evaluated again); finished or cancelled jobs leave;
+- each job samples with its own llama.cpp sampler chain (penalties, top-k/top-p/min-p,
+  temperature, seeded distribution, or greedy) behind an optional grammar.
+
+The REPL drives `step()` itself (`run_inline`); the server runs it on one background thread
+(`start()`), and a job's consumer reads its chunks either way. llama.cpp aborts the process when a
+sequence passes its context, so a job never holds more than `ctx_per_slot` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import itertools
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from selfhost.errors import SelfhostError
+
+JobFinish = Literal["stop", "length", "context", "cancelled", "error"]
+
+
+class QueueFullError(SelfhostError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class SamplingParams(BaseModel):
+    """How one job picks tokens. temperature 0 is greedy."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None: a random seed per job
+
+
+@dataclass
+class JobText:
+    """Text decoded from the reply so far (stop strings already cut out)."""
+
+    text: str
+
+
+@dataclass
+class JobEnd:
+    """The last chunk of a job: why it ended and what it cost."""
+
+    finish_reason: JobFinish
+    text: str
+    generated_tokens: int
+    prompt_tokens: int
+    reused_tokens: int  # prompt prefix found in the slot's KV cache
+    queued_s: float
+    time_to_first_token_s: float
+    total_s: float
+    error: str | None = None
+    context_used: int = 0  # tokens of this job in its slot's KV cache at the end
+
+
+JobChunk = JobText | JobEnd
+
+
+@dataclass
+class Job:
+    """One generation request: prompt tokens in, text chunks and one JobEnd out."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int  # the engine also stops at the slot's context end ("context")
+    grammar: str | None = None  # GBNF text, root rule "root"
+    stop: list[str] = field(default_factory=list)
+    id: int = field(default_factory=itertools.count(1).__next__)
+    cancelled: bool = False
+    end: JobEnd | None = None
+    t_submit: float = 0.0
+    _chunks: deque[JobChunk] = field(default_factory=deque)
+    _engine: BatchEngine | None = None
+    _waker: Any = None  # (loop, asyncio.Event) of an async consumer
+
+    def cancel(self) -> None:
+        """Stop generating at the next step (a client went away, Ctrl-C, shutdown)."""
+        self.cancelled = True
+        if self._engine is not None:
+            self._engine.wake()
+
+    def chunks(self) -> Iterator[JobChunk]:
+        """Chunks as they come; in inline mode this drives the engine itself."""
+        engine = self._engine
+        assert engine is not None, "submit the job first"
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                yield chunk
+                if isinstance(chunk, JobEnd):
+                    return
+            engine.wait_for(self)
+
+    async def achunks(self) -> AsyncIterator[JobChunk]:
+        """The same chunks for an asyncio consumer (the engine runs on its thread)."""
+        event = asyncio.Event()
+        self._waker = (asyncio.get_running_loop(), event)
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                yield chunk
+                if isinstance(chunk, JobEnd):
+                    return
+            await event.wait()
+            event.clear()
+
+    def _emit(self, chunk: JobChunk) -> None:
+        self._chunks.append(chunk)
+        if self._waker is not None:
+            loop, event = self._waker
+            loop.call_soon_threadsafe(event.set)
+
+
+class _Slot:
+    """One sequence of the context: the tokens its KV cache holds, and the job using it."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.cached: list[int] = []  # tokens whose K/V are in the cache, position = index
+        self.job: Job | None = None
+        self.pending: list[int] = []  # prompt tokens still to evaluate
+        self.next_token: int | None = None  # sampled, to be evaluated in the next step
+        self.sampler: Any = None
+        self.batch_index: int | None = None  # where its logits are in the current batch
+        self.generated: list[int] = []
+        self.text = _TextStream([])
+        self.reused = 0
+        self.t_admit = self.t_first = 0.0
+
+
+class _TextStream:
+    """Incremental UTF-8 decoding with stop strings: text is released once no stop can start in it."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.full = ""
+        self.released = 0
+        self.stopped = False
+
+    def feed(self, piece: bytes, final: bool = False) -> str:
+        self.full += self.decoder.decode(piece, final=final)
+        for stop in self.stop:
+            at = self.full.find(stop, max(0, self.released - len(stop)))
+            if at != -1:
+                self.full, self.stopped = self.full[:at], True
+        hold = 0 if final or self.stopped else self._held_back()
+        out = self.full[self.released : len(self.full) - hold]
+        self.released += len(out)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still become a stop string."""
+        best = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.full)), best, -1):
+                if stop.startswith(self.full[-n:]):
+                    best = n
+                    break
+        return best
+
+
+class BatchEngine:
+    """N slots over one llama.cpp context; `step()` is one decode of every active job."""
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        slots: int,
+        ctx_per_slot: int,
+        threads: int,
+        n_batch: int = 512,
+        prefill_chunk: int = 256,
+        max_queue: int | None = None,
+    ) -> None:
+        from selfhost.llama_backend import llama
+
+        self.lib = llama()
+        self.llm = llm
+        self.vocab = llm._model.vocab
+        self.n_slots = slots
+        self.ctx_per_slot = ctx_per_slot
+        self.n_batch = max(n_batch, slots)
+        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
+        self.max_queue = 4 * slots if max_queue is None else max_queue
+        self.ctx = _open_context(self.lib, llm, slots * ctx_per_slot, slots, self.n_batch, threads)
+        self.memory = self.lib.llama_get_memory(self.ctx)
+        self.batch = self.lib.llama_batch_init(self.n_batch, 0, 1)
+        self.slots = [_Slot(i) for i in range(slots)]
+        self.waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # ------------------------------------------------------------------ public
+    def submit(self, job: Job) -> Job:
+        """Queue a job. Raises QueueFullError when every slot is busy and the queue is full."""
+        if not job.prompt:
+            raise ValueError("a job needs at least one prompt token")
+        if len(job.prompt) >= self.ctx_per_slot:
+            raise ValueError("the prompt does not fit the slot's context")  # callers check first
+        with self._cond:
+            busy = sum(1 for s in self.slots if s.job is not None)
+            if busy + len(self.waiting) >= self.n_slots + self.max_queue:
+                raise QueueFullError(
+                    f"all {self.n_slots} slots are busy and {len(self.waiting)} requests are waiting"
+                )
+            job._engine = self
+            job.t_submit = time.perf_counter()
+            self.waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def busy(self) -> tuple[int, int]:
+        """(slots generating, jobs waiting)."""
+        with self._cond:
+            return sum(1 for s in self.slots if s.job is not None), len(self.waiting)
+
+    def start(self) -> None:
+        """Run the scheduler on a background thread (the server's mode)."""
+        self._thread = threading.Thread(target=self._loop, name="selfhost-batch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel everything still running or waiting, stop the thread, free llama.cpp's memory."""
+        with self._cond:
+            self._stopping = True
+            for job in list(self.waiting) + [s.job for s in self.slots if s.job]:
+                job.cancelled = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self.step()  # inline mode: finish the cancelled jobs
+        self.close()
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            for slot in self.slots:
+                self._free_sampler(slot)
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, job: Job) -> None:
+        """Block until `job` has news: run a step ourselves inline, else wait for the thread."""
+        if self._thread is None:
+            _step_atomically(self.step)
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: bool(job._chunks), timeout=0.5)
+
+    def clear_cache(self) -> None:
+        """Forget every slot's cached prefix (benchmarks: measure cold prompts)."""
+        with self._cond:
+            for slot in self.slots:
+                if slot.job is None:
+                    self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
+                    slot.cached = []
+
+    # --------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self.waiting or any(s.job for s in self.slots))
+                if self._stopping and not self.waiting and not any(s.job for s in self.slots):
+                    return
+            self.step()
+            with self._cond:
+                self._cond.notify_all()  # sync consumers waiting in wait_for
+
+    def step(self) -> None:
+        """Admit waiting jobs, decode one batch, sample one token for every slot that has logits."""
+        with self._cond:
+            for slot in self.slots:
+                if slot.job is not None and slot.job.cancelled:
+                    self._finish(slot, "cancelled")
+            while self.waiting and self.waiting[0].cancelled:
+                self._reject(self.waiting.popleft(), "cancelled")
+            while self.waiting and any(s.job is None for s in self.slots):
+                self._admit(self.waiting.popleft())
+        active = [s for s in self.slots if s.job is not None]
+        if not active:
+            return
+        n_tokens = self._fill_batch(active)
+        if n_tokens == 0:
+            return
+        self.batch.n_tokens = n_tokens
+        rc = self.lib.llama_decode(self.ctx, self.batch)
+        self.steps += 1
+        if rc != 0:
+            for slot in active:
+                if slot.batch_index is not None or slot.next_token is not None:
+                    self._drop_cache(slot)
+                    self._finish(slot, "error", error=f"llama.cpp could not decode the batch (code {rc})")
+            return
+        for slot in active:
+            if slot.batch_index is not None and slot.job is not None:
+                self._sample(slot)
+
+    # -------------------------------------------------------------- internals
+    def _admit(self, job: Job) -> None:
+        try:
+            sampler = self._make_sampler(job)
+        except SelfhostError as exc:
+            job.end = JobEnd("error", "", 0, len(job.prompt), 0, 0.0, 0.0, 0.0, error=str(exc))
+            job._emit(job.end)
+            return
+        free = [s for s in self.slots if s.job is None]
+        # the longest cached prefix, else the lowest free slot: active slots stay adjacent, which
+        # lets llama.cpp put all their tokens in one micro-batch
+        slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.seq_id))
+        keep = min(_common_prefix(slot.cached, job.prompt), len(job.prompt) - 1)  # >= 1 token for logits
+        if not self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
+            keep = 0  # recurrent / sliding-window caches cannot cut a sequence in the middle
+            self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
+        slot.cached = slot.cached[:keep]
+        slot.job, slot.pending, slot.next_token = job, job.prompt[keep:], None
+        slot.generated, slot.text, slot.reused = [], _TextStream(job.stop), keep
+        slot.t_admit, slot.t_first = time.perf_counter(), 0.0
+        slot.sampler = sampler
+
+    def _fill_batch(self, active: list[_Slot]) -> int:
+        """Generating slots first (one token each), then prompt chunks within the prefill budget."""
+        n = 0
+        for slot in active:
+            slot.batch_index = None
+            if slot.next_token is not None:
+                self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.batch_index = n
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+                n += 1
+        budget = min(self.prefill_chunk, self.n_batch - n)
+        for slot in active:
+            if not slot.pending or budget <= 0:
+                continue
+            take = slot.pending[:budget]
+            for i, token in enumerate(take):
+                last = len(take) == len(slot.pending) and i == len(take) - 1
+                self._add(n, token, len(slot.cached), slot.seq_id, last)
+                slot.cached.append(token)
+                if last:
+                    slot.batch_index = n
+                n += 1
+            slot.pending = slot.pending[len(take) :]
+            budget -= len(take)
+        return n
+
+    def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _sample(self, slot: _Slot) -> None:
+        job = slot.job
+        assert job is not None
+        lib = self.lib
+        token = lib.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
+        if not slot.generated:
+            slot.t_first = time.perf_counter()
+        if lib.llama_vocab_is_eog(self.vocab, token):
+            self._finish(slot, "stop")
+            return
+        slot.generated.append(token)
+        text = slot.text.feed(token_piece(lib, self.vocab, token))
+        if text:
+            job._emit(JobText(text))
+        if slot.text.stopped:
+            self._finish(slot, "stop")
+        elif len(slot.generated) >= job.max_tokens:
+            self._finish(slot, "length")
+        elif len(slot.cached) + 1 >= self.ctx_per_slot:
+            self._finish(slot, "context")  # evaluating this token would pass the slot's context
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: _Slot, reason: JobFinish, error: str | None = None) -> None:
+        job = slot.job
+        assert job is not None
+        tail = slot.text.feed(b"", final=True)
+        if tail:
+            job._emit(JobText(tail))
+        now = time.perf_counter()
+        if slot.pending:  # cancelled while reading the prompt: what was read stays cached
+            slot.pending = []
+        end = JobEnd(
+            finish_reason=reason,
+            text=slot.text.full,
+            generated_tokens=len(slot.generated),
+            prompt_tokens=len(job.prompt),
+            reused_tokens=slot.reused,
+            queued_s=slot.t_admit - job.t_submit,
+            time_to_first_token_s=(slot.t_first or now) - slot.t_admit,
+            total_s=now - slot.t_admit,
+            error=error,
+            context_used=len(slot.cached),
+        )
+        self._free_sampler(slot)
+        slot.job, slot.next_token, slot.batch_index = None, None, None
+        job.end = end
+        job._emit(end)
+
+    def _reject(self, job: Job, reason: JobFinish) -> None:
+        job.end = JobEnd(reason, "", 0, len(job.prompt), 0, time.perf_counter() - job.t_submit, 0.0, 0.0)
+        job._emit(job.end)
+
+    def _drop_cache(self, slot: _Slot) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
+        slot.cached = []
+
+    def _make_sampler(self, job: Job) -> Any:
+        lib, s = self.lib, job.sampling
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            lib.llama_sampler_chain_add(chain, sampler)
+
+        if job.grammar is not None:
+            grammar = lib.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                raise SelfhostError("llama.cpp could not compile the grammar")
+            add(grammar)
+        if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
+            add(
+                lib.llama_sampler_init_penalties(
+                    64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+                )
+            )
+        if s.temperature <= 0:
+            add(lib.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            add(lib.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            add(lib.llama_sampler_init_min_p(s.min_p, 1))
+        add(lib.llama_sampler_init_temp(s.temperature))
+        add(lib.llama_sampler_init_dist(s.seed if s.seed is not None else lib.LLAMA_DEFAULT_SEED))
+        return chain
+
+    def _free_sampler(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            self.lib.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+
+def _step_atomically(step: Any) -> None:
+    """Run one step with Ctrl-C held back until it ends, so slots never describe a half-done decode."""
+    if threading.current_thread() is not threading.main_thread():
+        step()
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        step()
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def token_piece(lib: Any, vocab: Any, token: int) -> bytes:
+    """The bytes a token stands for (special tokens render as text too)."""
+    buf = ctypes.create_string_buffer(64)
+    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    return buf.raw[:n]
+
+
+def _open_context(lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Any:
+    """A llama.cpp context for `n_seq` sequences sharing one KV cache of `n_ctx` cells."""
+    from selfhost.errors import ModelLoadError
+    from selfhost.llama_backend import capture_logs
+
+    params = lib.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = n_seq
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    params.no_perf = True
+    # One KV stream per slot: a reply's cells never interleave with another's, so a greedy reply is
+    # the same token for token whatever else runs beside it (a unified cache changes float rounding).
+    params.kv_unified = False
+    with capture_logs() as log:
+        ctx = lib.llama_init_from_model(llm.model, params)
+    if not ctx:
+        tail = "".join(log)[-300:].strip().replace("\n", " | ")
+        raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens", hint=tail or None)
+    return ctx

@@ -1,0 +1,165 @@
+"""ChatModel: one loaded GGUF, ready to chat: its template, its tokenizer, its batch engine.
+
+`ChatModel.load()` is the one way every chat surface (REPL, one-shot, server) gets a model: it
+resolves the name, validates the GGUF before llama.cpp sees it, sizes the context from memory,
+loads the weights with explicit settings and reports what llama.cpp did (backend, layers offloaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from selfhost.chat.batch import BatchEngine
+from selfhost.chat.template import ChatTemplate
+from selfhost.errors import UsageError
+from selfhost.gguf_info import GGUFInfo
+
+LOADER_CONTEXT = 64  # llama-cpp-python's own context is unused: generation runs in the batch engine
+
+
+class ModelSummary(BaseModel):
+    """What was loaded and how: the start-up line."""
+
+    name: str
+    path: Path
+    quant: str
+    n_ctx: int  # tokens per slot
+    n_ctx_train: int | None
+    backend: str
+    layers_offloaded: int
+    n_layers: int
+    threads: int
+    raw: bool
+    slots: int = 1
+
+    def line(self) -> str:
+        trained = f" (trained {self.n_ctx_train})" if self.n_ctx_train else ""
+        mode = " · raw completion" if self.raw else ""
+        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
+        context = f"context {self.n_ctx}" + (" per slot" if self.slots > 1 else "")
+        slots = f" · {self.slots} slots" if self.slots > 1 else ""
+        return (
+            f"{self.name} · {self.quant} · {context}{trained}{slots} · {self.backend} · "
+            f"{self.layers_offloaded}/{self.n_layers} layers offloaded · {threads}{mode}"
+        )
+
+
+class ChatModel:
+    """A loaded model: render messages with its template, tokenize, generate through `engine`."""
+
+    def __init__(self, llm: Any, info: GGUFInfo, summary: ModelSummary, engine: BatchEngine) -> None:
+        from selfhost.llama_backend import llama
+
+        self.lib = llama()
+        self.llm = llm
+        self.info = info
+        self.summary = summary
+        self.engine = engine
+        self.vocab = llm._model.vocab
+        self.template = self._make_template() if info.chat_template else None
+
+    @classmethod
+    def load(
+        cls,
+        ref: str | None = None,
+        *,
+        ctx: int | None = None,
+        threads: int | None = None,
+        gpu_layers: int | None = None,
+        raw: bool = False,
+        parallel: int = 1,
+        prefill_chunk: int = 256,
+        max_queue: int | None = None,
+    ) -> ChatModel:
+        """Resolve, validate and load a model. Raises NotFoundError/GGUFError/UsageError/ModelLoadError."""
+        from selfhost import gguf_info
+        from selfhost.chat.context import default_context
+        from selfhost.llama_backend import backend_info, load_model
+        from selfhost.resolve import resolve_model
+
+        resolved = resolve_model(ref)
+        info = gguf_info.inspect(resolved.path)  # before llama.cpp ever touches the file
+        if not raw and not info.chat_template:
+            raise UsageError(
+                f"{resolved.name} has no chat template in its GGUF, so selfhost cannot format a chat for it",
+                hint="use --raw for plain text completion",
+            )
+        if info.chat_template:
+            ChatTemplate(info.chat_template)  # a broken template stops us before the weights load
+        if ctx is not None and ctx < 16:
+            raise UsageError(f"--ctx {ctx} is too small", hint="use at least 16 tokens")
+        if parallel < 1:
+            raise UsageError(f"--parallel {parallel} must be at least 1")
+        n_ctx = ctx or default_context(info, slots=parallel)
+        if gpu_layers is None:
+            gpu_layers = -1 if backend_info().gpu_offload else 0
+        llm, report = load_model(
+            resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads
+        )
+        engine = BatchEngine(
+            llm,
+            slots=parallel,
+            ctx_per_slot=n_ctx,
+            threads=report.n_threads,
+            prefill_chunk=prefill_chunk,
+            max_queue=max_queue,
+        )
+        summary = ModelSummary(
+            name=resolved.name,
+            path=resolved.path,
+            quant=info.quant,
+            n_ctx=n_ctx,
+            n_ctx_train=report.n_ctx_train or info.context_length,
+            backend=report.backend,
+            layers_offloaded=report.layers_offloaded,
+            n_layers=report.n_layers or (info.n_layers or 0),
+            threads=report.n_threads,
+            raw=raw,
+            slots=parallel,
+        )
+        return cls(llm, info, summary, engine)
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    def _make_template(self) -> ChatTemplate:
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        return ChatTemplate(
+            self.info.chat_template or "",
+            eos_token=self.llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.llm._model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    @property
+    def n_ctx(self) -> int:
+        return self.summary.n_ctx
+
+    # ------------------------------------------------------------- the prompt
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        raw: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Prompt text: the chat template over role/content dicts, or their plain concatenation (raw)."""
+        if raw or self.template is None:
+            system = [m["content"] for m in messages if m["role"] == "system"]
+            head = f"{system[0]}\n\n" if system else ""
+            return head + "".join(m["content"] or "" for m in messages if m["role"] != "system")
+        return self.template.render(messages, tools=tools)
+
+    def tokenize_prompt(self, text: str, *, raw: bool = False) -> list[int]:
+        """Tokens of a rendered prompt. A chat template writes BOS itself; raw text gets the model's BOS."""
+        data = text.encode("utf-8")
+        if raw or self.template is None:
+            add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+            return self.llm.tokenize(data, add_bos=add_bos, special=False)
+        return self.llm.tokenize(data, add_bos=False, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))

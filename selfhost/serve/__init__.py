@@ -1,0 +1,1 @@
+"""`selfhost serve`: the OpenAI-compatible server."""

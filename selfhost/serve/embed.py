@@ -1,0 +1,96 @@
+"""Pooled, L2-normalised embeddings from a llama.cpp model (the chat model or a second one).
+
+A context of its own with embeddings on: the model's pooling when its GGUF names one (embedding
+models do), mean pooling otherwise. One input at a time, each checked against the context first.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+from selfhost.errors import ModelLoadError, UsageError
+
+
+class Embedder:
+    def __init__(self, llm: Any, name: str, *, n_ctx: int, threads: int) -> None:
+        from selfhost.llama_backend import llama
+
+        self.lib = llama()
+        self.llm, self.name = llm, name
+        self.vocab = llm._model.vocab
+        self.n_embd = self.lib.llama_model_n_embd(llm.model)
+        self.n_ctx, self.threads = n_ctx, threads
+        self.ctx: Any = None  # made on first use: a chat server that never embeds pays nothing
+        self._lock = threading.Lock()
+
+    def _open(self) -> None:
+        from selfhost.llama_backend import capture_logs
+
+        lib = self.lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.threads
+        params.embeddings = True
+        params.no_perf = True
+        pooling = _model_pooling(self.llm)
+        params.pooling_type = pooling if pooling > 0 else lib.LLAMA_POOLING_TYPE_MEAN
+        with capture_logs() as log:
+            ctx = lib.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise ModelLoadError("llama.cpp could not create an embedding context", hint="".join(log)[-300:])
+        self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
+        self.ctx = ctx
+
+    def tokens(self, text: str) -> list[int]:
+        add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """One pooled vector (unit length). Raises UsageError if the text does not fit the context."""
+        if not tokens:
+            raise UsageError("an input is empty")
+        if len(tokens) > self.n_ctx:
+            raise UsageError(f"an input is {len(tokens)} tokens; the embedding context holds {self.n_ctx}")
+        lib = self.lib
+        with self._lock:
+            if self.ctx is None:
+                self._open()
+            lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+            b = self.batch
+            for i, token in enumerate(tokens):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, i, 1, True
+                b.seq_id[i][0] = 0
+            b.n_tokens = len(tokens)
+            if lib.llama_model_has_encoder(self.llm.model) and not lib.llama_model_has_decoder(
+                self.llm.model
+            ):
+                rc = lib.llama_encode(self.ctx, b)
+            else:
+                rc = lib.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise ModelLoadError(f"llama.cpp could not compute the embedding (code {rc})")
+            pointer = lib.llama_get_embeddings_seq(self.ctx, 0)
+            vector = [float(pointer[i]) for i in range(self.n_embd)]
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+
+def _model_pooling(llm: Any) -> int:
+    """The pooling type a GGUF declares (`{arch}.pooling_type`), or -1."""
+    metadata = getattr(llm, "metadata", {}) or {}
+    for key, value in metadata.items():
+        if key.endswith(".pooling_type"):
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return -1
