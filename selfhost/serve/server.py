@@ -73,12 +73,14 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
 
     from selfhost.chat.history import HistoryStore
     from selfhost.chat.model import ChatModel
+    from selfhost.resolve import resolve_model
     from selfhost.serve.app import create_app
     from selfhost.serve.service import Service
 
+    resolve_model(options.model)  # an unknown model is one clear line before anything is bound
+    parallel = options.parallel or default_slots(options.model)
     sock = bind(options.host, options.port)
     port = sock.getsockname()[1]
-    parallel = options.parallel or default_slots(options.model)
     if options.log:
         history = HistoryStore()
         history.schema_version()  # a broken history database stops us before the model loads

@@ -1,0 +1,85 @@
+"""Pieces of `selfhost serve` that need no running server: tool-call parsing, tool templates, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from selfhost.chat.template import ChatTemplate
+from selfhost.serve.schemas import FunctionDef, Tool
+from selfhost.serve.service import ToolPlan, _tool_calls
+from tests.servehelp import REPO
+
+HERMES = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+)
+
+
+def test_auto_mode_reads_hermes_tool_call_blocks() -> None:
+    plan = ToolPlan("auto", [Tool(function=FunctionDef(name="get_weather"))])
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    calls = _tool_calls(plan, text)
+    assert calls is not None and len(calls) == 1
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert _tool_calls(plan, "No tools needed: it is sunny.") is None
+    assert _tool_calls(plan, "<tool_call>{not json}</tool_call>") is None
+    two = _tool_calls(plan, '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b", "arguments": {}}')
+    assert [c["function"]["name"] for c in two] == ["a", "b"]  # the last block may be cut at max_tokens
+
+
+def test_named_and_required_modes_take_the_whole_reply() -> None:
+    named = _tool_calls(ToolPlan("named", forced_name="f"), ' {"x": 1} ')
+    assert named[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    required = _tool_calls(ToolPlan("required"), '{"name": "g", "arguments": {"y": 2}}')
+    assert required[0]["function"]["name"] == "g" and json.loads(required[0]["function"]["arguments"]) == {
+        "y": 2
+    }
+    assert _tool_calls(ToolPlan("required"), '{"name": "g", "argu') is None  # cut short: no call invented
+
+
+def test_templates_that_know_tools_render_them() -> None:
+    template = ChatTemplate(HERMES)
+    assert template.supports_tools
+    tools = [Tool(function=FunctionDef(name="get_weather")).model_dump()]
+    prompt = template.render([{"role": "user", "content": "hi"}], tools=tools)
+    assert prompt.startswith("<tools>get_weather;</tools>") and prompt.endswith("<|assistant|>")
+    assert not ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}").supports_tools
+
+
+def test_busy_port_is_one_clear_line_and_open_host_warns(tiny_gguf) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "selfhost",
+                "serve",
+                str(tiny_gguf),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2  # a usage error
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    warned = subprocess.run(
+        [sys.executable, "-m", "selfhost", "serve", "no-such-model-x", "--host", "0.0.0.0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "without --api-key" in warned.stderr and warned.returncode != 0
+    assert "Traceback" not in warned.stderr
