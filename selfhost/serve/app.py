@@ -35,6 +35,7 @@ def create_app(
     api_key: str | None = None,
     max_body: int = 8 * 2**20,
     embedder: Embedder | None = None,
+    shutdown_grace: float = 8.0,
 ) -> FastAPI:
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
@@ -59,12 +60,12 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         planned = await run_in_threadpool(service.plan_chat, req)
-        return await _respond(service, planned, req.stream, req.include_usage())
+        return await _respond(service, planned, req.stream, req.include_usage(), shutdown_grace)
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest) -> Any:
         planned = await run_in_threadpool(service.plan_text, req)
-        return await _respond(service, planned, req.stream, req.include_usage())
+        return await _respond(service, planned, req.stream, req.include_usage(), shutdown_grace)
 
     @app.post("/v1/embeddings", dependencies=[auth])
     async def embeddings(req: EmbeddingRequest) -> Any:
@@ -76,13 +77,17 @@ def create_app(
 
 
 # ------------------------------------------------------------------ responses
-async def _respond(service: Service, planned: Planned, stream: bool, include_usage: bool) -> Any:
+async def _respond(
+    service: Service, planned: Planned, stream: bool, include_usage: bool, grace: float
+) -> Any:
     try:
         job = service.model.engine.submit(planned.prepared.job)
     except QueueFullError as exc:
         raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
     if stream:
-        return EventSourceResponse(_events(service, planned, job, include_usage), ping=15, sep="\n")
+        # on SIGINT/SIGTERM a reply in flight gets `grace` seconds to finish, then it is cancelled
+        events = _events(service, planned, job, include_usage)
+        return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=grace)
     end: JobEnd | None = None
     try:
         async for chunk in job.achunks():

@@ -104,6 +104,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
             api_key=options.api_key,
             max_body=options.max_body,
             embedder=embedder,
+            shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
         on_ready(model.summary.line(), f"http://{shown}:{port}/v1")
