@@ -70,7 +70,8 @@ def print_curves(run_dir: Path, png: bool = True) -> None:
     width = min(console.width, 100) if console.is_terminal else 80
     try:
         for name, series in panels.items():
-            console.print(Text.from_ansi(plots.terminal_curve(series, width=width, y_label=name)))
+            if max(len(s.x) for s in series) > 1:  # one epoch's accuracy is a number, not a curve
+                console.print(Text.from_ansi(plots.terminal_curve(series, width=width, y_label=name)))
     except DependencyError as exc:
         console.print(f"no curves: {exc}", markup=False, style="dim")
         return
