@@ -113,20 +113,21 @@ def quality_png(rows: Sequence[Any], path: Path, title: str = "") -> Path:
     """`selfhost compare`: perplexity increase (%) and tokens/s against file size, one point per model."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
-    sizes = [r.size / 1e9 for r in rows]
+    unit, scale = ("GB", 1e9) if max(r.size for r in rows) >= 1e9 else ("MB", 1e6)
+    sizes = [r.size / scale for r in rows]
     ref = next((r for r in rows if r.reference), rows[0])
     increase = [100 * (r.ppl - ref.ppl) / ref.ppl for r in rows]
     left.plot(sizes, increase, "o-", color="tab:red")
     for r, x, y in zip(rows, sizes, increase, strict=True):
         left.annotate(f"{r.quant}\n{r.ppl:.3f}", (x, y), textcoords="offset points", xytext=(5, 5),
                       fontsize=8)
-    left.set_xlabel("file size (GB)")
+    left.set_xlabel(f"file size ({unit})")
     left.set_ylabel(f"perplexity increase over {ref.quant} (%)")
     right.plot(sizes, [r.gen_tok_s for r in rows], "o-", color="tab:blue", label="generation tok/s")
     right.plot(sizes, [r.prompt_tok_s for r in rows], "s--", color="tab:green", label="prompt tok/s")
     for r, x, y in zip(rows, sizes, [r.gen_tok_s for r in rows], strict=True):
         right.annotate(r.quant, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    right.set_xlabel("file size (GB)")
+    right.set_xlabel(f"file size ({unit})")
     right.set_ylabel("tokens/s")
     right.legend(fontsize=8)
     for ax in (left, right):

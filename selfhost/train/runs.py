@@ -157,8 +157,10 @@ class _Recorder:
         self.info: dict[str, Any] = {}
         self.base_elapsed = 0.0
         self.t0 = time.perf_counter()
-        self.steps_per_epoch = 1
-        self.batch_size = 0
+        # MNIST only: steps per epoch, batch size, and where the last logged step left off
+        self.steps_per_epoch, self.batch_size = 1, 0
+        self.last_step, self.last_time = 0, time.perf_counter()
+        self.last_sum: tuple[int, int, float] = (0, 0, 0.0)  # epoch, step within it, summed loss
 
     def elapsed(self) -> float:
         return round(self.base_elapsed + time.perf_counter() - self.t0, 3)
@@ -216,7 +218,8 @@ class _Recorder:
             est = ev.estimate
             self.begin(ev.run_dir, "gpt", ev.start_iter, lambda r: r.get("step", 0) <= ev.start_iter, {
                 "device": ev.device, "device_name": getattr(est, "device_name", None), "dtype": ev.dtype,
-                "world_size": ev.world_size, "config": ev.config.model_dump(mode="json"),
+                "world_size": ev.world_size, "threads": getattr(ev, "threads", None),
+                "config": ev.config.model_dump(mode="json"),
                 "tokens": ev.n_tokens, "tokenizer": ev.tokenizer, "vocab_size": ev.vocab_size,
                 "params": getattr(est, "n_params", None), "max_steps": ev.config.max_iters,
             })  # fmt: skip
@@ -242,9 +245,8 @@ class _Recorder:
         if isinstance(ev, m.Started):
             self.steps_per_epoch = ev.steps_per_epoch
             self.batch_size = getattr(ev, "batch_size", 0) or ev.n_train // max(1, ev.steps_per_epoch)
-            self.last_step, self.last_time = ev.start_epoch * ev.steps_per_epoch, time.perf_counter()
-            self.last_sum: tuple[int, int, float] = (0, 0, 0.0)  # epoch, step in it, summed loss
             start = ev.start_epoch * ev.steps_per_epoch
+            self.last_step, self.last_time = start, time.perf_counter()
             self.begin(ev.out, "mnist", start, lambda r: r.get("epoch", 0) <= ev.start_epoch, {
                 "device": ev.device, "threads": ev.threads, "n_train": ev.n_train, "n_test": ev.n_test,
                 "params": ev.parameters, "max_steps": ev.epochs * ev.steps_per_epoch,
