@@ -285,3 +285,25 @@ def test_compare_plot(runner, tmp_path: Path) -> None:  # noqa: ANN001
     report = json.loads(result.output)
     assert [r["quant"] for r in report["rows"]] == ["F32", "Q8_0"]
     png_is_sane(png, min_size=(900, 300))
+
+
+def test_missing_optional_packages_are_one_line_errors(runner, text_file: Path, isolated_home: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    run_dir = isolated_home / "runs" / "handmade"
+    run_dir.mkdir(parents=True)
+    rows = [{"kind": "train", "step": s, "loss": 3.0 - s / 10, "elapsed_s": s} for s in range(1, 6)]
+    (run_dir / runs.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setitem(sys.modules, "plotille", None)  # as if the plot extra were not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    shown = runner.invoke(app, ["train", "runs", "show", "handmade"])
+    assert shown.exit_code == 0 and "no curves: plotille is not installed" in shown.output, shown.output
+    png = str(isolated_home / "x.png")
+    plotted = runner.invoke(app, ["train", "runs", "show", "handmade", "--plot", png])
+    assert plotted.exit_code == 1 and plotted.output.startswith("error: matplotlib is not installed")
+    assert "selfhost[plot]" in plotted.output and len(plotted.output.strip().splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    args = ["train", "gpt", "-d", str(text_file), "--tensorboard", "--no-export", *TINY_FLAGS]
+    tb = runner.invoke(app, args)
+    assert tb.exit_code == 1 and tb.output.strip() == (
+        "error: TensorBoard is not installed (pip install 'selfhost[tensorboard]')")
+    assert not (isolated_home / "runs" / "text-gpt").exists()  # refused before anything was written
