@@ -17,7 +17,18 @@ from typing import Any
 import typer
 
 from selfhost import __version__
-from selfhost.cli import chat, history, info, models, pull, quantize, serve, train_gpt, train_mnist
+from selfhost.cli import (
+    chat,
+    history,
+    info,
+    models,
+    pull,
+    quantize,
+    serve,
+    train_gpt,
+    train_mnist,
+    train_runs,
+)
 from selfhost.cli.console import err_console
 from selfhost.errors import SelfhostError
 
@@ -104,6 +115,7 @@ history.register(app)
 info.register(app)
 train_gpt.register(app, train_app)
 train_mnist.register(app, train_app)
+train_runs.register(app, train_app)
 app.add_typer(train_app, name="train")
 _guard(app)
 

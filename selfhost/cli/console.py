@@ -1,8 +1,27 @@
-"""Shared Rich consoles. Rich honours NO_COLOR and non-terminal output by itself."""
+"""Shared Rich consoles. Rich honours NO_COLOR and non-terminal output by itself.
+
+Piped or redirected output is never cut to the terminal's width: Rich would otherwise size it
+from the terminal on stdin (or COLUMNS) and truncate table cells ("99.…"). Off a terminal the
+consoles are PIPE_WIDTH columns wide; tables and text only take the width their content needs.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import TextIO
+
 from rich.console import Console
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+PIPE_WIDTH = 1000
+
+
+def _width(stream: TextIO) -> int | None:
+    """None (Rich's own choice) on a terminal; a width that cuts nothing otherwise."""
+    try:
+        return None if stream.isatty() else PIPE_WIDTH
+    except (AttributeError, ValueError):  # closed or replaced stream
+        return PIPE_WIDTH
+
+
+console = Console(highlight=False, width=_width(sys.stdout))
+err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))

@@ -100,18 +100,36 @@ def compare(
     window: Annotated[int, typer.Option("--window", help="Tokens per perplexity window.")] = 256,
     chunks: Annotated[int, typer.Option("--chunks", help="Windows to score at most.")] = 8,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads (default: all cores).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw perplexity increase and tok/s vs size (PNG).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Quality report: size, bits per weight, perplexity (and its increase) and tokens/s per model."""
     from selfhost.quantize.compare import compare as run_compare
     from selfhost.quantize.perplexity import read_text
 
+    if plot is not None:
+        from selfhost import plots
+
+        plots.pyplot()  # a missing matplotlib fails now, not after the slow part
     content = read_text(text)
     report = _with_eval_progress(
         lambda on_event: run_compare(
             models, content, window=window, chunks=chunks, threads=threads, on_event=on_event
         )
     )
+    if plot is not None:
+        title = f"perplexity on {text.name} ({report.n_scored} tokens scored)"
+        plots.quality_png(report.rows, plot, title=title)
+    if as_json:
+        import sys
+
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+        return
     _print_report(report)
+    if plot is not None:
+        console.print(f"plot: {plot}", markup=False)
 
 
 # -- rendering -----------------------------------------------------------------------------

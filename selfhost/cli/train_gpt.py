@@ -81,8 +81,13 @@ def gpt(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also write TensorBoard event files (run/tensorboard).")
+    ] = False,
 ) -> None:
-    """Train a GPT (GPT-2 architecture) on your text; torchrun runs it on several GPUs/processes."""
+    """Train a GPT (GPT-2 architecture) on your text; torchrun runs it on several GPUs/processes.
+
+    Metrics go to <run>/metrics.jsonl as training goes; `selfhost train runs` shows them."""
     from selfhost import paths
     from selfhost.train.gpt import require_torch
     from selfhost.train.gpt.config import build_config, check_name
@@ -101,7 +106,12 @@ def gpt(
     if estimate:
         _print_estimate(trainer.estimate_run(req), cfg, None)
         return
-    done = _render(trainer.train(req))
+    from selfhost.cli.train_runs import print_curves
+    from selfhost.train import runs
+
+    done = _render(runs.record(trainer.train(req), tensorboard=tensorboard, data=data))
+    if done is not None:
+        print_curves(run_dir)
     if done is not None and export and trainer.dist_from_env().is_master:
         if done.best is not None and done.best_val_loss is not None and done.best_val_loss < done.val_loss:
             console.print(f"exporting the best weights: val loss {done.best_val_loss:.4f}", markup=False)
@@ -173,6 +183,9 @@ def _export(
 
     kind = export_type.lower()
     path, record = export_checkpoint(ckpt, name, dtype=kind, dest=output, register=register)  # type: ignore[arg-type]
+    from selfhost.train.runs import note_export
+
+    note_export(ckpt if ckpt.is_dir() else ckpt.parent, record.name if record else None, path)
     size = human_bytes(path.stat().st_size)
     console.print(f"exported {path} ({size}, {kind.upper()})", markup=False)
     if record is not None:

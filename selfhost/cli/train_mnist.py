@@ -151,8 +151,15 @@ def train_mnist(
     test_limit: Annotated[
         int | None, typer.Option(min=1, help="Test on the first N test images only.")
     ] = None,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also write TensorBoard event files (run/tensorboard).")
+    ] = False,
 ) -> None:
-    """Train the MNIST digit classifier (a small CNN: ~99.4% test accuracy in about a minute on a CPU)."""
+    """Train the MNIST digit classifier (a small CNN: ~99.4% test accuracy in about a minute on a CPU).
+
+    Metrics go to <run>/metrics.jsonl as training goes; `selfhost train runs` shows them."""
+    from selfhost.cli.train_runs import print_curves
+    from selfhost.train import runs
     from selfhost.train.mnist.train import TrainConfig, train
 
     config = TrainConfig(
@@ -168,9 +175,12 @@ def train_mnist(
         train_limit=limit,
         test_limit=test_limit,
     )
-    done = _render_training(train(config))
+    settings = {k: v for k, v in vars(config).items() if k not in ("out", "data", "resume")}
+    events = runs.record(train(config), tensorboard=tensorboard, data=data, config=settings)
+    done = _render_training(events)
     if done is None:
         return
+    print_curves(done.model_path.parent)
     console.print(_confusion_table(done.confusion, "confusion matrix on the test set (rows: true digit)"))
     console.print(
         f"test accuracy [bold]{_percent(done.test_accuracy)}[/] after {done.epochs} epochs "
@@ -210,18 +220,40 @@ def evaluate(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     limit: Annotated[int | None, typer.Option(min=1, help="Test on the first N test images only.")] = None,
+    errors: Annotated[
+        Path | None, typer.Option("--errors", help="Write a PNG grid of misclassified test digits.")
+    ] = None,
+    max_errors: Annotated[int, typer.Option(min=1, help="Digits in the --errors grid at most.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Re-measure a saved model's accuracy on the MNIST test set."""
     from selfhost.train.mnist.predict import EvalReport, evaluate_saved
 
+    if errors is not None:
+        from selfhost import plots
+
+        plots.pyplot()  # a missing matplotlib fails now, not after the evaluation
     report = None
     with _Renderer() as view:
-        for event in evaluate_saved(model, data, device, limit):
+        for event in evaluate_saved(model, data, device, limit, max_errors if errors else 0):
             if isinstance(event, EvalReport):
                 report = event
             else:
                 view.handle(event)
     assert report is not None
+    if errors is not None:
+        _errors_png(report, errors)
+    if as_json:
+        import json
+        import sys
+
+        data_out = {"model": str(report.model_path), "accuracy": report.accuracy, "loss": report.loss,
+                    "n": report.n, "confusion": report.confusion,
+                    "errors_png": str(errors) if errors else None,
+                    "errors": [{"index": e.index, "true": e.true, "predicted": e.predicted}
+                               for e in report.errors]}  # fmt: skip
+        sys.stdout.write(json.dumps(data_out, indent=2) + "\n")
+        return
     trained = report.metadata.get("epochs_done", "?")
     console.print(_confusion_table(report.confusion, "confusion matrix (rows: true digit)"))
     console.print(
@@ -229,6 +261,19 @@ def evaluate(
         f"on {report.n:,} images, loss {report.loss:.4f}",
         highlight=False,
     )
+    if errors is not None:
+        console.print(f"misclassified digits: {errors} ({len(report.errors)} shown)", markup=False)
+
+
+def _errors_png(report: Any, path: Path) -> None:
+    from selfhost import plots
+
+    wrong = report.n - sum(report.confusion[i][i] for i in range(10))
+    shown = len(report.errors)
+    title = f"{wrong} of {report.n:,} test digits misclassified"
+    title += f" (first {shown})" if shown < wrong else ""
+    plots.digits_png([e.image for e in report.errors], [e.predicted for e in report.errors],
+                     [e.true for e in report.errors], path, title=title)  # fmt: skip
 
 
 def register(app: typer.Typer, train: typer.Typer) -> None:

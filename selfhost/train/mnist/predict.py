@@ -8,7 +8,7 @@ in the centre; white ink on black, whatever the input's polarity.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,6 +106,14 @@ def predict(images: list[Path], model_path: Path | None = None, device: str = "c
 
 
 @dataclass
+class Misclassified:
+    index: int  # position in the test set
+    true: int
+    predicted: int
+    image: np.ndarray  # (28, 28) uint8, white ink on black
+
+
+@dataclass
 class EvalReport:
     model_path: Path
     accuracy: float
@@ -113,12 +121,18 @@ class EvalReport:
     n: int
     confusion: list[list[int]]
     metadata: dict[str, str]
+    errors: list[Misclassified] = field(default_factory=list)  # the first `max_errors` mistakes
 
 
 def evaluate_saved(
-    model_path: Path | None = None, data: Path | None = None, device: str = "auto", limit: int | None = None
+    model_path: Path | None = None,
+    data: Path | None = None,
+    device: str = "auto",
+    limit: int | None = None,
+    max_errors: int = 0,
 ) -> Iterator[object]:
-    """Re-measure a saved model on the MNIST test set; yields download events, then an EvalReport."""
+    """Re-measure a saved model on the MNIST test set; yields download events, then an EvalReport
+    (with up to `max_errors` misclassified test images)."""
     from selfhost.train.mnist.download import download_mnist
     from selfhost.train.mnist.train import default_model, evaluate, load_model, load_tensors, pick_device
 
@@ -128,4 +142,12 @@ def evaluate_saved(
     data_dir = Path(data) if data else (yield from download_mnist())
     tensors = load_tensors(data_dir, dev, train_limit=0, test_limit=limit)
     result = evaluate(model, tensors.test_x, tensors.test_y)
-    yield EvalReport(path, result.accuracy, result.loss, len(tensors.test_x), result.confusion, metadata)
+    errors = []
+    if max_errors > 0 and result.predicted is not None:
+        labels = tensors.test_y.cpu()
+        wrong = (result.predicted != labels).nonzero().flatten()[:max_errors].tolist()
+        images = tensors.test_x.cpu().numpy()
+        errors = [Misclassified(i, int(labels[i]), int(result.predicted[i]), images[i]) for i in wrong]
+    yield EvalReport(
+        path, result.accuracy, result.loss, len(tensors.test_x), result.confusion, metadata, errors
+    )

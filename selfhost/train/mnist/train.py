@@ -74,6 +74,7 @@ class Started:
     steps_per_epoch: int
     parameters: int
     out: Path
+    batch_size: int = 0  # images per step
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Step:
     step: int  # 1-based, within the epoch
     steps: int
     loss: float  # mean over the epoch so far
+    lr: float | None = None  # learning rate of the step just taken
 
 
 @dataclass
@@ -193,6 +195,7 @@ class EvalResult:
     loss: float
     accuracy: float
     confusion: list[list[int]] = field(default_factory=list)
+    predicted: torch.Tensor | None = None  # (N,) predicted digits, on the CPU
 
 
 @torch.no_grad()
@@ -208,7 +211,7 @@ def evaluate(model: Net, images: torch.Tensor, labels: torch.Tensor, batch_size:
     confusion = torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10).cpu()
     n = max(len(images), 1)
     correct = int((predicted == labels).sum())
-    return EvalResult(total_loss / n, correct / n, confusion.tolist())
+    return EvalResult(total_loss / n, correct / n, confusion.tolist(), predicted.cpu())
 
 
 def save_model(model: Net, path: Path, metadata: dict[str, str]) -> None:
@@ -337,6 +340,7 @@ def train(config: TrainConfig) -> Iterator[Event]:
         steps,
         sum(p.numel() for p in model.parameters()),
         out,
+        batch,
     )
     began = time.perf_counter()
     result = EvalResult(float("nan"), 0.0)
@@ -364,7 +368,7 @@ def train(config: TrainConfig) -> Iterator[Event]:
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             if (step + 1) % report_every == 0 or step + 1 == steps:
-                yield Step(epoch, step + 1, steps, float(loss_sum) / (step + 1))
+                yield Step(epoch, step + 1, steps, float(loss_sum) / (step + 1), schedule.get_last_lr()[0])
         train_seconds = time.perf_counter() - epoch_start
         result = evaluate(model, data.test_x, data.test_y)
         epoch_seconds = time.perf_counter() - epoch_start
