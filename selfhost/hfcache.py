@@ -84,7 +84,9 @@ def find(repo: str, tag: str | None, root: Path | None = None) -> CachedGGUF | N
     Raises NotFoundError when the choice is ambiguous (several files, no quant given)."""
     mine = [c for c in scan(root) if c.repo == repo]
     if tag:
-        mine = [c for c in mine if tag in (c.file, PurePosixPath(c.file).name) or (c.quant or "") == tag.upper()]
+        mine = [
+            c for c in mine if tag in (c.file, PurePosixPath(c.file).name) or (c.quant or "") == tag.upper()
+        ]
     if len(mine) > 1:
         raise NotFoundError(
             f"several GGUF files of {repo} in the Hugging Face cache: {', '.join(c.name for c in mine)}",

@@ -173,7 +173,8 @@ def _from_hub(
     split = hub.split_info(file)
     if split is not None and split[0] != 1:
         raise UsageError(
-            f"{file} is part {split[0]} of a split GGUF", hint=f"name its first part: {hub.split_part_names(file)[0]}"
+            f"{file} is part {split[0]} of a split GGUF",
+            hint=f"name its first part: {hub.split_part_names(file)[0]}",
         )
     names = hub.split_parts(listing.files, file, target.repo) if split else [file]
     remotes = [listing.files[n] for n in names]
@@ -185,10 +186,11 @@ def _from_hub(
     pointers = [layout.pointer(listing.commit, n) for n in names]
     cached = [bool(r.etag and layout.blob(r.etag).exists()) for r in remotes]
     if dry_run:
-        yield DryRun(
-            target.name, target.repo, listing.commit,
-            [PlannedFile(n, r.size, c, 0 if c else _partial(layout, r)) for n, r, c in zip(names, remotes, cached)],
-        )  # fmt: skip
+        planned = [
+            PlannedFile(n, r.size, c, 0 if c else _partial(layout, r))
+            for n, r, c in zip(names, remotes, cached, strict=True)
+        ]
+        yield DryRun(target.name, target.repo, listing.commit, planned)
         return
 
     shipped = _embedded_match(target, remote) if split is None else None
@@ -210,18 +212,21 @@ def _from_hub(
         yield Pulled(known, downloaded=False)
         return
 
-    need = sum(max((r.size or 0) - _partial(layout, r), 0) for r, c in zip(remotes, cached) if not c)
+    missing = [r for r, c in zip(remotes, cached, strict=True) if not c]
+    need = sum(max((r.size or 0) - _partial(layout, r), 0) for r in missing)
     if need:
         layout.root.mkdir(parents=True, exist_ok=True)
-        atomic.ensure_free_space(layout.root, need, f"{file}" + (f" and its {len(names) - 1} other parts" if split else ""))
+        atomic.ensure_free_space(
+            layout.root, need, f"{file}" + (f" and its {len(names) - 1} other parts" if split else "")
+        )
     from huggingface_hub import hf_hub_url
 
     digests = []
-    for name, part in zip(names, remotes):  # each part is resumable and sha256-verified on its own
+    for name, part in zip(names, remotes, strict=True):  # each part: resumable, sha256-verified
         url = hf_hub_url(target.repo, name, revision=listing.commit, endpoint=hub.endpoint())
         digests.append((yield from download.fetch_blob(url, layout, part, retries=retries)))
     # linked only once every part is verified: a snapshot never shows half a split model
-    for part, pointer in zip(remotes, pointers):
+    for part, pointer in zip(remotes, pointers, strict=True):
         layout.link(layout.blob(part.etag or ""), pointer)
     layout.write_ref(target.revision, listing.commit)
     # sha256 == the Hub's, so the bytes are the publisher's; the header check still refuses a non-GGUF.
@@ -272,7 +277,12 @@ def _from_cache_or_embedded(
         size = sum(p.stat().st_size for p in pointers)
         yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant)
         if dry_run:
-            yield DryRun(name, target.repo, commit, [PlannedFile(n, p.stat().st_size, True) for n, p in zip(names, pointers)])
+            yield DryRun(
+                name,
+                target.repo,
+                commit,
+                [PlannedFile(n, p.stat().st_size, True) for n, p in zip(names, pointers, strict=True)],
+            )
             return
         digests = [_verify_cached(p) for p in pointers]
         record = ModelRecord(

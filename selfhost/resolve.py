@@ -131,10 +131,14 @@ def _with_entry(resolved: ResolvedModel, alias: str | None, repo: str | None = N
     entry = registry.get(alias) if alias else None
     if entry is None or (repo is not None and entry.repo != repo):
         # pulled as owner/repo[:QUANT]: the entry for that repo still knows its kind
-        alias, entry = next(((a, e) for a, e in registry.models.items() if repo and e.repo == repo), (None, None))
+        alias, entry = next(
+            ((a, e) for a, e in registry.models.items() if repo and e.repo == repo), (None, None)
+        )
     if entry is None:
         return resolved
-    return resolved.model_copy(update={"alias": alias, "kind": entry.kind, "min_llama_cpp": entry.min_llama_cpp})
+    return resolved.model_copy(
+        update={"alias": alias, "kind": entry.kind, "min_llama_cpp": entry.min_llama_cpp}
+    )
 
 
 def _locate(ref: str, store: Store) -> ResolvedModel:

@@ -26,7 +26,9 @@ FAST = ["--threads", "1"]
 
 def register_as(name: str, path: Path, repo: str | None = None) -> ModelRecord:
     """A store record for `name` backed by a real (tiny) GGUF: the registry's metadata is what is tested."""
-    record = ModelRecord(name=name, path=path, size=path.stat().st_size, sha256=None, source="local", repo=repo)
+    record = ModelRecord(
+        name=name, path=path, size=path.stat().st_size, sha256=None, source="local", repo=repo
+    )
     return Store().add(record)
 
 
@@ -41,7 +43,9 @@ def test_every_entry_validates_against_the_strict_schema():
         assert entry.license not in ("other", "unknown"), alias
     kinds = {e.kind for e in shipped.values()}
     assert kinds == {"chat", "embedding", "base"}
-    assert shipped["smollm2-135m"].embedded and [a for a, e in shipped.items() if e.embedded] == ["smollm2-135m"]
+    assert shipped["smollm2-135m"].embedded and [a for a, e in shipped.items() if e.embedded] == [
+        "smollm2-135m"
+    ]
     big = [a for a, e in shipped.items() if 8 <= (e.size_gb[e.default_quant]) <= 22]
     assert len(big) >= 6 and "qwen3-30b-a3b" in big  # the RTX 4090 tier, with an MoE
 
@@ -70,7 +74,7 @@ def _entry(**overrides: object) -> dict:
         ('license = "other"', "says nothing"),
         ('kind = "vision"', "field 'kind'"),
         ('min_llama_cpp = "new"', "field 'min_llama_cpp'"),
-        ('size_gb = { Q4_0 = 1.0 }', "size_gb names quants without a file"),
+        ("size_gb = { Q4_0 = 1.0 }", "size_gb names quants without a file"),
         ('embedded = true\nkind = "embedding"', "only a chat model"),
         ('revision = "main branch"', "field 'revision'"),
     ],
@@ -197,7 +201,9 @@ def test_available_filters_by_kind_and_fit():
     assert laptop and all(r.fit == "ram" and r.need <= 3 * 10**9 for r in laptop)
     assert "smollm2-135m" in {r.alias for r in laptop} and "qwen3-8b" not in {r.alias for r in laptop}
 
-    rtx4090 = available_models(fits=True, budget=MemoryBudget(ram=16 * 10**9, vram=24 * 10**9, gpu="RTX 4090"))
+    rtx4090 = available_models(
+        fits=True, budget=MemoryBudget(ram=16 * 10**9, vram=24 * 10**9, gpu="RTX 4090")
+    )
     by_alias = {r.alias: r for r in rtx4090}
     assert by_alias["qwen3-30b-a3b"].fit == "gpu" and by_alias["qwen3-32b"].fit == "gpu"
     assert bytes_needed(10**9) == int(1.1e9) + 500_000_000

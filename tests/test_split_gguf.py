@@ -29,7 +29,7 @@ FAST = ["--threads", "1"]
 
 @functools.cache
 def split_parts() -> dict[str, bytes]:
-    """name -> bytes of a tiny random llama written as a 3-part split GGUF (22 tensors, 8 per part)."""
+    """name -> bytes of a tiny random llama written as a 3-part split GGUF (21 tensors, 8 per part)."""
     from tests.tinygguf import write_tiny_llama
 
     folder = Path(tempfile.mkdtemp())
@@ -179,7 +179,9 @@ def test_quantize_a_split_input_writes_one_file(split_hub, runner):
     out = resolve_model("tinysplit:Q8_0")
     assert out.parts == [] and not hub.is_split(out.path.name)
     info = gguf_info.inspect(out.path)
-    assert info.quant == "Q8_0" and info.n_tensors == 22  # every part's tensors, in one file
+    per_part = [gguf_info.inspect(p).n_tensors for p in resolve_model("tinysplit:F32").parts]
+    assert per_part == [8, 8, 5]
+    assert info.quant == "Q8_0" and info.n_tensors == sum(per_part)  # every part's tensors, in one file
 
 
 # -- GGUFs already in the Hugging Face cache ----------------------------------------------------------
