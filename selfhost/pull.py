@@ -358,27 +358,56 @@ def _register_embedded(target: _Target, shipped: Path, store: Store, sha: str | 
 def _import_local(src: Path, *, dry_run: bool, store: Store) -> Iterator[Event]:
     if not src.is_file():
         raise NotFoundError(f"no such file: {src}")
+    sources = _local_parts(src)
     info = gguf_info.inspect(src)
+    for part in sources[1:]:
+        gguf_info.check_header(part)
     quant = info.quant
-    base = re.sub(r"[^\w.-]+", "-", src.stem)
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", src.stem)
+    base = re.sub(r"[^\w.-]+", "-", stem)
     base = re.sub(rf"[-_.]{re.escape(quant)}$", "", base, flags=re.IGNORECASE) or base
     name = f"{base}:{quant}"
-    dest = paths.models_dir() / f"{base}-{quant}.gguf"
-    size = src.stat().st_size
-    yield Resolved(name, None, None, None, src.name, size, quant)
+    first = f"{base}-{quant}-00001-of-{len(sources):05d}.gguf" if len(sources) > 1 else f"{base}-{quant}.gguf"
+    dests = [paths.models_dir() / n for n in hub.split_part_names(first)]
+    sizes = [p.stat().st_size for p in sources]
+    yield Resolved(name, None, None, None, src.name, sum(sizes), quant)
     if dry_run:
-        yield DryRun(name, None, None, [PlannedFile(src.name, size, cached=dest.exists())])
+        planned = [
+            PlannedFile(p.name, n, cached=d.exists()) for p, n, d in zip(sources, sizes, dests, strict=True)
+        ]
+        yield DryRun(name, None, None, planned)
         return
-    if dest.exists() and dest.resolve() == src.resolve():
-        digest = sha256_file(dest)
-    else:
-        atomic.ensure_free_space(dest.parent, size, f"importing {src.name}")
-        digest = yield from _copy_hashing(src, dest, size)
+    same = [d.exists() and d.resolve() == p.resolve() for p, d in zip(sources, dests, strict=True)]
+    need = sum(size for size, in_place in zip(sizes, same, strict=True) if not in_place)
+    atomic.ensure_free_space(dests[0].parent, need, f"importing {src.name}")
+    digests = []
+    for part, dest, size, in_place in zip(sources, dests, sizes, same, strict=True):
+        digests.append(sha256_file(dest) if in_place else (yield from _copy_hashing(part, dest, size)))
     record = ModelRecord(
-        name=name, path=dest, size=size, sha256=digest, source="local", file=src.name, quant=quant
-    )
+        name=name, path=dests[0], size=sum(sizes), sha256=digests[0], source="local", file=src.name,
+        quant=quant, parts=dests if len(dests) > 1 else [],
+    )  # fmt: skip
     store.add(record)
     yield Pulled(record, downloaded=False)
+
+
+def _local_parts(src: Path) -> list[Path]:
+    """[src], or every part of the split GGUF whose first part is `src` (all must be beside it)."""
+    split = hub.split_info(src.name)
+    if split is None:
+        return [src]
+    if split[0] != 1:
+        first = hub.split_part_names(src.name)[0]
+        raise UsageError(
+            f"{src.name} is part {split[0]} of a split GGUF", hint=f"import its first part: {first}"
+        )
+    parts = [src.with_name(n) for n in hub.split_part_names(src.name)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise NotFoundError(
+            f"{src.name} is the first of {len(parts)} parts; missing beside it: {', '.join(missing)}"
+        )
+    return parts
 
 
 def _copy_hashing(src: Path, dest: Path, size: int) -> Iterator[Progress]:

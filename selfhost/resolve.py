@@ -79,6 +79,11 @@ def check_usable(resolved: ResolvedModel, purpose: Purpose = "chat") -> None:
             f"({missing[0].name})",
             hint=f"pull it again: `selfhost pull {resolved.name}`",
         )
+    if resolved.parts:
+        from selfhost import gguf_info
+
+        for part in resolved.parts[1:]:  # the caller validates the first; llama.cpp reads them all
+            gguf_info.inspect(part)
     if resolved.min_llama_cpp:
         have = llama_cpp_version()
         if have is not None and _version_tuple(have) < _version_tuple(resolved.min_llama_cpp):

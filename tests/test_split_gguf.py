@@ -230,3 +230,38 @@ def test_incomplete_cached_split_is_not_listed(fake_hub):  # noqa: F811
     assert hfcache.scan() == []
     with pytest.raises(NotFoundError, match="unknown model"):
         resolve_model(f"{REPO}:F32")
+
+
+def test_importing_a_local_split_copies_every_part_and_rm_removes_them(tmp_path, runner):
+    for name, data in split_parts().items():
+        (tmp_path / name).write_bytes(data)
+    record = next(e for e in pull(str(tmp_path / NAMES[0])) if isinstance(e, Pulled)).record
+    assert record.name == "tiny:F32" and record.source == "local"
+    assert [p.name for p in record.parts] == [f"tiny-F32-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert all(p.parent == paths.models_dir() for p in record.parts)
+    assert [p.read_bytes() for p in record.parts] == list(split_parts().values())
+    assert resolve_model("tiny").parts == record.parts
+
+    for bad, expected in ((NAMES[1], "is part 2 of a split GGUF"), (NAMES[0], "missing beside it")):
+        if expected == "missing beside it":
+            (tmp_path / NAMES[2]).unlink()
+        result = runner.invoke(app, ["pull", str(tmp_path / bad)])
+        assert result.exit_code != 0 and expected in one_error_line(result)
+
+    assert runner.invoke(app, ["models", "rm", "tiny:F32", "--yes"]).exit_code == 0
+    assert list(paths.models_dir().iterdir()) == [] and Store().list() == []
+
+
+def test_metadata_only_first_part_loads_and_a_truncated_part_is_refused_before_llama_cpp(tmp_path, runner):
+    from tests.tinygguf import write_tiny_llama
+
+    first = write_tiny_llama(tmp_path / "meta-F32.gguf", split_max_tensors=8, small_first_shard=True)
+    assert first.name == "meta-F32-00001-of-00004.gguf"
+    ok = runner.invoke(app, ["chat", str(first), "-p", "hi", "-n", "2", "--json", "--no-log", *FAST])
+    assert ok.exit_code == 0, ok.output
+
+    second = first.with_name("meta-F32-00002-of-00004.gguf")
+    second.write_bytes(second.read_bytes()[:-100])
+    bad = runner.invoke(app, ["chat", str(first), "-p", "hi", *FAST])
+    assert bad.exit_code != 0
+    assert "meta-F32-00002-of-00004.gguf is truncated" in one_error_line(bad)
