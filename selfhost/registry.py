@@ -34,6 +34,7 @@ class RegistryEntry(BaseModel):
     revision_note: str | None = None  # why the revision is not (yet) a pinned commit
     files: dict[str, str]  # quant -> file name in the repo (first part of a split GGUF)
     size_gb: dict[str, float] = {}  # quant -> approximate download size (all parts), GB
+    sha256: dict[str, str] = {}  # quant -> the file's sha256: pins content even while revision is "main"
     default_quant: str
     context_length: int = Field(gt=0)
     license: str = Field(pattern=r"^[a-z0-9][a-z0-9.+-]*$")
@@ -70,9 +71,13 @@ class RegistryEntry(BaseModel):
     def _default_quant_exists(self) -> RegistryEntry:
         if self.default_quant not in self.files:
             raise ValueError(f"default_quant {self.default_quant!r} is not one of {sorted(self.files)}")
-        unknown = sorted(set(self.size_gb) - set(self.files))
-        if unknown:
-            raise ValueError(f"size_gb names quants without a file: {unknown}")
+        for table in ("size_gb", "sha256"):
+            unknown = sorted(set(getattr(self, table)) - set(self.files))
+            if unknown:
+                raise ValueError(f"{table} names quants without a file: {unknown}")
+        bad = [q for q, digest in self.sha256.items() if not re.fullmatch(r"[0-9a-f]{64}", digest)]
+        if bad:
+            raise ValueError(f"sha256 of {bad} is not 64 lower-case hex digits")
         if self.embedded and self.kind != "chat":
             raise ValueError("only a chat model can be the embedded default")
         return self

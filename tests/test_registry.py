@@ -17,7 +17,7 @@ def test_shipped_registry_is_valid_and_consistent():
         for quant, file in entry.files.items():
             # every file name carries the quant it is listed under (catches copy-paste slips)
             assert hub.quant_of(file) == quant, (alias, quant, file)
-            assert not hub.is_split(file)
+            assert (hub.split_info(file) or (1, 1))[0] == 1  # a split GGUF is named by its first part
             hub.safe_filename(file)
     for alias in ("smollm2-135m", "qwen3-0.6b", "llama-3.2-1b", "gemma-3-270m", "qwen3-30b-a3b"):
         assert alias in registry.models

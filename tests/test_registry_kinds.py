@@ -3,6 +3,7 @@ models, `models list --available --kind/--fits`, and the maintainer's dry-run sc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -247,3 +248,46 @@ def test_check_registry_script_dry_runs_every_entry(fake_hub):  # noqa: F811
     assert "FAIL" in ghost and "tiny-Q8_0.gguf is not in" in ghost
     assert "1 of 2 failed" in done.stdout
     assert fake_hub.bytes_served == 0  # dry runs only
+
+
+# -- content pins (sha256) -------------------------------------------------------------------------------
+def test_a_reupload_on_the_hub_does_not_turn_the_embedded_copy_into_a_download(fake_hub, smollm2_gguf):  # noqa: F811
+    from selfhost.pull import Pulled, pull
+
+    entry = load_registry().get("smollm2-135m")
+    assert entry.sha256["Q4_1"] == hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
+    fake_hub.add_file(entry.repo, entry.files["Q4_1"], gguf_bytes("f32"))  # "re-uploaded": other bytes
+    record = next(e for e in pull("smollm2-135m") if isinstance(e, Pulled)).record
+    assert record.source == "embedded" and record.path == smollm2_gguf
+    assert record.sha256 == entry.sha256["Q4_1"] and fake_hub.bytes_served == 0
+
+
+def test_a_hub_file_that_differs_from_the_pinned_sha256_is_refused(fake_hub, runner):  # noqa: F811
+    from selfhost.pull import DryRun, Notice, Pulled, pull
+
+    data = gguf_bytes("f32")
+    fake_hub.add_file("test/pinned-GGUF", "p-F32.gguf", data)
+    body = (
+        '[models.{alias}]\nrepo = "test/pinned-GGUF"\ndefault_quant = "F32"\ncontext_length = 128\n'
+        'license = "mit"\ndescription = "x"\nfiles = {{ F32 = "p-F32.gguf" }}\nsha256 = {{ F32 = "{sha}" }}\n'
+    )
+    good = hashlib.sha256(data).hexdigest()
+    paths.user_registry().write_text(
+        body.format(alias="moved", sha="0" * 64) + body.format(alias="kept", sha=good)
+    )
+    result = runner.invoke(app, ["pull", "moved"])
+    assert result.exit_code != 0
+    line = one_error_line(result)
+    assert (
+        "is not the file moved:F32 pins" in line
+        and "re-uploaded" in line
+        and "test/pinned-GGUF:p-F32.gguf" in line
+    )
+    assert Store().list() == [] and fake_hub.bytes_served == 0
+    events = list(pull("moved", dry_run=True))  # a dry run says so without failing
+    assert any(isinstance(e, Notice) and "pins" in e.message for e in events)
+    assert any(isinstance(e, DryRun) for e in events)
+    assert next(e for e in pull("kept") if isinstance(e, Pulled)).record.sha256 == good
+    with pytest.raises(RegistryError, match="64 lower-case hex"):
+        paths.user_registry().write_text(body.format(alias="bad", sha="abc"))
+        load_registry()
