@@ -40,6 +40,7 @@ class Resolved:
     file: str
     size: int | None
     quant: str | None
+    parts: int = 1  # files of a split GGUF (`file` is the first)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,9 @@ def _from_hub(
     remotes = [listing.files[n] for n in names]
     sizes = [r.size for r in remotes]
     total = sum(s for s in sizes if s is not None) if None not in sizes else None
-    yield Resolved(target.name, target.repo, target.revision, listing.commit, file, total, target.quant)
+    yield Resolved(
+        target.name, target.repo, target.revision, listing.commit, file, total, target.quant, len(names)
+    )
 
     layout = hub.CacheLayout.for_repo(target.repo)
     pointers = [layout.pointer(listing.commit, n) for n in names]
@@ -282,7 +285,7 @@ def _from_cache_or_embedded(
         names = hub.split_parts(layout.cached_files(commit or ""), file or "", target.repo)
         pointers = [layout.pointer(commit or "", n) for n in names]
         size = sum(p.stat().st_size for p in pointers)
-        yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant)
+        yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant, len(names))
         if dry_run:
             yield DryRun(
                 name,
@@ -397,7 +400,7 @@ def _import_local(src: Path, *, dry_run: bool, store: Store) -> Iterator[Event]:
     first = f"{base}-{quant}-00001-of-{len(sources):05d}.gguf" if len(sources) > 1 else f"{base}-{quant}.gguf"
     dests = [paths.models_dir() / n for n in hub.split_part_names(first)]
     sizes = [p.stat().st_size for p in sources]
-    yield Resolved(name, None, None, None, src.name, sum(sizes), quant)
+    yield Resolved(name, None, None, None, src.name, sum(sizes), quant, len(sources))
     if dry_run:
         planned = [
             PlannedFile(p.name, n, cached=d.exists()) for p, n, d in zip(sources, sizes, dests, strict=True)

@@ -123,10 +123,13 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
     assert Store().list() == []
 
 
-def test_dry_run_lists_every_part(split_hub):
+def test_dry_run_lists_every_part(split_hub, runner):
     plan = next(e for e in run("tinysplit", dry_run=True) if isinstance(e, DryRun))
     assert [f.file for f in plan.files] == NAMES
     assert plan.to_download == sum(len(d) for d in split_parts().values())
+    result = runner.invoke(app, ["pull", "tinysplit", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"{NAMES[0]} and 2 more parts" in result.output and all(n in result.output for n in NAMES)
     assert split_hub.bytes_served == 0
 
 

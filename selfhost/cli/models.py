@@ -113,11 +113,17 @@ def _list_available(records: list, kind: str | None, fits: bool, as_json: bool) 
         quants = " ".join(q + ("*" if q == e.default_quant else "") for q in e.files)
         table.add_row(
             r.alias, e.kind, e.params or "", quants, human_bytes(r.size) if r.size else "?",
-            f"{e.context_length:,}", e.license, r.fit, "yes" if r.pulled else "", e.description,
+            f"{e.context_length:,}", e.license, r.fit, "yes" if r.pulled else "", _good_for(e.description),
         )  # fmt: skip
     console.print(table)
     if not rows:
         console.print("no entry matches", markup=False, style="dim")
+
+
+def _good_for(description: str) -> str:
+    """'Qwen3 0.6B: thinking and ...' -> 'thinking and ...' (the alias column already names the model)."""
+    head, sep, rest = description.partition(": ")
+    return rest if sep and len(head) < 60 else description
 
 
 def disk_use(records: list) -> int:
