@@ -10,6 +10,7 @@ on disk, and refuse early what the caller cannot use.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,10 +18,10 @@ from pydantic import BaseModel
 
 from selfhost.embedded import DEFAULT_MODEL, embedded_path, embedded_quant
 from selfhost.errors import DependencyError, NotFoundError, UsageError
+from selfhost.registry import Kind
 from selfhost.store import ModelRecord, Store, split_name
 
 Purpose = Literal["chat", "embedding", "load", "inspect"]
-Kind = Literal["chat", "embedding", "base"]
 # llama.cpp architectures that only embed (no text generation)
 EMBEDDING_ARCHITECTURES = frozenset(
     {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert",
@@ -33,7 +34,7 @@ class ResolvedModel(BaseModel):
     path: Path  # the file llama.cpp opens (the first part of a split GGUF)
     record: ModelRecord | None = None
     alias: str | None = None  # the registry entry behind it, if any
-    kind: Kind | None = None  # from the registry, else guessed from the GGUF architecture by check_usable
+    kind: Kind | None = None  # from the registry entry; `model_kind()` also reads the GGUF
     min_llama_cpp: str | None = None
     parts: list[Path] = []  # a split GGUF: every part in order; empty for one file
 
@@ -91,10 +92,14 @@ def check_usable(resolved: ResolvedModel, purpose: Purpose = "chat") -> None:
                 f"{resolved.name} needs llama-cpp-python >= {resolved.min_llama_cpp} (installed: {have})",
                 hint=f"pip install -U 'llama-cpp-python>={resolved.min_llama_cpp}'",
             )
-    if purpose == "chat":
-        kind = resolved.kind or _guess_kind(resolved.path)
-        if kind == "embedding":
-            _refuse_embedding(resolved.name)
+    if purpose == "chat" and model_kind(resolved) == "embedding":
+        _refuse_embedding(resolved.name)
+
+
+def model_kind(resolved: ResolvedModel) -> Kind | None:
+    """chat | embedding | base from the registry entry; else "embedding" for an encoder-only GGUF
+    architecture (bert, nomic-bert, ...); None when unknown (a decoder without a registry entry)."""
+    return resolved.kind or _guess_kind(resolved.path)
 
 
 def llama_cpp_version() -> str | None:
@@ -108,12 +113,15 @@ def llama_cpp_version() -> str | None:
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
+    """'0.3.16' -> (0, 3, 16); '0.3.17rc1' -> (0, 3, 17)."""
     numbers = []
     for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             break
-        numbers.append(int(digits))
+        numbers.append(int(digits.group()))
+        if digits.end() < len(piece):
+            break
     return tuple(numbers)
 
 

@@ -17,7 +17,7 @@ from selfhost.catalog import MemoryBudget, available_models, bytes_needed
 from selfhost.cli.app import app
 from selfhost.errors import DependencyError, RegistryError, UsageError
 from selfhost.registry import COMMIT_PATTERN, RegistryEntry, load_registry, parse_registry_file
-from selfhost.resolve import llama_cpp_version, resolve_model
+from selfhost.resolve import _version_tuple, llama_cpp_version, model_kind, resolve_model
 from selfhost.store import ModelRecord, Store
 from tests.test_pull import fake_hub, gguf_bytes, one_error_line  # noqa: F401 - fixture
 
@@ -162,7 +162,7 @@ def test_a_gguf_with_an_encoder_architecture_is_refused_by_chat_without_a_regist
     writer.close()
     with pytest.raises(UsageError, match="embedding model"):
         resolve_model(str(path))
-    assert resolve_model(str(path), purpose="inspect").path == path
+    assert model_kind(resolve_model(str(path), purpose="inspect")) == "embedding"  # what serve asks
 
 
 # -- min_llama_cpp --------------------------------------------------------------------------------------
@@ -190,6 +190,13 @@ def test_a_model_needing_a_newer_llama_cpp_is_refused_with_the_version(tiny_gguf
     assert "needs llama-cpp-python >= 99.1" in line and "pip install -U" in line
     ok = runner.invoke(app, ["chat", "today", "-p", "hi", "-n", "2", "--no-log", *FAST])
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"), [("0.3.16", (0, 3, 16)), ("0.3.17rc1", (0, 3, 17)), ("0.3.36+cu124", (0, 3, 36))]
+)
+def test_version_parsing(text, parsed):
+    assert _version_tuple(text) == parsed
 
 
 # -- models list --available --kind / --fits -------------------------------------------------------------
