@@ -59,7 +59,10 @@ def scan(root: Path | None = None) -> list[CachedGGUF]:
         if repo is None:
             continue
         for snap in _preferred_commits(folder):
-            present = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.gguf") if p.is_file())
+            try:
+                present = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.gguf") if p.is_file())
+            except OSError:  # unreadable or vanishing while we look: not usable anyway
+                continue
             for file in present:
                 split = hub.split_info(file)
                 if PurePosixPath(file).name.lower().startswith("mmproj") or (split and split[0] != 1):

@@ -3,7 +3,8 @@
 - `parse_spec` turns `alias`, `alias:Q5_K_M`, `owner/repo[:quant]` or a `.gguf` path into a `Spec`.
 - `fetch_listing` asks the Hub (huggingface-hub's `model_info` with file metadata) for a repo's files,
   sizes and LFS sha256, and maps Hub errors to one-line selfhost errors.
-- `pick_gguf` chooses the GGUF for a quant and lists the choices when that is ambiguous or missing.
+- `pick_gguf` chooses the GGUF for a quant (a split GGUF by its first part; `split_parts` names the rest)
+  and lists the choices when that is ambiguous or missing.
 - `CacheLayout` is huggingface-hub's cache layout (blobs/ + snapshots/<commit>/ + refs/), so a file
   fetched by `hf download` is found here and vice versa.
 

