@@ -60,6 +60,12 @@ def split_hub(fake_hub: FakeHub) -> FakeHub:  # noqa: F811 - the fixture importe
     return fake_hub
 
 
+def _write(data: bytes) -> Path:
+    path = Path(tempfile.mkdtemp()) / "single-F32.gguf"
+    path.write_bytes(data)
+    return path
+
+
 def run(name: str, **kwargs) -> list:
     return list(pull(name, **kwargs))
 
@@ -113,6 +119,17 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
 
     listed = runner.invoke(app, ["models", "list"])
     assert "3 parts" in listed.output and "tinysplit:F32" in listed.output
+    from selfhost.atomic import human_bytes
+
+    assert f"1 model(s), {human_bytes(record.size)} on disk" in listed.output  # every part counted
+    shown = json.loads(runner.invoke(app, ["models", "show", "tinysplit", "--json"]).stdout)
+    from tests.test_pull import gguf_bytes
+
+    single = json.loads(
+        runner.invoke(app, ["models", "show", str(_write(gguf_bytes("f32"))), "--json"]).stdout
+    )
+    assert shown["parts"] == 3 and shown["size"] == record.size
+    assert shown["parameters"] == single["parameters"]  # all parts' tensors: the same model as one file
 
     # rm removes every part: snapshot links and blobs
     removed = runner.invoke(app, ["models", "rm", "tinysplit", "--yes"])

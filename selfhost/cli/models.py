@@ -130,11 +130,11 @@ def disk_use(records: list) -> int:
     """Bytes of the distinct files behind the records (a blob shared by two names counts once)."""
     seen: dict[Path, int] = {}
     for r in records:
-        path = Path(r.path)
-        try:
-            seen[path.resolve()] = path.stat().st_size
-        except OSError:
-            continue
+        for path in map(Path, r.parts or [r.path]):  # every part of a split GGUF
+            try:
+                seen[path.resolve()] = path.stat().st_size
+            except OSError:
+                continue
     return sum(seen.values())
 
 
@@ -174,16 +174,20 @@ def show_command(
             registry_context_length=entry.context_length, quants=sorted(entry.files), kind=entry.kind,
             min_llama_cpp=entry.min_llama_cpp,
         )  # fmt: skip
-    if resolved.parts:
+    n_params, size = info.n_params, info.size
+    if resolved.parts:  # a split GGUF: the metadata is in the first part, the tensors in all of them
+        rest = [gguf_info.inspect(p) for p in resolved.parts[1:]]
+        n_params += sum(r.n_params for r in rest)
+        size += sum(r.size for r in rest)
         data.update(parts=len(resolved.parts))
     data.update(
         architecture=info.architecture,
-        parameters=info.n_params,
+        parameters=n_params,
         context_length=info.context_length,
         layers=info.n_layers,
         quant=info.quant,
-        bits_per_weight=round(info.bits_per_weight, 2),
-        size=info.size,
+        bits_per_weight=round(size * 8 / n_params, 2) if n_params else 0.0,
+        size=size,
         chat_template=info.chat_template is not None,
         tokenizer=info.tokenizer_model,
         vocab_size=info.vocab_size,
@@ -192,8 +196,8 @@ def show_command(
         print(json.dumps(data, indent=2))
         return
     pretty = dict(data)
-    pretty["parameters"] = _count(info.n_params)
-    pretty["size"] = human_bytes(info.size)
+    pretty["parameters"] = _count(n_params)
+    pretty["size"] = human_bytes(size)
     pretty["chat_template"] = (
         "yes" if info.chat_template else "no (llama.cpp would fall back to a generic format)"
     )
