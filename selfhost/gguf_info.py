@@ -88,7 +88,7 @@ def inspect(path: Path) -> GGUFInfo:
     except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
         raise GGUFError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
 
-    if not tensors:
+    if not tensors and int(fields.get("split.count") or 0) < 2:  # a split's first part may be metadata only
         raise GGUFError(f"{path} holds no tensors")
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 

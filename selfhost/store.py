@@ -36,6 +36,7 @@ class ModelRecord(BaseModel):
     file: str | None = None  # file name inside the repo
     quant: str | None = None
     parent: str | None = None  # model this one was derived from (quantize, train export)
+    parts: list[Path] = []  # a split GGUF: every part in order (parts[0] == path); empty for one file
     pulled_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -141,6 +142,8 @@ class Store:
             link_shared = any(Path(r.path) == Path(record.path) for r in data.models)
         if delete_file and record.source != "embedded" and not link_shared:
             _delete_model_file(record, keep_blob=blob_shared)
+            for part in record.parts[1:]:  # the other parts of a split GGUF go with the first
+                _delete_model_file(record.model_copy(update={"path": part}), keep_blob=blob_shared)
         return record
 
 

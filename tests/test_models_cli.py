@@ -58,7 +58,7 @@ def test_list_table_json_and_disk_use(runner, tiny_gguf, f16_gguf):
 def test_list_available_shows_the_registry(runner, smollm2_gguf):
     result = runner.invoke(app, ["models", "list", "--available"])
     assert result.exit_code == 0
-    assert "smollm2-135m" in result.output and "Q4_1*" in result.output and "qwen2.5-0.5b" in result.output
+    assert "smollm2-135m" in result.output and "Q4_1*" in result.output and "qwen3-0.6b" in result.output
     list(pull("smollm2-135m", offline=True))  # registers the embedded copy
     rows = json.loads(runner.invoke(app, ["models", "list", "--available", "--json"]).stdout)
     smol = next(r for r in rows if r["alias"] == "smollm2-135m")

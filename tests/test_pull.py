@@ -245,7 +245,8 @@ def test_private_repo_is_access_denied(fake_hub):
         (["pull", "tiny:Q9_X"], "tiny has no quant Q9_X"),
         (["pull", "ghost"], "tiny-Q8_0.gguf is not in"),
         (["pull", "test/evil-GGUF"], "unsafe file name"),
-        (["pull", "test/split-GGUF"], "split"),
+        (["pull", "test/split-GGUF"], "missing m-Q4_K_M-00002-of-00003.gguf"),
+        (["pull", "test/split-GGUF:m-Q4_K_M-00003-of-00003.gguf"], "part 3 of a split GGUF"),
         (["pull", "test/nothing-here"], "no repo 'test/nothing-here'"),
         (["pull", f"{REPO}:../x.gguf"], "unsafe file name"),
         (["pull", "tiny", "--revision", "nope"], "revision 'nope' not found"),
@@ -254,8 +255,8 @@ def test_private_repo_is_access_denied(fake_hub):
 )
 def test_bad_input_one_line_and_consistent_state(tiny_hub, runner, args, expected):
     tiny_hub.add_file("test/evil-GGUF", "sub/../../evil-Q4_K_M.gguf", gguf_bytes("f32"))
-    tiny_hub.add_file("test/split-GGUF", "m-Q4_K_M-00001-of-00002.gguf", b"GGUF" + b"\0" * 64)
-    tiny_hub.add_file("test/split-GGUF", "m-Q4_K_M-00002-of-00002.gguf", b"\0" * 64)
+    tiny_hub.add_file("test/split-GGUF", "m-Q4_K_M-00001-of-00003.gguf", b"GGUF" + b"\0" * 64)
+    tiny_hub.add_file("test/split-GGUF", "m-Q4_K_M-00003-of-00003.gguf", b"\0" * 64)
     pulled(run("tiny:F32"))
     before = state()
     result = runner.invoke(app, args)

@@ -11,15 +11,15 @@ from selfhost.registry import load_registry
 
 def test_shipped_registry_is_valid_and_consistent():
     registry = load_registry()
-    assert len(registry.models) >= 12
+    assert 20 <= len(registry.models) <= 30
     for alias, entry in registry.models.items():
         assert entry.default_quant in entry.files, alias
         for quant, file in entry.files.items():
             # every file name carries the quant it is listed under (catches copy-paste slips)
             assert hub.quant_of(file) == quant, (alias, quant, file)
-            assert not hub.is_split(file)
+            assert (hub.split_info(file) or (1, 1))[0] == 1  # a split GGUF is named by its first part
             hub.safe_filename(file)
-    for alias in ("smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-3-270m"):
+    for alias in ("smollm2-135m", "qwen3-0.6b", "llama-3.2-1b", "gemma-3-270m", "qwen3-30b-a3b"):
         assert alias in registry.models
 
 
@@ -41,7 +41,7 @@ def test_user_registry_extends_and_overrides():
     assert registry.get("mine").repo == "me/mine-GGUF"
     assert registry.get("smollm2-135m").repo == "me/smol-GGUF"
     assert registry.sources["mine"] == paths.user_registry()
-    assert "qwen2.5-0.5b" in registry.models
+    assert "qwen3-0.6b" in registry.models
 
 
 @pytest.mark.parametrize(

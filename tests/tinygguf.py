@@ -47,8 +47,14 @@ def write_tiny_llama(
     dtype: str = "f32",
     seed: int = 0,
     name: str = "tiny-llama",
+    split_max_tensors: int = 0,
+    small_first_shard: bool = False,
 ) -> Path:
-    """Write a random llama GGUF to `path`. dtype: 'f32' or 'f16'. Returns `path`."""
+    """Write a random llama GGUF to `path`. dtype: 'f32' or 'f16'. Returns `path`.
+
+    With `split_max_tensors`, the gguf package writes a split GGUF like llama.cpp's gguf-split:
+    `<stem>-00001-of-0000N.gguf`, ... beside `path` (each part holds at most that many tensors);
+    the first part's path is returned. `small_first_shard`: the first part holds only the metadata."""
     import gguf
 
     path = Path(path)
@@ -57,7 +63,9 @@ def write_tiny_llama(
     tokens, types = vocabulary()
     n_vocab = len(tokens)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(
+        str(path), "llama", split_max_tensors=split_max_tensors, small_first_shard=small_first_shard
+    )
     w.add_name(name)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -101,4 +109,6 @@ def write_tiny_llama(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     return path

@@ -21,38 +21,33 @@ def register(app: typer.Typer) -> None:
 def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     available: bool = typer.Option(False, "--available", help="List the registry's aliases instead."),
+    kind: str | None = typer.Option(
+        None, "--kind", help="With --available: only chat, embedding or base models."
+    ),
+    fits: bool = typer.Option(
+        False, "--fits", help="With --available: only models that fit the free GPU memory or RAM."
+    ),
 ) -> None:
-    """Models in the local store, with disk use (or, with --available, what `selfhost pull` knows)."""
+    """Models in the local store and GGUFs in the Hugging Face cache (or, with --available, the registry)."""
     from rich.table import Table
 
     from selfhost.atomic import human_bytes
+    from selfhost.errors import UsageError
     from selfhost.store import Store
 
+    if (kind or fits) and not available:
+        raise UsageError("--kind and --fits apply to --available")
+    if kind is not None and kind not in ("chat", "embedding", "base"):
+        raise UsageError(f"bad --kind '{kind}'", hint="use chat, embedding or base")
     records = Store().list()
     if available:
-        from selfhost.registry import load_registry
-
-        registry = load_registry()
-        pulled = {r.base for r in records}
-        if as_json:
-            rows = [
-                {"alias": alias, "pulled": alias in pulled, **entry.model_dump()}
-                for alias, entry in sorted(registry.models.items())
-            ]
-            print(json.dumps(rows, indent=2))
-            return
-        table = Table(title="available models (selfhost pull ALIAS[:QUANT])")
-        for col in ("alias", "quants (* default)", "context", "license", "pulled", "description"):
-            table.add_column(col)
-        for alias, entry in sorted(registry.models.items()):
-            quants = " ".join(q + ("*" if q == entry.default_quant else "") for q in entry.files)
-            table.add_row(
-                alias, quants, f"{entry.context_length:,}", entry.license,
-                "yes" if alias in pulled else "", entry.description,
-            )  # fmt: skip
-        console.print(table)
+        _list_available(records, kind, fits, as_json)  # type: ignore[arg-type]
         return
 
+    from selfhost import hfcache
+
+    registered = {Path(r.path) for r in records}
+    cached = [c for c in hfcache.scan() if c.path not in registered]
     if as_json:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
@@ -67,28 +62,79 @@ def list_command(
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in records:
         missing = "" if Path(r.path).exists() else " (file missing)"
+        parts = f", {len(r.parts)} parts" if r.parts else ""
         table.add_row(
             r.name,
             r.quant or "",
             human_bytes(r.size),
-            r.source + missing,
+            r.source + parts + missing,
             r.pulled_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
     console.print(f"{len(records)} model(s), {human_bytes(disk_use(records))} on disk", markup=False)
-    if not records:
+    if cached:
+        extra = Table(title="GGUF files in the Hugging Face cache (use by name, no copy)")
+        for col in ("name", "file", "size", "commit"):
+            extra.add_column(col, justify="right" if col == "size" else "left")
+        for c in cached:
+            parts = f" ({len(c.parts)} parts)" if c.parts else ""
+            extra.add_row(c.name, c.file + parts, human_bytes(c.size), c.commit[:10])
+        console.print(extra)
+    if not records and not cached:
         console.print("pull one with `selfhost pull smollm2-135m`", markup=False, style="dim")
+
+
+def _list_available(records: list, kind: str | None, fits: bool, as_json: bool) -> None:
+    from rich.table import Table
+
+    from selfhost.atomic import human_bytes
+    from selfhost.catalog import available_models, memory_budget
+
+    budget = memory_budget()
+    rows = available_models(kind=kind, fits=fits, budget=budget, pulled={r.base for r in records})  # type: ignore[arg-type]
+    if as_json:
+        out = [
+            {"alias": r.alias, "pulled": r.pulled, "fit": r.fit, "need_bytes": r.need, **r.entry.model_dump()}
+            for r in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return
+    memory = ", ".join(
+        f"{label} {human_bytes(value)} free"
+        for label, value in ((f"GPU ({budget.gpu})", budget.vram), ("RAM", budget.ram))
+        if value is not None
+    )
+    table = Table(title=f"available models (selfhost pull ALIAS[:QUANT]) · {memory or 'free memory unknown'}")
+    for col in ("alias", "kind", "params", "quants (* default)", "size", "context", "licence", "fits",
+                "pulled", "good for"):  # fmt: skip
+        table.add_column(col, justify="right" if col in ("size", "context") else "left")
+    for r in rows:
+        e = r.entry
+        quants = " ".join(q + ("*" if q == e.default_quant else "") for q in e.files)
+        table.add_row(
+            r.alias, e.kind, e.params or "", quants, human_bytes(r.size) if r.size else "?",
+            f"{e.context_length:,}", e.license, r.fit, "yes" if r.pulled else "", _good_for(e.description),
+        )  # fmt: skip
+    console.print(table)
+    if not rows:
+        console.print("no entry matches", markup=False, style="dim")
+
+
+def _good_for(description: str) -> str:
+    """'Qwen3 0.6B: thinking and ...' -> 'thinking and ...' (the alias column already names the model)."""
+    head, sep, rest = description.partition(": ")
+    return rest if sep and len(head) < 60 else description
 
 
 def disk_use(records: list) -> int:
     """Bytes of the distinct files behind the records (a blob shared by two names counts once)."""
     seen: dict[Path, int] = {}
     for r in records:
-        path = Path(r.path)
-        try:
-            seen[path.resolve()] = path.stat().st_size
-        except OSError:
-            continue
+        for path in map(Path, r.parts or [r.path]):  # every part of a split GGUF
+            try:
+                seen[path.resolve()] = path.stat().st_size
+            except OSError:
+                continue
     return sum(seen.values())
 
 
@@ -106,7 +152,7 @@ def show_command(
     from selfhost.resolve import resolve_model
     from selfhost.store import Store, split_name
 
-    resolved = resolve_model(name)
+    resolved = resolve_model(name, purpose="inspect")
     record = resolved.record
     if record is not None and record.sha256 is None:
         record = Store().ensure_sha256(record.name)
@@ -125,16 +171,23 @@ def show_command(
     if entry is not None:
         data.update(
             registry_repo=entry.repo, description=entry.description, license=entry.license,
-            registry_context_length=entry.context_length, quants=sorted(entry.files),
+            registry_context_length=entry.context_length, quants=sorted(entry.files), kind=entry.kind,
+            min_llama_cpp=entry.min_llama_cpp,
         )  # fmt: skip
+    n_params, size = info.n_params, info.size
+    if resolved.parts:  # a split GGUF: the metadata is in the first part, the tensors in all of them
+        rest = [gguf_info.inspect(p) for p in resolved.parts[1:]]
+        n_params += sum(r.n_params for r in rest)
+        size += sum(r.size for r in rest)
+        data.update(parts=len(resolved.parts))
     data.update(
         architecture=info.architecture,
-        parameters=info.n_params,
+        parameters=n_params,
         context_length=info.context_length,
         layers=info.n_layers,
         quant=info.quant,
-        bits_per_weight=round(info.bits_per_weight, 2),
-        size=info.size,
+        bits_per_weight=round(size * 8 / n_params, 2) if n_params else 0.0,
+        size=size,
         chat_template=info.chat_template is not None,
         tokenizer=info.tokenizer_model,
         vocab_size=info.vocab_size,
@@ -143,8 +196,8 @@ def show_command(
         print(json.dumps(data, indent=2))
         return
     pretty = dict(data)
-    pretty["parameters"] = _count(info.n_params)
-    pretty["size"] = human_bytes(info.size)
+    pretty["parameters"] = _count(n_params)
+    pretty["size"] = human_bytes(size)
     pretty["chat_template"] = (
         "yes" if info.chat_template else "no (llama.cpp would fall back to a generic format)"
     )

@@ -61,7 +61,8 @@ def render(events: Iterable[object]) -> None:
                     else event.repo or "local"
                 )
                 size = human_bytes(event.size) if event.size is not None else "size unknown"
-                console.print(f"{event.name}: {event.file} ({size}) from {where}", markup=False)
+                parts = f" and {event.parts - 1} more parts" if event.parts > 1 else ""
+                console.print(f"{event.name}: {event.file}{parts} ({size}) from {where}", markup=False)
             elif isinstance(event, core.Notice):
                 console.print(event.message, markup=False, style="yellow")
             elif isinstance(event, core.Retrying):

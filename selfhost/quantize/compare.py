@@ -67,7 +67,7 @@ def compare(
     if not models:
         raise UsageError("name at least one model to evaluate")
     emit = on_event or (lambda _event: None)
-    resolved = [resolve_model(m) for m in models]
+    resolved = [resolve_model(m, purpose="load") for m in models]
     infos = [gguf_info.inspect(r.path) for r in resolved]  # fail on a bad file before the slow part
 
     rows, results = [], []

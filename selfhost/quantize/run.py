@@ -205,7 +205,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     if options.threads is not None and options.threads < 1:
         raise UsageError("--threads must be at least 1")
 
-    resolved = resolve_model(model)
+    resolved = resolve_model(model, purpose="load")  # a split GGUF: llama.cpp reads every part from the first
     info = gguf_info.inspect(resolved.path)  # full validation before llama.cpp touches the file
     if info.vocab_size is None or not info.tensor_types:
         raise IntegrityError(f"{resolved.path} is not a language model GGUF (no tokenizer)")
@@ -234,7 +234,8 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     if out.exists() and not options.force:
         raise UsageError(f"{out} already exists", hint="pass --force to overwrite it, or --out another path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.ensure_free_space(out.parent, info.size, "the quantized model")
+    input_size = sum(p.stat().st_size for p in resolved.parts) or info.size
+    atomic.ensure_free_space(out.parent, input_size, "the quantized model")
     _check_ram(info)
 
     lib = llama()
