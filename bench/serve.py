@@ -88,6 +88,9 @@ def start(name: str, model: Path, threads: int, ctx: int, parallel: int) -> tupl
             str(ctx),
             "--n_gpu_layers",
             os.environ.get("BENCH_GPU_LAYERS", "0"),
+            # its default cancels the reply in flight when a new request arrives; queue them instead
+            "--interrupt_requests",
+            "False",
         ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -150,7 +150,7 @@ def _embedder(model: object, options: ServeOptions) -> object:
     from selfhost.llama_backend import load_model
     from selfhost.resolve import resolve_model
 
-    resolved = resolve_model(options.embedding_model)
+    resolved = resolve_model(options.embedding_model, purpose="embedding")
     info = gguf_info.inspect(Path(resolved.path))
     llm, report = load_model(
         resolved.path, n_ctx=64, n_gpu_layers=options.gpu_layers or 0, n_threads=options.threads
