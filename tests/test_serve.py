@@ -60,7 +60,8 @@ def client(server: Server):
 def post(server: Server, path: str, body: object, **kw) -> httpx.Response:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     headers = {"Content-Type": "application/json", **server.headers(), **kw.pop("headers", {})}
-    return httpx.post(f"{server.url}{path}", content=data, headers=headers, timeout=120, **kw)
+    kw.setdefault("timeout", 120)
+    return httpx.post(f"{server.url}{path}", content=data, headers=headers, **kw)
 
 
 def ask(client, question: str, max_tokens: int = 40) -> str:
@@ -177,6 +178,16 @@ def test_disconnected_stream_frees_its_slot(server: Server) -> None:
         time.sleep(0.05)
     assert server.health()["slots_busy"] == 0
     assert post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 4}).status_code == 200
+
+
+def test_a_waiting_non_streaming_client_that_hangs_up_frees_its_slot(server: Server) -> None:
+    body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", body, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while server.health()["slots_busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["slots_busy"] == 0
 
 
 def test_full_queue_answers_503_with_retry_after(server: Server) -> None:
@@ -407,7 +418,9 @@ def test_log_writes_served_conversations_to_history(server: Server, client) -> N
     assert found and found[0].messages[-1].role == "assistant" and found[0].system == BRIEF["content"]
 
 
-def test_sigterm_stops_accepting_finishes_and_exits_0(smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_second_embedding_model_then_sigterm_finishes_and_exits_0(
+    smollm2_gguf: Path, tiny_gguf: Path, tmp_path: Path
+) -> None:
     srv = Server(
         smollm2_gguf,
         tmp_path / "home",
@@ -419,7 +432,14 @@ def test_sigterm_stops_accepting_finishes_and_exits_0(smollm2_gguf: Path, tmp_pa
         "1",
         "--max-queue",
         "0",
+        "--embedding-model",
+        str(tiny_gguf),
     )
+    embedded = post(srv, "/v1/embeddings", {"input": ["one", "two"]}).json()
+    assert embedded["model"] == "tiny" and len(embedded["data"]) == 2
+    assert len(embedded["data"][0]["embedding"]) == 64  # the tiny model's width, not SmolLM2's 576
+    ids = [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]
+    assert ids[:2] == ["SmolLM2-135M-Instruct.Q4_1", "tiny"]
     body = {"messages": PARIS, "max_tokens": 16, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()

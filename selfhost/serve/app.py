@@ -7,6 +7,7 @@ error object with a 4xx status -- never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -58,14 +59,14 @@ def create_app(
         return {"object": "list", "data": await run_in_threadpool(_model_list, service, embedder)}
 
     @app.post("/v1/chat/completions", dependencies=[auth])
-    async def chat_completions(req: ChatCompletionRequest) -> Any:
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         planned = await run_in_threadpool(service.plan_chat, req)
-        return await _respond(service, planned, req.stream, req.include_usage(), shutdown_grace)
+        return await _respond(service, planned, request, req.stream, req.include_usage(), shutdown_grace)
 
     @app.post("/v1/completions", dependencies=[auth])
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         planned = await run_in_threadpool(service.plan_text, req)
-        return await _respond(service, planned, req.stream, req.include_usage(), shutdown_grace)
+        return await _respond(service, planned, request, req.stream, req.include_usage(), shutdown_grace)
 
     @app.post("/v1/embeddings", dependencies=[auth])
     async def embeddings(req: EmbeddingRequest) -> Any:
@@ -78,7 +79,7 @@ def create_app(
 
 # ------------------------------------------------------------------ responses
 async def _respond(
-    service: Service, planned: Planned, stream: bool, include_usage: bool, grace: float
+    service: Service, planned: Planned, request: Request, stream: bool, include_usage: bool, grace: float
 ) -> Any:
     try:
         job = service.model.engine.submit(planned.prepared.job)
@@ -89,16 +90,27 @@ async def _respond(
         events = _events(service, planned, job, include_usage)
         return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=grace)
     end: JobEnd | None = None
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         async for chunk in job.achunks():
             if isinstance(chunk, JobEnd):
                 end = chunk
     finally:
-        if end is None:  # the client went away while waiting: free the slot
+        watcher.cancel()
+        if end is None:  # cancelled (shutdown): free the slot
             job.cancel()
     assert end is not None
+    if end.finish_reason == "cancelled" and await request.is_disconnected():
+        return None  # nobody to answer
     result = await run_in_threadpool(service.finish, planned, end)
     return _completion(service, planned, result)
+
+
+async def _cancel_on_disconnect(request: Request, job: Any) -> None:
+    """A non-streaming client that hangs up frees its slot too (checked twice a second)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    job.cancel()
 
 
 def _completion(service: Service, planned: Planned, result: Finished) -> dict[str, Any]:
