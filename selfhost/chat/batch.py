@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,12 +107,7 @@ class Job:
         """Chunks as they come; in inline mode this drives the engine itself."""
         engine = self._engine
         assert engine is not None, "submit the job first"
-        while True:
-            while self._chunks:
-                chunk = self._chunks.popleft()
-                yield chunk
-                if isinstance(chunk, JobEnd):
-                    return
+        while not (yield from self._drain()):
             engine.wait_for(self)
 
     async def achunks(self) -> AsyncIterator[JobChunk]:
@@ -125,8 +120,17 @@ class Job:
                 yield chunk
                 if isinstance(chunk, JobEnd):
                     return
-            await event.wait()
+            await event.wait()  # async generators cannot `yield from`: the loop above mirrors _drain
             event.clear()
+
+    def _drain(self) -> Generator[JobChunk, None, bool]:
+        """Yield the chunks ready now; return True once the last one (JobEnd) went out."""
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            yield chunk
+            if isinstance(chunk, JobEnd):
+                return True
+        return False
 
     def _emit(self, chunk: JobChunk) -> None:
         self._chunks.append(chunk)

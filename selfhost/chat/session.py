@@ -78,17 +78,15 @@ class ChatSession:
         cls,
         ref: str | None = None,
         *,
-        ctx: int | None = None,
-        threads: int | None = None,
-        gpu_layers: int | None = None,
         raw: bool = False,
         sampling: Sampling | None = None,
         system: str | None = None,
         schema: dict[str, Any] | None = None,
         log: ChatLog | None = None,
+        **load_options: Any,
     ) -> ChatSession:
-        """Load a model for one conversation (one slot)."""
-        model = ChatModel.load(ref, ctx=ctx, threads=threads, gpu_layers=gpu_layers, raw=raw)
+        """Load a model for one conversation (one slot); load_options go to ChatModel.load."""
+        model = ChatModel.load(ref, raw=raw, **load_options)
         return cls(model, sampling=sampling, system=system, raw=raw, schema=schema, log=log)
 
     @property
