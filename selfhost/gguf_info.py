@@ -2,7 +2,8 @@
 
 llama.cpp aborts (or worse) on malformed files; every entry point that hands a file to it
 calls `inspect()` first, which checks the magic, version, tensor table and that every
-tensor's data lies inside the file.
+tensor's data lies inside the file, then (gguf_checks) that the model is one llama.cpp can load:
+hyper-parameters, tokenizer and the tensors its architecture needs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from selfhost import gguf_checks
 from selfhost.errors import GGUFError, NotFoundError
 
 GGUF_MAGIC = b"GGUF"
@@ -109,6 +111,10 @@ def inspect(path: Path) -> GGUFInfo:
         type_counts[qtype.name] += 1
         n_params += n_elements
 
+    try:
+        gguf_checks.check_model(fields, tensors)
+    except GGUFError as exc:
+        raise GGUFError(f"{path} would not load: {exc.message}") from exc
     arch = str(fields.get("general.architecture") or "unknown")
     return GGUFInfo(
         path=path,
@@ -197,12 +203,15 @@ def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int],
         fields: dict[str, Any] = {"GGUF.version": version}
         for _ in range(n_kv):
             key = cur.string()
+            if not key or f"{key}#type" in fields:
+                raise GGUFError(f"key '{key}' is empty or appears twice")
             kind = cur.scalar("<I")
+            fields[f"{key}#type"] = kind
             if kind == 8:
                 fields[key] = cur.string()
             elif kind == 9:
                 sub, count = cur.scalar("<I"), cur.scalar("<Q")
-                fields[f"{key}#count"] = count
+                fields[f"{key}#count"], fields[f"{key}#subtype"] = count, sub
                 if sub == 8:
                     cur.skip_strings(count)
                 elif sub in _SCALARS:
@@ -221,7 +230,10 @@ def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int],
                 raise GGUFError(f"tensor '{name}' has {n_dims} dimensions")
             dims = [cur.scalar("<Q") for _ in range(n_dims)]
             tensors.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        alignment = int(fields.get("general.alignment", 32) or 32)
+        alignment = fields.get("general.alignment", 32)
+        if not isinstance(alignment, int) or fields.get("general.alignment#type", 4) != 4:
+            raise GGUFError("general.alignment is not a UINT32")
+        gguf_checks.check_tensor_table(tensors, alignment)
         data_start = -(-cur.pos // alignment) * alignment
     return fields, tensors, data_start
 

