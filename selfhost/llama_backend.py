@@ -131,7 +131,7 @@ def load_model(
     """Load a validated GGUF with llama-cpp-python; return (Llama, LoadReport). Raises ModelLoadError."""
     from selfhost import gguf_info
 
-    gguf_info.check_header(path)
+    gguf_info.inspect(path)  # llama.cpp aborts the process on some bad files: refuse them first
     lib = llama()
     threads = n_threads or default_threads()
     extra: dict[str, Any] = dict(kwargs)

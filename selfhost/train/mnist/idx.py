@@ -63,12 +63,13 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
 MAX_IDX_BYTES = 256 * 1024 * 1024  # decompressed; MNIST's largest file is 47 MB
 
 
-def read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
     """The decompressed content of `path` (gzip is detected by its magic, not by the name).
 
     Never more than `limit` bytes are read or decompressed: a gzip bomb is refused after
     `limit` bytes of output, not after filling the memory."""
     path = Path(path)
+    limit = MAX_IDX_BYTES if limit is None else limit
     with open(path, "rb") as fh:
         magic = fh.read(2)
         fh.seek(0)
