@@ -11,9 +11,10 @@ Each problem is one line: "<key or tensor>: <what is wrong>".
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from selfhost.errors import GGUFError
@@ -53,6 +54,11 @@ REQUIRED_BLOCK: dict[str, tuple[str, ...]] = {
     "gpt2": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"),
 }
 DENSE_OR_MOE = {"llama", "qwen2", "qwen3"}
+_RMS = ("attention.layer_norm_rms_epsilon",)
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "llama": _RMS, "qwen2": _RMS, "qwen3": _RMS, "gemma": _RMS, "gemma2": _RMS, "gemma3": _RMS,
+    "gpt2": ("attention.layer_norm_epsilon",),
+}  # fmt: skip
 REQUIRED_GLOBAL: dict[str, tuple[str, ...]] = {
     "gpt2": ("token_embd", "position_embd", "output_norm"),
 }
@@ -115,11 +121,15 @@ def check_model(fields: dict[str, Any], tensors: list[Tensor]) -> None:
     if n_used > n_expert or (n_expert and not n_used):
         raise fail(f"{arch}.expert_used_count {n_used} does not fit {arch}.expert_count {n_expert}")
     _int(fields, f"{arch}.feed_forward_length", 0, 1 << 24)
+    for key in REQUIRED_KEYS.get(arch, ()):
+        if f"{arch}.{key}" not in fields:
+            raise fail(f"{arch}.{key} is missing")
     heads = _check_heads(fields, arch, n_embd)
     scaling = fields.get(f"{arch}.rope.scaling.type")
     if scaling is not None and scaling not in ROPE_SCALING_TYPES:
         raise fail(f"{arch}.rope.scaling.type '{scaling}' is not one llama.cpp knows")
     n_vocab = _check_tokenizer(fields, arch)
+    _check_template_syntax(fields.get("tokenizer.chat_template"))
     if "split.count" in fields and _int(fields, "split.count", 1, 10_000) != 1:
         return  # one shard of a split model: its tensors are spread over the other files
     _check_tensors(fields, tensors, arch, n_layer, n_embd, n_vocab, heads)
@@ -166,6 +176,71 @@ def _check_types(fields: dict[str, Any], arch: str) -> None:
         kind = fields.get(f"{key}#type")
         if kind is not None and (kind != _ARR or fields.get(f"{key}#subtype") not in element_types):
             raise fail(f"{key} has the wrong GGUF type for llama.cpp")
+
+
+def _check_template_syntax(template: Any) -> None:
+    """llama-cpp-python compiles the chat template while loading (even for raw completion), reading it
+    as a C string: a template that does not parse that way makes the file unloadable. Parsing runs
+    nothing; the environment mirrors llama-cpp-python's (loop controls, {% generation %} tags)."""
+    if template is None:
+        return
+    if not isinstance(template, str):
+        raise fail("tokenizer.chat_template is not text")
+    if "\0" in template:
+        raise fail("tokenizer.chat_template holds a NUL byte")
+    import jinja2
+
+    try:
+        _template_environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise fail(f"tokenizer.chat_template is not a valid Jinja template (line {exc.lineno}: {exc.message})")
+    except RecursionError:
+        raise fail("tokenizer.chat_template nests too deeply to parse") from None
+
+
+@functools.cache
+def _template_environment() -> Any:
+    import jinja2
+    import jinja2.ext
+
+    class GenerationTags(jinja2.ext.Extension):
+        """HuggingFace's {% generation %}...{% endgeneration %}: a pass-through block."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return jinja2.Environment(trim_blocks=True, lstrip_blocks=True,
+                              extensions=[GenerationTags, jinja2.ext.loopcontrols])  # fmt: skip
+
+
+def _in_llama_library(name: str) -> bool:
+    """Whether `name` is one of llama.cpp's own string constants (its pre-tokenizer names are
+    compared as literals in libllama). Unknown names make llama.cpp refuse the file; a fixed list
+    here would refuse the pre-tokenizers of newer llama.cpp builds. True when it cannot tell."""
+    library = _llama_library_bytes()
+    if library is None:
+        return True
+    return name.isascii() and name.isprintable() and (name.encode() + b"\0") in library
+
+
+@functools.cache
+def _llama_library_bytes() -> bytes | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    candidates = sorted(folder.glob("libllama.so*")) + sorted(folder.glob("libllama*.dylib"))
+    candidates += sorted(folder.glob("llama.dll"))
+    files = [c for c in candidates if c.is_file() and not c.is_symlink()] or candidates
+    try:
+        return files[0].read_bytes() if files else None
+    except OSError:
+        return None
 
 
 def _int(fields: dict[str, Any], key: str, low: int, high: int, required: bool = False) -> int | None:
@@ -240,6 +315,16 @@ def _check_tokenizer(fields: dict[str, Any], arch: str) -> int:
     n_vocab = fields.get("tokenizer.ggml.tokens#count")
     if not isinstance(n_vocab, int) or not 1 <= n_vocab < 1 << 31:
         raise fail("tokenizer.ggml.tokens is missing or empty")
+    pre = fields.get("tokenizer.ggml.pre")
+    if isinstance(pre, str) and pre and not _in_llama_library(pre):
+        raise fail(f"tokenizer.ggml.pre '{pre[:60]}' is not a pre-tokenizer this llama.cpp has")
+    kinds = fields.get("tokenizer.ggml.token_type#values", set())
+    allowed = set(range(7 if model == "llama" else 6))  # 6 = BYTE: only SentencePiece's <0xXX> tokens
+    if not kinds <= allowed:
+        raise fail(f"tokenizer.ggml.token_type holds {sorted(kinds - allowed)[0]}, not a token type "
+                   f"for a '{model}' tokenizer")  # fmt: skip
+    if "tokenizer.ggml.tokens#problem" in fields:
+        raise fail(f"tokenizer.ggml.tokens {fields['tokenizer.ggml.tokens#problem']}")
     for key in ("tokenizer.ggml.scores#count", "tokenizer.ggml.token_type#count"):
         if key in fields and fields[key] != n_vocab:
             raise fail(f"{key.split('#')[0]} has {fields[key]} entries for {n_vocab} tokens")
@@ -326,6 +411,8 @@ def _expected_shapes(
         "ffn_norm.weight": [n_embd],
     }
     n_ff = fields.get(f"{arch}.feed_forward_length")
+    if n_ff is None and f"{arch}.feed_forward_length#count" not in fields:
+        n_ff = 0  # what llama.cpp assumes without the key
     if isinstance(n_ff, int):
         shapes.update({"ffn_up.weight": [n_embd, n_ff], "ffn_down.weight": [n_ff, n_embd]})
         if arch != "gpt2":

@@ -8,6 +8,7 @@ hyper-parameters, tokenizer and the tensors its architecture needs.
 
 from __future__ import annotations
 
+import array
 import mmap
 import struct
 from collections import Counter
@@ -189,6 +190,31 @@ class _Cursor:
             raise GGUFError("a string array runs past the end of the file")
         self.pos = pos
 
+    def vocabulary_problem(self, count: int) -> str | None:
+        """Read past a vocabulary of `count` tokens; say what llama.cpp would choke on: a token seen
+        twice (it aborts) or one that is not UTF-8 (llama-cpp-python fails). None when it is sound."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        seen: set[bytes] = set()
+        problem = None
+        for index in range(count):
+            if pos + 8 > size:
+                raise GGUFError("a string array runs past the end of the file")
+            n = unpack(buf, pos)[0]
+            text = buf[pos + 8 : pos + 8 + n]
+            if problem is None:
+                if text in seen:
+                    problem = f"holds {text.decode('utf-8', 'replace')!r} twice"
+                seen.add(text)
+                try:
+                    text.decode("utf-8")
+                except UnicodeDecodeError:
+                    problem = f"token {index} is not UTF-8 text"
+            pos += 8 + n
+        if pos > size:
+            raise GGUFError("a string array runs past the end of the file")
+        self.pos = pos
+        return problem
+
 
 def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
     """Read the key/value table and the tensor table (memory-mapped) without touching tensor data.
@@ -212,8 +238,15 @@ def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int],
             elif kind == 9:
                 sub, count = cur.scalar("<I"), cur.scalar("<Q")
                 fields[f"{key}#count"], fields[f"{key}#subtype"] = count, sub
-                if sub == 8:
+                if sub == 8 and key == "tokenizer.ggml.tokens":
+                    if (problem := cur.vocabulary_problem(count)) is not None:
+                        fields[f"{key}#problem"] = problem
+                elif sub == 8:
                     cur.skip_strings(count)
+                elif key == "tokenizer.ggml.token_type" and sub == 5:  # int32: which kinds occur
+                    kinds = array.array("i")
+                    kinds.frombytes(cur.take(4 * count))
+                    fields[f"{key}#values"] = set(kinds)
                 elif sub in _SCALARS:
                     cur.skip(count * struct.calcsize(_SCALARS[sub]))
                 else:

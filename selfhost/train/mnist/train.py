@@ -252,7 +252,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dic
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise IntegrityError(f"{path} does not match the MNIST network: {str(exc)[:300]}") from None
+        raise IntegrityError(f"{path} does not match the MNIST network: {' '.join(str(exc).split())[:300]}") from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise IntegrityError(f"{path} is damaged: {name} holds NaN or infinite weights")
