@@ -193,7 +193,9 @@ def _check_template_syntax(template: Any) -> None:
     try:
         _template_environment().parse(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise fail(f"tokenizer.chat_template is not a valid Jinja template (line {exc.lineno}: {exc.message})")
+        raise fail(
+            f"tokenizer.chat_template is not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None
     except RecursionError:
         raise fail("tokenizer.chat_template nests too deeply to parse") from None
 

@@ -37,7 +37,8 @@ def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     rng = {**checkpoint.rng_state(), "sampler": np.random.default_rng(0).bit_generator.state, "ranks": []}
     payload = {
-        "model_args": args.to_dict(), "config": {"block_size": 8}, "tokenizer": CharTokenizer(list("ab")).to_json(),
+        "model_args": args.to_dict(), "config": {"block_size": 8},
+        "tokenizer": CharTokenizer(list("ab")).to_json(),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": rng, "iter_num": 3, "best_val_loss": float("inf"), "val_loss": 2.5,
     }  # fmt: skip
@@ -171,7 +172,9 @@ def _png(path: Path, width: int, height: int) -> None:
     row = b"\x00" * (width + 1)
     body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
 
 
 def test_a_huge_image_is_refused_from_its_header(tmp_path: Path) -> None:

@@ -73,7 +73,9 @@ def test_fuzz_corpus_bad_files_refused_the_rest_load_in_llama_cpp(fuzz_corpus: l
     )  # fmt: skip
     lines = proc.stdout.splitlines()
     started = [line.split(" ", 1)[1] for line in lines if line.startswith("start ")]
-    assert proc.returncode == 0, f"llama.cpp died (rc {proc.returncode}) on {started[-1:]}: {proc.stderr[-500:]}"
+    assert proc.returncode == 0, (
+        f"llama.cpp died (rc {proc.returncode}) on {started[-1:]}: {proc.stderr[-500:]}"
+    )
     failed = [line for line in lines if line.startswith("fail ")]
     assert not failed, f"accepted but llama.cpp refused them: {failed}"
     assert sum(line.startswith("ok ") for line in lines) == len(accepted)
@@ -84,8 +86,6 @@ SAMPLE = [
     "block_count=1000 (UINT32)",
     "attention.layer_norm_rms_epsilon=nan (FLOAT32)",
     "attention.head_count=2147483648 (UINT32)",
-    "tokenizer bert",
-    "no blk.1.attn_k",
 ]
 
 
@@ -93,7 +93,7 @@ def test_fuzz_sample_through_the_cli_models_show_pull_and_chat(fuzz_corpus: list
     """The real commands in subprocesses: exit 0 or a one-line error; never a signal, a hang or exit 70;
     and every file `pull` registered loads."""
     by_name = {v.name: v for v in fuzz_corpus}
-    flipped = [v for v in fuzz_corpus if v.bad is None][:3]
+    flipped = [v for v in fuzz_corpus if v.bad is None][:1]
     truncated = [v for v in fuzz_corpus if v.name.startswith("truncated at")][-8]  # in the tensor table
     sample = [by_name[name] for name in SAMPLE] + [truncated] + flipped
     env = {**_env(), "SELFHOST_HOME": os.environ["SELFHOST_HOME"]}
@@ -126,57 +126,50 @@ def test_fuzz_sample_through_the_cli_models_show_pull_and_chat(fuzz_corpus: list
         gguf_info.inspect(record.path)  # and the loader test above shows accepted files load
 
 
-def _rewrite_scalar(src: Path, dest: Path, key: str, fmt: str, value: object) -> None:
-    """Copy SmolLM2's GGUF with one scalar rewritten in place (same type, same size)."""
-    from gguf import GGUFReader
+SMOLLM2_CASES = [  # the issue's reproductions: these aborted llama.cpp (SIGABRT) or crashed selfhost
+    ("llama.block_count", "<I", 0, "block_count is 0"),
+    ("llama.block_count", "<I", 1000, "block_count is 1000"),
+    ("llama.block_count", "<I", 2**31, "block_count is 2147483648"),
+    ("llama.attention.layer_norm_rms_epsilon", "<f", float("nan"), "epsilon is nan"),
+    ("llama.attention.layer_norm_rms_epsilon", "<f", -1.0, "epsilon is -1.0"),
+    ("llama.attention.head_count", "<I", 2**31, "head_count is 2147483648"),
+    ("llama.context_length", "<I", 2**32 - 1, "context_length is 4294967295"),
+    ("llama.context_length", "<I", 2**31 - 1, "context_length is 2147483647"),
+    ("llama.rope.freq_base", "<f", 0.0, "freq_base is 0.0"),
+    ("tokenizer.ggml.model", "<4s", b"bert", "'bert' does not go with architecture 'llama'"),
+    ("tokenizer.ggml.model", "<4s", b"rwkv", "'rwkv' does not go with architecture 'llama'"),
+]
 
-    field = GGUFReader(str(src)).fields[key]
-    at = field.offset + sum(p.nbytes for p in field.parts[:-1])
-    data = bytearray(src.read_bytes())
-    struct.pack_into(fmt, data, at, value)
-    dest.write_bytes(bytes(data))
+
+def _value_offset(data: bytes, key: str) -> int:
+    """Where the value of scalar `key` starts: after its name and its 4-byte type (string values:
+    after their 8-byte length too)."""
+    at = data.index(key.encode() + b"\x08\x00\x00\x00") if key.startswith("tokenizer.") else -1
+    if at >= 0:
+        return at + len(key) + 4 + 8
+    return data.index(key.encode()) + len(key) + 4
 
 
-@pytest.mark.parametrize(
-    ("key", "fmt", "value", "expect"),
-    [
-        ("llama.block_count", "<I", 0, "block_count is 0"),
-        ("llama.block_count", "<I", 1000, "block_count is 1000"),
-        ("llama.block_count", "<I", 2**31, "block_count is 2147483648"),
-        ("llama.attention.layer_norm_rms_epsilon", "<f", float("nan"), "epsilon is nan"),
-        ("llama.attention.layer_norm_rms_epsilon", "<f", -1.0, "epsilon is -1.0"),
-        ("llama.attention.head_count", "<I", 2**31, "head_count is 2147483648"),
-        ("llama.context_length", "<I", 2**32 - 1, "context_length is 4294967295"),
-        ("llama.context_length", "<I", 2**31 - 1, "context_length is 2147483647"),
-        ("llama.rope.freq_base", "<f", 0.0, "freq_base is 0.0"),
-    ],
-)
-def test_smollm2_with_one_bad_hyperparameter_is_refused_by_every_loader(
-    smollm2_gguf: Path, tmp_path: Path, key: str, fmt: str, value: object, expect: str
-) -> None:
-    """The issue's reproductions: these aborted llama.cpp (SIGABRT) or crashed selfhost before."""
-    bad = tmp_path / "smollm2-bad.gguf"
-    _rewrite_scalar(smollm2_gguf, bad, key, fmt, value)
-    with pytest.raises(GGUFError, match=expect.replace(".", r"\.")):
-        gguf_info.inspect(bad)
+def test_smollm2_with_one_bad_field_is_refused_by_every_loader(smollm2_gguf: Path, tmp_path: Path) -> None:
     from selfhost.llama_backend import load_model
 
-    with pytest.raises(GGUFError):  # load_model itself refuses, whoever calls it
-        load_model(bad, n_ctx=64)
-
-
-def test_smollm2_with_a_bert_tokenizer_is_refused(smollm2_gguf: Path, tmp_path: Path) -> None:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(smollm2_gguf)).fields["tokenizer.ggml.model"]
-    at = field.offset + sum(p.nbytes for p in field.parts[:-1])
-    data = bytearray(smollm2_gguf.read_bytes())
-    assert bytes(data[at : at + 4]) == b"gpt2"
-    data[at : at + 4] = b"bert"
-    bad = tmp_path / "smollm2-bert.gguf"
-    bad.write_bytes(bytes(data))
-    with pytest.raises(GGUFError, match="'bert' does not go with architecture 'llama'"):
-        gguf_info.inspect(bad)
+    bad = tmp_path / "smollm2-bad.gguf"
+    bad.write_bytes(smollm2_gguf.read_bytes())
+    head = smollm2_gguf.read_bytes()[: 4 << 20]  # the key/value table is in the first MBs
+    for key, fmt, value, expect in SMOLLM2_CASES:
+        at = _value_offset(head, key)
+        original = head[at : at + struct.calcsize(fmt)]
+        with open(bad, "r+b") as fh:
+            fh.seek(at)
+            fh.write(struct.pack(fmt, value))
+        with pytest.raises(GGUFError, match=expect.replace(".", r"\.")):
+            gguf_info.inspect(bad)
+        with pytest.raises(GGUFError):  # load_model itself refuses, whoever calls it
+            load_model(bad, n_ctx=64)
+        with open(bad, "r+b") as fh:
+            fh.seek(at)
+            fh.write(original)
+    gguf_info.inspect(bad)  # restored: the real file passes
 
 
 def test_the_real_smollm2_passes(smollm2_gguf: Path) -> None:

@@ -90,7 +90,9 @@ def test_a_locked_database_is_reported_as_locked(tmp_path: Path, monkeypatch: py
 
 # -- 5: models rm and symlinks -----------------------------------------------------------------
 def test_models_rm_never_deletes_a_file_outside_the_store_through_a_symlink(
-    runner, tiny_gguf: Path, tmp_path: Path  # noqa: ANN001
+    runner,
+    tiny_gguf: Path,
+    tmp_path: Path,  # noqa: ANN001
 ) -> None:
     outside = tmp_path / "elsewhere" / "precious.gguf"
     outside.parent.mkdir()
@@ -111,7 +113,9 @@ def test_models_rm_never_deletes_a_file_outside_the_store_through_a_symlink(
 
 # -- 6: Rich markup in untrusted text ----------------------------------------------------------
 def test_markup_in_history_titles_registry_and_file_names_is_printed_as_text(
-    runner, tiny_gguf: Path, tmp_path: Path  # noqa: ANN001
+    runner,
+    tiny_gguf: Path,
+    tmp_path: Path,  # noqa: ANN001
 ) -> None:
     HistoryStore().create(
         Conversation(title="[/] closing [bold]tags", messages=[Message(role="user", content="[/]")])
@@ -193,7 +197,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 24 MB filesystem (tmpfs), where this machine lets us mount one (root); else skipped."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:

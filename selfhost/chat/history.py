@@ -121,7 +121,12 @@ class HistoryStore:
                 f"the chat history {self.path} is locked by another process ({exc})",
                 hint="close the other selfhost or sqlite3 using it and try again",
             )
-        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM):
+        if code in (
+            sqlite3.SQLITE_READONLY,
+            sqlite3.SQLITE_CANTOPEN,
+            sqlite3.SQLITE_IOERR,
+            sqlite3.SQLITE_PERM,
+        ):
             return HistoryError(
                 f"the chat history {self.path} cannot be written or opened ({exc})",
                 hint="check the permissions and free space of its folder",
@@ -138,7 +143,8 @@ class HistoryStore:
             return  # the common case: nothing to do, no write lock taken
         with _transaction(db):
             db.execute(
-                "CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)"
+                "CREATE TABLE IF NOT EXISTS _migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)"
             )
             version = _read_version(db)
             if version > len(MIGRATIONS):
@@ -322,7 +328,9 @@ class HistoryStore:
 
 def _read_version(db: sqlite3.Connection) -> int:
     """The schema version (0: a new database). Needs no lock outside a transaction."""
-    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'").fetchone()
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
+    ).fetchone()
     if not exists:
         return 0
     return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM _migrations").fetchone()[0])

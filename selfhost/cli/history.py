@@ -39,7 +39,10 @@ def list_conversations(
         table.add_column(column, justify="right" if column in ("id", "messages") else "left")
     for r in rows:
         table.add_row(
-            str(r.id), r.updated_at.strftime("%Y-%m-%d %H:%M"), plain(r.model or "-"), str(r.n_messages),
+            str(r.id),
+            r.updated_at.strftime("%Y-%m-%d %H:%M"),
+            plain(r.model or "-"),
+            str(r.n_messages),
             plain(r.title),
         )
     console.print(table)

@@ -208,7 +208,8 @@ def rm_command(
         )
     elif blob.exists() or target.exists():
         console.print(
-            f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)", markup=False
+            f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)",
+            markup=False,
         )
     else:
         console.print(f"removed {record.name}, freed {human_bytes(record.size)}", markup=False)

@@ -204,7 +204,8 @@ def _print_report(report) -> None:  # noqa: ANN001
     for row in report.rows:
         delta = "reference" if row.reference else f"{row.ppl_increase:+.4f}"
         table.add_row(
-            plain(row.name), plain(row.quant), human_bytes(row.size), f"{row.bpw:.2f}", f"{row.ppl:.4f}", delta,
+            plain(row.name), plain(row.quant), human_bytes(row.size), f"{row.bpw:.2f}",
+            f"{row.ppl:.4f}", delta,
             f"{row.prompt_tok_s:.1f}", f"{row.gen_tok_s:.1f}",
         )
     console.print(table)

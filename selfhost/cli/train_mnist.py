@@ -177,7 +177,9 @@ def train_mnist(
     console.print(
         plain("test accuracy ")
         + plain(_percent(done.test_accuracy), style="bold")
-        + plain(f" after {done.epochs} epochs ({_duration(done.elapsed_s)}); model saved to {done.model_path}"),
+        + plain(
+            f" after {done.epochs} epochs ({_duration(done.elapsed_s)}); model saved to {done.model_path}"
+        ),
         highlight=False,
     )
 
@@ -202,7 +204,9 @@ def predict(
     for column in ("image", "digit", "top 3"):
         table.add_column(column)
     for p in run(images, model, device):
-        table.add_row(plain(p.path), plain(p.digit, style="bold"), "  ".join(f"{d}: {_percent(v)}" for d, v in p.top))
+        table.add_row(
+            plain(p.path), plain(p.digit, style="bold"), "  ".join(f"{d}: {_percent(v)}" for d, v in p.top)
+        )
     console.print(table)
 
 

@@ -71,8 +71,13 @@ def load(path: Path, map_location: str | torch.device = "cpu", resume: bool = Fa
 
 
 RESUME_KEYS = ("optimizer", "scheduler", "iter_num", "best_val_loss", "rng")
-_MODEL_ARG_BOUNDS = {"vocab_size": (1, 10_000_000), "block_size": (1, 1 << 20), "n_layer": (1, 512),
-                     "n_head": (1, 4096), "n_embd": (1, 1 << 16)}  # fmt: skip
+_MODEL_ARG_BOUNDS = {
+    "vocab_size": (1, 10_000_000),
+    "block_size": (1, 1 << 20),
+    "n_layer": (1, 512),
+    "n_head": (1, 4096),
+    "n_embd": (1, 1 << 16),
+}
 
 
 def validate(data: dict[str, Any]) -> None:
@@ -86,8 +91,10 @@ def validate(data: dict[str, Any]) -> None:
         _check(isinstance(it, int) and not isinstance(it, bool) and it >= 0, f"iter_num is {it!r}")
     for key in ("best_val_loss", "val_loss"):
         value = data.get(key)
-        _check(value is None or (isinstance(value, (int, float)) and not math.isnan(value)),
-               f"{key} is {value!r}")  # fmt: skip
+        _check(
+            value is None or (isinstance(value, (int, float)) and not math.isnan(value)),
+            f"{key} is {value!r}",
+        )
     if "optimizer" in data:
         _optimizer(data["optimizer"])
     if "scheduler" in data:
@@ -108,8 +115,10 @@ def _model_args(args: Any) -> dict[str, Any]:
     _check(not unknown, f"model_args has unknown field {sorted(map(str, unknown))[:1]}")
     for key, (low, high) in _MODEL_ARG_BOUNDS.items():
         value = args.get(key)
-        _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-               f"model_args.{key} is {value!r}, expected an integer in {low}..{high}")  # fmt: skip
+        _check(
+            isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+            f"model_args.{key} is {value!r}, expected an integer in {low}..{high}",
+        )
     _check(args["n_embd"] % args["n_head"] == 0, "model_args.n_head does not divide n_embd")
     dropout = args.get("dropout", 0.0)
     _check(isinstance(dropout, (int, float)) and 0 <= dropout < 1, f"model_args.dropout is {dropout!r}")
@@ -124,8 +133,10 @@ def _state_dict(state: Any, args: dict[str, Any]) -> None:
     for key, tensor in state.items():
         _check(isinstance(tensor, torch.Tensor), f"model.{key} is not a tensor")
         _check(key in expected, f"model has an unexpected tensor '{key}'")
-        _check(tuple(tensor.shape) == expected[key],
-               f"model.{key} has shape {tuple(tensor.shape)}, expected {expected[key]}")  # fmt: skip
+        _check(
+            tuple(tensor.shape) == expected[key],
+            f"model.{key} has shape {tuple(tensor.shape)}, expected {expected[key]}",
+        )
         _check(tensor.is_floating_point(), f"model.{key} is {tensor.dtype}, not floating point")
         _check(bool(torch.isfinite(tensor).all()), f"model.{key} holds NaN or infinite values")
     missing = sorted(set(expected) - set(state))
@@ -133,11 +144,19 @@ def _state_dict(state: Any, args: dict[str, Any]) -> None:
 
 
 def _optimizer(opt: Any) -> None:
-    _check(isinstance(opt, dict) and isinstance(opt.get("state"), dict)
-           and isinstance(opt.get("param_groups"), list), "optimizer state is malformed")  # fmt: skip
+    _check(
+        isinstance(opt, dict)
+        and isinstance(opt.get("state"), dict)
+        and isinstance(opt.get("param_groups"), list),
+        "optimizer state is malformed",
+    )
     for group in opt["param_groups"]:
-        _check(isinstance(group, dict) and isinstance(group.get("params"), list)
-               and all(isinstance(p, int) for p in group["params"]), "optimizer param_groups are malformed")  # fmt: skip
+        _check(
+            isinstance(group, dict)
+            and isinstance(group.get("params"), list)
+            and all(isinstance(p, int) for p in group["params"]),
+            "optimizer param_groups are malformed",
+        )
     for key, entry in opt["state"].items():
         _check(isinstance(entry, dict), f"optimizer state {key!r} is malformed")
         for name, value in entry.items():
@@ -148,20 +167,35 @@ def _optimizer(opt: Any) -> None:
 def _rng(rng: Any) -> None:
     _check(isinstance(rng, dict), "rng is not a table")
     t = rng.get("torch")
-    _check(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == torch.get_rng_state().shape,
-           "rng.torch is not a torch RNG state")  # fmt: skip
+    _check(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == torch.get_rng_state().shape,
+        "rng.torch is not a torch RNG state",
+    )
     npst = rng.get("numpy")
-    _check(isinstance(npst, dict) and isinstance(npst.get("keys"), torch.Tensor)
-           and tuple(npst["keys"].shape) == (624,) and isinstance(npst.get("pos"), int)
-           and 0 <= npst["pos"] <= 624 and isinstance(npst.get("has_gauss"), int)
-           and isinstance(npst.get("cached"), (int, float)), "rng.numpy is not a numpy RNG state")  # fmt: skip
+    _check(
+        isinstance(npst, dict)
+        and isinstance(npst.get("keys"), torch.Tensor)
+        and tuple(npst["keys"].shape) == (624,)
+        and isinstance(npst.get("pos"), int)
+        and 0 <= npst["pos"] <= 624
+        and isinstance(npst.get("has_gauss"), int)
+        and isinstance(npst.get("cached"), (int, float)),
+        "rng.numpy is not a numpy RNG state",
+    )
     py = rng.get("python")
-    _check(isinstance(py, (tuple, list)) and len(py) == 3 and isinstance(py[1], (tuple, list))
-           and len(py[1]) == 625 and all(isinstance(x, int) for x in py[1]),
-           "rng.python is not a python RNG state")  # fmt: skip
+    _check(
+        isinstance(py, (tuple, list))
+        and len(py) == 3
+        and isinstance(py[1], (tuple, list))
+        and len(py[1]) == 625
+        and all(isinstance(x, int) for x in py[1]),
+        "rng.python is not a python RNG state",
+    )
     sampler = rng.get("sampler")
-    _check(sampler is None or (isinstance(sampler, dict) and isinstance(sampler.get("state"), dict)),
-           "rng.sampler is not a numpy generator state")  # fmt: skip
+    _check(
+        sampler is None or (isinstance(sampler, dict) and isinstance(sampler.get("state"), dict)),
+        "rng.sampler is not a numpy generator state",
+    )
     _check(isinstance(rng.get("ranks", []), list), "rng.ranks is not a list")
 
 

@@ -252,7 +252,9 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dic
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise IntegrityError(f"{path} does not match the MNIST network: {' '.join(str(exc).split())[:300]}") from None
+        raise IntegrityError(
+            f"{path} does not match the MNIST network: {' '.join(str(exc).split())[:300]}"
+        ) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise IntegrityError(f"{path} is damaged: {name} holds NaN or infinite weights")
@@ -267,7 +269,8 @@ def _channels(path: Path, text: Any) -> tuple[int, int, int]:
     parts = text.split(",") if isinstance(text, str) else []
     if len(parts) != 3 or not all(p.strip().isdigit() and 1 <= int(p) <= MAX_CHANNELS for p in parts):
         raise IntegrityError(
-            f"{path} is damaged: its channels metadata {str(text)[:40]!r} is not three widths in 1..{MAX_CHANNELS}"
+            f"{path} is damaged: its channels metadata {str(text)[:40]!r} "
+            f"is not three widths in 1..{MAX_CHANNELS}"
         )
     c1, c2, c3 = (int(p) for p in parts)
     return c1, c2, c3
