@@ -7,6 +7,7 @@ in the centre; white ink on black, whatever the input's polarity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,10 @@ def load_ink(path: Path) -> np.ndarray:
     if not path.is_file():
         raise NotFoundError(f"image {path} does not exist")
     try:
-        with image_mod.open(path) as image:  # reads the header only
+        with warnings.catch_warnings():  # Pillow's bomb warning: the size is checked right below
+            warnings.simplefilter("ignore", image_mod.DecompressionBombWarning)
+            opened = image_mod.open(path)  # reads the header only
+        with opened as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise UsageError(
