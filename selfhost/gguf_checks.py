@@ -105,6 +105,8 @@ def check_tensor_table(tensors: list[Tensor], alignment: int) -> None:
 
 def check_model(fields: dict[str, Any], tensors: list[Tensor]) -> None:
     """Hyper-parameters, tokenizer and tensors of a language model, as llama.cpp will use them."""
+    if isinstance(fields.get("split.no"), int) and fields["split.no"] > 0:
+        return  # a later shard of a split model: the metadata lives in the first one
     arch = fields.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise fail("general.architecture is missing")
@@ -194,7 +196,7 @@ def _check_template_syntax(template: Any) -> None:
         _template_environment().parse(template)
     except jinja2.TemplateSyntaxError as exc:
         raise fail(
-            f"tokenizer.chat_template is not a valid Jinja template (line {exc.lineno}: {exc.message})"
+            f"tokenizer.chat_template: the chat template is invalid (line {exc.lineno}: {exc.message})"
         ) from None
     except RecursionError:
         raise fail("tokenizer.chat_template nests too deeply to parse") from None

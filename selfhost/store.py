@@ -182,10 +182,10 @@ def _delete_model_file(record: ModelRecord, keep_blob: bool) -> None:
 
 def _owned_folder(record: ModelRecord, link: Path) -> Path | None:
     """The folder whose files the store may delete through `link`: the repo's folder of the HF
-    cache for a Hub snapshot link (<repo folder>/snapshots/<commit>/<file>), the models folder
-    for a link selfhost keeps there; None for a link anywhere else."""
+    cache for a Hub snapshot link (<repo folder>/snapshots/<commit>/<file>; else the link's own
+    folder), the models folder for a link selfhost keeps there; None for a link anywhere else."""
     if record.source == "hub":
-        return next((p.parent for p in link.parents if p.name == "snapshots"), None)
+        return next((p.parent for p in link.parents if p.name == "snapshots"), link.parent)
     models = paths.models_dir()
     return models if _inside(link.parent, models) else None
 
