@@ -22,6 +22,7 @@ from selfhost.chat.messages import Conversation, Message
 from selfhost.cli.app import app
 from selfhost.errors import HistoryBusyError, HistoryDiskFullError
 from tests.conftest import REPO
+from tests.test_pull import fake_hub, gguf_bytes  # noqa: F401 - the fake Hub fixture
 
 
 # -- 4: migrations race ------------------------------------------------------------------------
@@ -223,3 +224,11 @@ def test_quantize_on_a_disk_that_fills_up_says_the_disk_is_full(tiny_gguf: Path,
                         fh.write(b"\0" * (1 << 20))
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no partial output left
     assert Store().list() == []
+
+
+def test_markup_in_hub_file_names_is_printed_as_text(runner, fake_hub) -> None:  # noqa: ANN001, F811
+    fake_hub.add_file("test/odd", "weird[/]x/m[bold]-Q8_0.gguf", gguf_bytes("f32"))
+    for args in (["pull", "--dry-run", "test/odd"], ["pull", "test/odd"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "weird[/]x/m[bold]-Q8_0.gguf" in result.output
