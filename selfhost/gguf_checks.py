@@ -119,7 +119,8 @@ def check_model(fields: dict[str, Any], tensors: list[Tensor]) -> None:
     n_embd = _int(fields, f"{arch}.embedding_length", 1, 1 << 20, required=True)
     n_expert = _int(fields, f"{arch}.expert_count", 0, MAX_EXPERTS) or 0
     n_used = _int(fields, f"{arch}.expert_used_count", 0, MAX_EXPERTS) or 0
-    if n_used > n_expert or (n_expert and not n_used):
+    per_layer = f"{arch}.expert_used_count#count" in fields  # an array: llama.cpp checks its maximum
+    if not per_layer and (n_used > n_expert or (n_expert and not n_used)):
         raise fail(f"{arch}.expert_used_count {n_used} does not fit {arch}.expert_count {n_expert}")
     _int(fields, f"{arch}.feed_forward_length", 0, 1 << 24)
     for key in REQUIRED_KEYS.get(arch, ()):
