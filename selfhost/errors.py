@@ -61,3 +61,11 @@ class DependencyError(SelfhostError):
 
 class HistoryError(SelfhostError):
     """The chat history database is unreadable or corrupt."""
+
+
+class HistoryDiskFullError(HistoryError):
+    """The disk is full: the chat history could not be written (the database is intact)."""
+
+
+class HistoryBusyError(HistoryError):
+    """Another process holds the chat history database locked for longer than the busy timeout."""

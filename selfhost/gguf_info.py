@@ -2,11 +2,13 @@
 
 llama.cpp aborts (or worse) on malformed files; every entry point that hands a file to it
 calls `inspect()` first, which checks the magic, version, tensor table and that every
-tensor's data lies inside the file.
+tensor's data lies inside the file, then (gguf_checks) that the model is one llama.cpp can load:
+hyper-parameters, tokenizer and the tensors its architecture needs.
 """
 
 from __future__ import annotations
 
+import array
 import mmap
 import struct
 from collections import Counter
@@ -15,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from selfhost import gguf_checks
 from selfhost.errors import GGUFError, NotFoundError
 
 GGUF_MAGIC = b"GGUF"
@@ -109,6 +112,10 @@ def inspect(path: Path) -> GGUFInfo:
         type_counts[qtype.name] += 1
         n_params += n_elements
 
+    try:
+        gguf_checks.check_model(fields, tensors)
+    except GGUFError as exc:
+        raise GGUFError(f"{path} would not load: {exc.message}") from exc
     arch = str(fields.get("general.architecture") or "unknown")
     return GGUFInfo(
         path=path,
@@ -183,6 +190,31 @@ class _Cursor:
             raise GGUFError("a string array runs past the end of the file")
         self.pos = pos
 
+    def vocabulary_problem(self, count: int) -> str | None:
+        """Read past a vocabulary of `count` tokens; say what llama.cpp would choke on: a token seen
+        twice (it aborts) or one that is not UTF-8 (llama-cpp-python fails). None when it is sound."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        seen: set[bytes] = set()
+        problem = None
+        for index in range(count):
+            if pos + 8 > size:
+                raise GGUFError("a string array runs past the end of the file")
+            n = unpack(buf, pos)[0]
+            text = buf[pos + 8 : pos + 8 + n]
+            if problem is None:
+                if text in seen:
+                    problem = f"holds {text.decode('utf-8', 'replace')!r} twice"
+                seen.add(text)
+                try:
+                    text.decode("utf-8")
+                except UnicodeDecodeError:
+                    problem = f"token {index} is not UTF-8 text"
+            pos += 8 + n
+        if pos > size:
+            raise GGUFError("a string array runs past the end of the file")
+        self.pos = pos
+        return problem
+
 
 def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
     """Read the key/value table and the tensor table (memory-mapped) without touching tensor data.
@@ -197,14 +229,24 @@ def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int],
         fields: dict[str, Any] = {"GGUF.version": version}
         for _ in range(n_kv):
             key = cur.string()
+            if not key or f"{key}#type" in fields:
+                raise GGUFError(f"key '{key}' is empty or appears twice")
             kind = cur.scalar("<I")
+            fields[f"{key}#type"] = kind
             if kind == 8:
                 fields[key] = cur.string()
             elif kind == 9:
                 sub, count = cur.scalar("<I"), cur.scalar("<Q")
-                fields[f"{key}#count"] = count
-                if sub == 8:
+                fields[f"{key}#count"], fields[f"{key}#subtype"] = count, sub
+                if sub == 8 and key == "tokenizer.ggml.tokens":
+                    if (problem := cur.vocabulary_problem(count)) is not None:
+                        fields[f"{key}#problem"] = problem
+                elif sub == 8:
                     cur.skip_strings(count)
+                elif key == "tokenizer.ggml.token_type" and sub == 5:  # int32: which kinds occur
+                    kinds = array.array("i")
+                    kinds.frombytes(cur.take(4 * count))
+                    fields[f"{key}#values"] = set(kinds)
                 elif sub in _SCALARS:
                     cur.skip(count * struct.calcsize(_SCALARS[sub]))
                 else:
@@ -221,7 +263,10 @@ def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int],
                 raise GGUFError(f"tensor '{name}' has {n_dims} dimensions")
             dims = [cur.scalar("<Q") for _ in range(n_dims)]
             tensors.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        alignment = int(fields.get("general.alignment", 32) or 32)
+        alignment = fields.get("general.alignment", 32)
+        if not isinstance(alignment, int) or fields.get("general.alignment#type", 4) != 4:
+            raise GGUFError("general.alignment is not a UINT32")
+        gguf_checks.check_tensor_table(tensors, alignment)
         data_start = -(-cur.pos // alignment) * alignment
     return fields, tensors, data_start
 

@@ -131,7 +131,7 @@ def load_model(
     """Load a validated GGUF with llama-cpp-python; return (Llama, LoadReport). Raises ModelLoadError."""
     from selfhost import gguf_info
 
-    gguf_info.check_header(path)
+    gguf_info.inspect(path)  # llama.cpp aborts the process on some bad files: refuse them first
     lib = llama()
     threads = n_threads or default_threads()
     extra: dict[str, Any] = dict(kwargs)
@@ -154,7 +154,7 @@ def load_model(
                 verbose=True,
                 **extra,
             )
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (ValueError, RuntimeError, OSError, _template_error()) as exc:  # the template compiles at load
             tail = "".join(log)[-300:].strip().replace("\n", " | ")
             raise ModelLoadError(f"llama.cpp could not load {path}: {exc}", hint=tail or None) from exc
     text = "".join(log)
@@ -175,6 +175,12 @@ def load_model(
         n_threads=threads,
     )
     return model, report
+
+
+def _template_error() -> type[Exception]:
+    import jinja2
+
+    return jinja2.TemplateError
 
 
 def default_threads() -> int:

@@ -241,10 +241,10 @@ def _from_hub(
     for part, pointer in zip(remotes, pointers, strict=True):
         layout.link(layout.blob(part.etag or ""), pointer)
     layout.write_ref(target.revision, listing.commit)
-    # sha256 == the Hub's, so the bytes are the publisher's; the header check still refuses a non-GGUF.
-    # (The full `gguf_info.inspect` parses every vocabulary string: ~5 s per 50k tokens; chat runs it.)
+    # sha256 == the Hub's, so the bytes are the publisher's; still, never register a file llama.cpp
+    # would refuse or abort on (the check skips the vocabulary strings: milliseconds).
     for pointer in pointers:
-        gguf_info.check_header(pointer)
+        gguf_info.inspect(pointer)
     record = ModelRecord(
         name=target.name,
         path=pointers[0],
@@ -297,6 +297,8 @@ def _from_cache_or_embedded(
             )
             return
         digests = [_verify_cached(p) for p in pointers]
+        for part in pointers:
+            gguf_info.inspect(part)
         record = ModelRecord(
             name=name, path=pointer, size=size, sha256=digests[0], source="hub", repo=target.repo,
             revision=commit, file=file, quant=quant, parts=pointers if len(pointers) > 1 else [],

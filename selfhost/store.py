@@ -130,6 +130,22 @@ class Store:
                     r.sha256 = digest
         return record.model_copy(update={"sha256": digest})
 
+    def sweep_temp_files(self) -> tuple[list[tuple[Path, int]], int]:
+        """Remove the temp files of writers that died (kill -9 during quantize or pull) from the models
+        folder and beside the manifest, under the store lock. Returns (removed with their sizes,
+        bytes still held by the temp files of live writers)."""
+        self.manifest.parent.mkdir(parents=True, exist_ok=True)
+        folders = {paths.models_dir(), self.manifest.parent}
+        with open(self.manifest.with_suffix(".lock"), "a+") as lock:
+            _flock(lock)
+            removed = [entry for folder in folders for entry in atomic.sweep_stale(folder)]
+        live = 0
+        for folder in folders:
+            for path in atomic.temp_files(folder):
+                with contextlib.suppress(OSError):
+                    live += path.stat().st_size
+        return removed, live
+
     def remove(self, name: str, delete_file: bool = True) -> ModelRecord:
         """Unregister `name`; delete its file if no other record points at it and selfhost owns it."""
         with self._locked() as data:
@@ -149,18 +165,32 @@ class Store:
 
 def _delete_model_file(record: ModelRecord, keep_blob: bool) -> None:
     """Hub files live in the HF cache as snapshot symlink -> blob: remove both (the blob only
-    when no other record still points at it)."""
+    when no other record still points at it). A symlink is followed only into a folder the
+    store owns: a link to a file elsewhere is removed, the file it points at is not."""
     path = Path(record.path)
     with contextlib.suppress(FileNotFoundError):
         if path.is_symlink():
+            owned = _owned_folder(record, path)
+            if owned is None:
+                return  # a link the store did not make, outside its folders: leave both alone
             target = path.resolve()
             path.unlink()
-            if not keep_blob:
+            if not keep_blob and _inside(target, owned) and not target.is_dir():
                 target.unlink(missing_ok=True)
         elif keep_blob:
             return
         elif record.source != "local" or _inside(path, paths.models_dir()):
             path.unlink()
+
+
+def _owned_folder(record: ModelRecord, link: Path) -> Path | None:
+    """The folder whose files the store may delete through `link`: the repo's folder of the HF
+    cache for a Hub snapshot link (<repo folder>/snapshots/<commit>/<file>; else the link's own
+    folder), the models folder for a link selfhost keeps there; None for a link anywhere else."""
+    if record.source == "hub":
+        return next((p.parent for p in link.parents if p.name == "snapshots"), link.parent)
+    models = paths.models_dir()
+    return models if _inside(link.parent, models) else None
 
 
 def _inside(path: Path, root: Path) -> bool:

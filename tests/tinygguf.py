@@ -7,7 +7,9 @@ evaluates and samples like a real one, but says nothing useful.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,12 +51,16 @@ def write_tiny_llama(
     name: str = "tiny-llama",
     split_max_tensors: int = 0,
     small_first_shard: bool = False,
+    kv_overrides: dict[str, Any] | None = None,
+    edit_tensors: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write a random llama GGUF to `path`. dtype: 'f32' or 'f16'. Returns `path`.
 
     With `split_max_tensors`, the gguf package writes a split GGUF like llama.cpp's gguf-split:
     `<stem>-00001-of-0000N.gguf`, ... beside `path` (each part holds at most that many tensors);
-    the first part's path is returned. `small_first_shard`: the first part holds only the metadata."""
+    the first part's path is returned. `small_first_shard`: the first part holds only the metadata.
+    For hostile-file tests: `kv_overrides` maps a key to (value, gguf.GGUFValueType), or to None to
+    drop the key; `edit_tensors` gets {name: array} in file order and returns the tensors to write."""
     import gguf
 
     path = Path(path)
@@ -87,23 +93,33 @@ def write_tiny_llama(
     if chat_template is not None:
         w.add_chat_template(chat_template)
 
+    for key, new in (kv_overrides or {}).items():
+        kv = w.kv_data[0]
+        kv.pop(key, None)
+        if new is not None:
+            w.add_key_value(key, new[0], new[1])
+
     def mat(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * 0.02).astype(np_dtype)
 
     def norm() -> np.ndarray:
         return np.ones(n_embd, dtype=np.float32)  # norms stay F32, as llama.cpp expects
 
-    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
+    tensors = {"token_embd.weight": mat(n_vocab, n_embd)}
     for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        tensors[f"blk.{i}.attn_norm.weight"] = norm()
         for part in ("q", "k", "v", "output"):
-            w.add_tensor(f"blk.{i}.attn_{part}.weight", mat(n_embd, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff))
-    w.add_tensor("output_norm.weight", norm())
-    w.add_tensor("output.weight", mat(n_vocab, n_embd))
+            tensors[f"blk.{i}.attn_{part}.weight"] = mat(n_embd, n_embd)
+        tensors[f"blk.{i}.ffn_norm.weight"] = norm()
+        tensors[f"blk.{i}.ffn_gate.weight"] = mat(n_ff, n_embd)
+        tensors[f"blk.{i}.ffn_up.weight"] = mat(n_ff, n_embd)
+        tensors[f"blk.{i}.ffn_down.weight"] = mat(n_embd, n_ff)
+    tensors["output_norm.weight"] = norm()
+    tensors["output.weight"] = mat(n_vocab, n_embd)
+    if edit_tensors is not None:
+        tensors = edit_tensors(tensors)
+    for tensor_name, array in tensors.items():
+        w.add_tensor(tensor_name, array)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

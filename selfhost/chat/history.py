@@ -16,7 +16,9 @@ from pydantic import BaseModel
 
 from selfhost import paths
 from selfhost.chat.messages import Conversation, Message, utc_now
-from selfhost.errors import HistoryError, NotFoundError
+from selfhost.errors import HistoryBusyError, HistoryDiskFullError, HistoryError, NotFoundError
+
+BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's transaction
 
 
 def _m1_initial(db: sqlite3.Connection) -> None:
@@ -85,35 +87,73 @@ class HistoryStore:
     # ------------------------------------------------------------ connection
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
+            db = None
             try:
                 # autocommit mode: transactions are explicit (BEGIN ... COMMIT), DDL included
-                db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
                 db.execute("PRAGMA foreign_keys = ON")
+                _enable_wal(db)
                 self._migrate(db)
-            except sqlite3.DatabaseError as exc:
+            except sqlite3.Error as exc:
+                if db is not None:
+                    db.close()
                 raise self._error(exc) from exc
+            except BaseException:
+                if db is not None:
+                    db.close()
+                raise
             self._db = db
         return self._db
 
     def _error(self, exc: sqlite3.Error) -> HistoryError:
+        """What went wrong, as what it is: a full disk and a busy database are not corruption."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        text = str(exc).lower()
+        if code == sqlite3.SQLITE_FULL or "disk is full" in text:
+            return HistoryDiskFullError(
+                f"the disk is full: the chat history {self.path} could not be written, "
+                "so the last turn was not saved",
+                hint="free some space; the database itself is intact",
+            )
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in text or "busy" in text:
+            return HistoryBusyError(
+                f"the chat history {self.path} is locked by another process ({exc})",
+                hint="close the other selfhost or sqlite3 using it and try again",
+            )
+        if code in (
+            sqlite3.SQLITE_READONLY,
+            sqlite3.SQLITE_CANTOPEN,
+            sqlite3.SQLITE_IOERR,
+            sqlite3.SQLITE_PERM,
+        ):
+            return HistoryError(
+                f"the chat history {self.path} cannot be written or opened ({exc})",
+                hint="check the permissions and free space of its folder",
+            )
         return HistoryError(
             f"the chat history database {self.path} is unreadable or corrupt ({exc})",
             hint="move it aside to start a new one, or use --no-log; nothing was changed",
         )
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)"
-        )
-        version = db.execute("SELECT COALESCE(MAX(version), 0) FROM _migrations").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise HistoryError(
-                f"the chat history database {self.path} has schema version {version}, "
-                f"newer than this selfhost understands ({len(MIGRATIONS)})",
-                hint="upgrade selfhost",
+        """Bring the schema up to date in ONE write transaction: the version is read after
+        BEGIN IMMEDIATE, so of two processes opening a fresh database only one migrates."""
+        if _read_version(db) == len(MIGRATIONS):
+            return  # the common case: nothing to do, no write lock taken
+        with _transaction(db):
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS _migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)"
             )
-        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            with _transaction(db):  # a migration and its record commit together or not at all
+            version = _read_version(db)
+            if version > len(MIGRATIONS):
+                raise HistoryError(
+                    f"the chat history database {self.path} has schema version {version}, "
+                    f"newer than this selfhost understands ({len(MIGRATIONS)})",
+                    hint="upgrade selfhost",
+                )
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 migration(db)
                 db.execute(
                     "INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -286,15 +326,36 @@ class HistoryStore:
         ]
 
 
+def _read_version(db: sqlite3.Connection) -> int:
+    """The schema version (0: a new database). Needs no lock outside a transaction."""
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
+    ).fetchone()
+    if not exists:
+        return 0
+    return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM _migrations").fetchone()[0])
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """WAL lets readers run beside one writer. Some filesystems (network mounts) refuse it: then
+    SQLite keeps its rollback journal, which is still correct, only less concurrent."""
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+            raise
+
+
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")  # may fail too (disk full, busy): then nothing of the block is kept
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLITE_FULL may already have rolled it back
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def _snippet(content: str, text: str, width: int = 60) -> str:

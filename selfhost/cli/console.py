@@ -11,6 +11,7 @@ import sys
 from typing import TextIO
 
 from rich.console import Console
+from rich.text import Text
 
 PIPE_WIDTH = 1000
 
@@ -25,3 +26,9 @@ def _width(stream: TextIO) -> int | None:
 
 console = Console(highlight=False, width=_width(sys.stdout))
 err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+
+
+def plain(value: object, style: str = "") -> Text:
+    """`value` as literal text: strings from users, files or the Hub are never parsed as Rich markup
+    (a '[/]' in a chat title or a file name would otherwise crash the command)."""
+    return Text(str(value), style=style)

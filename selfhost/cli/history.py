@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfhost.cli.console import console, err_console
+from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import UsageError
 
 history_app = typer.Typer(help="Browse, search, export and delete saved chats.", no_args_is_help=True)
@@ -39,7 +39,11 @@ def list_conversations(
         table.add_column(column, justify="right" if column in ("id", "messages") else "left")
     for r in rows:
         table.add_row(
-            str(r.id), r.updated_at.strftime("%Y-%m-%d %H:%M"), r.model or "-", str(r.n_messages), r.title
+            str(r.id),
+            r.updated_at.strftime("%Y-%m-%d %H:%M"),
+            plain(r.model or "-"),
+            str(r.n_messages),
+            plain(r.title),
         )
     console.print(table)
 

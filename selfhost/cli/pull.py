@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import typer
 
-from selfhost.cli.console import console
+from selfhost.cli.console import console, plain
 
 
 def register(app: typer.Typer) -> None:
@@ -74,7 +74,7 @@ def render(events: Iterable[object]) -> None:
             elif isinstance(event, core.Progress):
                 if bars is None:
                     bars = Progress(
-                        TextColumn("{task.description}"),
+                        TextColumn("{task.description}", markup=False),
                         BarColumn(),
                         DownloadColumn(),
                         TransferSpeedColumn(),
@@ -91,7 +91,7 @@ def render(events: Iterable[object]) -> None:
                     tasks[event.file] = bars.add_task(event.file, total=event.total, completed=event.done)
                 bars.update(tasks[event.file], completed=event.done, total=event.total)
             elif isinstance(event, core.DryRun):
-                table = Table(title=f"dry run: {event.name} (nothing written)")
+                table = Table(title=plain(f"dry run: {event.name} (nothing written)"))
                 table.add_column("file")
                 table.add_column("size", justify="right")
                 table.add_column("status")
@@ -101,7 +101,7 @@ def render(events: Iterable[object]) -> None:
                         if f.cached
                         else (f"partial: {human_bytes(f.partial)} on disk" if f.partial else "to download")
                     )
-                    table.add_row(f.file, human_bytes(f.size) if f.size is not None else "?", status)
+                    table.add_row(plain(f.file), human_bytes(f.size) if f.size is not None else "?", status)
                 console.print(table)
                 console.print(f"to download: {human_bytes(event.to_download)}", markup=False)
             elif isinstance(event, core.Pulled):

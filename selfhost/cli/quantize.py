@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from selfhost.cli.console import console, err_console
+from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import UsageError
 
 
@@ -141,7 +141,7 @@ class _QuantizeProgress:
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[tensor]}"), console=err_console, transient=True,
+            TextColumn("{task.fields[tensor]}", markup=False), console=err_console, transient=True,
         )
         self.progress.__enter__()
         self.task = None
@@ -172,7 +172,7 @@ def _print_summary(result) -> None:  # noqa: ANN001
     from selfhost.atomic import human_bytes
 
     ratio = result.output_size / result.input_size if result.input_size else 0
-    console.print(f"[bold]{result.output}[/bold]")
+    console.print(str(result.output), style="bold", markup=False)
     console.print(
         f"  size {human_bytes(result.input_size)} -> {human_bytes(result.output_size)} ({ratio:.0%}), "
         f"bits per weight {result.input_bpw:.2f} -> {result.output_bpw:.2f}, {result.seconds:.1f} s",
@@ -194,7 +194,7 @@ def _with_eval_progress(run):  # noqa: ANN001, ANN202
     from selfhost.quantize.compare import EvalStarted, WindowDone
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
         console=err_console, transient=True,
     ) as progress:
         tasks: dict[str, int] = {}
@@ -222,7 +222,8 @@ def _print_report(report) -> None:  # noqa: ANN001
     for row in report.rows:
         delta = "reference" if row.reference else f"{row.ppl_increase:+.4f}"
         table.add_row(
-            row.name, row.quant, human_bytes(row.size), f"{row.bpw:.2f}", f"{row.ppl:.4f}", delta,
+            plain(row.name), plain(row.quant), human_bytes(row.size), f"{row.bpw:.2f}",
+            f"{row.ppl:.4f}", delta,
             f"{row.prompt_tok_s:.1f}", f"{row.gen_tok_s:.1f}",
         )
     console.print(table)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from selfhost.cli.console import console
+from selfhost.cli.console import console, plain
 
 mnist_app = typer.Typer(
     help="Use the MNIST digit classifier trained by `selfhost train mnist`.", no_args_is_help=True
@@ -30,7 +30,7 @@ class _Renderer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
@@ -61,8 +61,9 @@ class _Renderer:
             if key in self.tasks:
                 p.remove_task(self.tasks.pop(key))
             p.console.print(
-                f"[yellow]{event.url} failed ({event.reason}); trying the next mirror[/]",
-                markup=True,
+                f"{event.url} failed ({event.reason}); trying the next mirror",
+                style="yellow",
+                markup=False,
                 highlight=False,
             )
         elif isinstance(event, dl.FileReady):
@@ -70,7 +71,7 @@ class _Renderer:
             if key in self.tasks:
                 p.remove_task(self.tasks.pop(key))
             if event.downloaded:
-                p.console.print(f"downloaded and verified {event.path}", highlight=False)
+                p.console.print(f"downloaded and verified {event.path}", highlight=False, markup=False)
 
 
 def _render_training(events: Any) -> Any:
@@ -87,6 +88,7 @@ def _render_training(events: Any) -> Any:
                     f"training on {event.device} ({where}): {event.n_train:,} images, test {event.n_test:,}, "
                     f"{event.parameters:,} parameters, {event.epochs} epochs{resumed}",
                     highlight=False,
+                    markup=False,
                 )
             elif isinstance(event, Step):
                 key = ("epoch", event.epoch)
@@ -183,8 +185,11 @@ def train_mnist(
     print_curves(done.model_path.parent)
     console.print(_confusion_table(done.confusion, "confusion matrix on the test set (rows: true digit)"))
     console.print(
-        f"test accuracy [bold]{_percent(done.test_accuracy)}[/] after {done.epochs} epochs "
-        f"({_duration(done.elapsed_s)}); model saved to {done.model_path}",
+        plain("test accuracy ")
+        + plain(_percent(done.test_accuracy), style="bold")
+        + plain(
+            f" after {done.epochs} epochs ({_duration(done.elapsed_s)}); model saved to {done.model_path}"
+        ),
         highlight=False,
     )
 
@@ -209,7 +214,9 @@ def predict(
     for column in ("image", "digit", "top 3"):
         table.add_column(column)
     for p in run(images, model, device):
-        table.add_row(str(p.path), f"[bold]{p.digit}[/]", "  ".join(f"{d}: {_percent(v)}" for d, v in p.top))
+        table.add_row(
+            plain(p.path), plain(p.digit, style="bold"), "  ".join(f"{d}: {_percent(v)}" for d, v in p.top)
+        )
     console.print(table)
 
 
@@ -257,8 +264,9 @@ def evaluate(
     trained = report.metadata.get("epochs_done", "?")
     console.print(_confusion_table(report.confusion, "confusion matrix (rows: true digit)"))
     console.print(
-        f"{report.model_path} ({trained} epochs): test accuracy [bold]{_percent(report.accuracy)}[/] "
-        f"on {report.n:,} images, loss {report.loss:.4f}",
+        plain(f"{report.model_path} ({trained} epochs): test accuracy ")
+        + plain(_percent(report.accuracy), style="bold")
+        + plain(f" on {report.n:,} images, loss {report.loss:.4f}"),
         highlight=False,
     )
     if errors is not None:

@@ -15,6 +15,7 @@ import ctypes
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info, paths
-from selfhost.errors import IntegrityError, ModelLoadError, SelfhostError, UsageError
+from selfhost.errors import DiskSpaceError, IntegrityError, ModelLoadError, SelfhostError, UsageError
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
 from selfhost.system_info import available_memory
 
@@ -234,6 +235,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     if out.exists() and not options.force:
         raise UsageError(f"{out} already exists", hint="pass --force to overwrite it, or --out another path")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_orphans(out.parent)
     input_size = sum(p.stat().st_size for p in resolved.parts) or info.size
     atomic.ensure_free_space(out.parent, input_size, "the quantized model")
     _check_ram(info)
@@ -296,6 +298,11 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
             raise outcome["error"]
         if outcome.get("rc") != 0:
             reason = parser.error_line() or "unknown error"
+            if _disk_full(out.parent, reason):
+                raise DiskSpaceError(
+                    f"the disk is full: llama.cpp could not write {out.name} in {out.parent}",
+                    hint="free some space or choose another --out; nothing was registered",
+                )
             raise ModelLoadError(
                 f"llama.cpp could not quantize {resolved.path.name} to {qtype.name}: {reason}"
             )
@@ -344,6 +351,26 @@ def _next(events: queue.Queue[Any]) -> Any:
     while True:  # a timeout keeps the main thread responsive to Ctrl-C
         with contextlib.suppress(queue.Empty):
             return events.get(timeout=0.2)
+
+
+def _sweep_orphans(folder: Path) -> None:
+    """Partial outputs of quantize runs that were killed (kill -9, power loss) go before writing."""
+    from selfhost.store import Store
+
+    Store().sweep_temp_files()
+    atomic.sweep_stale(folder)
+
+
+def _disk_full(folder: Path, reason: str) -> bool:
+    """llama.cpp reports a full disk as an 'iostream error'; the free space says what it was."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return False
+    return "no space" in reason.lower() or free < DISK_FULL_MARGIN
+
+
+DISK_FULL_MARGIN = 4 * 1024 * 1024  # less free than this after a failed write: the disk filled up
 
 
 def _make_readable(path: Path) -> None:

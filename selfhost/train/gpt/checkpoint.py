@@ -7,6 +7,8 @@ python, the batch sampler's) and the step to continue from, plus the config and 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 import random
@@ -19,6 +21,7 @@ import torch
 
 from selfhost import atomic
 from selfhost.errors import IntegrityError, NotFoundError
+from selfhost.train.gpt.model import GPT, GPTConfig
 
 FORMAT = "selfhost-gpt"
 VERSION = 1
@@ -29,6 +32,7 @@ BEST_NAME = "best.pt"  # the weights with the lowest val loss so far (what expor
 def save(path: Path, payload: dict[str, Any]) -> Path:
     """Write `payload` to `path` atomically: a crash or Ctrl-C leaves the previous checkpoint intact."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
+    atomic.sweep_stale(Path(path).parent)  # temp files of a run killed while it saved
     with atomic.atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
         with open(tmp, "rb+") as fh:
@@ -36,8 +40,10 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint (weights only). Raises NotFoundError / IntegrityError with one clear line."""
+def load(path: Path, map_location: str | torch.device = "cpu", resume: bool = False) -> dict[str, Any]:
+    """Read a checkpoint (weights only) and check it field by field (`resume`: also the optimizer,
+    scheduler, step and RNG state a resumed run needs). Raises NotFoundError / IntegrityError
+    with one clear line."""
     path = resolve(path)
     if not path.is_file():
         raise NotFoundError(f"no checkpoint at {path}", hint="train first with `selfhost train gpt`")
@@ -52,10 +58,145 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise IntegrityError(f"{path} is not a selfhost GPT checkpoint")
     if data.get("version") != VERSION:
         raise IntegrityError(f"checkpoint {path} has unsupported version {data.get('version')}")
-    for key in ("model_args", "config", "tokenizer", "model"):
+    required = ("model_args", "config", "tokenizer", "model") + (RESUME_KEYS if resume else ())
+    for key in required:
         if key not in data:
             raise IntegrityError(f"checkpoint {path} is incomplete (no '{key}')")
+    try:
+        validate(data)
+    except IntegrityError as exc:
+        raise IntegrityError(f"checkpoint {path} is damaged: {exc.message}",
+                             hint="resume from an earlier run or train again") from None  # fmt: skip
     return data
+
+
+RESUME_KEYS = ("optimizer", "scheduler", "iter_num", "best_val_loss", "rng")
+_MODEL_ARG_BOUNDS = {
+    "vocab_size": (1, 10_000_000),
+    "block_size": (1, 1 << 20),
+    "n_layer": (1, 512),
+    "n_head": (1, 4096),
+    "n_embd": (1, 1 << 16),
+}
+
+
+def validate(data: dict[str, Any]) -> None:
+    """Every field a loader reads, checked for type, range, shape and finite values (IntegrityError)."""
+    args = _model_args(data["model_args"])
+    _check(isinstance(data["config"], dict), "config is not a table")
+    _check(isinstance(data["tokenizer"], str), "tokenizer is not a saved tokenizer (JSON text)")
+    _state_dict(data["model"], args)
+    if "iter_num" in data:
+        it = data["iter_num"]
+        _check(isinstance(it, int) and not isinstance(it, bool) and it >= 0, f"iter_num is {it!r}")
+    for key in ("best_val_loss", "val_loss"):
+        value = data.get(key)
+        _check(
+            value is None or (isinstance(value, (int, float)) and not math.isnan(value)),
+            f"{key} is {value!r}",
+        )
+    if "optimizer" in data:
+        _optimizer(data["optimizer"])
+    if "scheduler" in data:
+        _check(isinstance(data["scheduler"], dict), "scheduler is not a table")
+    if "rng" in data:
+        _rng(data["rng"])
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise IntegrityError(message)
+
+
+def _model_args(args: Any) -> dict[str, Any]:
+    _check(isinstance(args, dict), "model_args is not a table")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = set(args) - fields
+    _check(not unknown, f"model_args has unknown field {sorted(map(str, unknown))[:1]}")
+    for key, (low, high) in _MODEL_ARG_BOUNDS.items():
+        value = args.get(key)
+        _check(
+            isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+            f"model_args.{key} is {value!r}, expected an integer in {low}..{high}",
+        )
+    _check(args["n_embd"] % args["n_head"] == 0, "model_args.n_head does not divide n_embd")
+    dropout = args.get("dropout", 0.0)
+    _check(isinstance(dropout, (int, float)) and 0 <= dropout < 1, f"model_args.dropout is {dropout!r}")
+    return args
+
+
+def _state_dict(state: Any, args: dict[str, Any]) -> None:
+    """The weights: exactly the tensors of GPT(model_args), same shapes, finite floats."""
+    _check(isinstance(state, dict), "model is not a table of tensors")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**args)).state_dict().items()}
+    for key, tensor in state.items():
+        _check(isinstance(tensor, torch.Tensor), f"model.{key} is not a tensor")
+        _check(key in expected, f"model has an unexpected tensor '{key}'")
+        _check(
+            tuple(tensor.shape) == expected[key],
+            f"model.{key} has shape {tuple(tensor.shape)}, expected {expected[key]}",
+        )
+        _check(tensor.is_floating_point(), f"model.{key} is {tensor.dtype}, not floating point")
+        _check(bool(torch.isfinite(tensor).all()), f"model.{key} holds NaN or infinite values")
+    missing = sorted(set(expected) - set(state))
+    _check(not missing, f"model has no tensor '{missing[0] if missing else ''}'")
+
+
+def _optimizer(opt: Any) -> None:
+    _check(
+        isinstance(opt, dict)
+        and isinstance(opt.get("state"), dict)
+        and isinstance(opt.get("param_groups"), list),
+        "optimizer state is malformed",
+    )
+    for group in opt["param_groups"]:
+        _check(
+            isinstance(group, dict)
+            and isinstance(group.get("params"), list)
+            and all(isinstance(p, int) for p in group["params"]),
+            "optimizer param_groups are malformed",
+        )
+    for key, entry in opt["state"].items():
+        _check(isinstance(entry, dict), f"optimizer state {key!r} is malformed")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                _check(bool(torch.isfinite(value).all()), f"optimizer state {key}.{name} is not finite")
+
+
+def _rng(rng: Any) -> None:
+    _check(isinstance(rng, dict), "rng is not a table")
+    t = rng.get("torch")
+    _check(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == torch.get_rng_state().shape,
+        "rng.torch is not a torch RNG state",
+    )
+    npst = rng.get("numpy")
+    _check(
+        isinstance(npst, dict)
+        and isinstance(npst.get("keys"), torch.Tensor)
+        and tuple(npst["keys"].shape) == (624,)
+        and isinstance(npst.get("pos"), int)
+        and 0 <= npst["pos"] <= 624
+        and isinstance(npst.get("has_gauss"), int)
+        and isinstance(npst.get("cached"), (int, float)),
+        "rng.numpy is not a numpy RNG state",
+    )
+    py = rng.get("python")
+    _check(
+        isinstance(py, (tuple, list))
+        and len(py) == 3
+        and isinstance(py[1], (tuple, list))
+        and len(py[1]) == 625
+        and all(isinstance(x, int) for x in py[1]),
+        "rng.python is not a python RNG state",
+    )
+    sampler = rng.get("sampler")
+    _check(
+        sampler is None or (isinstance(sampler, dict) and isinstance(sampler.get("state"), dict)),
+        "rng.sampler is not a numpy generator state",
+    )
+    _check(isinstance(rng.get("ranks", []), list), "rng.ranks is not a list")
 
 
 def resolve(path: Path) -> Path:

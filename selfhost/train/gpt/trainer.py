@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from selfhost import atomic
-from selfhost.errors import UsageError
+from selfhost.errors import IntegrityError, UsageError
 from selfhost.train.gpt import checkpoint, data, estimate, tokenizer
 from selfhost.train.gpt.config import TrainConfig, validate_config
 from selfhost.train.gpt.model import GPT, GPTConfig
@@ -298,6 +298,31 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
     return validate_config(values)
 
 
+def _restore(ckpt: dict[str, Any], path: Path, raw_model: Any, stepper: Any, sampler: Any,
+             dist: Dist) -> tuple[int, float]:  # fmt: skip
+    """Put a checkpoint's state back (checked by checkpoint.load; what torch still refuses is
+    reported as a damaged checkpoint, not an internal error). Returns (step, best val loss)."""
+    try:
+        raw_model.load_state_dict(ckpt["model"])
+        stepper.optimizer.load_state_dict(ckpt["optimizer"])
+        stepper.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            stepper.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        checkpoint.set_rng_state(rng)
+        ranks = rng.get("ranks", [])
+        mine = ranks[dist.rank] if dist.rank < len(ranks) else None
+        if mine is not None:
+            torch.set_rng_state(mine["torch"])
+            sampler.set_state(mine["sampler"])
+        elif dist.rank == 0:
+            sampler.set_state(rng["sampler"])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise IntegrityError(f"checkpoint {path} is damaged: {type(exc).__name__}: {str(exc)[:200]}",
+                             hint="resume from an earlier run or train again") from None  # fmt: skip
+    return int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+
+
 def save_arrays(run_dir: Path, tok: tokenizer.Tokenizer, ds: data.Dataset, cfg: TrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tok.save(run_dir / "tokenizer.json")
@@ -392,7 +417,7 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
     ckpt_path = run_dir / checkpoint.CKPT_NAME
     ckpt: dict[str, Any] | None = None
     if req.resume:
-        ckpt = checkpoint.load(ckpt_path)
+        ckpt = checkpoint.load(ckpt_path, resume=True)
         cfg = resume_config(ckpt["config"], req.overrides)
         tok = tokenizer.from_json(ckpt["tokenizer"])
         ds = data.Dataset.load(run_dir)
@@ -451,21 +476,7 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
 
     start_iter, best_val = 0, float("inf")
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        stepper.optimizer.load_state_dict(ckpt["optimizer"])
-        stepper.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            stepper.scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        rng = ckpt["rng"]
-        checkpoint.set_rng_state(rng)
-        ranks = rng.get("ranks", [])
-        mine = ranks[dist.rank] if dist.rank < len(ranks) else None
-        if mine is not None:
-            torch.set_rng_state(mine["torch"])
-            sampler.set_state(mine["sampler"])
-        elif dist.rank == 0:
-            sampler.set_state(rng["sampler"])
+        start_iter, best_val = _restore(ckpt, ckpt_path, raw_model, stepper, sampler, dist)
 
     def save(it: int, val_loss: float | None) -> Path:
         local = {"torch": torch.get_rng_state(), "sampler": sampler.state()}

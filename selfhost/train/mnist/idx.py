@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from selfhost.errors import IntegrityError, NotFoundError
 
@@ -59,17 +60,40 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
-def read_bytes(path: Path) -> bytes:
-    """The decompressed content of `path` (gzip is detected by its magic, not by the name)."""
+MAX_IDX_BYTES = 256 * 1024 * 1024  # decompressed; MNIST's largest file is 47 MB
+
+
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The decompressed content of `path` (gzip is detected by its magic, not by the name).
+
+    Never more than `limit` bytes are read or decompressed: a gzip bomb is refused after
+    `limit` bytes of output, not after filling the memory."""
     path = Path(path)
+    limit = MAX_IDX_BYTES if limit is None else limit
     with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw[:2] == b"\x1f\x8b":
+        magic = fh.read(2)
+        fh.seek(0)
+        if magic != b"\x1f\x8b":
+            raw = fh.read(limit + 1)
+            if len(raw) > limit:
+                raise IntegrityError(f"{path} is larger than {limit >> 20} MiB: not an MNIST-sized IDX file")
+            return raw
         try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+            return _gunzip_bounded(fh, limit, path)
+        except (OSError, EOFError, zlib.error) as exc:
             raise IntegrityError(f"{path} is a corrupt gzip file: {exc}") from None
-    return raw
+
+
+def _gunzip_bounded(fh: BinaryIO, limit: int, path: Path) -> bytes:
+    out = bytearray()
+    with gzip.GzipFile(fileobj=fh) as gz:
+        while chunk := gz.read(1 << 20):
+            out += chunk
+            if len(out) > limit:
+                raise IntegrityError(
+                    f"{path} decompresses to more than {limit >> 20} MiB: not an MNIST-sized IDX file"
+                )
+    return bytes(out)
 
 
 def read_idx(path: Path) -> np.ndarray:

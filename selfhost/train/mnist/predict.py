@@ -7,6 +7,7 @@ in the centre; white ink on black, whatever the input's polarity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 INK_THRESHOLD = 0.2  # a pixel is part of the digit above this fraction of the strongest ink
+MAX_PIXELS = 40_000_000  # checked from the header, before decoding (a 12000x12000 PNG fits in 42 KB)
+WORK_SIDE = 1024  # larger images are scaled down to this before their pixels become floats
 
 
 def load_ink(path: Path) -> np.ndarray:
@@ -30,9 +33,24 @@ def load_ink(path: Path) -> np.ndarray:
     if not path.is_file():
         raise NotFoundError(f"image {path} does not exist")
     try:
-        with image_mod.open(path) as image:
+        with warnings.catch_warnings():  # Pillow's bomb warning: the size is checked right below
+            warnings.simplefilter("ignore", image_mod.DecompressionBombWarning)
+            opened = image_mod.open(path)  # reads the header only
+        with opened as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UsageError(
+                    f"{path} is {width}x{height} pixels: more than the {MAX_PIXELS // 1_000_000} million "
+                    "selfhost decodes for one digit",
+                    hint="crop or scale the image down",
+                )
+            image.draft(None, (WORK_SIDE, WORK_SIDE))  # JPEG: decode at a reduced scale directly
             image.load()
+            if max(image.size) > WORK_SIDE:  # 28x28 is the goal: no need to keep megapixels as floats
+                image.thumbnail((WORK_SIDE, WORK_SIDE))
             rgba = image.convert("RGBA")
+    except UsageError:
+        raise
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise IntegrityError(f"{path} is not a readable image: {exc}") from None
     pixels = np.asarray(rgba, dtype=np.float32) / 255.0  # (H, W, 4)

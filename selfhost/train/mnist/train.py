@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from selfhost import paths
 from selfhost.atomic import atomic_path
@@ -250,12 +251,32 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dic
             f"{path} holds another network layout ({metadata.get('arch')!r})",
             hint="train it again with this version of selfhost",
         )
-    model = Net(tuple(int(c) for c in metadata["channels"].split(",")))
+    model = Net(_channels(path, metadata.get("channels")))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise IntegrityError(f"{path} does not match the MNIST network: {exc}") from None
+        raise IntegrityError(
+            f"{path} does not match the MNIST network: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise IntegrityError(f"{path} is damaged: {name} holds NaN or infinite weights")
     return model.to(device).eval(), metadata
+
+
+MAX_CHANNELS = 1024  # per layer; the default net uses 32/64/128
+
+
+def _channels(path: Path, text: Any) -> tuple[int, int, int]:
+    """The three layer widths from the metadata, bounded before any weight is allocated."""
+    parts = text.split(",") if isinstance(text, str) else []
+    if len(parts) != 3 or not all(p.strip().isdigit() and 1 <= int(p) <= MAX_CHANNELS for p in parts):
+        raise IntegrityError(
+            f"{path} is damaged: its channels metadata {str(text)[:40]!r} "
+            f"is not three widths in 1..{MAX_CHANNELS}"
+        )
+    c1, c2, c3 = (int(p) for p in parts)
+    return c1, c2, c3
 
 
 # ---- the training loop ------------------------------------------------------------------------
