@@ -28,7 +28,7 @@ from selfhost.chat.messages import (
 )
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
-from selfhost.errors import UsageError
+from selfhost.errors import HistoryError, UsageError
 
 
 class Sampling(SamplingParams):
@@ -71,6 +71,7 @@ class ChatSession:
         self.window_start = 0  # messages before it no longer fit in the context
         self.last_usage: Usage | None = None
         self.totals = {"turns": 0, "generated": 0, "evaluated": 0, "reused": 0}
+        self.unsaved: HistoryError | None = None  # why the last reply is not in the history, if so
         self._grammar = grammar_for(schema) if schema is not None else None  # GBNF text
 
     @classmethod
@@ -242,7 +243,10 @@ class ChatSession:
         self.totals["generated"] += end.generated_tokens
         self.totals["evaluated"] += self.last_usage.evaluated_tokens
         self.totals["reused"] += end.reused_tokens
-        self.save()
+        try:
+            self.save()
+        except HistoryError as exc:  # disk full, database locked: the reply stands, the log says so
+            self.unsaved = exc
         done = DoneChunk(message=reply, usage=self.last_usage)
         if prepared.schema is not None:
             from selfhost.chat.schema import check_reply

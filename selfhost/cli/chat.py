@@ -179,6 +179,7 @@ def _one_shot(session, text: str, as_json: bool) -> None:  # noqa: ANN001
     if not text.strip():
         raise UsageError("the message is empty")
     done = _stream(session.chat(text), echo=not as_json)
+    unsaved = _take_unsaved(session)
     assert done is not None
     reply, usage = done.message, done.usage
     if as_json:
@@ -198,6 +199,8 @@ def _one_shot(session, text: str, as_json: bool) -> None:  # noqa: ANN001
         note = _finish_note(usage.finish_reason)
         if note:
             err_console.print(note, markup=False, highlight=False, style="dim")
+    if unsaved is not None:
+        raise unsaved
     if session.schema is not None and not done.schema_valid:
         raise SelfhostError(done.schema_error or "the reply does not match the schema")
 
@@ -261,6 +264,15 @@ def _turn(session, chunks) -> None:  # noqa: ANN001
             console.print(note, markup=False, style="dim")
     except KeyboardInterrupt:
         console.print("\n[interrupted]", markup=False, style="dim")
+    unsaved = _take_unsaved(session)
+    if unsaved is not None:
+        err_console.print(f"error: {unsaved}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _take_unsaved(session):  # noqa: ANN001, ANN202
+    """The history error of the last turn (the reply was shown but not written), once."""
+    unsaved, session.unsaved = session.unsaved, None
+    return unsaved
 
 
 def _command(session, text: str) -> str | None:  # noqa: ANN001

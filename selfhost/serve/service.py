@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -208,6 +209,8 @@ class Service:
         finally:
             if planned.session.log.store is not None:
                 planned.session.log.store.close()
+        if planned.session.unsaved is not None:  # --log failed: the client still gets its reply
+            print(f"selfhost serve: {planned.session.unsaved}", file=sys.stderr)
         finish = {"context": "length", "interrupted": "stop"}.get(
             done.usage.finish_reason, done.usage.finish_reason
         )
