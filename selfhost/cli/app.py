@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from selfhost import __version__
-from selfhost.cli import chat, history, info, models, pull, quantize, train_gpt, train_mnist
+from selfhost.cli import chat, convert, history, info, models, pull, quantize, train_gpt, train_mnist
 from selfhost.cli.console import err_console
 from selfhost.errors import SelfhostError
 
@@ -98,6 +98,7 @@ def _guard(typer_app: typer.Typer) -> None:
 pull.register(app)
 models.register(app)
 quantize.register(app)
+convert.register(app)
 chat.register(app)
 history.register(app)
 info.register(app)
