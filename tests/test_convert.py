@@ -103,6 +103,8 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch):
     with FakeHub() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
+        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
         yield server
 
 

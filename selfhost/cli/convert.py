@@ -56,20 +56,19 @@ def render(events: Iterable[object]) -> None:
                 bars.update(tasks[event.file], completed=event.done, total=event.total)
             elif isinstance(event, Retrying):
                 err_console.print(f"connection lost ({event.reason}); retrying {event.file}", markup=False)
-            elif isinstance(event, Started):
-                err_console.print(
-                    f"converting {event.source} ({event.architecture}, {event.n_params / 1e6:.1f} M "
-                    f"parameters) to GGUF ({event.outtype}) with llama.cpp's converter",
-                    markup=False, highlight=False,
-                )
-                tasks["<write>"] = bars.add_task("writing tensors", total=None)
+            elif isinstance(event, Started):  # on the transient bar: a failure leaves one error line
+                label = f"{event.architecture}, {event.n_params / 1e6:.1f} M parameters -> {event.outtype}"
+                tasks["<write>"] = bars.add_task(f"converting ({label})", total=None)
             elif isinstance(event, ConvertProgress):
                 bars.update(tasks["<write>"], completed=event.done, total=event.total)
             elif isinstance(event, Converted):
                 r = event.result
                 console.print(f"[bold]{r.output}[/bold]")
-                console.print(f"  {r.architecture}, {r.quant}, {human_bytes(r.size)}", markup=False,
-                              highlight=False)
+                console.print(
+                    f"  converted from {r.source} by llama.cpp's converter: {r.architecture}, "
+                    f"{r.n_params / 1e6:.1f} M parameters, {r.quant}, {human_bytes(r.size)}",
+                    markup=False, highlight=False,
+                )
                 if r.name:
                     console.print(
                         f"  registered as {r.name}: try `selfhost chat {r.name}` or "
