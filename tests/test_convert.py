@@ -168,3 +168,17 @@ def test_not_enough_disk(runner, tiny_hf, monkeypatch):
     line = one_error_line(runner.invoke(app, ["convert", str(tiny_hf)]))
     assert "not enough disk space" in line
     assert_nothing_left()
+
+
+def test_converter_environment_without_the_converter(runner, tiny_hf, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("SELFHOST_CONVERT_PYTHON", str(tmp_path / "no-python"))
+    assert "is not a Python interpreter" in one_error_line(runner.invoke(app, ["convert", str(tiny_hf)]))
+    bare = tmp_path / "bare-python"  # an interpreter that sees no site-packages: no converter, no torch
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    bare.chmod(0o755)
+    monkeypatch.setenv("SELFHOST_CONVERT_PYTHON", str(bare))
+    line = one_error_line(runner.invoke(app, ["convert", str(tiny_hf)]))
+    assert "converter cannot start" in line and "selfhost[convert]" in line
+    assert_nothing_left()

@@ -101,6 +101,8 @@ def quantize(
     with _QuantizeProgress() as progress:
         result = run_quantize(model, options, on_event=progress.handle)
     _print_summary(result)
+    if imatrix_out is not None:
+        console.print(f"  importance matrix kept in {imatrix_out}", markup=False, highlight=False)
     if text is not None:
         from selfhost.quantize.compare import compare as run_compare
 
@@ -208,8 +210,6 @@ def _print_summary(result) -> None:  # noqa: ANN001
         f"to another type (row size does not fit {result.type}); tensor types: {types}",
         highlight=False, markup=False,
     )
-    if result.imatrix:
-        console.print(f"  importance matrix kept in {result.imatrix}", markup=False, highlight=False)
     if result.name:
         console.print(f"  registered as {result.name}: try `selfhost chat {result.name}`", markup=False)
 

@@ -109,8 +109,9 @@ def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    name = _register(f"{base}:{info.quant}", dest, info, repo or str(model.path), repo, commit) \
-        if options.add_to_store else None
+    name = None
+    if options.add_to_store:
+        name = _register(f"{base}:{info.quant}", dest, info, repo or str(model.path), repo, commit)
     yield Converted(result=ConvertResult(
         name=name, output=dest, architecture=model.architecture, quant=info.quant, size=info.size,
         n_params=model.n_params, source=source,

@@ -345,6 +345,7 @@ def write_imatrix(
     out = Path(out)
     with atomic.atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch="imatrix")
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
         writer.add_type("imatrix")
         writer.add_array("imatrix.datasets", datasets)
         writer.add_uint32("imatrix.chunk_count", chunk_count)

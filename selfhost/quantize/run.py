@@ -4,7 +4,8 @@
 free disk and RAM), then runs llama.cpp on a worker thread while this generator yields typed
 events parsed from llama.cpp's own log: one `TensorDone` per tensor, then `Finished` with the
 summary. The output is written to a temp file beside the destination and renamed only when
-llama.cpp succeeded and the result reads back as the requested file type.
+llama.cpp succeeded and the result reads back as the requested file type. With a calibration text
+the importance matrix is computed first (selfhost.quantize.calibrate; its events come first).
 """
 
 from __future__ import annotations
