@@ -182,3 +182,23 @@ def test_converter_environment_without_the_converter(runner, tiny_hf, tmp_path, 
     line = one_error_line(runner.invoke(app, ["convert", str(tiny_hf)]))
     assert "converter cannot start" in line and "selfhost[convert]" in line
     assert_nothing_left()
+
+
+def test_pull_in_a_terminal_offers_to_convert(fake_hub, tmp_path):
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    fake_hub.add_file(REPO, "config.json", b'{"architectures": ["LlamaForCausalLM"]}')
+    fake_hub.add_file(REPO, "model.safetensors", b"\0" * 64)
+    env = dict(os.environ, TERM="dumb")
+    child = pexpect.spawn(sys.executable, ["-m", "selfhost", "pull", REPO], env=env, encoding="utf-8",
+                          timeout=60, dimensions=(40, 200))
+    try:
+        child.expect_exact("has no GGUF files. Convert its safetensors weights to GGUF now?")
+        child.sendline("n")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 1 and f"run `selfhost convert {REPO}`" in child.before
+    assert Store().list() == []
