@@ -124,5 +124,7 @@ def _cached(layout: hub.CacheLayout, remote: hub.RemoteFile) -> bool:
 
 
 def is_repo_id(source: str) -> bool:
-    """'owner/name' that is not an existing local path."""
-    return bool(hub.REPO_PATTERN.match(source)) and not Path(source).expanduser().exists()
+    """'owner/name' that is not an existing local path ('./x', '/x', '~/x' are always paths)."""
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        return False
+    return bool(hub.REPO_PATTERN.match(source))
