@@ -86,6 +86,9 @@ def test_converted_logits_and_tokens_match_transformers(runner, tiny_hf, tokeniz
     assert spread > 0.5 and diff < 0.02 * spread
     assert (cpp_logits.argmax(axis=1) == hf_logits.argmax(axis=1)).all()
 
+    again = one_error_line(runner.invoke(app, ["convert", str(tiny_hf), "--outtype", "f16"]))
+    assert "already exists" in again and "--force" in again
+
     # the registered name works at once
     quantized = runner.invoke(app, ["quantize", "tiny-llama:F16", "--type", "Q8_0", "--threads", "2"])
     assert quantized.exit_code == 0, quantized.output
