@@ -9,6 +9,10 @@
    left for `models show`). Best of N each; ratio goal <= 1.05.
 2. Quality: perplexity of F16 / Q8_0 / Q6_K / Q5_K_M / Q4_K_M / Q4_0 on a fixed chunk of
    tinyshakespeare (the first `chunks` windows), with size, bpw and tokens/s.
+3. Importance matrix (`--calibration`): seconds per 1k tokens to compute it over the shipped
+   calibration text, against a plain evaluation of the same chunks without the eval callback (same
+   run); then perplexity on held-out tinyshakespeare of Q4_K_M, IQ4_XS and Q3_K_M quantized without
+   and with that imatrix. `--only-imatrix` runs just this part.
 Reads ../shared/data/tinyshakespeare/input.txt; writes only to a temp dir.
 """
 
@@ -25,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 QUALITY_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+IMATRIX_TYPES = ("Q4_K_M", "IQ4_XS", "Q3_K_M")
 
 
 def bare_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
@@ -72,6 +77,66 @@ def synthetic_f16(path: Path) -> Path:
     return write_tiny_llama(path, n_embd=2048, n_ff=5632, n_layer=8, n_head=16, n_ctx=2048, dtype="f16")
 
 
+def plain_eval_seconds(model: Path, chunk_size: int, n_chunks: int, threads: int) -> float:
+    """The same chunks evaluated the same way as the imatrix run, with no eval callback."""
+    from selfhost.llama_backend import capture_logs, llama
+    from selfhost.quantize import calibrate
+
+    lib = llama()
+    with capture_logs():
+        llm, ctx = calibrate._load(lib, model, chunk_size, threads, lib.ggml_backend_sched_eval_callback())
+    try:
+        tokens = calibrate._tokenize(lib, llm.vocab, calibrate.default_calibration_text())
+        started = time.perf_counter()
+        for i in range(n_chunks):
+            calibrate._eval_chunk(lib, ctx, tokens[i * chunk_size : (i + 1) * chunk_size])
+        return time.perf_counter() - started
+    finally:
+        ctx.close()
+        llm.close()
+
+
+def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:
+    from selfhost.quantize.calibrate import ImatrixWritten, compute_imatrix, default_calibration_text
+    from selfhost.quantize.compare import compare
+    from selfhost.quantize.run import QuantizeOptions, run_quantize
+
+    matrix = work / "smollm2.imatrix.gguf"
+    events = list(compute_imatrix(f16, default_calibration_text(), matrix, dataset="calibration.txt",
+                                  chunk_size=args.imatrix_chunk_size, max_chunks=args.imatrix_chunks,
+                                  threads=args.threads))
+    written = next(e for e in events if isinstance(e, ImatrixWritten))
+    plain = plain_eval_seconds(f16, args.imatrix_chunk_size, written.n_chunks, args.threads)
+    print(f"\n## importance matrix: SmolLM2-135M F16, {written.n_chunks} chunks of {args.imatrix_chunk_size} "
+          f"tokens of the shipped calibration text\n")
+    print("| imatrix s / 1k tokens | plain eval s / 1k tokens (same run) | ratio | matrices |")
+    print("|---:|---:|---:|---:|")
+    per_1k, plain_1k = written.seconds / written.n_tokens * 1000, plain / written.n_tokens * 1000
+    print(f"| {per_1k:.2f} | {plain_1k:.2f} | {per_1k / plain_1k:.2f} | {written.n_entries} |", flush=True)
+
+    models = [str(f16)]
+    for qtype in IMATRIX_TYPES:
+        for suffix, imatrix in (("plain", None), ("imatrix", matrix)):
+            out = work / f"smollm2-{qtype}-{suffix}.gguf"
+            run_quantize(str(f16), QuantizeOptions(type=qtype, out=out, threads=args.threads, force=True,
+                                                   imatrix=imatrix, add_to_store=False))
+            models.append(str(out))
+    held_out = TEXT.read_text("utf-8")[-200_000:]  # the calibration text is selfhost's own, not Shakespeare
+    report = compare(models, held_out, window=args.window, chunks=args.chunks, threads=args.threads,
+                     gen_tokens=4)
+    by_file = {Path(row.path).name: row for row in report.rows}
+    print(f"\n## perplexity without / with the imatrix: held-out tinyshakespeare, {report.n_windows} windows "
+          f"of {report.window} tokens (F16: {by_file[f16.name].ppl:.4f})\n")
+    print("| type | bpw | ppl without imatrix | ppl with imatrix | change |")
+    print("|---|---:|---:|---:|---:|")
+    for qtype in IMATRIX_TYPES:
+        plain_row = by_file[f"smollm2-{qtype}-plain.gguf"]
+        imatrix_row = by_file[f"smollm2-{qtype}-imatrix.gguf"]
+        change = (imatrix_row.ppl / plain_row.ppl - 1) * 100
+        print(f"| {qtype} | {imatrix_row.bpw:.2f} | {plain_row.ppl:.4f} | {imatrix_row.ppl:.4f} "
+              f"| {change:+.1f}% |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,6 +146,9 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--no-large", action="store_true", help="skip the 0.8 GB synthetic input")
+    parser.add_argument("--only-imatrix", action="store_true", help="run only part 3 (importance matrix)")
+    parser.add_argument("--imatrix-chunks", type=int, default=4)
+    parser.add_argument("--imatrix-chunk-size", type=int, default=512)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="selfhost-bench-quantize-"))
@@ -97,6 +165,9 @@ def main() -> int:
     f16 = dequantize_gguf(source, work / "smollm2-135m-f16.gguf")
     print(f"input: {f16.name}, {f16.stat().st_size / 1e6:.1f} MB, threads {args.threads}, "
           f"repeats {args.repeats}, load average {os.getloadavg()[0]:.2f}")
+    if args.only_imatrix:
+        imatrix_section(f16, work, args)
+        return 0
 
     print("\n## quantize time: bare llama_model_quantize vs selfhost core (best of N, seconds)\n")
     print("| input | type | bare | selfhost | ratio | selfhost, no store | ratio "
@@ -131,6 +202,7 @@ def main() -> int:
         published_text = "" if published is None else f"+{published:.4f}"
         print(f"| {row.quant} | {row.size / 1e6:.1f} | {row.bpw:.2f} | {row.ppl:.4f} | {delta} | "
               f"{published_text} | {row.prompt_tok_s:.1f} | {row.gen_tok_s:.1f} |")
+    imatrix_section(f16, work, args)
     for path in work.rglob("*.gguf"):
         path.unlink()
     return 0

@@ -28,7 +28,19 @@ from selfhost.errors import IntegrityError, NotFoundError, UsageError
 from selfhost.registry import RegistryEntry, load_registry
 from selfhost.store import ModelRecord, Store, sha256_file
 
-__all__ = ["DryRun", "Notice", "Progress", "Pulled", "Resolved", "Retrying", "pull"]
+__all__ = ["ConvertibleRepo", "DryRun", "Notice", "Progress", "Pulled", "Resolved", "Retrying", "pull"]
+
+
+class ConvertibleRepo(NotFoundError):
+    """The repo has no GGUF, but Hugging Face weights that `selfhost convert` can turn into one."""
+
+    def __init__(self, repo: str, revision: str) -> None:
+        super().__init__(
+            f"{repo} has no GGUF files, but it has safetensors weights that selfhost can convert",
+            hint=f"run `selfhost convert {repo}`" + (f" --revision {revision}" if revision != "main" else ""),
+        )
+        self.repo = repo
+        self.revision = revision
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,8 @@ def _target(spec: hub.Spec, revision: str | None) -> _Target:
 def _from_hub(
     target: _Target, listing: hub.RepoListing, store: Store, *, dry_run: bool, retries: int
 ) -> Iterator[Event]:
+    if target.file is None and not listing.ggufs() and _convertible(listing):
+        raise ConvertibleRepo(target.repo, target.revision)
     if target.file is None:
         file, quant = hub.pick_gguf(listing, target.quant)
         target = _Target(f"{target.repo}:{quant}", target.repo, target.revision, file, quant)
@@ -267,6 +281,10 @@ def _partial(layout: hub.CacheLayout, remote: hub.RemoteFile) -> int:
         return 0
     part = layout.incomplete(remote.etag)
     return part.stat().st_size if part.exists() else 0
+
+
+def _convertible(listing: hub.RepoListing) -> bool:
+    return "config.json" in listing.files and any(f.endswith(".safetensors") for f in listing.files)
 
 
 # -- offline -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from selfhost import atomic, paths
 from selfhost.errors import NotFoundError, SelfhostError
 
-Source = Literal["hub", "local", "quantized", "trained", "embedded"]
+Source = Literal["hub", "local", "quantized", "trained", "embedded", "converted"]
 
 
 class ModelRecord(BaseModel):

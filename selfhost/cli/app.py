@@ -19,6 +19,7 @@ import typer
 from selfhost import __version__
 from selfhost.cli import (
     chat,
+    convert,
     history,
     info,
     models,
@@ -109,6 +110,7 @@ def _guard(typer_app: typer.Typer) -> None:
 pull.register(app)
 models.register(app)
 quantize.register(app)
+convert.register(app)
 chat.register(app)
 serve.register(app)
 history.register(app)

@@ -30,9 +30,25 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Download a GGUF model from the Hugging Face Hub (resumable, sha256-verified) and register it."""
-        from selfhost.pull import pull
+        from selfhost.pull import ConvertibleRepo, pull
 
-        render(pull(name, revision=revision, dry_run=dry_run, offline=offline))
+        try:
+            render(pull(name, revision=revision, dry_run=dry_run, offline=offline))
+        except ConvertibleRepo as exc:
+            if dry_run or not _interactive() or not typer.confirm(
+                f"{exc.repo} has no GGUF files. Convert its safetensors weights to GGUF now?", default=True
+            ):
+                raise
+            from selfhost.cli.convert import render as render_convert
+            from selfhost.convert.run import ConvertOptions, convert
+
+            render_convert(convert(exc.repo, ConvertOptions(revision=exc.revision)))
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def render(events: Iterable[object]) -> None:

@@ -42,6 +42,23 @@ def quantize(
     imatrix: Annotated[
         Path | None, typer.Option("--imatrix", help="Importance matrix file made by llama-imatrix.")
     ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration",
+            help="Compute an importance matrix from this text file ('default': the text shipped with "
+            "selfhost) and quantize with it.",
+        ),
+    ] = None,
+    imatrix_out: Annotated[
+        Path | None, typer.Option("--imatrix-out", help="Keep the computed importance matrix (GGUF) here.")
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", help="Tokens per calibration chunk (--calibration).")
+    ] = 512,
+    calibration_chunks: Annotated[
+        int | None, typer.Option("--calibration-chunks", help="Calibration chunks to use at most.")
+    ] = None,
     output_tensor_type: Annotated[
         str | None, typer.Option("--output-tensor-type", help="ggml type for output.weight, e.g. Q8_0.")
     ] = None,
@@ -76,12 +93,16 @@ def quantize(
     text = read_text(eval_text) if eval_text else None  # fail on a bad --eval before quantizing
     options = QuantizeOptions(
         type=type_, out=out, threads=threads, allow_requantize=allow_requantize, imatrix=imatrix,
+        calibration=calibration, imatrix_out=imatrix_out, chunk_size=chunk_size,
+        calibration_chunks=calibration_chunks,
         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, pure=pure,
         leave_output_tensor=leave_output_tensor, force=force,
     )
     with _QuantizeProgress() as progress:
         result = run_quantize(model, options, on_event=progress.handle)
     _print_summary(result)
+    if imatrix_out is not None:
+        console.print(f"  importance matrix kept in {imatrix_out}", markup=False, highlight=False)
     if text is not None:
         from selfhost.quantize.compare import compare as run_compare
 
@@ -137,11 +158,19 @@ class _QuantizeProgress:
     """Renders quantize events: a per-tensor progress bar, then notices."""
 
     def __enter__(self) -> _QuantizeProgress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[tensor]}", markup=False), console=err_console, transient=True,
+            TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", markup=False), console=err_console,
+            transient=True,
         )
         self.progress.__enter__()
         self.task = None
@@ -154,9 +183,25 @@ class _QuantizeProgress:
             err_console.print(f"note: {notice}", markup=False, highlight=False, soft_wrap=True)
 
     def handle(self, event: object) -> None:
+        from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten
         from selfhost.quantize.run import Notice, Planned, TensorDone
 
-        if isinstance(event, Planned):
+        if isinstance(event, ImatrixStarted):
+            err_console.print(
+                f"computing the importance matrix: {event.n_chunks} chunks of {event.chunk_size} tokens",
+                markup=False, highlight=False,
+            )
+            self.imatrix_task = self.progress.add_task("imatrix chunks", total=event.n_chunks, tensor="")
+        elif isinstance(event, ChunkDone):
+            self.progress.update(self.imatrix_task, completed=event.done, total=event.total)
+        elif isinstance(event, ImatrixWritten):
+            self.progress.remove_task(self.imatrix_task)
+            per_1k = event.seconds / event.n_tokens * 1000 if event.n_tokens else 0.0
+            err_console.print(
+                f"importance matrix: {event.n_entries} weight matrices, {event.n_tokens} tokens in "
+                f"{event.seconds:.1f} s ({per_1k:.1f} s per 1k tokens)", markup=False, highlight=False,
+            )
+        elif isinstance(event, Planned):
             err_console.print(
                 f"quantizing {event.input_name} ({event.input_quant}) -> {event.type} "
                 f"with {event.threads} threads", markup=False, highlight=False,

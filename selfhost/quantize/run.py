@@ -4,7 +4,8 @@
 free disk and RAM), then runs llama.cpp on a worker thread while this generator yields typed
 events parsed from llama.cpp's own log: one `TensorDone` per tensor, then `Finished` with the
 summary. The output is written to a temp file beside the destination and renamed only when
-llama.cpp succeeded and the result reads back as the requested file type.
+llama.cpp succeeded and the result reads back as the requested file type. With a calibration text
+the importance matrix is computed first (selfhost.quantize.calibrate; its events come first).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import DiskSpaceError, IntegrityError, ModelLoadError, SelfhostError, UsageError
+from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
 from selfhost.system_info import available_memory
 
@@ -38,6 +40,10 @@ class QuantizeOptions(BaseModel):
     threads: int | None = None
     allow_requantize: bool = False
     imatrix: Path | None = None
+    calibration: str | None = None  # text file (or "default") to compute an imatrix from in-process
+    imatrix_out: Path | None = None  # keep the computed imatrix here
+    chunk_size: int = 512  # calibration tokens per chunk (llama-imatrix's default context)
+    calibration_chunks: int | None = None  # at most this many chunks of the calibration text
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
     pure: bool = False
@@ -90,13 +96,14 @@ class QuantizeResult(BaseModel):
     n_fallback: int  # tensors whose row size does not fit the requested type's block
     fallbacks: dict[str, str]  # tensor name -> type it fell back to
     tensor_types: dict[str, int]  # output ggml type -> count
+    imatrix: Path | None = None  # the imatrix used, when it was kept (--imatrix / --imatrix-out)
 
 
 class Finished(BaseModel):
     result: QuantizeResult
 
 
-QuantizeEvent = Planned | Notice | TensorDone | Finished
+QuantizeEvent = Planned | Notice | TensorDone | Finished | ImatrixStarted | ChunkDone | ImatrixWritten
 
 
 # -- llama.cpp log parsing -----------------------------------------------------------------
@@ -197,12 +204,22 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     output_tensor_type = ggml_type_id(output_type, "--output-tensor-type") if output_type else None
     embd_type = options.token_embedding_type
     embedding_type = ggml_type_id(embd_type, "--token-embedding-type") if embd_type else None
-    if qtype.needs_imatrix and options.imatrix is None:
+    if options.imatrix is not None and options.calibration is not None:
+        raise UsageError("pass either --imatrix or --calibration, not both")
+    if options.imatrix_out is not None and options.calibration is None:
+        raise UsageError("--imatrix-out needs --calibration (the text to compute the imatrix from)")
+    if qtype.needs_imatrix and options.imatrix is None and options.calibration is None:
         raise UsageError(
             f"{qtype.name} needs an importance matrix: at so few bits per weight llama.cpp keeps a model "
             "usable only by weighting each weight by how much it matters",
-            hint="pass --imatrix FILE (made by llama-imatrix) or choose Q2_K / IQ3_XXS or larger",
+            hint="pass --calibration default (or a text file), or --imatrix FILE, or choose Q2_K / IQ3_XXS "
+            "or larger",
         )
+    calibration = None
+    if options.calibration is not None:
+        from selfhost.quantize.calibrate import calibration_text
+
+        calibration = calibration_text(options.calibration)  # a bad file fails before any work
     if options.threads is not None and options.threads < 1:
         raise UsageError("--threads must be at least 1")
 
@@ -239,6 +256,8 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     input_size = sum(p.stat().st_size for p in resolved.parts) or info.size
     atomic.ensure_free_space(out.parent, input_size, "the quantized model")
     _check_ram(info)
+    if calibration is not None:
+        imatrix = yield from _calibrate(resolved.path, out, calibration, options)
 
     lib = llama()
     threads = options.threads or default_threads()
@@ -329,6 +348,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
             input_bpw=round(info.bits_per_weight, 3), output_bpw=round(out_info.bits_per_weight, 3),
             seconds=round(seconds, 3), n_tensors=info.n_tensors, n_quantized=parser.n_quantized,
             n_fallback=n_fallback, fallbacks=parser.fallbacks, tensor_types=out_info.tensor_types,
+            imatrix=options.imatrix or options.imatrix_out,
         )
     )
 
@@ -395,6 +415,29 @@ def _register(name: str, out: Path, out_info: gguf_info.GGUFInfo, parent: str, q
         )
     )
     return name
+
+
+def _calibrate(
+    model: Path, out: Path, calibration: tuple[str, str], options: QuantizeOptions
+) -> Iterator[Any]:
+    """Compute the imatrix of `model` over the calibration text (events), then load it like a file.
+    Without --imatrix-out it is written beside the output and removed once loaded."""
+    from selfhost.quantize.calibrate import compute_imatrix
+    from selfhost.quantize.imatrix import load_imatrix
+
+    text, dataset = calibration
+    keep = options.imatrix_out is not None
+    target = Path(options.imatrix_out).expanduser() if keep else out.with_name(f".{out.stem}.imatrix.gguf")
+    try:
+        yield from compute_imatrix(
+            model, text, target, dataset=dataset, chunk_size=options.chunk_size,
+            max_chunks=options.calibration_chunks, threads=options.threads,
+        )
+        data = load_imatrix(target)
+    finally:
+        if not keep:
+            _unlink(target)
+    return data if keep else data.model_copy(update={"path": Path(dataset)})
 
 
 def _attach_imatrix(lib: Any, params: Any, imatrix: Any) -> list[Any]:

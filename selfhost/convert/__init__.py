@@ -1,0 +1,1 @@
+"""`selfhost convert`: Hugging Face safetensors -> GGUF with llama.cpp's own converter, then registered."""
