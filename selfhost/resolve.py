@@ -40,8 +40,8 @@ def resolve_model(ref: str | None, store: Store | None = None) -> ResolvedModel:
     except NotFoundError:
         pass
 
-    local = embedded_path(base)
-    if local is not None and quant in (None, embedded_quant(base)):
+    local = _embedded_file(base, quant)
+    if local is not None:
         return ResolvedModel(name=f"{base}:{embedded_quant(base)}", path=local)
 
     from selfhost.registry import load_registry
@@ -55,3 +55,21 @@ def resolve_model(ref: str | None, store: Store | None = None) -> ResolvedModel:
         f"unknown model '{ref}'",
         hint="use an alias from `selfhost models list --available`, a pulled name, or a .gguf path",
     )
+
+
+def _embedded_file(base: str, quant: str | None) -> Path | None:
+    """The packaged GGUF for `base`, only while the effective registry entry (user overrides
+    included) still names that same repo, file and quant: `pull` and `chat` must agree."""
+    from selfhost.registry import load_registry, parse_registry_file, shipped_registry_path
+
+    local, packaged_quant = embedded_path(base), embedded_quant(base)
+    if local is None or packaged_quant is None:
+        return None
+    entry = load_registry().get(base)
+    shipped = parse_registry_file(shipped_registry_path()).get(base)
+    if entry is None or shipped is None or entry.repo != shipped.repo:
+        return None
+    wanted = quant or entry.default_quant
+    if wanted != packaged_quant or entry.files.get(packaged_quant) != local.name:
+        return None
+    return local
