@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
 from selfhost import paths
 from selfhost.cli.app import app
+from tests.conftest import checkout_env, selfhost_command
 from tests.tinygguf import write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -282,13 +281,11 @@ def test_real_terminal_ctrl_c_stops_the_reply_and_the_chat_survives(tmp_path: Pa
     pexpect = pytest.importorskip("pexpect")
     # Greedy on these random weights never emits <|im_end|>: a reply runs until stopped.
     model = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=16384, n_embd=256, n_ff=512, n_head=4, seed=1)
-    exe = REPO / ".venv" / "bin" / "selfhost"
-    if not exe.exists():
-        exe = Path(sys.executable).parent / "selfhost"
-    env = dict(os.environ, TERM="dumb")
+    command = selfhost_command("chat", str(model), "-t", "0", "--threads", "1")
+    env = checkout_env(TERM="dumb")
     child = pexpect.spawn(
-        str(exe),
-        ["chat", str(model), "-t", "0", "--threads", "1"],
+        command[0],
+        command[1:],
         env=env,
         encoding="utf-8",
         timeout=60,

@@ -302,15 +302,14 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
 
 
 def test_installed_executable_keeps_llama_logs_off_the_terminal(tiny_f32, tmp_path):
-    import os
     import subprocess
-    import sys
 
-    exe = os.path.join(os.path.dirname(sys.executable), "selfhost")
+    from tests.conftest import checkout_env, selfhost_command
+
     out = tmp_path / "t.gguf"
     done = subprocess.run(
-        [exe, "quantize", str(tiny_f32), "-t", "Q5_K_M", "-o", str(out), "--threads", "1"],
-        capture_output=True, text=True, env={**os.environ}, timeout=120,
+        selfhost_command("quantize", str(tiny_f32), "-t", "Q5_K_M", "-o", str(out), "--threads", "1"),
+        capture_output=True, text=True, env=checkout_env(), timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "tiny:Q5_K_M" in done.stdout and gguf_info.inspect(out).quant == "Q5_K_M"
