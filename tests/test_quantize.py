@@ -314,3 +314,32 @@ def test_installed_executable_keeps_llama_logs_off_the_terminal(tiny_f32, tmp_pa
     assert done.returncode == 0, done.stderr
     assert "tiny:Q5_K_M" in done.stdout and gguf_info.inspect(out).quant == "Q5_K_M"
     assert "llama_model" not in done.stdout + done.stderr and "converting to" not in done.stderr
+
+
+def test_real_sigint_during_quantization_leaves_no_file_and_no_record(tmp_path):
+    """SIGINT to `python -m selfhost quantize` while llama.cpp writes: exit 130, nothing left behind."""
+    import signal
+    import subprocess
+
+    from tests.conftest import checkout_env, selfhost_command
+
+    big = write_tiny_llama(tmp_path / "big.gguf", n_embd=1024, n_ff=2048, n_layer=2, n_head=8)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    command = selfhost_command("quantize", str(big), "-t", "Q6_K", "-o", str(outdir / "big-Q6_K.gguf"))
+    proc = subprocess.Popen(
+        [*command, "--threads", "1"],
+        env=checkout_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.stat().st_size > 0 for p in outdir.glob("*.partial")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "quantization ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert list(outdir.iterdir()) == []
+    assert Store().list() == []
