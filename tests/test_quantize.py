@@ -343,3 +343,29 @@ def test_real_sigint_during_quantization_leaves_no_file_and_no_record(tmp_path):
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert list(outdir.iterdir()) == []
     assert Store().list() == []
+
+
+def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_path):
+    """The --eval table shows perplexity() of the input and of the output, and their difference."""
+    import re
+
+    from selfhost.quantize.perplexity import perplexity
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and then the other one sat there too. " * 40)
+    out = tmp_path / "e.gguf"
+    args = ["quantize", str(tiny_f32), "-t", "Q8_0", "--out", str(out), "--threads", "1"]
+    result = runner.invoke(app, [*args, "--eval", str(text), "--window", "64", "--chunks", "2"])
+    assert result.exit_code == 0, result.output
+    ref, quant = (
+        perplexity(p, text.read_text(), window=64, chunks=2, threads=1, gen_tokens=0).ppl
+        for p in (tiny_f32, out)
+    )
+    assert ref != quant
+    row = r"│ (\S+)\s+│ (F32|Q8_0)\s+│.*?│\s+([\d.]+) │\s+(reference|[+-][\d.]+) │"
+    rows = re.findall(row, result.output)
+    assert [(r[1], float(r[2])) for r in rows] == [
+        ("F32", pytest.approx(ref, abs=1e-4)),
+        ("Q8_0", pytest.approx(quant, abs=1e-4)),
+    ], result.output
+    assert float(rows[1][3]) == pytest.approx(quant - ref, abs=2e-4)
