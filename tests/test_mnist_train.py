@@ -319,7 +319,11 @@ def test_no_torch_import_for_help_and_missing_torch_is_one_line(tmp_path: Path) 
         f"r = CliRunner().invoke(app, ['train', 'mnist', '--data', {str(tmp_path)!r}])\n"
         "print(r.exit_code, r.output.strip())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from tests.conftest import checkout_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()
+    )
     first, second = out.stdout.strip().splitlines()
     assert first == "[]"
     assert second.startswith("1 error: PyTorch is not installed") and "selfhost[train]" in second
