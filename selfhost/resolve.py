@@ -173,8 +173,8 @@ def _locate(ref: str, store: Store) -> ResolvedModel:
     except NotFoundError:
         pass
 
-    local = embedded_path(base)
-    if local is not None and quant in (None, embedded_quant(base)):
+    local = _embedded_file(base, quant)
+    if local is not None:
         return _with_entry(ResolvedModel(name=f"{base}:{embedded_quant(base)}", path=local), base)
 
     if "/" in base:
@@ -208,3 +208,21 @@ def _sibling_parts(first: Path) -> list[Path]:
             hint=f"name its first part: {hub.split_part_names(first.name)[0]}",
         )
     return [first.with_name(n) for n in hub.split_part_names(first.name)]
+
+
+def _embedded_file(base: str, quant: str | None) -> Path | None:
+    """The packaged GGUF for `base`, only while the effective registry entry (user overrides
+    included) still names that same repo, file and quant: `pull` and `chat` must agree."""
+    from selfhost.registry import load_registry, parse_registry_file, shipped_registry_path
+
+    local, packaged_quant = embedded_path(base), embedded_quant(base)
+    if local is None or packaged_quant is None:
+        return None
+    entry = load_registry().get(base)
+    shipped = parse_registry_file(shipped_registry_path()).get(base)
+    if entry is None or shipped is None or entry.repo != shipped.repo:
+        return None
+    wanted = quant or entry.default_quant
+    if wanted != packaged_quant or entry.files.get(packaged_quant) != local.name:
+        return None
+    return local

@@ -55,6 +55,8 @@ class FakeHub:
         self.cuts_left: int | None = None  # None: cut every time; N: only the next N transfers
         self.corrupt: set[tuple[str, str]] = set()
         self.throttle_bps: int | None = None
+        self.ignore_range = False  # answer a Range request with 200 and the whole file
+        self.range_status: int | None = None  # answer every Range request with this status (e.g. 416)
         self.bytes_served = 0
         self.active = 0  # transfers in progress
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
@@ -234,7 +236,13 @@ class _Handler(BaseHTTPRequestHandler):
         start, end = 0, total - 1
         status = 200
         rng = self.headers.get("Range")
-        if rng and not head:
+        if rng and not head and self.fake.range_status is not None:
+            self.send_response(self.fake.range_status)
+            self.send_header("Content-Range", f"bytes */{total}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if rng and not head and not self.fake.ignore_range:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if m:
                 start = int(m.group(1))

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
 from selfhost import paths
 from selfhost.cli.app import app
+from tests.conftest import checkout_env, selfhost_command
 from tests.tinygguf import write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +34,8 @@ def test_one_shot_json_answers_paris_and_is_logged(runner, smollm2_gguf: Path) -
             "What is the capital of France?",
             "--system",
             "Answer in one short sentence.",
-            "--seed",
-            "7",
+            "-t",
+            "0",
             "-n",
             "24",
             "--json",
@@ -282,13 +281,11 @@ def test_real_terminal_ctrl_c_stops_the_reply_and_the_chat_survives(tmp_path: Pa
     pexpect = pytest.importorskip("pexpect")
     # Greedy on these random weights never emits <|im_end|>: a reply runs until stopped.
     model = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=16384, n_embd=256, n_ff=512, n_head=4, seed=1)
-    exe = REPO / ".venv" / "bin" / "selfhost"
-    if not exe.exists():
-        exe = Path(sys.executable).parent / "selfhost"
-    env = dict(os.environ, TERM="dumb")
+    command = selfhost_command("chat", str(model), "-t", "0", "--threads", "1")
+    env = checkout_env(TERM="dumb")
     child = pexpect.spawn(
-        str(exe),
-        ["chat", str(model), "-t", "0", "--threads", "1"],
+        command[0],
+        command[1:],
         env=env,
         encoding="utf-8",
         timeout=60,
@@ -320,3 +317,100 @@ def test_real_terminal_ctrl_c_stops_the_reply_and_the_chat_survives(tmp_path: Pa
     log = transcript.getvalue()[-3000:]
     assert [r[:2] for r in kept] == [("user", None), ("assistant", "interrupted")], log
     assert kept[1][2] == generated
+
+
+def chatml_token_count(model: Path):  # noqa: ANN201
+    """Token counts straight from llama.cpp's tokenizer (not selfhost's prompt code)."""
+    from llama_cpp import Llama
+
+    vocab = Llama(str(model), vocab_only=True, verbose=False)
+    return lambda text: len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+def test_repl_retry_generates_a_new_reply_that_replaces_the_row(runner, tiny_gguf: Path) -> None:
+    # unseeded at a high temperature: two 6-token replies of a random model never coincide
+    script = "hello\n/retry\n/stats\n/exit\n"
+    result = runner.invoke(app, ["chat", str(tiny_gguf), "-n", "6", "-t", "1.5", *FAST], input=script)
+    assert result.exit_code == 0, result.output
+    replies = [part.split("\n[reply stopped")[0] for part in result.output.split(">>> ")[1:3]]
+    assert len(replies) == 2 and replies[0] != replies[1], replies
+    assert "session: 2 replies, 12 generated" in result.output
+    assert re.search(r"prompt: (\d+) tokens, \1 reused|prompt: (\d+) tokens, (\d+) reused", result.output)
+    stored = rows("SELECT role, content, tokens FROM messages ORDER BY seq")
+    assert [(r[0], r[2]) for r in stored] == [("user", 4), ("assistant", 6)] and stored[0][1] == "hello"
+    assert stored[1][1] != replies[0]
+    assert stored[1][1].replace("\ufffd", "") == replies[1].replace("\ufffd", "")
+
+
+def test_continue_sends_the_earlier_turns_to_the_model(runner, tiny_gguf: Path) -> None:
+    first = runner.invoke(
+        app, ["chat", str(tiny_gguf), "-p", "summarise this", "-n", "4", "--seed", "1", *FAST]
+    )
+    assert first.exit_code == 0, first.output
+    fresh = runner.invoke(app, ["chat", str(tiny_gguf), "-p", "more", "-n", "4", "--json", "--no-log", *FAST])
+    again = runner.invoke(app, ["chat", str(tiny_gguf), "-c", "-p", "more", "-n", "4", "--json", *FAST])
+    assert fresh.exit_code == 0 and again.exit_code == 0, again.output
+    fresh_prompt = json.loads(fresh.output.partition("\n")[2])["usage"]["prompt_tokens"]
+    continued = json.loads(again.output.partition("\n")[2])["usage"]["prompt_tokens"]
+    ((user, reply),) = rows("SELECT u.content, a.content FROM messages u JOIN messages a ON a.seq = 1 "
+                          "WHERE u.seq = 0 AND u.conversation_id = 1 AND a.conversation_id = 1")  # fmt: skip
+    count = chatml_token_count(tiny_gguf)
+    earlier = count(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n")
+    assert earlier > 10 and continued == fresh_prompt + earlier
+
+
+def test_schema_reply_that_does_not_match_exits_1_with_data_null(
+    runner, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    schema = tmp_path / "s.json"
+    schema.write_text(
+        json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
+    )
+    # the grammar keeps the reply on the schema's path, but 3 tokens cannot close the object
+    args = ["chat", str(tiny_gguf), "-p", "json please", "--schema", str(schema), "-n", "3", "--seed", "1"]
+    result = runner.invoke(app, [*args, "--json", *FAST])
+    assert result.exit_code == 1, result.output
+    body = result.output.partition("\n")[2]
+    payload = json.loads(body[: body.rindex("}") + 1])
+    assert payload["schema_valid"] is False and payload["data"] is None
+    assert payload["finish_reason"] == "length" and payload["reply"].startswith("{")
+    assert result.output.splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
+    plain = runner.invoke(app, [*args, *FAST])
+    assert plain.exit_code == 1 and plain.output.splitlines()[-1].startswith("error: ")
+
+
+def test_trim_notice_and_the_system_prompt_survive_trimming_in_the_repl(
+    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_cpp import Llama
+
+    from selfhost.chat.batch import BatchEngine
+
+    model = write_tiny_llama(tmp_path / "ctx128.gguf", n_ctx=128)
+    prompts: list[list[int]] = []
+    submit = BatchEngine.submit
+
+    def spy(self, job):  # noqa: ANN001, ANN202 - records what reaches llama.cpp, changes nothing
+        prompts.append(list(job.prompt))
+        return submit(self, job)
+
+    monkeypatch.setattr(BatchEngine, "submit", spy)
+    script = "".join(f"turn {i}: tell me more\n" for i in range(12)) + "/history\n/exit\n"
+    args = ["chat", str(model), "-s", "Be brief.", "-n", "16", "--seed", "1", *FAST]
+    result = runner.invoke(app, args, input=script)
+    out = result.output
+    assert result.exit_code == 0, out
+    notices = re.findall(
+        r"\[dropped the (\d+) oldest turn\(s\) to fit the context; (\d+) out of context", out
+    )
+    assert notices and int(notices[-1][1]) == sum(int(n) for n, _ in notices)
+    assert "system: Be brief." in out and "out of context" in out.split("system: Be brief.")[1]
+    vocab = Llama(str(model), vocab_only=True, verbose=False)
+    texts = [vocab.detokenize(p, special=True).decode("utf-8", "replace") for p in prompts]
+    assert len(texts) == 12 and all(len(p) <= 128 for p in prompts)
+    assert all(
+        t.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nturn ") for t in texts
+    )
+    assert "turn 0:" not in texts[-1] and "turn 11:" in texts[-1]
+    assert rows("SELECT system FROM conversations") == [("Be brief.",)]
+    assert rows("SELECT COUNT(*) FROM messages") == [(24,)]  # trimmed from the context, not from the log

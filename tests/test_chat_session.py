@@ -106,14 +106,24 @@ def smol(smollm2_gguf: Path) -> ChatSession:
 
 def test_smollm2_knows_the_capital_of_france(smol: ChatSession) -> None:
     smol.reset()
-    smol.sampling = Sampling(temperature=0.8, seed=7, max_tokens=24)
-    text, done, _ = run_turn(smol.chat("What is the capital of France?"))
-    smol.sampling = Sampling(temperature=0, max_tokens=24)
+    smol.model.engine.clear_cache()
+    text, done, _ = run_turn(smol.chat("What is the capital of France?"))  # greedy
     assert "Paris" in text
-    assert done.message.content == text and done.message.role == "assistant"
+    assert done.message.content == text
     u = done.usage
-    assert u.generated_tokens == done.message.tokens > 0 and u.finish_reason == "stop"
-    assert u.evaluated_tokens + u.reused_tokens == u.prompt_tokens
+    assert (
+        u.generated_tokens
+        == done.message.tokens
+        == len(smol.model.llm.tokenize(text.encode(), add_bos=False))
+    )
+    assert u.finish_reason == "stop"
+    # the prompt is the system prompt and the question in SmolLM2's ChatML, evaluated from a cold cache
+    expected = (
+        f"<|im_start|>system\n{BRIEF}<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert u.prompt_tokens == len(smol.model.llm.tokenize(expected.encode(), add_bos=False, special=True))
+    assert (u.reused_tokens, u.evaluated_tokens) == (0, u.prompt_tokens)
     assert u.generation_tokens_per_s > 0 and u.time_to_first_token_s > 0
     assert smol.summary.backend == "CPU" and smol.summary.n_ctx == 1024 and smol.summary.quant == "Q4_1"
 
@@ -216,3 +226,21 @@ def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_pa
     assert engine.last_usage.finish_reason == "interrupted"
     _, done, _ = run_turn(engine.chat("go on"))
     assert done.usage.reused_tokens > 0 and [m.role for m in engine.messages] == ["user", "assistant"] * 2
+
+
+def test_kv_cache_reuse_gives_the_same_replies_as_a_cold_cache_over_20_trimmed_turns(tiny128: Path) -> None:
+    """Each turn's reply from the cached prefix equals the reply recomputed after clearing the cache."""
+    session = ChatSession.load(
+        str(tiny128), threads=1, sampling=Sampling(temperature=0.7, seed=5, max_tokens=12)
+    )
+    reused_turns = dropped = 0
+    for i in range(20):
+        cached, done, _ = run_turn(session.chat(f"turn {i}: tell me more"))
+        reused_turns += done.usage.reused_tokens > 0
+        dropped += done.usage.dropped_turns
+        session.model.engine.clear_cache()
+        cold, again, _ = run_turn(session.retry())
+        assert again.usage.reused_tokens == 0 and again.usage.prompt_tokens == done.usage.prompt_tokens
+        assert cold == cached, i
+        assert again.message.tokens == done.message.tokens
+    assert reused_turns >= 15 and dropped > 0  # the cache was really used, the window really moved

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 from selfhost.cli.app import app
+from tests.conftest import checkout_env, selfhost_command
 
 
 def test_help_lists_commands(runner):
@@ -31,16 +31,19 @@ def test_help_imports_no_heavy_modules():
         "heavy = {'torch', 'llama_cpp', 'huggingface_hub', 'gguf', 'tokenizers', 'numpy'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()
+    )
     assert out.stdout.strip() == "[]"
 
 
 def test_installed_executable_reports_one_line_errors(tmp_path):
-    exe = os.path.join(os.path.dirname(sys.executable), "selfhost")
-    env = {**os.environ, "SELFHOST_HOME": str(tmp_path)}
-    ok = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env)
+    env = checkout_env(SELFHOST_HOME=str(tmp_path))
+    ok = subprocess.run(selfhost_command("--help"), capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and "chat" in ok.stdout
-    bad = subprocess.run([exe, "models", "show", "no-such-model"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        selfhost_command("models", "show", "no-such-model"), capture_output=True, text=True, env=env
+    )
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
@@ -87,3 +90,24 @@ def test_boundary_maps_typed_errors_to_one_line(monkeypatch):
     monkeypatch.setenv("SELFHOST_DEBUG", "1")
     result = runner.invoke(demo, ["fail"])
     assert isinstance(result.exception, NotFoundError)
+
+
+def test_ci_turns_skips_into_failures(tmp_path):
+    """With CI=true a test that skips (missing ../shared/data or optional package) fails instead."""
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401\n"
+    )
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n\ndef test_needs_data():\n    pytest.skip('no data')\n"
+    )
+    (tmp_path / "test_module.py").write_text(
+        "import pytest\n\npytest.importorskip('no_such_package_xyz')\n\ndef test_x():\n    pass\n"
+    )
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command.append("--continue-on-collection-errors")
+    quiet = subprocess.run(command, capture_output=True, text=True, env=checkout_env(CI=""), cwd=tmp_path)
+    assert quiet.returncode == 0 and "2 skipped" in quiet.stdout, quiet.stdout
+    ci = subprocess.run(command, capture_output=True, text=True, env=checkout_env(CI="true"), cwd=tmp_path)
+    assert ci.returncode != 0 and "skipped" not in ci.stdout.splitlines()[-1], ci.stdout
+    assert "FAILED test_probe.py::test_needs_data - skipped under CI=true" in ci.stdout
+    assert "ERROR test_module.py - module skipped under CI=true" in ci.stdout

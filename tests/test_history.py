@@ -157,3 +157,70 @@ def test_history_cli_export_and_rm(runner, two_conversations, tmp_path: Path) ->
     assert gone.exit_code == 0 and "deleted conversation 2" in gone.output
     assert [c.id for c in HistoryStore().list()] == [1]
     assert paths.history_db().exists()
+
+
+V1_FIXTURE = Path(__file__).parent / "data" / "history_v1.db"  # frozen; built from history_v1.sql
+
+
+def test_committed_v1_database_is_migrated_keeping_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    path.write_bytes(V1_FIXTURE.read_bytes())
+    with sqlite3.connect(path) as db:  # the fixture really is the old schema
+        assert [r[1] for r in db.execute("PRAGMA table_info(messages)")][-1] == "model"
+    store = HistoryStore(path)
+    assert store.schema_version() == len(MIGRATIONS)
+    first, second = store.get(1), store.get(2)
+    assert (first.title, first.model, first.system) == (
+        "capital of France",
+        "smollm2-135m:Q4_1",
+        "Answer briefly.",
+    )
+    assert [(m.role, m.content, m.tokens, m.finish_reason) for m in first.messages] == [
+        ("user", "What is the capital of France?", 7, None),
+        ("assistant", "Paris.", 3, None),
+    ]
+    assert second.system is None and second.messages[1].content == "Soft rain on the roof"
+    assert [c.id for c in store.list()] == [2, 1]  # newest first (the index of migration 3)
+    # New turns are written with today's columns next to the old rows.
+    more = [
+        Message(role="user", content="And Italy?", tokens=3),
+        Message(role="assistant", content="Rome.", tokens=2, model="m", finish_reason="stop"),
+    ]
+    ChatLog(store, conversation_id=1).save(first.system, first.messages + more, "m")
+    store.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT conversation_id, seq, content, finish_reason FROM messages ORDER BY id")
+        assert [r for r in rows if r[0] == 1] == [
+            (1, 0, "What is the capital of France?", None),
+            (1, 1, "Paris.", None),
+            (1, 2, "And Italy?", None),
+            (1, 3, "Rome.", "stop"),
+        ]
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'conversations_by_updated'").fetchone()
+    assert V1_FIXTURE.read_bytes() != path.read_bytes()
+
+
+def test_a_failing_migration_rolls_back_and_leaves_the_database_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "history.db"
+    path.write_bytes(V1_FIXTURE.read_bytes())
+    ran: list[int] = []
+
+    def broken_m2(db: sqlite3.Connection) -> None:
+        MIGRATIONS_BEFORE[1](db)  # the real ALTER TABLE, then a crash before the migration is recorded
+        ran.append(2)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    MIGRATIONS_BEFORE = list(MIGRATIONS)
+    monkeypatch.setattr("selfhost.chat.history.MIGRATIONS", [MIGRATIONS[0], broken_m2, *MIGRATIONS[2:]])
+    with pytest.raises(HistoryError, match="unreadable or corrupt"):
+        HistoryStore(path).list()
+    assert ran == [2]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT MAX(version) FROM _migrations").fetchone()[0] == 1
+        assert "finish_reason" not in [r[1] for r in db.execute("PRAGMA table_info(messages)")]
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4
+    monkeypatch.undo()  # the fixed selfhost migrates the same file
+    store = HistoryStore(path)
+    assert store.schema_version() == len(MIGRATIONS) and len(store.get(1).messages) == 2

@@ -110,9 +110,15 @@ def test_saved_model_predicts_rendered_digits(trained, mnist_dir: Path, tmp_path
 
     predictions = list(predict(images, out / "model.safetensors"))
     assert [p.digit for p in predictions] == labels
-    for p in predictions:
+    model = load_model(out / "model.safetensors")[0]
+    for path, p in zip(images, predictions, strict=True):
         assert len(p.top) == 3 and p.top[0][1] >= p.top[1][1] >= p.top[2][1]
-        assert 0.99 <= sum(prob for _, prob in p.top) + (1 - sum(prob for _, prob in p.top)) <= 1.01
+        # the probabilities are the saved network's softmax on the MNIST-normalised pixels
+        pixels = torch.from_numpy(preprocess(path)).float()[None, None] / 255.0
+        with torch.no_grad():
+            probs = torch.softmax(model((pixels - 0.1307) / 0.3081), dim=1)[0]
+        assert [(d, pytest.approx(float(probs[d]), abs=1e-6)) for d, _ in p.top] == p.top
+        assert p.top[0][1] > 0.5 and sum(prob for _, prob in p.top) <= 1 + 1e-6
 
     result = runner.invoke(
         app, ["mnist", "predict", str(images[0]), str(images[1]), "--model", str(out / "model.safetensors")]
@@ -168,6 +174,30 @@ def test_resume_continues_an_interrupted_run(small_data: Path, tmp_path: Path) -
         list(train(tiny(small_data, tmp_path, resume=True)))
     with pytest.raises(NotFoundError, match="nothing to resume"):
         list(train(tiny(small_data, tmp_path / "empty", resume=True)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (selfhost/train/mnist/train.py, resume with the same plan): OneCycleLR's constructor resets "
+    "the optimizer's lr after optimizer.load_state_dict, so the first resumed step uses the initial lr; "
+    "build the schedule first, then load the optimizer and scheduler states (then drop this marker)",
+)
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(small_data: Path, tmp_path: Path) -> None:
+    """Training is deterministic: stop after epoch 1, resume, and the weights equal a straight 2-epoch run."""
+    straight = [e for e in train(tiny(small_data, tmp_path / "a", epochs=2)) if isinstance(e, Finished)][0]
+    events = train(tiny(small_data, tmp_path / "b", epochs=2))
+    for event in events:
+        if isinstance(event, EpochEnd):
+            break
+    events.close()
+    after_one = load_model(tmp_path / "b" / "model.safetensors")[0].state_dict()
+    resumed = [e for e in train(tiny(small_data, tmp_path / "b", resume=True)) if isinstance(e, Finished)][0]
+    wa = load_model(straight.model_path)[0].state_dict()
+    wb = load_model(resumed.model_path)[0].state_dict()
+    assert not all(torch.equal(wa[k], after_one[k]) for k in wa)  # epoch 2 changed the weights
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
+    assert resumed.test_accuracy == pytest.approx(straight.test_accuracy)
 
 
 def test_same_seed_same_model(small_data: Path, tmp_path: Path) -> None:
@@ -289,7 +319,11 @@ def test_no_torch_import_for_help_and_missing_torch_is_one_line(tmp_path: Path) 
         f"r = CliRunner().invoke(app, ['train', 'mnist', '--data', {str(tmp_path)!r}])\n"
         "print(r.exit_code, r.output.strip())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from tests.conftest import checkout_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()
+    )
     first, second = out.stdout.strip().splitlines()
     assert first == "[]"
     assert second.startswith("1 error: PyTorch is not installed") and "selfhost[train]" in second

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from selfhost.errors import (
 )
 from selfhost.pull import DryRun, Notice, Progress, Pulled, Retrying, pull
 from selfhost.store import Store
+from tests.conftest import checkout_env, selfhost_command
 from tests.hubserver import FakeHub
 
 REPO = "test/tiny-GGUF"
@@ -353,11 +352,10 @@ def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
     data = gguf_bytes("f32", n_embd=256, n_ff=512)
     fake_hub.add_file(REPO, "big-F32.gguf", data)
     fake_hub.throttle_bps = 2_000_000
-    exe = Path(sys.executable).parent / "selfhost"
-    env = {**os.environ, "HF_ENDPOINT": fake_hub.url}
+    env = checkout_env(HF_ENDPOINT=fake_hub.url)
     part = hub.CacheLayout.for_repo(REPO).incomplete(hashlib.sha256(data).hexdigest())
     proc = subprocess.Popen(
-        [str(exe), "pull", f"{REPO}:F32"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        selfhost_command("pull", f"{REPO}:F32"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (not part.exists() or part.stat().st_size < 512 * 1024):
@@ -372,7 +370,7 @@ def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
     fake_hub.wait_idle()  # the killed client's transfer thread may still be writing into a dead socket
     fake_hub.reset_counters()
     done = subprocess.run(
-        [str(exe), "pull", f"{REPO}:F32"], env=env, capture_output=True, text=True, timeout=60
+        selfhost_command("pull", f"{REPO}:F32"), env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stdout
@@ -380,7 +378,9 @@ def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
     record = Store().get(f"{REPO}:F32")
     assert record is not None and record.sha256 == hashlib.sha256(data).hexdigest()
 
-    bad = subprocess.run([str(exe), "pull", "tiny:NOPE"], env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        selfhost_command("pull", "tiny:NOPE"), env=env, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 

@@ -302,16 +302,70 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
 
 
 def test_installed_executable_keeps_llama_logs_off_the_terminal(tiny_f32, tmp_path):
-    import os
     import subprocess
-    import sys
 
-    exe = os.path.join(os.path.dirname(sys.executable), "selfhost")
+    from tests.conftest import checkout_env, selfhost_command
+
     out = tmp_path / "t.gguf"
     done = subprocess.run(
-        [exe, "quantize", str(tiny_f32), "-t", "Q5_K_M", "-o", str(out), "--threads", "1"],
-        capture_output=True, text=True, env={**os.environ}, timeout=120,
+        selfhost_command("quantize", str(tiny_f32), "-t", "Q5_K_M", "-o", str(out), "--threads", "1"),
+        capture_output=True, text=True, env=checkout_env(), timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "tiny:Q5_K_M" in done.stdout and gguf_info.inspect(out).quant == "Q5_K_M"
     assert "llama_model" not in done.stdout + done.stderr and "converting to" not in done.stderr
+
+
+def test_real_sigint_during_quantization_leaves_no_file_and_no_record(tmp_path):
+    """SIGINT to `python -m selfhost quantize` while llama.cpp writes: exit 130, nothing left behind."""
+    import signal
+    import subprocess
+
+    from tests.conftest import checkout_env, selfhost_command
+
+    big = write_tiny_llama(tmp_path / "big.gguf", n_embd=1024, n_ff=2048, n_layer=2, n_head=8)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    command = selfhost_command("quantize", str(big), "-t", "Q6_K", "-o", str(outdir / "big-Q6_K.gguf"))
+    proc = subprocess.Popen(
+        [*command, "--threads", "1"],
+        env=checkout_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.stat().st_size > 0 for p in outdir.glob("*.partial")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "quantization ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert list(outdir.iterdir()) == []
+    assert Store().list() == []
+
+
+def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_path):
+    """The --eval table shows perplexity() of the input and of the output, and their difference."""
+    import re
+
+    from selfhost.quantize.perplexity import perplexity
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and then the other one sat there too. " * 40)
+    out = tmp_path / "e.gguf"
+    args = ["quantize", str(tiny_f32), "-t", "Q8_0", "--out", str(out), "--threads", "1"]
+    result = runner.invoke(app, [*args, "--eval", str(text), "--window", "64", "--chunks", "2"])
+    assert result.exit_code == 0, result.output
+    ref, quant = (
+        perplexity(p, text.read_text(), window=64, chunks=2, threads=1, gen_tokens=0).ppl
+        for p in (tiny_f32, out)
+    )
+    assert ref != quant
+    row = r"│ (\S+)\s+│ (F32|Q8_0)\s+│.*?│\s+([\d.]+) │\s+(reference|[+-][\d.]+) │"
+    rows = re.findall(row, result.output)
+    assert [(r[1], float(r[2])) for r in rows] == [
+        ("F32", pytest.approx(ref, abs=1e-4)),
+        ("Q8_0", pytest.approx(quant, abs=1e-4)),
+    ], result.output
+    assert float(rows[1][3]) == pytest.approx(quant - ref, abs=2e-4)

@@ -114,3 +114,31 @@ def test_safe_filename_rejects_traversal(name):
 )
 def test_quant_of(file, quant):
     assert hub.quant_of(file) == quant
+
+
+def test_chat_follows_a_user_override_of_the_embedded_default(smollm2_gguf):
+    """`pull` and `chat` agree: an override to another repo/quant no longer resolves to the packaged file."""
+    from selfhost.errors import NotFoundError
+    from selfhost.resolve import resolve_model
+
+    assert resolve_model("smollm2-135m").path == smollm2_gguf  # shipped entry: the packaged copy
+    shipped = load_registry().get("smollm2-135m")
+    same = (
+        f'[models.smollm2-135m]\nrepo = "{shipped.repo}"\ndefault_quant = "Q4_1"\ncontext_length = 8192\n'
+        f'license = "apache-2.0"\ndescription = "mine"\nfiles = {{ Q4_1 = "{smollm2_gguf.name}" }}\n'
+    )
+    paths.user_registry().write_text(same)  # an override naming the same repo/file keeps it
+    assert resolve_model("smollm2-135m").path == smollm2_gguf
+    for repo, quant, file in [
+        ("me/smol-GGUF", "Q8_0", "smol-Q8_0.gguf"),  # another repo and quant
+        ("me/smol-GGUF", "Q4_1", smollm2_gguf.name),  # same file name, another repo
+        (shipped.repo, "Q8_0", shipped.files["Q8_0"] if "Q8_0" in shipped.files else "x-Q8_0.gguf"),
+    ]:
+        paths.user_registry().write_text(
+            f'[models.smollm2-135m]\nrepo = "{repo}"\ndefault_quant = "{quant}"\ncontext_length = 256\n'
+            f'license = "mit"\ndescription = "override"\nfiles = {{ {quant} = "{file}" }}\n'
+        )
+        with pytest.raises(NotFoundError, match="is not downloaded"):
+            resolve_model("smollm2-135m")
+        with pytest.raises(NotFoundError):
+            resolve_model("smollm2-135m:Q4_1")

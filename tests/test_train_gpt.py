@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,54 @@ def test_missing_torch_is_a_dependency_error(
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     result = runner.invoke(app, ["train", "gpt", "-d", str(text_file)])
     one_line_error(result, "PyTorch is not installed (install selfhost[train])")
+
+
+def _torchrun(out: Path, home: Path, *args: str, **popen: object) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_driver.py"), str(out), "train", "gpt", "--name", "ddp", "--no-export",
+           "--eval-interval", "50", *TINY_FLAGS, *args]  # fmt: skip
+    from tests.conftest import checkout_env
+
+    env = checkout_env(OMP_NUM_THREADS="1", SELFHOST_HOME=str(home))
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)  # type: ignore[arg-type]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_ranks_differ_in_data_stay_in_sync_and_resume_exactly_after_ctrl_c(
+    text_file: Path, tmp_path: Path
+) -> None:
+    """torchrun (gloo, 2 CPU ranks): each rank samples its own batches, the parameters stay identical,
+    and Ctrl-C then --resume ends with the weights and data order of an uninterrupted run."""
+    straight = _torchrun(tmp_path / "a", tmp_path / "home-a", "-d", str(text_file), "--iters", "120")
+    log = straight.communicate(timeout=240)[0]
+    assert straight.returncode == 0, log[-3000:]
+    a = tmp_path / "a"
+    batches = [(a / f"rank{r}.batches").read_text().splitlines() for r in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) >= 120
+    assert all(x != y for x, y in zip(batches[0], batches[1], strict=True))  # different data per rank
+    w0, w1 = (torch.load(a / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # parameters in sync after every step
+    saved = checkpoint.load(tmp_path / "home-a" / "runs" / "ddp" / "ckpt.pt")["model"]
+    assert all(torch.equal(saved[k], w0[k]) for k in w0)
+
+    b = tmp_path / "b"
+    cut = _torchrun(b, tmp_path / "home-b", "-d", str(text_file), "--iters", "120", start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and cut.poll() is None:
+        done = (b / "rank0.batches").read_text().count("\n") if (b / "rank0.batches").exists() else 0
+        if done >= 10:
+            break
+        time.sleep(0.02)
+    os.killpg(cut.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process of the group
+    log = cut.communicate(timeout=120)[0]
+    ckpt = checkpoint.load(tmp_path / "home-b" / "runs" / "ddp" / "ckpt.pt")
+    stopped_at = ckpt["iter_num"]
+    assert 10 <= stopped_at < 120 and len(ckpt["rng"]["ranks"]) == 2, log[-3000:]
+    resumed = _torchrun(b, tmp_path / "home-b", "--resume", "--iters", "120")
+    log = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0 and f"resuming at step {stopped_at}" in log, log[-3000:]
+    r0 = torch.load(b / "rank0.pt")
+    for k in w0:
+        torch.testing.assert_close(r0[k], w0[k], rtol=0, atol=1e-6, msg=k)
