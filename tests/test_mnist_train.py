@@ -176,12 +176,6 @@ def test_resume_continues_an_interrupted_run(small_data: Path, tmp_path: Path) -
         list(train(tiny(small_data, tmp_path / "empty", resume=True)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (selfhost/train/mnist/train.py, resume with the same plan): OneCycleLR's constructor resets "
-    "the optimizer's lr after optimizer.load_state_dict, so the first resumed step uses the initial lr; "
-    "build the schedule first, then load the optimizer and scheduler states (then drop this marker)",
-)
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(small_data: Path, tmp_path: Path) -> None:
     """Training is deterministic: stop after epoch 1, resume, and the weights equal a straight 2-epoch run."""
     straight = [e for e in train(tiny(small_data, tmp_path / "a", epochs=2)) if isinstance(e, Finished)][0]

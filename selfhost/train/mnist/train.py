@@ -343,8 +343,8 @@ def train(config: TrainConfig) -> Iterator[Event]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     same_plan = state is not None and (planned, steps) == (int(state["epochs"]), int(state.get("steps", -1)))
     if same_plan:
-        optimizer.load_state_dict(state["optimizer"])
         schedule = make_schedule(optimizer, config.lr, planned * steps)
+        optimizer.load_state_dict(state["optimizer"])  # after: OneCycleLR's constructor resets the lr
         schedule.load_state_dict(state["scheduler"])
     else:  # a new run, or a run extended/changed: a fresh one-cycle over the remaining epochs
         if state is not None:
