@@ -79,6 +79,16 @@ def check_header(path: Path) -> None:
         raise GGUFError(f"{path} has an implausible header ({n_tensors} tensors, {n_kv} keys)")
 
 
+def architecture(path: Path) -> str | None:
+    """`general.architecture` of a readable GGUF, without the model checks (None if unreadable)."""
+    try:
+        check_header(Path(path))
+        fields, _, _ = _read_tables(Path(path))
+    except (GGUFError, struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError):
+        return None
+    return _opt_str(fields.get("general.architecture"))
+
+
 def inspect(path: Path) -> GGUFInfo:
     """Fully validate `path` as a GGUF model and return its metadata. Raises GGUFError."""
     path = Path(path)

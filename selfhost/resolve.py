@@ -127,13 +127,9 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def _guess_kind(path: Path) -> Kind | None:
     from selfhost import gguf_info
-    from selfhost.errors import GGUFError
 
-    try:
-        arch = gguf_info.inspect(path).architecture
-    except GGUFError:
-        return None  # the caller's own validation reports it
-    return "embedding" if arch in EMBEDDING_ARCHITECTURES else None
+    # the architecture alone: an embedding model is refused for what it is, before the full checks
+    return "embedding" if gguf_info.architecture(path) in EMBEDDING_ARCHITECTURES else None
 
 
 def _with_entry(resolved: ResolvedModel, alias: str | None, repo: str | None = None) -> ResolvedModel:

@@ -127,7 +127,7 @@ def test_markup_in_history_titles_registry_and_file_names_is_printed_as_text(
 
     paths.user_registry().write_text(
         '[models.evil]\nrepo = "x/y"\nrevision = "main"\ndefault_quant = "Q8_0"\ncontext_length = 2048\n'
-        'license = "[/]"\ndescription = "[/] a [red]model"\nfiles = { Q8_0 = "y-Q8_0.gguf" }\n'
+        'license = "apache-2.0"\ndescription = "[/] a [red]model"\nfiles = { Q8_0 = "y-Q8_0.gguf" }\n'
     )
     result = runner.invoke(app, ["models", "list", "--available"])
     assert result.exit_code == 0, result.output
