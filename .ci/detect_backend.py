@@ -72,7 +72,8 @@ def cpu_flags(cpuinfo: str) -> str:
 
 def cuda_architectures(compute_caps: str | None) -> str | None:
     """"8.9\\n8.6" -> "86;89" (CMAKE_CUDA_ARCHITECTURES); None when nvidia-smi could not say."""
-    caps = sorted({m.group(1) + m.group(2) for m in re.finditer(r"(\d+)\.(\d+)", compute_caps or "")}, key=int)
+    found = re.finditer(r"(\d+)\.(\d+)", compute_caps or "")
+    caps = sorted({m.group(1) + m.group(2) for m in found}, key=int)
     return ";".join(caps) or None
 
 
@@ -135,11 +136,12 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def find_nvcc() -> tuple[str | None, bool]:
-    """(path, whether it is on PATH): PATH first, then $CUDA_HOME or $CUDA_PATH if set, else /usr/local/cuda."""
+    """(path, whether on PATH): PATH first, then $CUDA_HOME or $CUDA_PATH if set, else /usr/local/cuda."""
     found = shutil.which("nvcc")
     if found:
         return found, True
-    roots = [r for r in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if r] or ["/usr/local/cuda"]
+    given = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    roots = [r for r in given if r] or ["/usr/local/cuda"]
     for root in roots:
         if os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
             return os.path.join(root, "bin", "nvcc"), False

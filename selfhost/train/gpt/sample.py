@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,8 +21,11 @@ def generate(
     top_k: int | None = 200,
     seed: int | None = None,
     device: str = "auto",
+    use_cache: bool = True,
+    on_unseen: Callable[[tokenizer.Unseen], None] | None = None,
 ) -> Iterator[str]:
-    """Yield text pieces as they are generated (the prompt is not repeated)."""
+    """Yield text pieces as they are generated (the prompt is not repeated). Prompt characters the
+    model never saw are dropped; `on_unseen` hears about them first (count and examples)."""
     if max_tokens < 0:
         raise UsageError("--max-tokens must be 0 or more")
     if top_k is not None and top_k < 1:
@@ -36,11 +39,14 @@ def generate(
         gen.manual_seed(seed)
     else:
         gen.seed()
+    unseen = tok.unseen(prompt)
+    if unseen.total and on_unseen is not None:
+        on_unseen(unseen)
     prompt_ids = tok.encode(prompt)
     idx = torch.tensor([[tok.eot_id, *prompt_ids]], dtype=torch.long, device=dev)
     ids: list[int] = []
     shown = ""
-    for nxt in model.generate(idx, max_tokens, temperature, top_k, generator=gen):
+    for nxt in model.generate(idx, max_tokens, temperature, top_k, generator=gen, use_cache=use_cache):
         token = int(nxt)
         if token == tok.eot_id:
             break
