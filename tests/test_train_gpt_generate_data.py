@@ -196,16 +196,17 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) ->
     cpu = torch.device("cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(trainer, "cpu_cores", lambda: 4)
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(trainer, "busy_cores", lambda: 0.2)
     assert trainer.resolve_threads(0, cpu) == 4  # idle: every core
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    monkeypatch.setattr(trainer, "busy_cores", lambda: 2.6)
     assert trainer.resolve_threads(0, cpu) == 1  # 4 - 2.6 -> 1
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(trainer, "busy_cores", lambda: 9.0)
     assert trainer.resolve_threads(0, cpu) == 1 and torch.get_num_threads() == 1  # never zero
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(trainer, "busy_cores", lambda: 0.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert trainer.resolve_threads(0, cpu) == 2  # two processes share the cores
     assert trainer.resolve_threads(3, cpu) == 3  # asked for: as asked
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert trainer.resolve_threads(0, cpu) is None  # torchrun's (or the user's) choice stands
     assert trainer.resolve_threads(0, torch.device("meta")) is None
+    assert 0 <= trainer.busy_cores() < 1000
