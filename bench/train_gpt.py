@@ -226,7 +226,7 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| reference (manual attention, unfused AdamW, fp32) | {ref:,.0f} | 1.00x |")
     dtype = trainer.resolve_dtype(cfg.dtype, device)
-    what = f"ours (SDPA, {'fused' if device.type == 'cuda' else 'foreach'} AdamW, {str(dtype)[6:]}"
+    what = f"ours (SDPA, fused AdamW, {str(dtype)[6:]}"
     what += ", compiled)" if cfg.compile else ")"
     print(f"| {what} | {ours:,.0f} | {ours / ref:.2f}x |")
 

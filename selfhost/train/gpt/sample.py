@@ -9,7 +9,7 @@ import torch
 
 from selfhost.errors import UsageError
 from selfhost.train.gpt import checkpoint, tokenizer
-from selfhost.train.gpt.trainer import load_model, resolve_device
+from selfhost.train.gpt.trainer import load_model, resolve_device, resolve_threads
 
 
 def generate(
@@ -31,6 +31,7 @@ def generate(
     if top_k is not None and top_k < 1:
         raise UsageError("--top-k must be 1 or more")
     dev = resolve_device(device)
+    resolve_threads(0, dev)  # on a busy CPU, fewer threads are faster
     ckpt = checkpoint.load(ckpt_path)
     tok = tokenizer.from_json(ckpt["tokenizer"])
     model = load_model(ckpt, dev)
