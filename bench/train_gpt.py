@@ -2,9 +2,13 @@
 against a naive reference step (manual attention, unfused AdamW, fp32) measured in the same run.
 
 CPU (default: nanoGPT's "baby GPT" = preset cpu-tiny: 4L/4H/128d, block 64, batch 12, 2000 iters,
-dropout 0, lr 1e-3; nanoGPT reports val loss ~1.88 in ~3 min on a laptop CPU):
-    .venv/bin/python bench/train_gpt.py --threads 2
-    .venv/bin/python bench/train_gpt.py --threads 2 --iters 500        # shorter
+dropout 0, lr 1e-3; nanoGPT's own train.py: val loss 1.8857 in 125.8 s on an idle 2-core VM):
+    .venv/bin/python bench/train_gpt.py
+    .venv/bin/python bench/train_gpt.py --iters 500                    # shorter
+    .venv/bin/python bench/train_gpt.py --before 9328f94 --cli-iters 200 --skip-run   # old vs new CLI
+`--before REV` runs `selfhost train gpt --preset <preset>` from git revision REV and from this tree, one
+after the other, as subprocesses (wall time from process start: imports, data, probe, evals, checkpoints),
+and prints the load average around each run: on a shared machine compare the ratio, not the seconds.
 GPU (nanoGPT: shakespeare-char val loss 1.4697; seed: tokens/s and MFU):
     python bench/train_gpt.py --device cuda --preset shakespeare-char
     python bench/train_gpt.py --device cuda --preset seed --iters 500 --compile
@@ -14,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,26 +112,77 @@ def compare_steps(
     return ours_tps, ref_tps
 
 
+def cli_run(src: Path, preset: str, data_path: Path, iters: int | None) -> dict:
+    """`selfhost train gpt` from the source tree `src` in a fresh process: wall time, val loss, load."""
+    with tempfile.TemporaryDirectory() as home:
+        cmd = [sys.executable, "-m", "selfhost", "train", "gpt", "--preset", preset, "--data", str(data_path),
+               "--out", f"{home}/run", "--no-export"]  # fmt: skip
+        cmd += ["--iters", str(iters)] if iters else []
+        env = {**os.environ, "PYTHONPATH": str(src), "SELFHOST_HOME": home, "COLUMNS": "200"}
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=home)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{src}: exit {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    val = re.findall(r"val loss (\d+\.\d+)", proc.stdout)
+    return {"wall": wall, "val": float(val[-1]) if val else math.nan, "load": (load + os.getloadavg()[0]) / 2}
+
+
+def compare_cli(rev: str, args: argparse.Namespace) -> None:
+    """The CLI at git revision `rev` vs this tree, same preset and data, run back to back (A B B A)."""
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "selfhost"], capture_output=True,
+                                 check=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+        order = [("before", Path(old)), ("after", REPO)]
+        results: dict[str, list[dict]] = {"before": [], "after": []}
+        for name, src in order + order[::-1] if args.repeat else order:
+            r = cli_run(src, args.preset, args.data, args.cli_iters)
+            results[name].append(r)
+            print(f"  {name:6s} {r['wall']:7.1f} s  val loss {r['val']:.4f}  load {r['load']:.1f}",
+                  flush=True)  # fmt: skip
+    print()
+    print(f"| `selfhost train gpt --preset {args.preset}` ({args.cli_iters or 'all'} iters) | wall (s) | "
+          "val loss | load avg | vs before |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    base = sum(r["wall"] for r in results["before"]) / len(results["before"])
+    for name in ("before", "after"):
+        rs = results[name]
+        wall = sum(r["wall"] for r in rs) / len(rs)
+        val = sum(r["val"] for r in rs) / len(rs)
+        load = sum(r["load"] for r in rs) / len(rs)
+        label = f"{name} ({rev})" if name == "before" else f"{name} (this tree)"
+        print(f"| {label} | {wall:.1f} | {val:.4f} | {load:.1f} | {base / wall:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--preset", default="cpu-tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=None, help="override the preset's iterations")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto, as the CLI does)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--step-iters", type=int, default=None, help="timed steps per side in the comparison")
     ap.add_argument("--skip-run", action="store_true", help="only the step comparison")
+    ap.add_argument("--before", metavar="REV", help="also run the CLI from git revision REV vs this tree")
+    ap.add_argument("--cli-iters", type=int, default=None, help="iterations of the --before runs")
+    ap.add_argument("--repeat", action="store_true", help="--before runs in the order A B B A")
+    ap.add_argument("--no-steps", action="store_true", help="skip the step comparison")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    print(f"# load average {os.getloadavg()[0]:.1f} on {trainer.cpu_cores()} cores", flush=True)
+    if args.before:
+        compare_cli(args.before, args)
     overrides = {"device": args.device, "max_iters": args.iters, "compile": args.compile or None,
-                 "sample_tokens": 0, "log_interval": 50}  # fmt: skip
+                 "sample_tokens": 0, "log_interval": 50, "threads": args.threads}  # fmt: skip
     if args.preset == "cpu-tiny":
         overrides["eval_interval"] = args.iters or 2000  # nanoGPT's baby run: evals at start and end
     cfg = build_config(args.preset, overrides=overrides)
     device = trainer.resolve_device(cfg.device)
     name = trainer.device_name(device)
-    print(f"# {args.preset} on {name} ({args.threads} CPU threads), torch {torch.__version__}")
+    threads = trainer.resolve_threads(cfg.threads, device) or torch.get_num_threads()
+    print(f"# {args.preset} on {name} ({threads} CPU threads), torch {torch.__version__}")
 
     rows = []
     if not args.skip_run:
@@ -156,6 +214,8 @@ def main() -> None:
         for preset, iters, wall, eta, val, tps, mfu in rows:
             print(f"| {preset} | {iters} | {wall:.1f} | {eta or 0:.0f} | {val:.4f} | {tps:,.0f} | {mfu} |")
 
+    if args.no_steps:
+        return
     tok, docs = _tok_docs(cfg, args.data)
     ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
     vocab = tok.vocab_size
@@ -166,7 +226,7 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| reference (manual attention, unfused AdamW, fp32) | {ref:,.0f} | 1.00x |")
     dtype = trainer.resolve_dtype(cfg.dtype, device)
-    what = f"ours (SDPA, {'fused' if device.type == 'cuda' else 'foreach'} AdamW, {str(dtype)[6:]}"
+    what = f"ours (SDPA, fused AdamW, {str(dtype)[6:]}"
     what += ", compiled)" if cfg.compile else ")"
     print(f"| {what} | {ours:,.0f} | {ours / ref:.2f}x |")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +14,7 @@ _TRAIN_FLAGS = (
     "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd", "block_size", "dropout",
     "batch_size", "grad_accum", "max_iters", "learning_rate", "decay_lr", "warmup_iters", "lr_decay_iters",
     "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters", "log_interval",
-    "sample_tokens", "device", "dtype", "compile", "seed",
+    "sample_tokens", "device", "dtype", "compile", "seed", "threads",
 )  # fmt: skip
 
 
@@ -76,6 +77,9 @@ def gpt(
     log_interval: Annotated[int | None, typer.Option(help="Steps between progress updates.")] = None,
     sample_tokens: Annotated[int | None, typer.Option(help="Tokens of sample text at each eval.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads per process (0: the cores other programs leave free).")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
@@ -159,9 +163,14 @@ def sample(
     require_torch()
     from selfhost.train.gpt.sample import generate
 
+    def warn(unseen: Any) -> None:
+        console.print(f"note: {unseen.describe('the prompt')}", markup=False, highlight=False)
+
+    pieces = generate(_find_checkpoint(checkpoint), prompt, max_tokens=max_tokens, temperature=temperature,
+                      top_k=top_k, seed=seed, device=device, on_unseen=warn)  # fmt: skip
+    first = next(pieces, None)  # loads the model (and reports unseen characters) before the prompt is shown
     console.print(prompt, end="", markup=False, highlight=False)
-    for piece in generate(_find_checkpoint(checkpoint), prompt, max_tokens=max_tokens,
-                          temperature=temperature, top_k=top_k, seed=seed, device=device):  # fmt: skip
+    for piece in itertools.chain([first] if first is not None else [], pieces):
         console.print(piece, end="", markup=False, highlight=False)
     console.print()
 
@@ -250,9 +259,12 @@ def _render(events: Any) -> Any:
                 progress.console.print(
                     f"{verb} in {ev.run_dir} on {ev.device} ({ev.dtype}, {ev.world_size} process"
                     f"{'es' if ev.world_size > 1 else ''}); data {_fmt_count(ev.n_tokens)} tokens, "
-                    f"{ev.tokenizer} vocabulary {ev.vocab_size:,}",
+                    f"{ev.tokenizer} vocabulary {ev.vocab_size:,}"
+                    + (f", {ev.threads} CPU thread{'s' if ev.threads != 1 else ''}" if ev.threads else ""),
                     markup=False,
                 )
+                if ev.unseen is not None and ev.unseen.total:
+                    progress.console.print(f"note: {ev.unseen.describe('the data')}", markup=False)
                 _print_estimate(ev.estimate, ev.config, ev)
                 task = progress.add_task("train", total=ev.config.max_iters, completed=ev.start_iter, info="")
             elif isinstance(ev, trainer.StepEvent) and task is not None:

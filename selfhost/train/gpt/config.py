@@ -57,6 +57,7 @@ class TrainConfig(BaseModel):
     device: Device = "auto"
     dtype: DType = "auto"
     compile: bool = False
+    threads: int = Field(0, ge=0)  # CPU threads per process (0: auto, the cores other programs leave free)
     seed: int = 1337
 
     @model_validator(mode="after")

@@ -50,15 +50,22 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and the loss if targets are given. With a `cache`, idx continues the cached
+        sequence (positions start at cache.length) and its keys/values are appended to the cache."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise UsageError(f"{T} tokens do not fit in the model's context of {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise UsageError(
+                f"{start + T} tokens do not fit in the model's context of {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layer(i) if cache is not None else None)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
         x = self.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None  # (B, T, V)
@@ -79,11 +86,20 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Iterator[torch.Tensor]:
-        """Yield one new token id tensor (B, 1) at a time; the context is cropped to block_size."""
+        """Yield one new token id tensor (B, 1) at a time; the context is cropped to block_size.
+
+        With the KV cache each new token costs one position's forward pass while the sequence fits in
+        the context; past it, positions shift, so the last block_size tokens are read again each step
+        (exactly what the uncached path does, so both give the same tokens)."""
+        block = self.config.block_size
+        cache = KVCache.empty(self, idx.size(0), idx.device) if use_cache else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]  # (B, <=block_size)
-            logits, _ = self(idx_cond)
+            if cache is not None and idx.size(1) <= block:
+                logits, _ = self(idx[:, cache.length :], cache=cache)  # the new tokens only
+            else:
+                logits, _ = self(idx[:, -block:])  # (B, <=block_size)
             logits = logits[:, -1, :].float()  # (B, V)
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)  # greedy
@@ -108,8 +124,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -122,14 +138,23 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None and cache.length > 0:  # attend to the cached past + these T tokens
+            k, v = cache.append(k, v)  # (B, nh, past + T, hs)
+            past = k.size(2) - T
+            causal = False  # is_causal aligns to the top-left corner; the mask aligns to the new rows
+            if T > 1:  # one new token sees everything: no mask
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        elif cache is not None:
+            cache.append(k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs): flash attention where available
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.resid_drop(self.c_proj(y))  # (B, T, C)
@@ -145,6 +170,39 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class LayerCache:
+    """One layer's keys and values, preallocated for the whole context (no copy per token)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v, self.length = k, v, 0  # (B, nh, block_size, hs)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Every layer's cache plus the number of positions already in it (for generation)."""
+
+    def __init__(self, layers: list[LayerCache]) -> None:
+        self.layers, self.length = layers, 0
+
+    @classmethod
+    def empty(cls, model: GPT, batch: int, device: torch.device) -> KVCache:
+        cfg = model.config
+        shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        dtype = model.wte.weight.dtype
+        return cls([LayerCache(torch.empty(shape, dtype=dtype, device=device),
+                               torch.empty(shape, dtype=dtype, device=device))
+                    for _ in range(cfg.n_layer)])  # fmt: skip
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[i]
 
 
 def _init_weights(module: nn.Module) -> None:

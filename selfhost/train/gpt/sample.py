@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from selfhost.errors import UsageError
 from selfhost.train.gpt import checkpoint, tokenizer
-from selfhost.train.gpt.trainer import load_model, resolve_device
+from selfhost.train.gpt.trainer import load_model, resolve_device, resolve_threads
 
 
 def generate(
@@ -21,13 +21,17 @@ def generate(
     top_k: int | None = 200,
     seed: int | None = None,
     device: str = "auto",
+    use_cache: bool = True,
+    on_unseen: Callable[[tokenizer.Unseen], None] | None = None,
 ) -> Iterator[str]:
-    """Yield text pieces as they are generated (the prompt is not repeated)."""
+    """Yield text pieces as they are generated (the prompt is not repeated). Prompt characters the
+    model never saw are dropped; `on_unseen` hears about them first (count and examples)."""
     if max_tokens < 0:
         raise UsageError("--max-tokens must be 0 or more")
     if top_k is not None and top_k < 1:
         raise UsageError("--top-k must be 1 or more")
     dev = resolve_device(device)
+    resolve_threads(0, dev)  # on a busy CPU, fewer threads are faster
     ckpt = checkpoint.load(ckpt_path)
     tok = tokenizer.from_json(ckpt["tokenizer"])
     model = load_model(ckpt, dev)
@@ -36,11 +40,14 @@ def generate(
         gen.manual_seed(seed)
     else:
         gen.seed()
+    unseen = tok.unseen(prompt)
+    if unseen.total and on_unseen is not None:
+        on_unseen(unseen)
     prompt_ids = tok.encode(prompt)
     idx = torch.tensor([[tok.eot_id, *prompt_ids]], dtype=torch.long, device=dev)
     ids: list[int] = []
     shown = ""
-    for nxt in model.generate(idx, max_tokens, temperature, top_k, generator=gen):
+    for nxt in model.generate(idx, max_tokens, temperature, top_k, generator=gen, use_cache=use_cache):
         token = int(nxt)
         if token == tok.eot_id:
             break

@@ -5,7 +5,8 @@ Both export to a GGUF `gpt2` (byte-level BPE) vocabulary that llama.cpp tokenize
 - BPE: GPT-2's ByteLevel pre-tokenizer regex (llama.cpp pre-tokenizer "gpt-2"), no prefix space.
 - char: each character's token is the byte-level encoding of its UTF-8 bytes; multi-byte characters are
   rebuilt by merges inside the character (merges never cross characters, so the pre-tokenizer cannot
-  change the result). Characters never seen in training are dropped, here and in llama.cpp alike.
+  change the result). Characters never seen in training are dropped, here and in llama.cpp alike; `unseen`
+  counts them so callers can say so (count and examples) instead of dropping them silently.
 
 Special token: `<|endoftext|>` ends every document; it is the GGUF's bos and eos.
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,34 @@ class GGUFVocab:
     eot_id: int
 
 
+@dataclass
+class Unseen:
+    """Characters a tokenizer dropped because training never saw them."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, other: Unseen) -> None:
+        self.counts.update(other.counts)
+
+    def describe(self, what: str = "the text", n_examples: int = 5) -> str:
+        examples = ", ".join(f"{c!r} x{n}" for c, n in self.counts.most_common(n_examples))
+        more = f" and {len(self.counts) - n_examples} more" if len(self.counts) > n_examples else ""
+        return (f"{self.total} character{'s' if self.total != 1 else ''} of {what} "
+                f"({len(self.counts)} distinct: {examples}{more}) are not in the model's vocabulary "
+                "and were dropped")  # fmt: skip
+
+
 class Tokenizer:
     kind: str
     eot_id: int
+
+    def unseen(self, text: str) -> Unseen:
+        """What encode(text) drops (nothing for byte-level BPE: every byte has a token)."""
+        return Unseen()
 
     @property
     def vocab_size(self) -> int:
@@ -99,7 +126,13 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         stoi = self.stoi
-        return [stoi[c] for c in text if c in stoi]  # unseen characters are dropped
+        return [stoi[c] for c in text if c in stoi]  # unseen characters are dropped (see `unseen`)
+
+    def unseen(self, text: str) -> Unseen:
+        missing = set(text).difference(self.stoi)
+        if not missing:
+            return Unseen()
+        return Unseen(Counter(c for c in text if c in missing))
 
     def decode(self, ids: Iterable[int]) -> str:
         chars = self.chars
@@ -184,7 +217,8 @@ class BPETokenizer(Tokenizer):
         return GGUFVocab(tokens=tokens, types=types, merges=merges, pre="gpt-2", eot_id=self.eot_id)
 
 
-def train_tokenizer(kind: str, texts: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train on `texts` (any iterable: streamed pieces of a corpus larger than memory work too)."""
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "bpe":

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ from selfhost.train.gpt.model import GPT, GPTConfig
 EVAL_SEED_OFFSET = 7919  # eval batches come from their own RNG: evals never move the training RNG
 # Settings a resumed run may change; everything else comes from the checkpoint.
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample_tokens", "device", "dtype",
-             "compile"}  # fmt: skip
+             "compile", "threads"}  # fmt: skip
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -50,6 +51,8 @@ class RunStart:
     vocab_size: int
     tokenizer: str
     config: TrainConfig
+    threads: int | None = None  # CPU threads of each process (None: left to PyTorch, e.g. on a GPU)
+    unseen: tokenizer.Unseen | None = None  # characters the saved tokenizer dropped when rebuilding data
 
 
 @dataclass
@@ -138,6 +141,42 @@ def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
     return torch.device(name)
 
 
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def busy_cores() -> float:
+    """Cores other programs keep busy now: on Linux the median of a few samples of the runnable tasks in
+    /proc/loadavg (not the 1-minute average, which still counts a run that just ended), else the load."""
+    try:
+        samples = []
+        for _ in range(5):
+            with open("/proc/loadavg") as fh:
+                samples.append(int(fh.read().split()[3].split("/")[0]) - 1)  # minus this process
+            time.sleep(0.02)
+        return float(max(0, sorted(samples)[2]))
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def resolve_threads(requested: int, device: torch.device, dist: Dist | None = None) -> int | None:
+    """Set and return the CPU threads of this process; None: PyTorch's choice is kept (a GPU run, or
+    OMP_NUM_THREADS given, as torchrun does). Auto (0) counts the cores other programs leave free: on a
+    busy machine two OpenMP threads spin in barriers while their partner waits for a core, and a step
+    took 5x longer than with one thread (bench/train_gpt.py --before measures a whole run)."""
+    if requested == 0 and (device.type != "cpu" or "OMP_NUM_THREADS" in os.environ):
+        return None
+    n = requested
+    if n == 0:
+        share = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size if dist else 1)))
+        n = max(1, min(share, round(cpu_cores() - busy_cores())))
+    torch.set_num_threads(n)
+    return n
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
@@ -174,15 +213,18 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only; fused kernel on CUDA."""
+    """AdamW; weight decay on matrices and embeddings only; the fused kernel on CUDA and on the CPU (one
+    kernel per tensor instead of ~10 small ops: the cpu-tiny preset's AdamW + clipping 6.5 -> 3.0 ms/step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    extra = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
+    fused = device.type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if fused:
+        with contextlib.suppress(RuntimeError):  # a PyTorch without the CPU kernel: the default below
+            return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
@@ -226,27 +268,39 @@ class Stepper:
         return total
 
 
-def to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> Batch:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     if device.type == "cuda":
         return xt.pin_memory().to(device, non_blocking=True), yt.pin_memory().to(device, non_blocking=True)
     return xt.to(device), yt.to(device)
 
 
-@torch.no_grad()
-def evaluate(model: GPT, ds: data.Dataset, cfg: TrainConfig, device: torch.device,
-             dtype: torch.dtype) -> dict[str, float]:  # fmt: skip
-    """Mean loss over `eval_iters` batches of each split; the same batches at every eval."""
-    model.eval()
+def eval_batches(ds: data.Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, list[Batch]]:
+    """The `eval_iters` fixed batches of each split every eval uses (drawn once, from their own RNG)."""
     out = {}
     for split, arr in (("train", ds.train), ("val", ds.val)):
         sampler = data.BatchSampler(arr, cfg.block_size, cfg.batch_size, cfg.seed + EVAL_SEED_OFFSET)
-        losses = torch.zeros(cfg.eval_iters)
-        for k in range(cfg.eval_iters):
-            x, y = to_device(*sampler.next(), device)
+        out[split] = [to_device(*sampler.next(), device) for _ in range(cfg.eval_iters)]
+    return out
+
+
+@torch.inference_mode()
+def evaluate(model: GPT, ds: data.Dataset, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+             batches: dict[str, list[Batch]] | None = None) -> dict[str, float]:  # fmt: skip
+    """Mean loss over `eval_iters` batches of each split; the same batches at every eval.
+    One host sync per split (the losses stay on the device until the mean)."""
+    model.eval()
+    batches = batches or eval_batches(ds, cfg, device)
+    out = {}
+    for split, pairs in batches.items():
+        losses = torch.zeros(len(pairs), device=device)
+        for k, (x, y) in enumerate(pairs):
             with autocast(device, dtype):
                 _, loss = model(x, y)
-            losses[k] = loss.item()
+            losses[k] = loss
         out[split] = float(losses.mean())
     model.train()
     return out
@@ -268,13 +322,16 @@ def sample_text(model: GPT, tok: tokenizer.Tokenizer, device: torch.device, n_to
 
 
 # -- data for a run -----------------------------------------------------------------------------
-def prepare_data(req: TrainRequest, cfg: TrainConfig) -> tuple[tokenizer.Tokenizer, data.Dataset]:
-    """Read the documents, train the tokenizer, encode and split (in memory)."""
+def prepare_data(
+    req: TrainRequest, cfg: TrainConfig, out_dir: Path
+) -> tuple[tokenizer.Tokenizer, data.Dataset]:
+    """Train the tokenizer on the documents, then tokenize them once into out_dir's memory-mapped arrays
+    (both passes stream the text: the corpus need not fit in memory)."""
     if req.data is None:
         raise UsageError("no training data given", hint="pass --data FILE_OR_FOLDER")
-    docs = data.read_documents(req.data)
-    tok = tokenizer.train_tokenizer(cfg.tokenizer, docs, cfg.vocab_size)
-    ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
+    data.document_files(req.data)  # a missing path or an empty folder fails before any work
+    tok = tokenizer.train_tokenizer(cfg.tokenizer, data.stream_text(req.data), cfg.vocab_size)
+    ds = data.build_dataset(req.data, tok, cfg.val_fraction, out_dir)
     ds.check_fits(cfg.block_size)
     return tok, ds
 
@@ -323,10 +380,9 @@ def _restore(ckpt: dict[str, Any], path: Path, raw_model: Any, stepper: Any, sam
     return int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
 
 
-def save_arrays(run_dir: Path, tok: tokenizer.Tokenizer, ds: data.Dataset, cfg: TrainConfig) -> None:
+def save_run_files(run_dir: Path, tok: tokenizer.Tokenizer, cfg: TrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tok.save(run_dir / "tokenizer.json")
-    ds.save(run_dir)
     atomic.write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
 
 
@@ -383,12 +439,18 @@ def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 
 def estimate_run(req: TrainRequest) -> estimate.Estimate:
     """`--estimate`: everything the start-of-run line says, without training or writing anything."""
+    import tempfile
+
     cfg = req.config
-    tok, ds = prepare_data(req, cfg)
+    with tempfile.TemporaryDirectory(prefix="selfhost-estimate-") as tmp:
+        tok, ds = prepare_data(req, cfg, Path(tmp))
+        n_train = len(ds.train)
+        del ds
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    resolve_threads(cfg.threads, device)
     rate = probe(cfg, tok.vocab_size, device, dtype)
-    return estimate.make_estimate(cfg, tok.vocab_size, len(ds.train), device=str(device), tokens_per_s=rate,
+    return estimate.make_estimate(cfg, tok.vocab_size, n_train, device=str(device), tokens_per_s=rate,
                                   device_name=device_name(device))  # fmt: skip
 
 
@@ -416,6 +478,7 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
     run_dir = Path(req.run_dir)
     ckpt_path = run_dir / checkpoint.CKPT_NAME
     ckpt: dict[str, Any] | None = None
+    unseen: tokenizer.Unseen | None = None
     if req.resume:
         ckpt = checkpoint.load(ckpt_path, resume=True)
         cfg = resume_config(ckpt["config"], req.overrides)
@@ -424,8 +487,8 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
         if ds is None:  # arrays deleted: rebuild them from the data with the saved tokenizer
             if req.data is None:
                 raise UsageError(f"{run_dir} has no token arrays", hint="pass --data again to rebuild them")
-            docs = data.read_documents(req.data)
-            ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
+            ds = data.build_dataset(req.data, tok, cfg.val_fraction, run_dir)
+            unseen = ds.unseen
     else:
         cfg = req.config
         if ckpt_path.exists():
@@ -435,11 +498,14 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
             )
         failed: BaseException | None = None
         if dist.is_master:  # rank 0 prepares the data; the others read what it saved
+            new_dir = not run_dir.exists()
             try:
-                tok, ds = prepare_data(req, cfg)
-                save_arrays(run_dir, tok, ds, cfg)
+                tok, ds = prepare_data(req, cfg, run_dir)
+                save_run_files(run_dir, tok, cfg)
             except BaseException as exc:  # let the other ranks pass the barrier, then fail
                 failed = exc
+                if new_dir:  # leave no half-made run behind
+                    shutil.rmtree(run_dir, ignore_errors=True)
         if dist.enabled:
             torch.distributed.barrier()
         if failed is not None:
@@ -453,6 +519,7 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
 
     device = resolve_device(cfg.device, dist)
     dtype = resolve_dtype(cfg.dtype, device)
+    threads = resolve_threads(cfg.threads, device, dist)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -495,14 +562,18 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
             })  # fmt: skip
         return ckpt_path
 
+    fixed_batches: dict[str, list[Batch]] = {}
+
     def do_eval(it: int, write: bool) -> EvalEvent:
+        """Rank 0 evaluates and samples (the other ranks wait at the next collective); all ranks save."""
         nonlocal best_val
-        losses = evaluate(raw_model, ds, cfg, device, dtype)
+        losses, text = {"train": math.nan, "val": math.nan}, ""
+        if dist.is_master:
+            fixed_batches.update(fixed_batches or eval_batches(ds, cfg, device))
+            losses = evaluate(raw_model, ds, cfg, device, dtype, fixed_batches)
+            text = sample_text(raw_model, tok, device, cfg.sample_tokens, cfg.seed + it)
         improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
-        text = ""
-        if dist.is_master:
-            text = sample_text(raw_model, tok, device, cfg.sample_tokens, cfg.seed + it)
         path = save(it, losses["val"]) if write else None
         if write and improved and dist.is_master:  # the model to export: lowest val loss so far
             checkpoint.save(run_dir / checkpoint.BEST_NAME, {
@@ -514,7 +585,7 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
 
     if dist.is_master:
         yield RunStart(run_dir, str(device), str(dtype).removeprefix("torch."), dist.world_size, est,
-                       start_iter, ds.n_tokens, tok.vocab_size, tok.kind, cfg)  # fmt: skip
+                       start_iter, ds.n_tokens, tok.vocab_size, tok.kind, cfg, threads, unseen)  # fmt: skip
 
     stop = _StopFlag()
     if req.handle_sigint:
