@@ -6,6 +6,10 @@ and p50/p95 time to first token, then prints a table and selfhost's ratio over t
 
     .venv/bin/pip install 'llama-cpp-python[server]'   # the baseline (extra `bench` of selfhost)
     .venv/bin/python bench/serve.py [--model PATH] [--threads N] [--clients 1,2,4,8]
+
+Both servers run with the caller's environment, as a user would start them. `selfhost serve` sets
+OMP_WAIT_POLICY=ACTIVE for itself unless the environment says otherwise; to give the baseline the
+same OpenMP policy, run `OMP_WAIT_POLICY=ACTIVE .venv/bin/python bench/serve.py`.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ def start(name: str, model: Path, threads: int, ctx: int, parallel: int) -> tupl
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "OMP_WAIT_POLICY": "PASSIVE",
         "SELFHOST_HOME": tempfile.mkdtemp(prefix="bench-serve-"),
     }
     if name == "selfhost":

@@ -6,8 +6,10 @@ cancels the rest (their slots are freed at the next step); the engine stops and 
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +71,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     """Load, bind and serve until SIGINT/SIGTERM. on_ready(start line, url) is called before serving."""
+    # llama.cpp's OpenMP workers keep spinning between two decode steps instead of sleeping: a server
+    # decodes back to back, and waking them each step cost a third of single-stream speed on 2 cores
+    # (bench/serve.py). Read by libgomp when llama.cpp loads, so before the first llama_cpp import.
+    if "llama_cpp" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
     import uvicorn
 
     from selfhost.chat.history import HistoryStore
