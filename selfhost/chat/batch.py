@@ -518,7 +518,7 @@ def token_piece(lib: Any, vocab: Any, token: int) -> bytes:
 
 
 def _open_context(lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Any:
-    """A llama.cpp context for `n_seq` sequences sharing one KV cache of `n_ctx` cells."""
+    """A llama.cpp context for `n_seq` sequences, each with its own KV stream of n_ctx / n_seq cells."""
     from selfhost.errors import ModelLoadError
     from selfhost.llama_backend import capture_logs
 
