@@ -126,12 +126,16 @@ def load_model(
     logits_all: bool = False,
     seed: int | None = None,
     vocab_only: bool = False,
+    info: Any = None,
     **kwargs: Any,
 ) -> tuple[Any, LoadReport]:
-    """Load a validated GGUF with llama-cpp-python; return (Llama, LoadReport). Raises ModelLoadError."""
+    """Load a validated GGUF with llama-cpp-python; return (Llama, LoadReport). Raises ModelLoadError.
+
+    `info`: the caller's GGUFInfo of `path` when it has validated the file already (not read again)."""
     from selfhost import gguf_info
 
-    gguf_info.inspect(path)  # llama.cpp aborts the process on some bad files: refuse them first
+    if info is None:
+        gguf_info.inspect(path)  # llama.cpp aborts the process on some bad files: refuse them first
     lib = llama()
     threads = n_threads or default_threads()
     extra: dict[str, Any] = dict(kwargs)

@@ -83,3 +83,21 @@ def test_busy_port_is_one_clear_line_and_open_host_warns(tiny_gguf) -> None:
     )
     assert "without --api-key" in warned.stderr and warned.returncode != 0
     assert "Traceback" not in warned.stderr
+
+
+def test_default_slots_give_each_a_useful_context_within_memory() -> None:
+    from selfhost.chat.context import default_context, default_slots, kv_bytes_per_token
+    from selfhost.gguf_info import GGUFInfo
+
+    info = GGUFInfo(
+        path="x.gguf", size=100 * 2**20, version=3, architecture="llama", n_tensors=1, n_params=1,
+        tensor_types={}, n_layers=32, embedding_length=4096, context_length=32768,
+    )  # fmt: skip
+    per_token = kv_bytes_per_token(info)  # 512 KiB
+    plenty = info.size + 2 * 4 * 8192 * per_token
+    assert default_slots(info, plenty) == 4 and default_context(info, plenty, slots=4) == 8192
+    tight = info.size + 2 * 2 * 2048 * per_token  # room for two 2048-token slots, not three
+    assert default_slots(info, tight) == 2 and default_context(info, tight, slots=2) == 2048
+    assert default_slots(info, info.size) == 1  # no memory to spare: one slot
+    short = info.model_copy(update={"context_length": 512})
+    assert default_slots(short, info.size + 2 * 4 * 512 * per_token) == 4  # its whole trained context

@@ -19,6 +19,7 @@ FALLBACK_TRAINED = 2048  # when the GGUF does not say
 KV_MEMORY_SHARE = 0.5  # the KV cache may take at most this share of the RAM left after the weights
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for a reply when --max-tokens is not set
 MIN_CONTEXT = 32
+USEFUL_SLOT_CONTEXT = 2048  # a server slot gets at least this much (or the trained context) by default
 
 
 def kv_bytes_per_token(info: GGUFInfo) -> int:
@@ -50,6 +51,16 @@ def default_context(
         by_memory = int(budget // kv_bytes_per_token(info)) // 256 * 256
         limit = min(limit, max(by_memory, min(trained, 512)))
     return max(limit, min(trained, MIN_CONTEXT))
+
+
+def default_slots(info: GGUFInfo, available: int | None = None, most: int = 4) -> int:
+    """As many slots (up to `most`) as free memory gives a useful context each: 2048 tokens, or the
+    trained context when it is shorter."""
+    wanted = min(info.context_length or FALLBACK_TRAINED, USEFUL_SLOT_CONTEXT)
+    for slots in range(most, 1, -1):
+        if default_context(info, available, slots=slots) >= wanted:
+            return slots
+    return 1
 
 
 def reply_reserve(n_ctx: int, max_tokens: int | None) -> int:

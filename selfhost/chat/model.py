@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -17,6 +17,9 @@ from selfhost.chat.batch import BatchEngine
 from selfhost.chat.template import ChatTemplate
 from selfhost.errors import UsageError
 from selfhost.gguf_info import GGUFInfo
+
+if TYPE_CHECKING:
+    from selfhost.resolve import ResolvedModel
 
 LOADER_CONTEXT = 64  # llama-cpp-python's own context is unused: generation runs in the batch engine
 
@@ -65,23 +68,26 @@ class ChatModel:
     @classmethod
     def load(
         cls,
-        ref: str | None = None,
+        ref: str | ResolvedModel | None = None,
         *,
         ctx: int | None = None,
         threads: int | None = None,
         gpu_layers: int | None = None,
         raw: bool = False,
-        parallel: int = 1,
+        parallel: int | None = 1,
         prefill_chunk: int = 256,
         max_queue: int | None = None,
     ) -> ChatModel:
-        """Resolve, validate and load a model. Raises NotFoundError/GGUFError/UsageError/ModelLoadError."""
-        from selfhost import gguf_info
-        from selfhost.chat.context import default_context
-        from selfhost.llama_backend import backend_info, load_model
-        from selfhost.resolve import resolve_model
+        """Resolve, validate and load a model. Raises NotFoundError/GGUFError/UsageError/ModelLoadError.
 
-        resolved = resolve_model(ref)
+        `ref` may be resolved already (serve resolves before it binds its port); parallel=None sizes
+        the slots from free memory."""
+        from selfhost import gguf_info
+        from selfhost.chat.context import default_context, default_slots
+        from selfhost.llama_backend import backend_info, load_model
+        from selfhost.resolve import ResolvedModel, resolve_model
+
+        resolved = ref if isinstance(ref, ResolvedModel) else resolve_model(ref)
         info = gguf_info.inspect(resolved.path)  # before llama.cpp ever touches the file
         if not raw and not info.chat_template:
             raise UsageError(
@@ -92,13 +98,15 @@ class ChatModel:
             ChatTemplate(info.chat_template)  # a broken template stops us before the weights load
         if ctx is not None and ctx < 16:
             raise UsageError(f"--ctx {ctx} is too small", hint="use at least 16 tokens")
-        if parallel < 1:
+        if parallel is None:
+            parallel = default_slots(info)
+        elif parallel < 1:
             raise UsageError(f"--parallel {parallel} must be at least 1")
         n_ctx = ctx or default_context(info, slots=parallel)
         if gpu_layers is None:
             gpu_layers = -1 if backend_info().gpu_offload else 0
         llm, report = load_model(
-            resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads
+            resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
         )
         engine = BatchEngine(
             llm,

@@ -12,13 +12,15 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from selfhost.errors import UsageError
 
-MIN_USEFUL_CONTEXT = 2048
-DEFAULT_SLOTS = 4
+if TYPE_CHECKING:
+    from selfhost.chat.model import ChatModel
+    from selfhost.serve.embed import Embedder
 
 
 class ServeOptions(BaseModel):
@@ -36,20 +38,6 @@ class ServeOptions(BaseModel):
     embedding_model: str | None = None
     prefill_chunk: int = 256
     graceful_seconds: int = 10
-
-
-def default_slots(model_ref: str | None) -> int:
-    """As many slots (up to 4) as free memory gives a useful context each (2048, or the trained one)."""
-    from selfhost import gguf_info
-    from selfhost.chat.context import FALLBACK_TRAINED, default_context
-    from selfhost.resolve import resolve_model
-
-    info = gguf_info.inspect(resolve_model(model_ref).path)
-    wanted = min(info.context_length or FALLBACK_TRAINED, MIN_USEFUL_CONTEXT)
-    for slots in range(DEFAULT_SLOTS, 1, -1):
-        if default_context(info, slots=slots) >= wanted:
-            return slots
-    return 1
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -84,8 +72,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     from selfhost.serve.app import create_app
     from selfhost.serve.service import Service
 
-    resolve_model(options.model)  # an unknown model is one clear line before anything is bound
-    parallel = options.parallel or default_slots(options.model)
+    resolved = resolve_model(options.model)  # an unknown model is one clear line before anything is bound
     sock = bind(options.host, options.port)
     port = sock.getsockname()[1]
     if options.log:
@@ -93,12 +80,12 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
         history.schema_version()  # a broken history database stops us before the model loads
         history.close()
     model = ChatModel.load(
-        options.model,
+        resolved,
         ctx=options.ctx,
         threads=options.threads,
         gpu_layers=options.gpu_layers,
         raw=False,
-        parallel=parallel,
+        parallel=options.parallel,  # None: sized from free memory
         prefill_chunk=options.prefill_chunk,
         max_queue=options.max_queue,
     )
@@ -143,12 +130,10 @@ def _run_until_signal(server: object, sock: socket.socket) -> None:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _embedder(model: object, options: ServeOptions) -> object:
+def _embedder(model: ChatModel, options: ServeOptions) -> Embedder:
     """Embeddings from --embedding-model, else from the chat model itself."""
-    from selfhost.chat.model import ChatModel
     from selfhost.serve.embed import Embedder
 
-    assert isinstance(model, ChatModel)
     if options.embedding_model is None:
         return Embedder(
             model.llm, model.summary.name, n_ctx=min(model.n_ctx, 2048), threads=model.summary.threads
@@ -160,7 +145,7 @@ def _embedder(model: object, options: ServeOptions) -> object:
     resolved = resolve_model(options.embedding_model, purpose="embedding")
     info = gguf_info.inspect(Path(resolved.path))
     llm, report = load_model(
-        resolved.path, n_ctx=64, n_gpu_layers=options.gpu_layers or 0, n_threads=options.threads
+        resolved.path, n_ctx=64, n_gpu_layers=options.gpu_layers or 0, n_threads=options.threads, info=info
     )
     n_ctx = min(info.context_length or 2048, 8192)
     return Embedder(llm, resolved.name, n_ctx=n_ctx, threads=report.n_threads)
