@@ -95,6 +95,25 @@ def test_cancel_frees_the_slot_and_keeps_what_was_read(model: ChatModel) -> None
     assert model.engine.busy() == (0, 0)
 
 
+def test_a_failed_decode_ends_every_job_in_the_batch_and_the_engine_goes_on(model: ChatModel) -> None:
+    model.engine.clear_cache()
+    clean = run([model.engine.submit(Job(prompt(model, "Name a red fruit."), GREEDY, max_tokens=8))])[0][0]
+    model.engine.clear_cache()
+    long_prompt = prompt(model, "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 10)
+    bad = long_prompt[:40] + [10**7]  # its 41st token is not in the vocabulary
+    broken = model.engine.submit(Job(bad, GREEDY, max_tokens=4))  # slot 0
+    reading = model.engine.submit(Job(long_prompt, GREEDY, max_tokens=4))  # slot 1
+    model.engine.step()  # `broken` reads 32 tokens, the whole prefill budget
+    model.engine.step()  # one batch: broken's last 9 (the bad one too) and 23 of reading's; refused
+    assert broken.end.finish_reason == "error" and "decode" in broken.end.error
+    assert reading.end.finish_reason == "error"  # its cache no longer matches what it was told it holds
+    assert model.engine.busy() == (0, 0)
+    assert (
+        run([model.engine.submit(Job(prompt(model, "Name a red fruit."), GREEDY, max_tokens=8))])[0][0]
+        == clean
+    )
+
+
 def test_queue_full_is_refused(model: ChatModel) -> None:
     jobs = [model.engine.submit(Job(prompt(model, "Hi"), GREEDY, max_tokens=2)) for _ in range(6)]  # 4 + 2
     with pytest.raises(QueueFullError):

@@ -314,19 +314,16 @@ class BatchEngine:
             while self.waiting and any(s.job is None for s in self.slots):
                 self._admit(self.waiting.popleft())
         active = [s for s in self.slots if s.job is not None]
-        if not active:
-            return
-        n_tokens = self._fill_batch(active)
+        n_tokens, members = self._fill_batch(active)
         if n_tokens == 0:
             return
         self.batch.n_tokens = n_tokens
         rc = self.lib.llama_decode(self.ctx, self.batch)
         self.steps += 1
-        if rc != 0:
-            for slot in active:
-                if slot.batch_index is not None or slot.next_token is not None:
-                    self._drop_cache(slot)
-                    self._finish(slot, "error", error=f"llama.cpp could not decode the batch (code {rc})")
+        if rc != 0:  # every slot with tokens in this batch: its cache no longer says what it holds
+            for slot in members:
+                self._drop_cache(slot)
+                self._finish(slot, "error", error=f"llama.cpp could not decode the batch (code {rc})")
             return
         for slot in active:
             if slot.batch_index is not None and slot.job is not None:
@@ -337,14 +334,14 @@ class BatchEngine:
         try:
             sampler = self._make_sampler(job)
         except SelfhostError as exc:
-            job.end = JobEnd("error", "", 0, len(job.prompt), 0, 0.0, 0.0, 0.0, error=str(exc))
-            job._emit(job.end)
+            self._reject(job, "error", error=str(exc))
             return
-        free = [s for s in self.slots if s.job is None]
         # the longest cached prefix, else the lowest free slot: active slots stay adjacent, which
         # lets llama.cpp put all their tokens in one micro-batch
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.seq_id))
-        keep = min(_common_prefix(slot.cached, job.prompt), len(job.prompt) - 1)  # >= 1 token for logits
+        shared, _, slot = max(
+            (_common_prefix(s.cached, job.prompt), -s.seq_id, s) for s in self.slots if s.job is None
+        )
+        keep = min(shared, len(job.prompt) - 1)  # at least one token is evaluated, for its logits
         if not self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
             keep = 0  # recurrent / sliding-window caches cannot cut a sequence in the middle
             self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
@@ -354,9 +351,11 @@ class BatchEngine:
         slot.t_admit, slot.t_first = time.perf_counter(), 0.0
         slot.sampler = sampler
 
-    def _fill_batch(self, active: list[_Slot]) -> int:
-        """Generating slots first (one token each), then prompt chunks within the prefill budget."""
+    def _fill_batch(self, active: list[_Slot]) -> tuple[int, list[_Slot]]:
+        """Generating slots first (one token each), then prompt chunks within the prefill budget.
+        Returns the tokens in the batch and the slots that put them there."""
         n = 0
+        members = []
         for slot in active:
             slot.batch_index = None
             if slot.next_token is not None:
@@ -364,11 +363,13 @@ class BatchEngine:
                 slot.batch_index = n
                 slot.cached.append(slot.next_token)
                 slot.next_token = None
+                members.append(slot)
                 n += 1
         budget = min(self.prefill_chunk, self.n_batch - n)
         for slot in active:
             if not slot.pending or budget <= 0:
                 continue
+            members.append(slot)
             take = slot.pending[:budget]
             for i, token in enumerate(take):
                 last = len(take) == len(slot.pending) and i == len(take) - 1
@@ -379,7 +380,7 @@ class BatchEngine:
                 n += 1
             slot.pending = slot.pending[len(take) :]
             budget -= len(take)
-        return n
+        return n, members
 
     def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self.batch
@@ -419,8 +420,7 @@ class BatchEngine:
         if tail:
             job._emit(JobText(tail))
         now = time.perf_counter()
-        if slot.pending:  # cancelled while reading the prompt: what was read stays cached
-            slot.pending = []
+        slot.pending = []  # cancelled while reading the prompt: what was read stays cached
         end = JobEnd(
             finish_reason=reason,
             text=slot.text.full,
@@ -438,8 +438,10 @@ class BatchEngine:
         job.end = end
         job._emit(end)
 
-    def _reject(self, job: Job, reason: JobFinish) -> None:
-        job.end = JobEnd(reason, "", 0, len(job.prompt), 0, time.perf_counter() - job.t_submit, 0.0, 0.0)
+    def _reject(self, job: Job, reason: JobFinish, error: str | None = None) -> None:
+        """End a job that never got a slot."""
+        queued = time.perf_counter() - job.t_submit
+        job.end = JobEnd(reason, "", 0, len(job.prompt), 0, queued, 0.0, 0.0, error=error)
         job._emit(job.end)
 
     def _drop_cache(self, slot: _Slot) -> None:
