@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from selfhost import paths
-from selfhost.chat.messages import Conversation, Message, utc_now
+from selfhost.chat.messages import Conversation, Message, conversation_title, utc_now
 from selfhost.errors import HistoryBusyError, HistoryDiskFullError, HistoryError, NotFoundError
 
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's transaction
@@ -379,8 +379,7 @@ class ChatLog:
         """Write the conversation as it is now (one transaction); the first save creates it."""
         if self.store is None or (not messages and self.conversation_id is None):
             return
-        first = next((m.content for m in messages if m.role == "user"), "")
-        title = " ".join(first.split())[:80]
+        title = conversation_title(messages)
         if self.conversation_id is None:
             conversation = Conversation(title=title, model=model, system=system, messages=list(messages))
             self.conversation_id = self.store.create(conversation)  # sets the ids on `messages` too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -75,6 +76,12 @@ class DoneChunk(BaseModel):
 
 
 Chunk = TextChunk | TrimChunk | DoneChunk
+
+
+def conversation_title(messages: Iterable[Message]) -> str:
+    """A conversation's title: its first user message on one line, at most 80 characters."""
+    first = next((m.content for m in messages if m.role == "user"), "")
+    return " ".join(first.split())[:80]
 
 
 class Conversation(BaseModel):

@@ -25,6 +25,7 @@ from selfhost.chat.messages import (
     TextChunk,
     TrimChunk,
     Usage,
+    conversation_title,
 )
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
@@ -167,8 +168,7 @@ class ChatSession:
 
     @property
     def title(self) -> str:
-        first = next((m.content for m in self.messages if m.role == "user"), "")
-        return " ".join(first.split())[:80]
+        return conversation_title(self.messages)
 
     def save(self) -> None:
         """Write the conversation to the history (no-op without a log). Tool results are not kept."""
