@@ -28,6 +28,7 @@ from selfhost import atomic, gguf_info, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
 from selfhost.download import Progress, Retrying
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
+from selfhost.events import run_to_end
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
 OUTTYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "auto")
@@ -120,14 +121,7 @@ def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:
 
 def run_convert(source: str, options: ConvertOptions, on_event: Any = None) -> ConvertResult:
     """Drive `convert` to the end and return its result."""
-    result = None
-    for event in convert(source, options):
-        if on_event is not None:
-            on_event(event)
-        if isinstance(event, Converted):
-            result = event.result
-    assert result is not None
-    return result
+    return run_to_end(convert(source, options), Converted, on_event)
 
 
 # -- the converter process ---------------------------------------------------------------------
