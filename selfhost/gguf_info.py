@@ -80,10 +80,11 @@ def check_header(path: Path) -> None:
 
 
 def architecture(path: Path) -> str | None:
-    """`general.architecture` of a readable GGUF, without the model checks (None if unreadable)."""
+    """`general.architecture` of a readable GGUF, without the model checks (None if unreadable).
+    Reads only up to that key (the first one in files llama.cpp's tools write)."""
     try:
         check_header(Path(path))
-        fields, _, _ = _read_tables(Path(path))
+        fields, _, _ = _read_tables(Path(path), until="general.architecture")
     except (GGUFError, struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError):
         return None
     return _opt_str(fields.get("general.architecture"))
@@ -226,11 +227,14 @@ class _Cursor:
         return problem
 
 
-def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
+def _read_tables(
+    path: Path, until: str | None = None
+) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
     """Read the key/value table and the tensor table (memory-mapped) without touching tensor data.
 
     Arrays are skipped (49k-token vocabularies would take seconds to decode); only their length is
     kept, as 'key#count'. Returns (fields, [(name, dims, ggml type, offset)], data start offset).
+    `until`: stop once that key is read (fields so far, no tensors).
     """
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         cur = _Cursor(buf)
@@ -265,6 +269,8 @@ def _read_tables(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int],
                 fields[key] = cur.scalar(_SCALARS[kind])
             else:
                 raise GGUFError(f"key '{key}' has unknown value type {kind}")
+            if key == until:
+                return fields, [], 0
         tensors = []
         for _ in range(n_tensors):
             name = cur.string()
