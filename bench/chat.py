@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--rendered", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from selfhost.resolve import resolve_model
+        from selfhost.models.resolve import resolve_model
 
         args.model = resolve_model(None).path
     if args.worker:

@@ -68,8 +68,8 @@ def main() -> None:
 
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings
         from selfhost.errors import DownloadError
-        from selfhost.pull import pull
-        from selfhost.store import Store
+        from selfhost.models.pull import pull
+        from selfhost.models.store import Store
 
         server.add_file(REPO, FILE, data)
 

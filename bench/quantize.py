@@ -153,7 +153,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="selfhost-bench-quantize-"))
     os.environ["SELFHOST_HOME"] = str(work / "home")  # keep the user's store untouched
-    from selfhost.embedded import embedded_path
+    from selfhost.models.embedded import embedded_path
     from selfhost.quantize.compare import compare
     from selfhost.quantize.dequantize import dequantize_gguf
     from selfhost.quantize.types import get_type

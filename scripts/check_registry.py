@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass
 
 from selfhost.errors import SelfhostError
-from selfhost.pull import DryRun, Notice, pull
-from selfhost.registry import load_registry
+from selfhost.models.pull import DryRun, Notice, pull
+from selfhost.models.registry import load_registry
 
 SIZE_TOLERANCE = 0.15
 

@@ -59,8 +59,8 @@ def torch_info() -> TorchInfo:
 
 
 def collect() -> SystemInfo:
-    from selfhost.embedded import DEFAULT_MODEL, embedded_path
     from selfhost.llama_backend import backend_info
+    from selfhost.models.embedded import DEFAULT_MODEL, embedded_path
 
     backend = backend_info()
     embedded = embedded_path(DEFAULT_MODEL)

@@ -63,7 +63,7 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.delenv("SELFHOST_DEBUG", raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
-    from selfhost import registry
+    from selfhost.models import registry
 
     registry._load.cache_clear()
     return root / "selfhost"

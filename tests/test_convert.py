@@ -16,7 +16,7 @@ import pytest
 
 from selfhost import gguf_info, paths
 from selfhost.cli.app import app
-from selfhost.store import Store
+from selfhost.models.store import Store
 from tests.hfmodels import save_tiny_llama, smollm2_tokenizer, trained_bpe_tokenizer
 from tests.hubserver import FakeHub
 

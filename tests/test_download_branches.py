@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from selfhost import hub
 from selfhost.errors import SelfhostError
-from selfhost.pull import Progress
-from selfhost.store import Store
+from selfhost.models import hub
+from selfhost.models.pull import Progress
+from selfhost.models.store import Store
 from tests.test_pull import REPO, fake_hub, gguf_bytes, pulled, run, tiny_hub  # noqa: F401 (fixtures)
 
 

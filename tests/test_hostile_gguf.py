@@ -118,7 +118,7 @@ def test_fuzz_sample_through_the_cli_models_show_pull_and_chat(fuzz_corpus: list
             if v.bad:
                 assert proc.returncode == 1, where
 
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     registered = Store().list()
     assert registered, "pull registered nothing, not even the unchanged model"

@@ -102,7 +102,7 @@ def test_models_rm_never_deletes_a_file_outside_the_store_through_a_symlink(
     link.symlink_to(outside)
     result = runner.invoke(app, ["pull", str(link)])
     assert result.exit_code == 0, result.output
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     record = Store().find("precious")
     assert Path(record.path).is_symlink()
@@ -211,8 +211,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_quantize_on_a_disk_that_fills_up_says_the_disk_is_full(tiny_gguf: Path, small_disk: Path) -> None:
     from selfhost.errors import DiskSpaceError
+    from selfhost.models.store import Store
     from selfhost.quantize.run import Planned, QuantizeOptions, quantize
-    from selfhost.store import Store
 
     out = small_disk / "tiny-Q8_0.gguf"
     events = quantize(str(tiny_gguf), QuantizeOptions(type="Q8_0", out=out, threads=1))

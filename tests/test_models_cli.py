@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from selfhost import hub, paths
+from selfhost import paths
 from selfhost.cli import models as models_cli
 from selfhost.cli.app import app
-from selfhost.pull import Pulled, pull
-from selfhost.store import Store
+from selfhost.models import hub
+from selfhost.models.pull import Pulled, pull
+from selfhost.models.store import Store
 from tests.hubserver import FakeHub
 
 

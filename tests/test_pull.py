@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selfhost import hub, paths
+from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.errors import (
     AccessDeniedError,
@@ -22,8 +22,9 @@ from selfhost.errors import (
     NotFoundError,
     UsageError,
 )
-from selfhost.pull import DryRun, Notice, Progress, Pulled, Retrying, pull
-from selfhost.store import Store
+from selfhost.models import hub
+from selfhost.models.pull import DryRun, Notice, Progress, Pulled, Retrying, pull
+from selfhost.models.store import Store
 from tests.conftest import checkout_env, selfhost_command
 from tests.hubserver import FakeHub
 

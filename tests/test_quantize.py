@@ -13,8 +13,8 @@ import pytest
 
 from selfhost import gguf_info, paths
 from selfhost.cli.app import app
+from selfhost.models.store import Store
 from selfhost.quantize.run import Finished, QuantizeOptions, TensorDone, quantize, run_quantize
-from selfhost.store import Store
 from tests.tinygguf import write_tiny_llama
 
 
@@ -82,12 +82,12 @@ def test_quantize_registers_output_and_reports_summary(runner, tiny_f32):
     assert record.sha256 is None
     shown = runner.invoke(app, ["models", "show", "tiny:Q4_K_M", "--json"])
     assert shown.exit_code == 0, shown.output
-    from selfhost.store import sha256_file
+    from selfhost.models.store import sha256_file
 
     assert json.loads(shown.output)["sha256"] == sha256_file(out) == Store().get("tiny:Q4_K_M").sha256
     assert "bits per weight 32.03 ->" in result.output
 
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
 
     assert resolve_model("tiny:Q4_K_M").path == out.resolve()
     # llama.cpp's own log never reaches the terminal

@@ -15,10 +15,10 @@ import pytest
 
 from selfhost import gguf_info
 from selfhost.cli.app import app
+from selfhost.models.store import Store
 from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten, compute_imatrix
 from selfhost.quantize.imatrix import load_imatrix
 from selfhost.quantize.run import QuantizeOptions, run_quantize
-from selfhost.store import Store
 from tests.tinygguf import write_tiny_llama
 
 CALIBRATION = ["--calibration", "default", "--chunk-size", "128", "--calibration-chunks", "2"]

@@ -58,7 +58,7 @@ def test_cli_summary_counts_k_quant_fallbacks(runner, smol_f16):
     assert "180 fell back to another type" in result.output
     assert "registered as smollm2-f16:Q4_K_M" in result.output
 
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
 
     record = resolve_model("smollm2-f16:Q4_K_M").record
     assert record is not None and record.parent == "smollm2-f16" and record.source == "quantized"

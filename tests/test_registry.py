@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from selfhost import hub, paths
+from selfhost import paths
 from selfhost.errors import RegistryError, UsageError
-from selfhost.registry import load_registry
+from selfhost.models import hub
+from selfhost.models.registry import load_registry
 
 
 def test_shipped_registry_is_valid_and_consistent():
@@ -119,7 +120,7 @@ def test_quant_of(file, quant):
 def test_chat_follows_a_user_override_of_the_embedded_default(smollm2_gguf):
     """`pull` and `chat` agree: an override to another repo/quant no longer resolves to the packaged file."""
     from selfhost.errors import NotFoundError
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
 
     assert resolve_model("smollm2-135m").path == smollm2_gguf  # shipped entry: the packaged copy
     shipped = load_registry().get("smollm2-135m")

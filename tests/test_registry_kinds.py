@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from selfhost import hub, paths
-from selfhost.catalog import MemoryBudget, available_models, bytes_needed
+from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.errors import DependencyError, RegistryError, UsageError
-from selfhost.registry import COMMIT_PATTERN, RegistryEntry, load_registry, parse_registry_file
-from selfhost.resolve import _version_tuple, llama_cpp_version, model_kind, resolve_model
-from selfhost.store import ModelRecord, Store
+from selfhost.models import hub
+from selfhost.models.catalog import MemoryBudget, available_models, bytes_needed
+from selfhost.models.registry import COMMIT_PATTERN, RegistryEntry, load_registry, parse_registry_file
+from selfhost.models.resolve import _version_tuple, llama_cpp_version, model_kind, resolve_model
+from selfhost.models.store import ModelRecord, Store
 from tests.test_pull import fake_hub, gguf_bytes, one_error_line  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,7 +260,7 @@ def test_check_registry_script_dry_runs_every_entry(fake_hub):  # noqa: F811
 
 # -- content pins (sha256) -------------------------------------------------------------------------------
 def test_a_reupload_on_the_hub_does_not_turn_the_embedded_copy_into_a_download(fake_hub, smollm2_gguf):  # noqa: F811
-    from selfhost.pull import Pulled, pull
+    from selfhost.models.pull import Pulled, pull
 
     entry = load_registry().get("smollm2-135m")
     assert entry.sha256["Q4_1"] == hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
@@ -270,7 +271,7 @@ def test_a_reupload_on_the_hub_does_not_turn_the_embedded_copy_into_a_download(f
 
 
 def test_a_hub_file_that_differs_from_the_pinned_sha256_is_refused(fake_hub, runner):  # noqa: F811
-    from selfhost.pull import DryRun, Notice, Pulled, pull
+    from selfhost.models.pull import DryRun, Notice, Pulled, pull
 
     data = gguf_bytes("f32")
     fake_hub.add_file("test/pinned-GGUF", "p-F32.gguf", data)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from selfhost import hfcache, hub, paths
+from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.errors import DownloadError, IntegrityError, NotFoundError
-from selfhost.pull import DryRun, Progress, Pulled, pull
-from selfhost.resolve import resolve_model
-from selfhost.store import Store
+from selfhost.models import hfcache, hub
+from selfhost.models.pull import DryRun, Progress, Pulled, pull
+from selfhost.models.resolve import resolve_model
+from selfhost.models.store import Store
 from tests.hubserver import FakeHub
 from tests.test_pull import fake_hub, one_error_line, state  # noqa: F401 - fixture
 

@@ -8,7 +8,7 @@ import pytest
 
 from selfhost.errors import GGUFError, NotFoundError
 from selfhost.gguf_info import inspect
-from selfhost.store import ModelRecord, Store, split_name
+from selfhost.models.store import ModelRecord, Store, split_name
 
 
 def _record(name: str, path, source: str = "quantized") -> ModelRecord:

@@ -195,7 +195,7 @@ def test_interrupted_run_resumes_exactly(text_file: Path, tmp_path: Path, stop_a
 
 @pytest.mark.slow
 def test_cli_trains_exports_and_samples(runner, text_file: Path) -> None:  # noqa: ANN001
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     args = ["train", "gpt", "-d", str(text_file), "--name", "bard", "--iters", "4", "--eval-interval", "2"]
     result = runner.invoke(app, [*args, *TINY_FLAGS])

@@ -112,7 +112,7 @@ def test_gguf_metadata_and_f16(tmp_path: Path) -> None:
 
 def test_cli_export_registers_and_quantizes(tmp_path: Path, runner) -> None:  # noqa: ANN001
     from selfhost.cli.app import app
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     tok = BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
     model = random_model(tok)
@@ -164,7 +164,7 @@ def test_eot_is_a_control_token() -> None:
 def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, runner) -> None:  # noqa: ANN001
     from selfhost import paths
     from selfhost.cli.app import app
-    from selfhost.store import Store
+    from selfhost.models.store import Store
     from selfhost.train.gpt import tokenizer
     from selfhost.train.gpt.trainer import load_model
 
@@ -212,7 +212,7 @@ def test_readme_quantize_then_chat_commands(tmp_path: Path, runner) -> None:  # 
     import json
 
     from selfhost.cli.app import app
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     tok = BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
     model = random_model(tok, seed=3)

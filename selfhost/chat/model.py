@@ -19,7 +19,7 @@ from selfhost.errors import UsageError
 from selfhost.gguf_info import GGUFInfo
 
 if TYPE_CHECKING:
-    from selfhost.resolve import ResolvedModel
+    from selfhost.models.resolve import ResolvedModel
 
 LOADER_CONTEXT = 64  # llama-cpp-python's own context is unused: generation runs in the batch engine
 
@@ -85,7 +85,7 @@ class ChatModel:
         from selfhost import gguf_info
         from selfhost.chat.context import default_context, default_slots
         from selfhost.llama_backend import backend_info, load_model
-        from selfhost.resolve import ResolvedModel, resolve_model
+        from selfhost.models.resolve import ResolvedModel, resolve_model
 
         resolved = ref if isinstance(ref, ResolvedModel) else resolve_model(ref)
         info = gguf_info.inspect(resolved.path)  # before llama.cpp ever touches the file

@@ -41,8 +41,8 @@ def render(events: Iterable[object]) -> None:
 
     from selfhost.atomic import human_bytes
     from selfhost.convert.run import Converted, ConvertProgress, Started
-    from selfhost.download import Progress as Download
-    from selfhost.download import Retrying
+    from selfhost.models.download import Progress as Download
+    from selfhost.models.download import Retrying
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),

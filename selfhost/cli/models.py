@@ -33,7 +33,7 @@ def list_command(
 
     from selfhost.atomic import human_bytes
     from selfhost.errors import UsageError
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     if (kind or fits) and not available:
         raise UsageError("--kind and --fits apply to --available")
@@ -45,7 +45,7 @@ def list_command(
         _list_available(records, kind, fits, as_json)  # type: ignore[arg-type]
         return
 
-    from selfhost import hfcache
+    from selfhost.models import hfcache
 
     registered = {Path(r.path) for r in records}
     cached = [c for c in hfcache.scan() if c.path not in registered]
@@ -97,7 +97,7 @@ def _list_available(records: list, kind: str | None, fits: bool, as_json: bool) 
     from rich.table import Table
 
     from selfhost.atomic import human_bytes
-    from selfhost.catalog import available_models, memory_budget
+    from selfhost.models.catalog import available_models, memory_budget
 
     budget = memory_budget()
     rows = available_models(kind=kind, fits=fits, budget=budget, pulled={r.base for r in records})  # type: ignore[arg-type]
@@ -159,9 +159,9 @@ def show_command(
 
     from selfhost import gguf_info
     from selfhost.atomic import human_bytes
-    from selfhost.registry import load_registry
-    from selfhost.resolve import resolve_model
-    from selfhost.store import Store, split_name
+    from selfhost.models.registry import load_registry
+    from selfhost.models.resolve import resolve_model
+    from selfhost.models.store import Store, split_name
 
     resolved = resolve_model(name, purpose="inspect")
     record = resolved.record
@@ -242,7 +242,7 @@ def rm_command(
     """Remove a model from the store and free its disk space."""
     from selfhost.atomic import human_bytes
     from selfhost.errors import UsageError
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     store = Store()
     record = store.find(name)

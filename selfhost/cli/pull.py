@@ -1,4 +1,4 @@
-"""`selfhost pull NAME`: flags map onto `selfhost.pull.pull()`; this module only renders its events."""
+"""`selfhost pull NAME`: flags map onto `selfhost.models.pull.pull()`; this module only renders its events."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Download a GGUF model from the Hugging Face Hub (resumable, sha256-verified) and register it."""
-        from selfhost.pull import ConvertibleRepo, pull
+        from selfhost.models.pull import ConvertibleRepo, pull
 
         try:
             render(pull(name, revision=revision, dry_run=dry_run, offline=offline))
@@ -63,8 +63,8 @@ def render(events: Iterable[object]) -> None:
     )
     from rich.table import Table
 
-    from selfhost import pull as core
     from selfhost.atomic import human_bytes
+    from selfhost.models import pull as core
 
     bars: Progress | None = None
     tasks: dict[str, int] = {}

@@ -26,9 +26,9 @@ from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
-from selfhost.download import Progress, Retrying
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
 from selfhost.events import run_to_end
+from selfhost.models.download import Progress, Retrying
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
 OUTTYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "auto")
@@ -221,7 +221,7 @@ def _make_readable(path: Path) -> None:
 
 def _register(name: str, dest: Path, info: gguf_info.GGUFInfo, parent: str, repo: str | None,
               commit: str | None) -> str:
-    from selfhost.store import ModelRecord, Store
+    from selfhost.models.store import ModelRecord, Store
 
     Store().add(ModelRecord(
         name=name, path=dest.resolve(), size=info.size, sha256=None, source="converted",

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfhost import atomic, download, hub
+from selfhost import atomic
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
+from selfhost.models import download, hub
 
 # Files llama.cpp's converter reads from a model folder (weights, config, tokenizer, chat template).
 WANTED = (

@@ -62,7 +62,7 @@ def compare(
     on_event: Callable[[CompareEvent], None] | None = None,
 ) -> QualityReport:
     """Evaluate every model (store name or .gguf path) on `text`; rows sorted by size, largest first."""
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
 
     if not models:
         raise UsageError("name at least one model to evaluate")

@@ -198,7 +198,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     """Quantize `model` (a store name or a .gguf path); yield progress events, end with Finished."""
     from selfhost.llama_backend import capture_logs, default_threads, llama
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
 
     qtype = get_type(options.type)
     output_type = options.output_tensor_type
@@ -369,7 +369,7 @@ def _next(events: queue.Queue[Any]) -> Any:
 
 def _sweep_orphans(folder: Path) -> None:
     """Partial outputs of quantize runs that were killed (kill -9, power loss) go before writing."""
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     Store().sweep_temp_files()
     atomic.sweep_stale(folder)
@@ -400,7 +400,7 @@ def _unlink(path: Path) -> None:
 
 
 def _register(name: str, out: Path, out_info: gguf_info.GGUFInfo, parent: str, qtype: QuantType) -> str:
-    from selfhost.store import ModelRecord, Store
+    from selfhost.models.store import ModelRecord, Store
 
     Store().add(  # sha256 left for `models show` to compute (Store.ensure_sha256): it costs ~30% here
         ModelRecord(

@@ -171,7 +171,7 @@ async def _events(service: Service, planned: Planned, job: Any, include_usage: b
 
 
 def _model_list(service: Service, embedder: Embedder | None) -> list[dict[str, Any]]:
-    from selfhost.store import Store
+    from selfhost.models.store import Store
 
     entry = {"object": "model", "owned_by": "selfhost", "created": service.started}
     data = [{**entry, "id": service.model_id, "loaded": True, "context_length": service.model.n_ctx}]

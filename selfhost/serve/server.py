@@ -68,7 +68,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
 
     from selfhost.chat.history import HistoryStore
     from selfhost.chat.model import ChatModel
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
     from selfhost.serve.app import create_app
     from selfhost.serve.service import Service
 
@@ -140,7 +140,7 @@ def _embedder(model: ChatModel, options: ServeOptions) -> Embedder:
         )
     from selfhost import gguf_info
     from selfhost.llama_backend import load_model
-    from selfhost.resolve import resolve_model
+    from selfhost.models.resolve import resolve_model
 
     resolved = resolve_model(options.embedding_model, purpose="embedding")
     info = gguf_info.inspect(Path(resolved.path))

@@ -15,7 +15,7 @@ import numpy as np
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import UsageError
-from selfhost.store import ModelRecord, Store, sha256_file
+from selfhost.models.store import ModelRecord, Store, sha256_file
 from selfhost.train.gpt.model import LAYER_NORM_EPS
 from selfhost.train.gpt.tokenizer import Tokenizer
 

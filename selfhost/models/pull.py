@@ -22,11 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfhost import atomic, download, embedded, gguf_info, hub, paths
-from selfhost.download import Progress, Retrying
+from selfhost import atomic, gguf_info, paths
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
-from selfhost.registry import RegistryEntry, load_registry
-from selfhost.store import ModelRecord, Store, sha256_file
+from selfhost.models import download, embedded, hub
+from selfhost.models.download import Progress, Retrying
+from selfhost.models.registry import RegistryEntry, load_registry
+from selfhost.models.store import ModelRecord, Store, sha256_file
 
 __all__ = ["ConvertibleRepo", "DryRun", "Notice", "Progress", "Pulled", "Resolved", "Retrying", "pull"]
 

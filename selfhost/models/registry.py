@@ -98,7 +98,7 @@ class Registry(BaseModel):
 def shipped_registry_path() -> Path:
     """models.toml beside the package (repo checkout) or inside it (installed wheel)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "models.toml", here.parent / "models.toml"):
+    for candidate in (here.parent / "models.toml", here.parent.parent / "models.toml"):
         if candidate.exists():
             return candidate
     raise RegistryError("the shipped models.toml is missing", hint="reinstall selfhost")

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfhost import hub
 from selfhost.atomic import human_bytes
 from selfhost.errors import DownloadError, IntegrityError
+from selfhost.models import hub
 
 CHUNK = 1 << 20
 PROGRESS_EVERY = 1 << 20  # bytes between Progress events

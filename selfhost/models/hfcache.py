@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from selfhost import hub
 from selfhost.errors import NotFoundError
+from selfhost.models import hub
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from selfhost.registry import Kind, RegistryEntry, load_registry
+from selfhost.models.registry import Kind, RegistryEntry, load_registry
 from selfhost.system_info import available_memory
 
 Fit = Literal["gpu", "ram", "no", "?"]

@@ -16,10 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from selfhost.embedded import DEFAULT_MODEL, embedded_path, embedded_quant
 from selfhost.errors import DependencyError, NotFoundError, UsageError
-from selfhost.registry import Kind
-from selfhost.store import ModelRecord, Store, split_name
+from selfhost.models.embedded import DEFAULT_MODEL, embedded_path, embedded_quant
+from selfhost.models.registry import Kind
+from selfhost.models.store import ModelRecord, Store, split_name
 
 Purpose = Literal["chat", "embedding", "load", "inspect"]
 # llama.cpp architectures that only embed (no text generation)
@@ -55,7 +55,7 @@ def resolve_model(ref: str | None, store: Store | None = None, *, purpose: Purpo
 
 
 def _refuse_embedding_alias(ref: str) -> None:
-    from selfhost.registry import load_registry
+    from selfhost.models.registry import load_registry
 
     entry = load_registry().get(split_name(ref)[0])
     if entry is not None and entry.kind == "embedding":
@@ -134,7 +134,7 @@ def _guess_kind(path: Path) -> Kind | None:
 
 def _with_entry(resolved: ResolvedModel, alias: str | None, repo: str | None = None) -> ResolvedModel:
     """Attach the registry entry of `alias` (kind, min_llama_cpp), when it describes this repo."""
-    from selfhost.registry import load_registry
+    from selfhost.models.registry import load_registry
 
     registry = load_registry()
     entry = registry.get(alias) if alias else None
@@ -157,7 +157,7 @@ def _locate(ref: str, store: Store) -> ResolvedModel:
             raise NotFoundError(f"no such model file: {ref}")
         return ResolvedModel(name=as_path.stem, path=as_path, parts=_sibling_parts(as_path))
 
-    from selfhost.registry import load_registry
+    from selfhost.models.registry import load_registry
 
     base, quant = split_name(ref)
     entry = load_registry().get(base)
@@ -174,7 +174,7 @@ def _locate(ref: str, store: Store) -> ResolvedModel:
         return _with_entry(ResolvedModel(name=f"{base}:{embedded_quant(base)}", path=local), base)
 
     if "/" in base:
-        from selfhost import hfcache
+        from selfhost.models import hfcache
 
         cached = hfcache.find(base, quant)
         if cached is not None:  # used in place: no copy, no registration
@@ -193,7 +193,7 @@ def _locate(ref: str, store: Store) -> ResolvedModel:
 
 def _sibling_parts(first: Path) -> list[Path]:
     """For the first part of a split GGUF given as a path, the paths llama.cpp will open for the rest."""
-    from selfhost import hub
+    from selfhost.models import hub
 
     split = hub.split_info(first.name)
     if split is None:
@@ -209,7 +209,7 @@ def _sibling_parts(first: Path) -> list[Path]:
 def _embedded_file(base: str, quant: str | None) -> Path | None:
     """The packaged GGUF for `base`, only while the effective registry entry (user overrides
     included) still names that same repo, file and quant: `pull` and `chat` must agree."""
-    from selfhost.registry import load_registry, parse_registry_file, shipped_registry_path
+    from selfhost.models.registry import load_registry, parse_registry_file, shipped_registry_path
 
     local, packaged_quant = embedded_path(base), embedded_quant(base)
     if local is None or packaged_quant is None:
