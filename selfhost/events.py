@@ -1,18 +1,67 @@
-"""Helpers shared by the long operations that report progress as a generator of events."""
+"""The one event vocabulary of long operations (pull, quantize, compare, convert, train, export).
+
+A long operation is a generator: it yields `Notice`s (a line for the user), `Progress` of named tasks,
+and ends with exactly one `Result` carrying its value. The caller decides what to render; the core
+never takes callbacks. `run_to_end()` drives such a generator when nobody needs to watch it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+T = TypeVar("T")
 
 
-def run_to_end(events: Iterable[Any], final: type, on_event: Callable[[Any], None] | None = None) -> Any:
-    """Drive `events` to the end, passing each to `on_event`; return the `.result` of the `final` event."""
-    result = None
+@dataclass(frozen=True)
+class Notice:
+    """One line for the user: what is happening, or something worth knowing (`warning`)."""
+
+    message: str
+    level: Literal["info", "warning"] = "info"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """`done` of `total` `unit`s of the named `task` (total None: not known yet).
+
+    `task` is both the key (events with the same task update one bar) and its label. `unit` "B" is
+    rendered as bytes with a transfer speed. `detail` names the current item (a tensor, a file);
+    `metrics` carries numbers a renderer or a log may show (loss, lr, tokens/s).
+    """
+
+    task: str
+    done: float
+    total: float | None = None
+    unit: str = ""
+    detail: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.done >= self.total
+
+
+@dataclass(frozen=True)
+class Result(Generic[T]):
+    """The operation's value; always the last event."""
+
+    value: T
+
+
+Event = Notice | Progress | Result[Any]
+Events = Generator[Event, None, None]
+
+
+def run_to_end(events: Iterable[Event], on_event: Callable[[Event], None] | None = None) -> Any:
+    """Drive `events` to the end, passing each to `on_event`; return the value of its `Result`."""
+    results = []
     for event in events:
         if on_event is not None:
             on_event(event)
-        if isinstance(event, final):
-            result = event.result
-    assert result is not None, f"the operation ended without a {final.__name__} event"
-    return result
+        if isinstance(event, Result):
+            results.append(event.value)
+    if len(results) != 1:
+        raise RuntimeError(f"a long operation must end with exactly one Result (got {len(results)})")
+    return results[0]

@@ -7,7 +7,6 @@ non-zero, in the installed executable and under `typer.testing.CliRunner` alike.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import sys
@@ -31,6 +30,7 @@ from selfhost.cli import (
     train_runs,
 )
 from selfhost.cli.console import err_console
+from selfhost.cli.output import error_line
 from selfhost.errors import SelfhostError
 
 app = typer.Typer(
@@ -62,18 +62,6 @@ def _root(
 
 def debug_enabled() -> bool:
     return os.environ.get("SELFHOST_DEBUG", "") not in ("", "0", "false")
-
-
-def error_line(exc: BaseException) -> tuple[str, int]:
-    """The one line (and exit code) a user sees for an error they can fix."""
-    if isinstance(exc, SelfhostError):
-        return f"error: {exc}", exc.exit_code
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return "error: the disk is full (free some space and run the command again)", 1
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"error: {exc.strerror or exc}{where}", 1
-    return f"error: {exc}", 1
 
 
 def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:

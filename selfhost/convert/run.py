@@ -27,7 +27,6 @@ from pydantic import BaseModel
 from selfhost import atomic, gguf_info, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
-from selfhost.events import run_to_end
 from selfhost.models.download import Progress, Retrying
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
@@ -121,7 +120,14 @@ def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:
 
 def run_convert(source: str, options: ConvertOptions, on_event: Any = None) -> ConvertResult:
     """Drive `convert` to the end and return its result."""
-    return run_to_end(convert(source, options), Converted, on_event)
+    result = None
+    for event in convert(source, options):  # moves to selfhost.events.run_to_end with the shared vocabulary
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, Converted):
+            result = event.result
+    assert result is not None
+    return result
 
 
 # -- the converter process ---------------------------------------------------------------------

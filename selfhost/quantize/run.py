@@ -27,7 +27,6 @@ from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import DiskSpaceError, IntegrityError, ModelLoadError, SelfhostError, UsageError
-from selfhost.events import run_to_end
 from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
 from selfhost.system_info import available_memory
@@ -358,7 +357,14 @@ def run_quantize(
     model: str, options: QuantizeOptions, on_event: Callable[[Any], None] | None = None
 ) -> QuantizeResult:
     """Convenience: drive `quantize` to the end and return its result."""
-    return run_to_end(quantize(model, options), Finished, on_event)
+    result = None
+    for event in quantize(model, options):  # moves to selfhost.events.run_to_end with the shared vocabulary
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, Finished):
+            result = event.result
+    assert result is not None
+    return result
 
 
 def _next(events: queue.Queue[Any]) -> Any:
