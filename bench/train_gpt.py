@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -75,6 +77,144 @@ class NaiveGPT(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
         logits = self.head(self.ln_f(self.blocks(x)))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+# -- nanoGPT-equivalent reference: nanoGPT's model.py + train.py semantics, measured in the same run ------
+class NanoLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm with an optional bias (its configs use bias=False)."""
+
+    def __init__(self, ndim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoBlock(nn.Module):
+    """nanoGPT's Block: CausalSelfAttention (SDPA, is_causal) + MLP with exact GELU, no biases."""
+
+    def __init__(self, c: int, n_head: int, bias: bool = False) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = NanoLayerNorm(c, bias), NanoLayerNorm(c, bias)
+        self.c_attn, self.attn_proj = nn.Linear(c, 3 * c, bias=bias), nn.Linear(c, c, bias=bias)
+        self.c_fc, self.c_proj = nn.Linear(c, 4 * c, bias=bias), nn.Linear(4 * c, c, bias=bias)
+        self.gelu = nn.GELU()
+
+    def attn(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        return self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab: int, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, cfg.n_embd), nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.h = nn.ModuleList([NanoBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
+        self.ln_f = NanoLayerNorm(cfg.n_embd, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("attn_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, run_dir: Path) -> dict:
+    """nanoGPT's train.py loop for `cfg` (its baby CPU run for cpu-tiny): torch.randint batches stacked
+    from the token array, lr set by hand each iteration, an eval (estimate_loss: eval_iters fresh random
+    batches per split, loss.item() each) every eval_interval iterations and at the last, torch.save of
+    model + optimizer when val improves, loss.item() every iteration (log_interval 1), iterations
+    0..max_iters inclusive, AdamW fused on CUDA only, weight decay on >= 2-D tensors. Wall time from
+    model construction to the end of the loop (nanoGPT's data preparation is a separate script)."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cpu")
+    splits = {"train": np.asarray(ds.train), "val": np.asarray(ds.val)}  # uint16 like its train.bin
+    T = cfg.block_size
+
+    def get_batch(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        arr = splits[split]
+        ix = torch.randint(len(arr) - T, (cfg.batch_size,))
+        x = torch.stack([torch.from_numpy(arr[i : i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(arr[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
+        return x.to(device), y.to(device)
+
+    model = NanoGPT(vocab, cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")  # fmt: skip
+    lr_at = lambda it: cfg.learning_rate * trainer.lr_factor(cfg)(it)  # noqa: E731 (nanoGPT's get_lr)
+
+    @torch.no_grad()
+    def estimate_loss() -> dict[str, float]:
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            losses = torch.zeros(cfg.eval_iters)
+            for k in range(cfg.eval_iters):
+                _, loss = model(*get_batch(split))
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    best_val, val, it, step_time = 1e9, math.nan, 0, 0.0
+    x, y = get_batch("train")
+    t_last = time.perf_counter()
+    while True:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it)
+        if it % cfg.eval_interval == 0:
+            losses = estimate_loss()
+            val = losses["val"]
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                if it > 0:
+                    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
+                             "best_val_loss": best_val, "config": cfg.model_dump()}  # fmt: skip
+                    torch.save(state, run_dir / "ckpt.pt")
+            print(f"  nanoGPT-equivalent step {it}: train {losses['train']:.4f} val {val:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            t_last = time.perf_counter()
+        _, loss = model(x, y)
+        x, y = get_batch("train")
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # log_interval 1: a host sync and a print every iteration
+        now = time.perf_counter()
+        step_time, t_last = step_time + now - t_last, now
+        it += 1
+        if it > cfg.max_iters:  # nanoGPT's loop trains iteration max_iters too, after the last eval
+            break
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "val": val, "tps": it * cfg.tokens_per_iter / step_time, "threads": threads}
 
 
 def throughput(step, tokens: int, device: torch.device, steps: int) -> float:  # noqa: ANN001
@@ -156,6 +296,77 @@ def compare_cli(rev: str, args: argparse.Namespace) -> None:
         print(f"| {label} | {wall:.1f} | {val:.4f} | {load:.1f} | {base / wall:.2f}x |")
 
 
+def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
+    """`selfhost train gpt` in this process (trainer.train: data, tokenizer, probe, evals, samples,
+    checkpoints): wall time, final val loss, step tokens/s after warm-up, the load average around it."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        req = trainer.TrainRequest(config=cfg, run_dir=Path(tmp), data=data_path, handle_sigint=False)
+        t0 = time.perf_counter()
+        steps, start, row = [], None, {}
+        for ev in trainer.train(req):
+            if isinstance(ev, trainer.RunStart):
+                start = ev
+                print(f"  ours: params {ev.estimate.n_params:,}, {ev.threads or torch.get_num_threads()} "
+                      f"threads, probe {ev.estimate.tokens_per_s:,.0f} tok/s, "
+                      f"estimated ETA {ev.estimate.eta_s:.0f} s", flush=True)  # fmt: skip
+            elif isinstance(ev, trainer.StepEvent):
+                steps.append(ev)
+            elif isinstance(ev, trainer.EvalEvent):
+                print(f"  ours step {ev.step}: train {ev.train_loss:.4f} val {ev.val_loss:.4f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            elif isinstance(ev, trainer.Done):
+                later = steps[len(steps) // 5 :] or steps  # skip warm-up / compilation
+                mfus = [s.mfu for s in later if s.mfu is not None]
+                row = {"wall": time.perf_counter() - t0, "val": ev.val_loss,
+                       "tps": sum(s.tokens_per_s for s in later) / len(later),
+                       "mfu": f"{100 * sum(mfus) / len(mfus):.1f}%" if mfus else "n/a",
+                       "eta": start.estimate.eta_s if start else None,
+                       "threads": start.threads if start else None}  # fmt: skip
+    return {**row, "load": (load + os.getloadavg()[0]) / 2}
+
+
+def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) -> None:
+    """Ours and (on the CPU) the nanoGPT-equivalent loop on the same data, back to back; with --repeat
+    in the order ours, nanoGPT, nanoGPT, ours (the mean of each cancels a load trend)."""
+    with_ref = cfg.device == "cpu" and not args.no_nanogpt
+    order = ["ours", "nanoGPT"] if with_ref else ["ours"]
+    order = order + order[::-1] if args.repeat else order
+    results: dict[str, list[dict]] = {name: [] for name in order}
+    tok_ds = None
+    for name in order:
+        if name == "ours":
+            results[name].append(ours_run(cfg, args.data))
+            continue
+        if tok_ds is None:
+            tok, docs = _tok_docs(cfg, args.data)
+            tok_ds = tok, data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
+        load = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_threads = args.ref_threads or default_threads
+            r = nanogpt_run(cfg, tok_ds[0].vocab_size, tok_ds[1], ref_threads, Path(tmp))
+        results[name].append({**r, "load": (load + os.getloadavg()[0]) / 2})
+        torch.set_num_threads(default_threads)
+    print()
+    print(f"| run ({cfg.max_iters} iters, {cfg.batch_size}x{cfg.block_size} tokens/iter) | threads | "
+          "wall (s) | final val loss | step tokens/s | load avg | wall vs nanoGPT-eq. |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    base = mean(results["nanoGPT"], "wall") if with_ref else None
+    labels = {"ours": f"`selfhost train gpt --preset {args.preset}` (in-process)",
+              "nanoGPT": "nanoGPT-equivalent train.py loop (exact GELU, no biases, unfused AdamW, "
+                         ".item() every step)"}  # fmt: skip
+    for name, rs in results.items():
+        wall = mean(rs, "wall")
+        ratio = f"{wall / base:.2f}x" if base else "n/a"
+        threads = rs[0]["threads"] or torch.get_num_threads()
+        print(f"| {labels[name]} | {threads} | {wall:.1f} | {mean(rs, 'val'):.4f} | "
+              f"{mean(rs, 'tps'):,.0f} | {mean(rs, 'load'):.1f} | {ratio} |")  # fmt: skip
+    if len(results["ours"]) > 1 or (with_ref and len(results["nanoGPT"]) > 1):
+        for name, rs in results.items():
+            print(f"#   {name}: wall " + ", ".join(f"{r['wall']:.1f}" for r in rs) + " s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -163,66 +374,39 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=None, help="override the preset's iterations")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto, as the CLI does)")
+    ap.add_argument("--ref-threads", type=int, default=0,
+                    help="nanoGPT-equivalent run threads (0: PyTorch default)")  # fmt: skip
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--step-iters", type=int, default=None, help="timed steps per side in the comparison")
     ap.add_argument("--skip-run", action="store_true", help="only the step comparison")
+    ap.add_argument("--no-nanogpt", action="store_true", help="skip the nanoGPT-equivalent full run")
     ap.add_argument("--before", metavar="REV", help="also run the CLI from git revision REV vs this tree")
     ap.add_argument("--cli-iters", type=int, default=None, help="iterations of the --before runs")
-    ap.add_argument("--repeat", action="store_true", help="--before runs in the order A B B A")
+    ap.add_argument("--repeat", action="store_true", help="run each side twice, in the order A B B A")
     ap.add_argument("--no-steps", action="store_true", help="skip the step comparison")
     args = ap.parse_args()
+    default_threads = torch.get_num_threads()
     print(f"# load average {os.getloadavg()[0]:.1f} on {trainer.cpu_cores()} cores", flush=True)
     if args.before:
         compare_cli(args.before, args)
     overrides = {"device": args.device, "max_iters": args.iters, "compile": args.compile or None,
-                 "sample_tokens": 0, "log_interval": 50, "threads": args.threads}  # fmt: skip
-    if args.preset == "cpu-tiny":
-        overrides["eval_interval"] = args.iters or 2000  # nanoGPT's baby run: evals at start and end
+                 "threads": args.threads}  # fmt: skip
     cfg = build_config(args.preset, overrides=overrides)
     device = trainer.resolve_device(cfg.device)
-    name = trainer.device_name(device)
-    threads = trainer.resolve_threads(cfg.threads, device) or torch.get_num_threads()
-    print(f"# {args.preset} on {name} ({threads} CPU threads), torch {torch.__version__}")
-
-    rows = []
+    print(f"# {args.preset} on {trainer.device_name(device)}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}", flush=True)  # fmt: skip
     if not args.skip_run:
-        with tempfile.TemporaryDirectory() as tmp:
-            req = trainer.TrainRequest(config=cfg, run_dir=Path(tmp), data=args.data, handle_sigint=False)
-            t0 = time.perf_counter()
-            steps, start = [], None
-            for ev in trainer.train(req):
-                if isinstance(ev, trainer.RunStart):
-                    start = ev
-                    print(f"  params {ev.estimate.n_params:,}, probe {ev.estimate.tokens_per_s:,.0f} tok/s, "
-                          f"estimated ETA {ev.estimate.eta_s:.0f} s", flush=True)  # fmt: skip
-                elif isinstance(ev, trainer.StepEvent):
-                    steps.append(ev)
-                elif isinstance(ev, trainer.EvalEvent):
-                    print(f"  step {ev.step}: train {ev.train_loss:.4f} val {ev.val_loss:.4f} "
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-                elif isinstance(ev, trainer.Done):
-                    wall = time.perf_counter() - t0
-                    later = steps[len(steps) // 5 :] or steps  # skip warm-up / compilation
-                    tps = sum(s.tokens_per_s for s in later) / len(later)
-                    mfus = [s.mfu for s in later if s.mfu is not None]
-                    mfu = f"{100 * sum(mfus) / len(mfus):.1f}%" if mfus else "n/a"
-                    eta = start.estimate.eta_s if start else None
-                    rows.append((args.preset, cfg.max_iters, wall, eta, ev.val_loss, tps, mfu))
-        print()
-        print("| run | iters | wall (s) | estimated (s) | final val loss | tokens/s | MFU |")
-        print("|---|---|---|---|---|---|---|")
-        for preset, iters, wall, eta, val, tps, mfu in rows:
-            print(f"| {preset} | {iters} | {wall:.1f} | {eta or 0:.0f} | {val:.4f} | {tps:,.0f} | {mfu} |")
-
+        full_runs(cfg, args, default_threads)
     if args.no_steps:
         return
     tok, docs = _tok_docs(cfg, args.data)
     ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
-    vocab = tok.vocab_size
     n_steps = args.step_iters or (20 if device.type == "cpu" else 50)
-    ours, ref = compare_steps(cfg, vocab, ds, device, n_steps)
+    threads = trainer.resolve_threads(cfg.threads, device) or torch.get_num_threads()
+    ours, ref = compare_steps(cfg, tok.vocab_size, ds, device, n_steps)
     print()
-    print(f"| step ({cfg.batch_size}x{cfg.block_size} tokens, {n_steps} timed) | tokens/s | vs reference |")
+    print(f"| step ({cfg.batch_size}x{cfg.block_size} tokens, {n_steps} timed, {threads} threads) | tokens/s "
+          "| vs reference |")  # fmt: skip
     print("|---|---|---|")
     print(f"| reference (manual attention, unfused AdamW, fp32) | {ref:,.0f} | 1.00x |")
     dtype = trainer.resolve_dtype(cfg.dtype, device)

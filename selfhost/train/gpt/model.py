@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -164,12 +165,50 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # llama.cpp's gelu is the tanh approximation
+        self.gelu = GELUTanh()  # llama.cpp's gelu is the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class GELUTanh(nn.Module):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(z)) = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3).
+
+    On the CPU the sigmoid form is computed (the same function, within 5e-7 in float32): PyTorch's CPU
+    tanh is ~3x slower than its sigmoid, and F.gelu's tanh forward + backward took 15% of a cpu-tiny
+    step; this one takes half of that (its backward is one multiply by the derivative the forward
+    already computed). Elsewhere F.gelu (one fused kernel on a GPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu:
+            return F.gelu(x, approximate="tanh")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SigmoidGELU.apply(x)
+        return x * torch.sigmoid(torch.addcmul(x * _GELU_2C, x * x, x, value=_GELU_2C * _GELU_A))
+
+
+_GELU_A, _GELU_2C = 0.044715, 2 * math.sqrt(2 / math.pi)
+
+
+class _SigmoidGELU(torch.autograd.Function):
+    """y = x s, s = sigmoid(2z); dy/dx = s + x s (1 - s) 2z'(x) is computed and kept by the forward
+    (one tensor saved instead of x and s: the backward is a single multiply)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        u, p = x * _GELU_2C, x * x
+        s = torch.addcmul(u, p, x, value=_GELU_2C * _GELU_A).sigmoid_()  # sigmoid(2z)
+        x_dz = u.addcmul_(p, x, value=3 * _GELU_2C * _GELU_A)  # x * d(2z)/dx (in u's memory)
+        dy_dx = torch.addcmul(s, s, s, value=-1, out=p).mul_(x_dz).add_(s)  # (in p's memory)
+        ctx.save_for_backward(dy_dx)
+        return x * s
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (dy_dx,) = ctx.saved_tensors
+        return grad * dy_dx
 
 
 class LayerCache:
