@@ -1,11 +1,17 @@
-"""Benchmark `selfhost train gpt`: a full run (wall time, final val loss) and step throughput
-against a naive reference step (manual attention, unfused AdamW, fp32) measured in the same run.
+"""Benchmark `selfhost train gpt`: a full run (wall and CPU time, final val loss) against a
+nanoGPT-equivalent run in the same process, and step throughput against a naive reference step (manual
+attention, unfused AdamW, fp32), all measured in the same run.
 
 CPU (default: nanoGPT's "baby GPT" = preset cpu-tiny: 4L/4H/128d, block 64, batch 12, 2000 iters,
-dropout 0, lr 1e-3; nanoGPT's own train.py: val loss 1.8857 in 125.8 s on an idle 2-core VM):
+dropout 0, lr 1e-3, an eval of 20 batches per split every 250 iters; nanoGPT's own train.py: val loss
+1.8857 in 125.8 s on an idle 2-core VM):
     .venv/bin/python bench/train_gpt.py
-    .venv/bin/python bench/train_gpt.py --iters 500                    # shorter
+    .venv/bin/python bench/train_gpt.py --iters 500 --repeat          # shorter; ours, ref, ref, ours
     .venv/bin/python bench/train_gpt.py --before 9328f94 --cli-iters 200 --skip-run   # old vs new CLI
+The nanoGPT-equivalent run is nanoGPT's model.py (no biases, exact GELU, SDPA) and train.py loop (its
+batches, AdamW unfused on the CPU, loss.item() every iteration, evals and best-checkpoint saves) on the
+same tokens, with the same threads as ours (--ref-threads N to change): the last column is the ratio
+to compare (wall time on a shared machine moves with the load; the CPU seconds at 1 thread move less).
 `--before REV` runs `selfhost train gpt --preset <preset>` from git revision REV and from this tree, one
 after the other, as subprocesses (wall time from process start: imports, data, probe, evals, checkpoints),
 and prints the load average around each run: on a shared machine compare the ratio, not the seconds.
@@ -148,7 +154,7 @@ def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, ru
     0..max_iters inclusive, AdamW fused on CUDA only, weight decay on >= 2-D tensors. Wall time from
     model construction to the end of the loop (nanoGPT's data preparation is a separate script)."""
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
     splits = {"train": np.asarray(ds.train), "val": np.asarray(ds.val)}  # uint16 like its train.bin
@@ -214,7 +220,8 @@ def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, ru
         if it > cfg.max_iters:  # nanoGPT's loop trains iteration max_iters too, after the last eval
             break
     wall = time.perf_counter() - t0
-    return {"wall": wall, "val": val, "tps": it * cfg.tokens_per_iter / step_time, "threads": threads}
+    return {"wall": wall, "cpu": time.process_time() - cpu0, "val": val, "threads": threads,
+            "tps": it * cfg.tokens_per_iter / step_time}  # fmt: skip
 
 
 def throughput(step, tokens: int, device: torch.device, steps: int) -> float:  # noqa: ANN001
@@ -299,7 +306,7 @@ def compare_cli(rev: str, args: argparse.Namespace) -> None:
 def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
     """`selfhost train gpt` in this process (trainer.train: data, tokenizer, probe, evals, samples,
     checkpoints): wall time, final val loss, step tokens/s after warm-up, the load average around it."""
-    load = os.getloadavg()[0]
+    load, cpu0 = os.getloadavg()[0], time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         req = trainer.TrainRequest(config=cfg, run_dir=Path(tmp), data=data_path, handle_sigint=False)
         t0 = time.perf_counter()
@@ -318,7 +325,8 @@ def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
             elif isinstance(ev, trainer.Done):
                 later = steps[len(steps) // 5 :] or steps  # skip warm-up / compilation
                 mfus = [s.mfu for s in later if s.mfu is not None]
-                row = {"wall": time.perf_counter() - t0, "val": ev.val_loss,
+                row = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
+                       "val": ev.val_loss,
                        "tps": sum(s.tokens_per_s for s in later) / len(later),
                        "mfu": f"{100 * sum(mfus) / len(mfus):.1f}%" if mfus else "n/a",
                        "eta": start.estimate.eta_s if start else None,
@@ -343,14 +351,17 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
             tok_ds = tok, data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
         load = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as tmp:
-            ref_threads = args.ref_threads or default_threads
+            ours = results["ours"][-1]["threads"] if results["ours"] else None
+            ref_threads = args.ref_threads or ours or default_threads  # the same threads as ours
             r = nanogpt_run(cfg, tok_ds[0].vocab_size, tok_ds[1], ref_threads, Path(tmp))
         results[name].append({**r, "load": (load + os.getloadavg()[0]) / 2})
         torch.set_num_threads(default_threads)
     print()
-    print(f"| run ({cfg.max_iters} iters, {cfg.batch_size}x{cfg.block_size} tokens/iter) | threads | "
-          "wall (s) | final val loss | step tokens/s | load avg | wall vs nanoGPT-eq. |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| run ({cfg.max_iters} iters, {cfg.batch_size}x{cfg.block_size} tokens/iter) | threads | "
+        "wall (s) | CPU (s) | final val loss | step tokens/s | load avg | wall vs nanoGPT-eq. |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     base = mean(results["nanoGPT"], "wall") if with_ref else None
     labels = {"ours": f"`selfhost train gpt --preset {args.preset}` (in-process)",
@@ -360,7 +371,7 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
         wall = mean(rs, "wall")
         ratio = f"{wall / base:.2f}x" if base else "n/a"
         threads = rs[0]["threads"] or torch.get_num_threads()
-        print(f"| {labels[name]} | {threads} | {wall:.1f} | {mean(rs, 'val'):.4f} | "
+        print(f"| {labels[name]} | {threads} | {wall:.1f} | {mean(rs, 'cpu'):.1f} | {mean(rs, 'val'):.4f} | "
               f"{mean(rs, 'tps'):,.0f} | {mean(rs, 'load'):.1f} | {ratio} |")  # fmt: skip
     if len(results["ours"]) > 1 or (with_ref and len(results["nanoGPT"]) > 1):
         for name, rs in results.items():
@@ -375,7 +386,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="override the preset's iterations")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto, as the CLI does)")
     ap.add_argument("--ref-threads", type=int, default=0,
-                    help="nanoGPT-equivalent run threads (0: PyTorch default)")  # fmt: skip
+                    help="nanoGPT-equivalent run threads (0: the same as ours)")  # fmt: skip
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--step-iters", type=int, default=None, help="timed steps per side in the comparison")
     ap.add_argument("--skip-run", action="store_true", help="only the step comparison")
