@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -259,21 +260,29 @@ def compare_steps(
     return ours_tps, ref_tps
 
 
-def cli_run(src: Path, preset: str, data_path: Path, iters: int | None) -> dict:
-    """`selfhost train gpt` from the source tree `src` in a fresh process: wall time, val loss, load."""
+def cli_run(src: Path, preset: str, data_path: Path, iters: int | None, threads: int = 0) -> dict:
+    """`selfhost train gpt` from the source tree `src` in a fresh process: wall and CPU time, val loss,
+    load (threads 0: the CLI's automatic choice, which follows the load at its start)."""
     with tempfile.TemporaryDirectory() as home:
         cmd = [sys.executable, "-m", "selfhost", "train", "gpt", "--preset", preset, "--data", str(data_path),
                "--out", f"{home}/run", "--no-export"]  # fmt: skip
         cmd += ["--iters", str(iters)] if iters else []
+        cmd += ["--threads", str(threads)] if threads else []
         env = {**os.environ, "PYTHONPATH": str(src), "SELFHOST_HOME": home, "COLUMNS": "200"}
-        load = os.getloadavg()[0]
+        load, cpu0 = os.getloadavg()[0], _children_cpu()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=home)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"{src}: exit {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
     val = re.findall(r"val loss (\d+\.\d+)", proc.stdout)
-    return {"wall": wall, "val": float(val[-1]) if val else math.nan, "load": (load + os.getloadavg()[0]) / 2}
+    return {"wall": wall, "cpu": cpu, "val": float(val[-1]) if val else math.nan,
+            "load": (load + os.getloadavg()[0]) / 2}  # fmt: skip
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def compare_cli(rev: str, args: argparse.Namespace) -> None:
@@ -285,22 +294,23 @@ def compare_cli(rev: str, args: argparse.Namespace) -> None:
         order = [("before", Path(old)), ("after", REPO)]
         results: dict[str, list[dict]] = {"before": [], "after": []}
         for name, src in order + order[::-1] if args.repeat else order:
-            r = cli_run(src, args.preset, args.data, args.cli_iters)
+            r = cli_run(src, args.preset, args.data, args.cli_iters, args.threads)
             results[name].append(r)
-            print(f"  {name:6s} {r['wall']:7.1f} s  val loss {r['val']:.4f}  load {r['load']:.1f}",
-                  flush=True)  # fmt: skip
+            print(f"  {name:6s} {r['wall']:7.1f} s  CPU {r['cpu']:7.1f} s  val loss {r['val']:.4f}  "
+                  f"load {r['load']:.1f}", flush=True)  # fmt: skip
     print()
-    print(f"| `selfhost train gpt --preset {args.preset}` ({args.cli_iters or 'all'} iters) | wall (s) | "
-          "val loss | load avg | vs before |")  # fmt: skip
-    print("|---|---|---|---|---|")
-    base = sum(r["wall"] for r in results["before"]) / len(results["before"])
+    threads = f"{args.threads} threads" if args.threads else "auto threads"
+    print(f"| `selfhost train gpt --preset {args.preset}` ({args.cli_iters or 'all'} iters, {threads}) | "
+          "wall (s) | CPU (s) | val loss | load avg | wall vs before | CPU vs before |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    base_wall, base_cpu = mean(results["before"], "wall"), mean(results["before"], "cpu")
     for name in ("before", "after"):
         rs = results[name]
-        wall = sum(r["wall"] for r in rs) / len(rs)
-        val = sum(r["val"] for r in rs) / len(rs)
-        load = sum(r["load"] for r in rs) / len(rs)
+        wall, cpu = mean(rs, "wall"), mean(rs, "cpu")
         label = f"{name} ({rev})" if name == "before" else f"{name} (this tree)"
-        print(f"| {label} | {wall:.1f} | {val:.4f} | {load:.1f} | {base / wall:.2f}x |")
+        print(f"| {label} | {wall:.1f} | {cpu:.1f} | {mean(rs, 'val'):.4f} | {mean(rs, 'load'):.1f} | "
+              f"{wall / base_wall:.2f}x | {cpu / base_cpu:.2f}x |")  # fmt: skip
 
 
 def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
