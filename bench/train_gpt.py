@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,6 +261,75 @@ def compare_steps(
     return ours_tps, ref_tps
 
 
+# op names -> what they are, for the --profile summary
+PROFILE_GROUPS = {"aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul",
+                  "flash_attention": "attention (SDPA)", "layer_norm": "LayerNorm",
+                  "adamw": "AdamW", "vector_norm": "grad clipping", "softmax": "cross-entropy",
+                  "nll_loss": "cross-entropy", "embedding": "embeddings"}  # fmt: skip
+
+
+def _kind(event: Any) -> str:
+    node = event
+    while node is not None:  # an op inside the GELU's autograd function counts as GELU
+        if node.name.startswith(("_SigmoidGELU", "aten::gelu")):
+            return "GELU"
+        node = node.cpu_parent
+    name = event.name.lower()
+    return next((v for k, v in PROFILE_GROUPS.items() if k in name), "other (elementwise, copies, dispatch)")
+
+
+def nanogpt_step(cfg: TrainConfig, vocab: int, batch: Any) -> Any:
+    """One iteration of the nanoGPT-equivalent loop (forward, backward, clip, unfused AdamW, .item())."""
+    model = NanoGPT(vocab, cfg)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+    def step() -> None:
+        _, loss = model(*batch())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    return step
+
+
+def profile_step(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.device, steps: int) -> None:
+    """Where a training step's time goes: torch.profiler's self CPU time of `steps` steps of ours and of
+    the nanoGPT-equivalent (CPU only), summed by kind of work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
+    batch = lambda: trainer.to_device(*sampler.next(), device)  # noqa: E731
+    model = GPT(trainer.gpt_config(cfg, vocab)).to(device)
+    dtype = trainer.resolve_dtype(cfg.dtype, device)
+    runs = {"ours": trainer.Stepper(model, cfg, device, dtype, batch, ddp=False).step}
+    if device.type == "cpu":
+        runs["nanoGPT-eq."] = nanogpt_step(cfg, vocab, batch)
+    table: dict[str, dict[str, float]] = {}
+    for name, step in runs.items():
+        for _ in range(5):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        for ev in prof.events():
+            row = table.setdefault(_kind(ev), {})
+            row[name] = row.get(name, 0.0) + ev.self_cpu_time_total / steps / 1000
+    totals = {name: sum(row.get(name, 0.0) for row in table.values()) for name in runs}
+    print()
+    print(f"| a step, profiled ({steps} steps, {torch.get_num_threads()} threads): ms/step (share) | "
+          + " | ".join(runs) + " |")  # fmt: skip
+    print("|---|" + "---|" * len(runs))
+    for kind, row in sorted(table.items(), key=lambda kv: -kv[1].get("ours", 0.0)):
+        cells = [f"{row.get(n, 0.0):.1f} ({100 * row.get(n, 0.0) / totals[n]:.0f}%)" for n in runs]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+    print("| total | " + " | ".join(f"{totals[n]:.1f}" for n in runs) + " |")
+
+
 def cli_run(src: Path, preset: str, data_path: Path, iters: int | None, threads: int = 0) -> dict:
     """`selfhost train gpt` from the source tree `src` in a fresh process: wall and CPU time, val loss,
     load (threads 0: the CLI's automatic choice, which follows the load at its start)."""
@@ -405,6 +475,7 @@ def main() -> None:
     ap.add_argument("--cli-iters", type=int, default=None, help="iterations of the --before runs")
     ap.add_argument("--repeat", action="store_true", help="run each side twice, in the order A B B A")
     ap.add_argument("--no-steps", action="store_true", help="skip the step comparison")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps of ours")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
     print(f"# load average {os.getloadavg()[0]:.1f} on {trainer.cpu_cores()} cores", flush=True)
@@ -418,20 +489,28 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}", flush=True)  # fmt: skip
     if not args.skip_run:
         full_runs(cfg, args, default_threads)
-    if args.no_steps:
+    if args.no_steps and not args.profile:
         return
     tok, docs = _tok_docs(cfg, args.data)
     ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
-    n_steps = args.step_iters or (20 if device.type == "cpu" else 50)
     threads = trainer.resolve_threads(cfg.threads, device) or torch.get_num_threads()
-    ours, ref = compare_steps(cfg, tok.vocab_size, ds, device, n_steps)
+    if not args.no_steps:
+        step_table(cfg, tok.vocab_size, ds, device, args.step_iters or (20 if device.type == "cpu" else 50),
+                   threads)  # fmt: skip
+    if args.profile:
+        profile_step(cfg, tok.vocab_size, ds, device, args.profile)
+
+
+def step_table(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.device, n_steps: int,
+               threads: int) -> None:  # fmt: skip
+    ours, ref = compare_steps(cfg, vocab, ds, device, n_steps)
     print()
     print(f"| step ({cfg.batch_size}x{cfg.block_size} tokens, {n_steps} timed, {threads} threads) | tokens/s "
           "| vs reference |")  # fmt: skip
     print("|---|---|---|")
     print(f"| reference (manual attention, unfused AdamW, fp32) | {ref:,.0f} | 1.00x |")
     dtype = trainer.resolve_dtype(cfg.dtype, device)
-    what = f"ours (SDPA, fused AdamW, {str(dtype)[6:]}"
+    what = f"ours (SDPA, fused AdamW, sigmoid-form GELU, {str(dtype)[6:]}"
     what += ", compiled)" if cfg.compile else ")"
     print(f"| {what} | {ours:,.0f} | {ours / ref:.2f}x |")
 
