@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from selfhost.cli.app import app
 from tests.conftest import checkout_env, selfhost_command
 
@@ -35,6 +37,68 @@ def test_help_imports_no_heavy_modules():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()
     )
     assert out.stdout.strip() == "[]"
+
+
+HELP_MUST_NOT_IMPORT = (
+    "torch", "llama_cpp", "fastapi", "uvicorn", "numpy", "huggingface_hub", "gguf", "pydantic",
+    "rich.markdown", "rich.traceback", "markdown_it", "pygments",
+)  # fmt: skip
+
+
+# Typer coerces parameters through pydantic (a group's help too): only the root help avoids it.
+@pytest.mark.parametrize(
+    "args, allowed",
+    [
+        (["--help"], set()),
+        (["train", "--help"], {"pydantic"}),
+        (["chat", "--help"], {"pydantic"}),
+        (["history", "rm", "--help"], {"pydantic"}),
+    ],
+)
+def test_help_is_built_without_heavy_modules(args, allowed):
+    """What `selfhost ... --help` imports, through the real entry point: a module set, not a timing."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['selfhost', *{args!r}]\n"
+        "from selfhost.cli.app import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "sys.stderr.write('\\n'.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()
+    )
+    assert "Usage: selfhost" in out.stdout
+    imported = set(out.stderr.split())
+    heavy = {
+        m
+        for m in imported
+        if any(m == h or m.startswith(h + ".") for h in set(HELP_MUST_NOT_IMPORT) - allowed)
+    }
+    assert not heavy, sorted(heavy)
+
+
+def test_help_stand_ins_load_the_real_rich_classes_when_used():
+    """The stand-ins typer.rich_utils gets for `--help` still work if Typer ever uses them."""
+    code = (
+        "import sys\n"
+        "from selfhost.cli.app import _load_help_renderer\n"
+        "_load_help_renderer()\n"
+        "import typer.rich_utils as ru\n"
+        "assert 'rich.markdown' not in sys.modules\n"
+        "import rich.markdown, rich.traceback\n"
+        "assert isinstance(ru.Markdown('# hi'), rich.markdown.Markdown)\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError as exc:\n"
+        "    tb = ru.Traceback.from_exception(type(exc), exc, exc.__traceback__)\n"
+        "assert isinstance(tb, rich.traceback.Traceback)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=checkout_env())
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_installed_executable_reports_one_line_errors(tmp_path):
