@@ -118,7 +118,7 @@ def test_info_reports_measured_backend(runner):
 
     result = runner.invoke(app, ["info", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # the whole stdout is the JSON
     assert data["llama_backend"] in {"CPU", "CUDA", "Metal", "Vulkan", "SYCL", "HIP", "GPU"}
     assert "AVX" in data["llama_system_info"] or data["llama_gpu_offload"]
     assert data["torch"]["installed"] is True

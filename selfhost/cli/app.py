@@ -33,7 +33,7 @@ from selfhost.cli import (
     train_runs,
 )
 from selfhost.cli.console import err_console
-from selfhost.cli.output import error_line
+from selfhost.cli.output import print_error
 from selfhost.errors import SelfhostError
 
 app = typer.Typer(
@@ -81,9 +81,7 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (SelfhostError, OSError) as exc:
             if debug_enabled():
                 raise
-            line, code = error_line(exc)
-            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(code) from None
+            raise typer.Exit(print_error(exc)) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
@@ -165,9 +163,7 @@ def main() -> None:
     try:
         app(prog_name="selfhost")
     except SelfhostError as exc:  # raised outside a command (e.g. while parsing)
-        line, code = error_line(exc)
-        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-        sys.exit(code)
+        sys.exit(print_error(exc))
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:

@@ -7,6 +7,7 @@ import os
 import typer
 
 from selfhost.cli.console import err_console
+from selfhost.cli.output import Output
 
 
 def register(app: typer.Typer) -> None:
@@ -51,13 +52,10 @@ def serve(
 
     key = api_key or os.environ.get("SELFHOST_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
-        err_console.print(
+        Output().notice(
             f"warning: listening on {host} without --api-key: "
             "anyone who can reach this machine can use the model",
-            markup=False,
-            highlight=False,
-            style="yellow",
-            soft_wrap=True,
+            level="warning",
         )
     options = ServeOptions(
         model=model,
