@@ -334,7 +334,7 @@ def _command(session, text: str) -> str | None:  # noqa: ANN001
         session.log.start_new()
         say(f"loaded {len(conv.messages)} message(s) from {arg}", markup=False, style="dim")
     else:
-        err_console.print(f"unknown command {name} (type /help for the list)", markup=False, highlight=False)
+        raise UsageError(f"unknown command {name}", hint="type /help for the list")
     return None
 
 
