@@ -84,8 +84,8 @@ def test_help_stand_ins_load_the_real_rich_classes_when_used():
     """The stand-ins typer.rich_utils gets for `--help` still work if Typer ever uses them."""
     code = (
         "import sys\n"
-        "from selfhost.cli.app import _load_help_renderer\n"
-        "_load_help_renderer()\n"
+        "from selfhost.cli.help_renderer import load_help_renderer\n"
+        "load_help_renderer()\n"
         "import typer.rich_utils as ru\n"
         "assert 'rich.markdown' not in sys.modules\n"
         "import rich.markdown, rich.traceback\n"

@@ -8,10 +8,8 @@ non-zero, in the installed executable and under `typer.testing.CliRunner` alike.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
-import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +31,7 @@ from selfhost.cli import (
     train_runs,
 )
 from selfhost.cli.console import err_console
+from selfhost.cli.help_renderer import load_help_renderer
 from selfhost.cli.output import print_error
 from selfhost.errors import SelfhostError
 
@@ -115,51 +114,11 @@ app.add_typer(train_app, name="train")
 _guard(app)
 
 
-# typer.rich_utils imports these at its top for markdown-mode help and pretty tracebacks, both
-# off in selfhost; they cost ~60 ms (markdown-it, pygments, attrs) of every `--help`.
-_HELP_UNUSED_MODULES = ("rich.markdown", "rich.traceback")
-
-
-def _deferred(module: str, name: str) -> type:
-    """A stand-in for class `module.name` that imports the real one when it is first used."""
-
-    def real() -> Any:
-        return getattr(importlib.import_module(module), name)
-
-    class Deferred(type):
-        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-            return real()(*args, **kwargs)
-
-        def __getattr__(cls, attr: str) -> Any:
-            return getattr(real(), attr)
-
-    return Deferred(name, (), {})
-
-
-def _load_help_renderer() -> None:
-    """Import typer.rich_utils with stand-ins for its unused heavy imports (help is instant)."""
-    if "typer.rich_utils" in sys.modules or any(m in sys.modules for m in _HELP_UNUSED_MODULES):
-        return
-    stubs = {}
-    for module, name in zip(_HELP_UNUSED_MODULES, ("Markdown", "Traceback"), strict=True):
-        stubs[module] = types.ModuleType(module)
-        setattr(stubs[module], name, _deferred(module, name))
-    sys.modules.update(stubs)
-    try:
-        import typer.rich_utils  # noqa: F401
-    except ImportError:  # a Typer that needs more from them: it imports them itself later
-        pass
-    finally:
-        for module, stub in stubs.items():
-            if sys.modules.get(module) is stub:
-                del sys.modules[module]
-
-
 def main() -> None:
     """Entry point of the `selfhost` executable."""
     args = sys.argv[1:]
     if not args or "--help" in args or "-h" in args:
-        _load_help_renderer()
+        load_help_renderer()
     try:
         app(prog_name="selfhost")
     except SelfhostError as exc:  # raised outside a command (e.g. while parsing)
