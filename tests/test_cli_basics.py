@@ -80,27 +80,6 @@ def test_help_is_built_without_heavy_modules(args, allowed):
     assert not heavy, sorted(heavy)
 
 
-def test_help_stand_ins_load_the_real_rich_classes_when_used():
-    """The stand-ins typer.rich_utils gets for `--help` still work if Typer ever uses them."""
-    code = (
-        "import sys\n"
-        "from selfhost.cli.help_renderer import load_help_renderer\n"
-        "load_help_renderer()\n"
-        "import typer.rich_utils as ru\n"
-        "assert 'rich.markdown' not in sys.modules\n"
-        "import rich.markdown, rich.traceback\n"
-        "assert isinstance(ru.Markdown('# hi'), rich.markdown.Markdown)\n"
-        "try:\n"
-        "    1 / 0\n"
-        "except ZeroDivisionError as exc:\n"
-        "    tb = ru.Traceback.from_exception(type(exc), exc, exc.__traceback__)\n"
-        "assert isinstance(tb, rich.traceback.Traceback)\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=checkout_env())
-    assert out.stdout.strip() == "ok", out.stderr
-
-
 def test_installed_executable_reports_one_line_errors(tmp_path):
     env = checkout_env(SELFHOST_HOME=str(tmp_path))
     ok = subprocess.run(selfhost_command("--help"), capture_output=True, text=True, env=env)

@@ -31,11 +31,11 @@ from selfhost.cli import (
     train_runs,
 )
 from selfhost.cli.console import err_console
-from selfhost.cli.help_renderer import load_help_renderer
 from selfhost.cli.output import print_error
 from selfhost.errors import SelfhostError
 
 app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: Typer's Rich help renderer costs ~0.1 s on every --help
     name="selfhost",
     help="Run the whole local-LLM loop on your own machine: pull, quantize, chat, serve, train.",
     no_args_is_help=True,
@@ -43,6 +43,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 train_app = typer.Typer(
+    rich_markup_mode=None,
     help="Train your own models (needs the `train` extra: PyTorch).", no_args_is_help=True
 )
 
@@ -116,9 +117,6 @@ _guard(app)
 
 def main() -> None:
     """Entry point of the `selfhost` executable."""
-    args = sys.argv[1:]
-    if not args or "--help" in args or "-h" in args:
-        load_help_renderer()
     try:
         app(prog_name="selfhost")
     except SelfhostError as exc:  # raised outside a command (e.g. while parsing)
