@@ -123,24 +123,36 @@ def gpt(
     req = trainer.TrainRequest(config=cfg, run_dir=run_dir, data=data, resume=resume, overrides=overrides,
                                tensorboard=tensorboard)  # fmt: skip
     if estimate:
-        est = trainer.estimate_run(req)
-        metrics = trainer.estimate_metrics(est, cfg)
-        lines = "\n".join(_estimate_lines(metrics, est.device))
-        out_.result({**metrics, "device": est.device}, lambda _: out_.console.print(lines, markup=False))
-        return
-    done = out_.run(_with_step_details(trainer.train(req)), on_event=lambda ev: _show_eval(out_, ev))
+        _estimate(out_, req)
+    else:
+        _train_and_export(out_, req, name, export, export_type)
+
+
+def _estimate(out: Output, req: Any) -> None:
+    from selfhost.train.gpt import trainer
+
+    est = trainer.estimate_run(req)
+    metrics = trainer.estimate_metrics(est, req.config)
+    lines = "\n".join(_estimate_lines(metrics, est.device))
+    out.result({**metrics, "device": est.device}, lambda _: out.console.print(lines, markup=False))
+
+
+def _train_and_export(out: Output, req: Any, name: str, export: bool, export_type: str) -> None:
+    """Train, then (rank 0 only) write the curves, export the best weights and print the result."""
+    from selfhost.cli.train_runs import curves_png
+    from selfhost.train.gpt import trainer
+
+    done = out.run(_with_step_details(trainer.train(req)), on_event=lambda ev: _show_eval(out, ev))
     if not done.is_master:  # the other ranks of a DDP run: rank 0 reports and exports
         return
-    from selfhost.cli.train_runs import curves_png
-
-    curves = curves_png(run_dir)
+    curves = curves_png(done.run_dir)
     exported = None
     if export:
         better = done.best is not None and (done.best_val_loss or math.inf) < done.val_loss
-        if better and not as_json:
-            out_.err.print(f"exporting the best weights: val loss {done.best_val_loss:.4f}", markup=False)
-        exported = _export(out_, done.best or done.checkpoint, name, export_type)
-    out_.result({"run": done, "curves": curves, "export": exported}, lambda v: _print_trained(out_, v))
+        if better and not out.json_mode:
+            out.err.print(f"exporting the best weights: val loss {done.best_val_loss:.4f}", markup=False)
+        exported = _export(out, done.best or done.checkpoint, name, export_type)
+    out.result({"run": done, "curves": curves, "export": exported}, lambda v: _print_trained(out, v))
 
 
 def export(
