@@ -33,6 +33,8 @@ from torch.nn import functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from selfhost.events import Progress, Result  # noqa: E402
+from selfhost.train import common  # noqa: E402
 from selfhost.train.gpt import data, estimate, trainer  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config  # noqa: E402
 from selfhost.train.gpt.model import GPT  # noqa: E402
@@ -171,7 +173,7 @@ def main() -> None:
     ap.add_argument("--repeat", action="store_true", help="--before runs in the order A B B A")
     ap.add_argument("--no-steps", action="store_true", help="skip the step comparison")
     args = ap.parse_args()
-    print(f"# load average {os.getloadavg()[0]:.1f} on {trainer.cpu_cores()} cores", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} on {common.cpu_cores()} cores", flush=True)
     if args.before:
         compare_cli(args.before, args)
     overrides = {"device": args.device, "max_iters": args.iters, "compile": args.compile or None,
@@ -179,9 +181,9 @@ def main() -> None:
     if args.preset == "cpu-tiny":
         overrides["eval_interval"] = args.iters or 2000  # nanoGPT's baby run: evals at start and end
     cfg = build_config(args.preset, overrides=overrides)
-    device = trainer.resolve_device(cfg.device)
-    name = trainer.device_name(device)
-    threads = trainer.resolve_threads(cfg.threads, device) or torch.get_num_threads()
+    device = common.pick_device(cfg.device)
+    name = common.device_name(device)
+    threads = common.resolve_threads(cfg.threads, device) or torch.get_num_threads()
     print(f"# {args.preset} on {name} ({threads} CPU threads), torch {torch.__version__}")
 
     rows = []
@@ -191,23 +193,24 @@ def main() -> None:
             t0 = time.perf_counter()
             steps, start = [], None
             for ev in trainer.train(req):
-                if isinstance(ev, trainer.RunStart):
-                    start = ev
-                    print(f"  params {ev.estimate.n_params:,}, probe {ev.estimate.tokens_per_s:,.0f} tok/s, "
-                          f"estimated ETA {ev.estimate.eta_s:.0f} s", flush=True)  # fmt: skip
-                elif isinstance(ev, trainer.StepEvent):
-                    steps.append(ev)
-                elif isinstance(ev, trainer.EvalEvent):
-                    print(f"  step {ev.step}: train {ev.train_loss:.4f} val {ev.val_loss:.4f} "
+                m = ev.metrics if isinstance(ev, Progress) else {}
+                if isinstance(ev, Progress) and ev.task == "train" and "n_params" in m:  # the estimate
+                    start = m
+                    print(f"  params {m['n_params']:,}, probe {m['tokens_per_s']:,.0f} tok/s, "
+                          f"estimated ETA {m['eta_s']:.0f} s", flush=True)  # fmt: skip
+                elif isinstance(ev, Progress) and ev.task == "train":
+                    steps.append(m)
+                elif isinstance(ev, Progress) and ev.task == "eval":
+                    print(f"  step {ev.done:.0f}: train {m['train_loss']:.4f} val {m['val_loss']:.4f} "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-                elif isinstance(ev, trainer.Done):
+                elif isinstance(ev, Result):
                     wall = time.perf_counter() - t0
                     later = steps[len(steps) // 5 :] or steps  # skip warm-up / compilation
-                    tps = sum(s.tokens_per_s for s in later) / len(later)
-                    mfus = [s.mfu for s in later if s.mfu is not None]
+                    tps = sum(s["tokens_per_s"] for s in later) / len(later)
+                    mfus = [s["mfu"] for s in later if "mfu" in s]
                     mfu = f"{100 * sum(mfus) / len(mfus):.1f}%" if mfus else "n/a"
-                    eta = start.estimate.eta_s if start else None
-                    rows.append((args.preset, cfg.max_iters, wall, eta, ev.val_loss, tps, mfu))
+                    eta = start.get("eta_s") if start else None
+                    rows.append((args.preset, cfg.max_iters, wall, eta, ev.value.val_loss, tps, mfu))
         print()
         print("| run | iters | wall (s) | estimated (s) | final val loss | tokens/s | MFU |")
         print("|---|---|---|---|---|---|---|")
