@@ -13,8 +13,9 @@ import pytest
 
 from selfhost import gguf_info, paths
 from selfhost.cli.app import app
+from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
-from selfhost.quantize.run import Finished, QuantizeOptions, TensorDone, quantize, run_quantize
+from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
 from tests.tinygguf import write_tiny_llama
 
 
@@ -96,11 +97,13 @@ def test_quantize_registers_output_and_reports_summary(runner, tiny_f32):
 
 def test_progress_events_cover_every_tensor(tiny_f32, tmp_path):
     events = list(quantize(str(tiny_f32), QuantizeOptions(type="Q6_K", out=tmp_path / "o.gguf", threads=1)))
-    done = [e for e in events if isinstance(e, TensorDone)]
+    progress = [e for e in events if isinstance(e, Progress)]
     total = gguf_info.inspect(tiny_f32).n_tensors
-    assert [e.index for e in done] == list(range(1, total + 1))
-    assert {e.to_type for e in done if e.to_type} == {"Q6_K"}
-    assert isinstance(events[-1], Finished) and events[-1].result.n_quantized == 16
+    assert [e.done for e in progress] == list(range(0, total + 1))  # 0: llama.cpp is about to start
+    assert {e.task for e in progress} == {"Q6_K"} and {e.total for e in progress} == {total}
+    converted = [e.detail.split(" -> ") for e in progress if " -> " in e.detail]
+    assert {to_type for _name, to_type in converted} == {"Q6_K"} and len(converted) == 16
+    assert isinstance(events[-1], Result) and events[-1].value.n_quantized == 16
 
 
 def test_advanced_options_reach_llama_cpp(tiny_f32, tmp_path):
@@ -267,14 +270,15 @@ def test_allow_requantize_and_force(runner, tiny_q8, tmp_path):
 
 
 def test_interrupt_mid_run_leaves_nothing(tiny_f32, tmp_path):
-    """Ctrl-C while llama.cpp runs (here: raised from the progress callback) removes the partial file."""
+    """Ctrl-C while llama.cpp runs (here: raised while handling a progress event) removes the partial file."""
 
     def stop(event: object) -> None:
-        if isinstance(event, TensorDone) and event.index == 2:
+        if isinstance(event, Progress) and event.done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_quantize(str(tiny_f32), QuantizeOptions(type="Q4_K_M", out=tmp_path / "x.gguf", threads=1), stop)
+        options = QuantizeOptions(type="Q4_K_M", out=tmp_path / "x.gguf", threads=1)
+        run_to_end(quantize(str(tiny_f32), options), stop)
     deadline = time.time() + 30
     while any(t.name == "llama-quantize" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
@@ -358,7 +362,7 @@ def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_
     result = runner.invoke(app, [*args, "--eval", str(text), "--window", "64", "--chunks", "2"])
     assert result.exit_code == 0, result.output
     ref, quant = (
-        perplexity(p, text.read_text(), window=64, chunks=2, threads=1, gen_tokens=0).ppl
+        run_to_end(perplexity(p, text.read_text(), window=64, chunks=2, threads=1, gen_tokens=0)).ppl
         for p in (tiny_f32, out)
     )
     assert ref != quant
