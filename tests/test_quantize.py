@@ -373,3 +373,72 @@ def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_
         ("Q8_0", pytest.approx(quant, abs=1e-4)),
     ], result.output
     assert float(rows[1][3]) == pytest.approx(quant - ref, abs=2e-4)
+
+
+# -- output: progress on stderr, the result on stdout, --json ---------------------------------
+def test_progress_bars_on_a_terminal_never_reach_piped_stdout(tiny_f32, tmp_path):
+    """`selfhost quantize ... > out.txt` with stderr on a terminal: the bars are drawn there, and out.txt
+    holds the summary only (no carriage returns, no escape sequences)."""
+    import os
+    import pty
+    import subprocess
+
+    from tests.conftest import checkout_env, selfhost_command
+
+    master, slave = pty.openpty()
+    terminal: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            terminal.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = tmp_path / "p.gguf"
+    env = checkout_env(TERM="xterm", COLUMNS="100")
+    env.pop("NO_COLOR", None)
+    with open(tmp_path / "out.txt", "wb") as stdout:
+        done = subprocess.run(
+            selfhost_command("quantize", str(tiny_f32), "-t", "Q4_0", "-o", str(out), "--threads", "1"),
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=slave, env=env, timeout=120,
+        )
+    os.close(slave)
+    reader.join(timeout=10)
+    os.close(master)
+    piped = (tmp_path / "out.txt").read_text()
+    assert done.returncode == 0, b"".join(terminal).decode(errors="replace")
+    assert "\r" not in piped and "\x1b" not in piped, repr(piped)
+    assert piped.splitlines()[0] == str(out) and "registered as tiny:Q4_0" in piped
+    drawn = b"".join(terminal).decode(errors="replace")
+    assert "quantizing tiny (F32) -> Q4_0" in drawn and "\x1b" in drawn  # the terminal did get the bars
+
+
+def test_json_results_of_quantize_list_types_and_compare_parse(runner, tiny_f32, tmp_path):
+    out = tmp_path / "j.gguf"
+    args = ["quantize", str(tiny_f32), "-t", "Q8_0", "-o", str(out), "--threads", "1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    value = json.loads(result.stdout)
+    assert value["output"] == str(out) and value["type"] == "Q8_0" and value["name"] == "tiny:Q8_0"
+    assert value["n_quantized"] == 16 and value["eval"] is None
+    assert value["output_size"] == out.stat().st_size
+    assert "quantizing tiny (F32) -> Q8_0" in result.stderr  # progress and notices stay on stderr
+
+    types = json.loads(runner.invoke(app, ["quantize", "--list-types", "--json"]).stdout)
+    q4 = next(t for t in types if t["name"] == "Q4_K_M")
+    assert q4["ppl_increase"] == 0.1754 and q4["needs_imatrix"] is False
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and then the other one sat there too. " * 40)
+    compared = runner.invoke(app, ["compare", str(tiny_f32), str(out), "--text", str(text), "--window", "64",
+                                   "--chunks", "1", "--threads", "1", "--json"])
+    assert compared.exit_code == 0, compared.output
+    report = json.loads(compared.stdout)
+    assert [row["quant"] for row in report["rows"]] == ["F32", "Q8_0"] and report["n_windows"] == 1
+    assert report["rows"][0]["reference"] is True and report["rows"][1]["ppl_increase"] is not None
