@@ -2,10 +2,11 @@
 
 `quantize(model, options)` validates everything first (type, input file, imatrix, output path,
 free disk and RAM), then runs llama.cpp on a worker thread while this generator yields
-selfhost.events parsed from llama.cpp's own log: one `Progress` per tensor, then a `Result` with the
-summary (`QuantizeResult`). The output is written to a temp file beside the destination and renamed only when
-llama.cpp succeeded and the result reads back as the requested file type. With a calibration text
-the importance matrix is computed first (selfhost.quantize.calibrate; its events come first).
+selfhost.events parsed from llama.cpp's own log: one `Progress` per tensor, then a `Result` with
+the summary (`QuantizeResult`). The output is written to a temp file beside the destination and
+renamed only when llama.cpp succeeded and the result reads back as the requested file type. With a
+calibration text the importance matrix is computed first (selfhost.quantize.calibrate; its events
+come first).
 """
 
 from __future__ import annotations
