@@ -290,7 +290,7 @@ def test_compare_plot(runner, tmp_path: Path) -> None:  # noqa: ANN001
             "--threads", "1", "--plot", str(png), "--json"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # progress lines go to stderr
     assert [r["quant"] for r in report["rows"]] == ["F32", "Q8_0"]
     png_is_sane(png, min_size=(900, 300))
 
