@@ -180,7 +180,8 @@ class Output:
 
 
 class ProgressBars:
-    """Rich progress bars keyed by task on a terminal; off a terminal, one line per finished task."""
+    """Rich progress bars keyed by task on a terminal (gone once finished); off a terminal, one line per
+    finished task."""
 
     def __init__(self, stream_console: Any) -> None:
         self.console = stream_console
@@ -215,6 +216,8 @@ class ProgressBars:
         if event.task not in self.tasks:
             self.tasks[event.task] = self.bars.add_task(event.task, total=event.total, **fields)
         self.bars.update(self.tasks[event.task], completed=event.done, total=event.total, **fields)
+        if event.finished:  # a finished bar leaves the screen; what it produced is the caller's to say
+            self.bars.remove_task(self.tasks.pop(event.task))
 
 
 def _amount(n: float, unit: str) -> str:
