@@ -68,6 +68,7 @@ def main() -> None:
 
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings
         from selfhost.errors import DownloadError
+        from selfhost.events import run_to_end
         from selfhost.models.pull import pull
         from selfhost.models.store import Store
 
@@ -75,8 +76,7 @@ def main() -> None:
 
         def selfhost_pull(cache: Path, **kw: object) -> None:
             os.environ["HF_HUB_CACHE"] = str(cache)
-            for _ in pull(f"{REPO}:Q4_K_M", **kw):
-                pass
+            run_to_end(pull(f"{REPO}:Q4_K_M", **kw))
 
         def hf_pull(cache: Path) -> None:
             hf_hub_download(REPO, FILE, cache_dir=cache, endpoint=server.url)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from selfhost import atomic, paths
 from selfhost.errors import NotFoundError, SelfhostError
+from selfhost.models.names import split_tag
 
 Source = Literal["hub", "local", "quantized", "trained", "embedded", "converted"]
 
@@ -50,11 +51,8 @@ class _Manifest(BaseModel):
 
 
 def split_name(name: str) -> tuple[str, str | None]:
-    """'alias:Q4_K_M' -> ('alias', 'Q4_K_M'); 'alias' -> ('alias', None)."""
-    base, sep, tag = name.rpartition(":")
-    if not sep or not base or "/" in tag or "\\" in tag:
-        return name, None
-    return base, tag
+    """'alias:Q4_K_M' -> ('alias', 'Q4_K_M'); 'alias' -> ('alias', None) (the grammar's split_tag)."""
+    return split_tag(name)
 
 
 class Store:
@@ -81,6 +79,13 @@ class Store:
 
     def find(self, ref: str, prefer_quant: str | None = None) -> ModelRecord:
         """Resolve a user reference: an exact name, or a base name with a single (or preferred) quant."""
+        record = self.lookup(ref, prefer_quant)
+        if record is None:
+            raise NotFoundError(f"no model named '{ref}' in the store", hint="see `selfhost models list`")
+        return record
+
+    def lookup(self, ref: str, prefer_quant: str | None = None) -> ModelRecord | None:
+        """Like `find`, but None when nothing matches (an ambiguous base name still raises)."""
         records = self._read().models
         exact = [r for r in records if r.name == ref]
         if exact:
@@ -94,7 +99,7 @@ class Store:
                     return r
             choices = ", ".join(sorted(r.name for r in same_base))
             raise NotFoundError(f"'{ref}' is ambiguous: {choices}", hint="name one of them")
-        raise NotFoundError(f"no model named '{ref}' in the store", hint="see `selfhost models list`")
+        return None
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -197,6 +197,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     """Quantize `model` (a store name or a .gguf path); yield progress events, end with Finished."""
     from selfhost.llama_backend import capture_logs, default_threads, llama
+    from selfhost.models.names import split_tag
     from selfhost.models.resolve import resolve_model
 
     qtype = get_type(options.type)
@@ -241,7 +242,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
 
         imatrix = load_imatrix(options.imatrix)
 
-    base = resolved.record.base if resolved.record else resolved.name.split(":")[0]
+    base = resolved.record.base if resolved.record else split_tag(resolved.name)[0]
     out = Path(options.out).expanduser() if options.out else default_output(base, qtype)
     if out.is_dir():
         out = out / default_output(base, qtype).name
