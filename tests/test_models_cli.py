@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from selfhost import paths
-from selfhost.cli import models as models_cli
+from selfhost.cli import output
 from selfhost.cli.app import app
 from selfhost.events import run_to_end
 from selfhost.models import hub
@@ -101,7 +101,7 @@ def test_rm_asks_unless_yes_and_frees_disk(runner, tiny_gguf, monkeypatch):
     assert result.exit_code != 0 and "--yes" in one_error_line(result)
     assert Store().list() == before and record.path.exists()
 
-    monkeypatch.setattr(models_cli, "_interactive", lambda: True)
+    monkeypatch.setattr(output, "is_interactive", lambda: True)
     result = runner.invoke(app, ["models", "rm", "tiny:F32"], input="n\n")
     assert result.exit_code == 0 and "nothing removed" in result.output and record.path.exists()
     result = runner.invoke(app, ["models", "rm", "tiny"], input="y\n")

@@ -41,8 +41,8 @@ def render(events: Iterable[object]) -> None:
 
     from selfhost.atomic import human_bytes
     from selfhost.convert.run import Converted, ConvertProgress, Started
-    from selfhost.models.download import Progress as Download
-    from selfhost.models.download import Retrying
+    from selfhost.events import Notice
+    from selfhost.events import Progress as Download
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
@@ -51,11 +51,11 @@ def render(events: Iterable[object]) -> None:
         tasks: dict[str, int] = {}
         for event in events:
             if isinstance(event, Download):
-                if event.file not in tasks:
-                    tasks[event.file] = bars.add_task(event.file, total=event.total)
-                bars.update(tasks[event.file], completed=event.done, total=event.total)
-            elif isinstance(event, Retrying):
-                err_console.print(f"connection lost ({event.reason}); retrying {event.file}", markup=False)
+                if event.task not in tasks:
+                    tasks[event.task] = bars.add_task(event.task, total=event.total)
+                bars.update(tasks[event.task], completed=event.done, total=event.total)
+            elif isinstance(event, Notice):
+                err_console.print(event.message, markup=False)
             elif isinstance(event, Started):  # on the transient bar: a failure leaves one error line
                 label = f"{event.architecture}, {event.n_params / 1e6:.1f} M parameters -> {event.outtype}"
                 tasks["<write>"] = bars.add_task(f"converting ({label})", total=None)

@@ -234,9 +234,9 @@ def rm_command(
     record = _stored_record(name, store)
     try:
         out.confirm(f"remove {record.name} ({fmt_bytes(record.size)}, {record.path})?", yes)
-    except typer.Exit:
+    except typer.Exit:  # a person said no: nothing to do, and no error
         out.notice("nothing removed")
-        raise
+        return
     target = Path(record.path)
     blob = target.resolve() if target.is_symlink() else target
     store.remove(record.name)

@@ -105,8 +105,6 @@ def ensure_model(
     out = out or Output()
     if not pull:
         if not is_interactive():
-            raise NotDownloaded(
-                missing, hint=f"pass --pull to download it now, or run `selfhost pull {missing}` first"
-            )
-        out.confirm(f"{missing} is not downloaded. Pull it now?", yes=False)
-    return out.run(pull_model(str(missing))).record.name
+            raise NotDownloaded(missing.name, hint=f"pass --pull to download it now, or {missing.hint}")
+        out.confirm(f"{missing.name} is not downloaded. Pull it now?", yes=False)
+    return out.run(pull_model(str(missing.name))).record.name

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from selfhost.cli.console import console, err_console, plain
+from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import UsageError
 
 
@@ -78,6 +79,7 @@ def quantize(
     ] = None,
     window: Annotated[int, typer.Option("--window", help="Tokens per perplexity window (--eval).")] = 256,
     chunks: Annotated[int, typer.Option("--chunks", help="Windows to score at most (--eval).")] = 8,
+    pull: Annotated[bool, typer.Option("--pull", help=PULL_HELP)] = False,
 ) -> None:
     """Quantize a GGUF model with llama.cpp and register it as <model>:<TYPE>."""
     if list_types:
@@ -91,6 +93,7 @@ def quantize(
     from selfhost.quantize.run import QuantizeOptions, run_quantize
 
     text = read_text(eval_text) if eval_text else None  # fail on a bad --eval before quantizing
+    model = ensure_model(model, pull, purpose="load")  # auto-pull: an alias or owner/repo not here yet
     options = QuantizeOptions(
         type=type_, out=out, threads=threads, allow_requantize=allow_requantize, imatrix=imatrix,
         calibration=calibration, imatrix_out=imatrix_out, chunk_size=chunk_size,

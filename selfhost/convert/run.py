@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from selfhost import atomic, gguf_info, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
-from selfhost.models.download import Progress, Retrying
+from selfhost.events import Notice, Progress
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
 OUTTYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "auto")
@@ -69,7 +69,7 @@ class Converted(BaseModel):
     result: ConvertResult
 
 
-ConvertEvent = Progress | Retrying | Started | ConvertProgress | Converted
+ConvertEvent = Progress | Notice | Started | ConvertProgress | Converted
 
 
 def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:

