@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from selfhost.cli.output import Output, fmt_bytes, is_interactive
+from selfhost.cli import output
+from selfhost.cli.output import Output, fmt_bytes
 
 PULL_HELP = "Download the model first if it is not here yet (alias or owner/repo), without asking."
 
@@ -52,7 +53,7 @@ def _offer_convert(exc: BaseException, out: Output, dry_run: bool) -> None:
     from selfhost.models.pull import ConvertibleRepo
 
     assert isinstance(exc, ConvertibleRepo)
-    if dry_run or out.json_mode or not is_interactive():
+    if dry_run or out.json_mode or not output.is_interactive():
         raise exc
     try:
         out.confirm(f"{exc.repo} has no GGUF files. Convert its safetensors weights to GGUF now?", yes=False)
@@ -104,7 +105,7 @@ def ensure_model(
         return name
     out = out or Output()
     if not pull:
-        if not is_interactive():
+        if not output.is_interactive():
             raise NotDownloaded(missing.name, hint=f"pass --pull to download it now, or {missing.hint}")
         out.confirm(f"{missing.name} is not downloaded. Pull it now?", yes=False)
     return out.run(pull_model(str(missing.name))).record.name

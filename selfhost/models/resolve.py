@@ -59,7 +59,7 @@ def resolve_model(ref: str | None, store: Store | None = None, *, purpose: Purpo
     """Find a local GGUF for `ref` (default: the embedded default model) usable for `purpose`.
 
     Never downloads. Raises NotFoundError, UsageError (wrong kind) or DependencyError (llama.cpp too old)."""
-    name = parse_name(ref or DEFAULT_MODEL)
+    name = parse_name(DEFAULT_MODEL if ref is None else ref)
     try:
         resolved = _locate(name, store or Store())
     except NotFoundError:
