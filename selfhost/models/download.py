@@ -84,15 +84,7 @@ def _transfer(
     http = hub.http_module()
 
     total = remote.size
-    have = part.stat().st_size if part.exists() else 0
-    if total is not None and have > total:  # junk from some other transfer: start over
-        part.unlink()
-        have = 0
-    h = hashlib.sha256()
-    if have:
-        with open(part, "rb") as fh:
-            while block := fh.read(CHUNK * 8):
-                h.update(block)
+    have, h = _bytes_on_disk(part, total)
     resumed_from = have
     started = False
 
@@ -157,6 +149,20 @@ def _transfer(
     digest = h.hexdigest()
     _check(part, remote, have, digest, delete=True)
     return digest
+
+
+def _bytes_on_disk(part: Path, total: int | None) -> tuple[int, hashlib._Hash]:
+    """The partial download's size and its sha256 so far (junk longer than the file: deleted)."""
+    have = part.stat().st_size if part.exists() else 0
+    if total is not None and have > total:  # junk from some other transfer: start over
+        part.unlink()
+        have = 0
+    h = hashlib.sha256()
+    if have:
+        with open(part, "rb") as fh:
+            while block := fh.read(CHUNK * 8):
+                h.update(block)
+    return have, h
 
 
 class _Sink:
