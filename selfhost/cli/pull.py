@@ -6,10 +6,15 @@ through the output layer, the result (or the dry-run plan) to stdout, as JSON wi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from selfhost.cli import output
 from selfhost.cli.output import Output, fmt_bytes
+
+if TYPE_CHECKING:
+    from selfhost.models.names import ModelName
 
 PULL_HELP = "Download the model first if it is not here yet (alias or owner/repo), without asking."
 
@@ -107,5 +112,14 @@ def ensure_model(
     if not pull:
         if not output.is_interactive():
             raise NotDownloaded(missing.name, hint=f"pass --pull to download it now, or {missing.hint}")
-        out.confirm(f"{missing.name} is not downloaded. Pull it now?", yes=False)
+        out.confirm(f"{missing.name} is not downloaded{_about(missing.name)}. Pull it now?", yes=False)
     return out.run(pull_model(str(missing.name))).record.name
+
+
+def _about(name: ModelName) -> str:
+    """' (about 1.2 GB)' from the registry's size of an alias's quant; '' when unknown."""
+    from selfhost.models.registry import load_registry
+
+    entry = load_registry().get(name.base) if name.kind == "alias" else None
+    size = entry.size_bytes(name.quant) if entry is not None else None
+    return f" (about {fmt_bytes(size)})" if size else ""

@@ -42,17 +42,12 @@ class ModelRecord(BaseModel):
 
     @property
     def base(self) -> str:
-        return split_name(self.name)[0]
+        return split_tag(self.name)[0]
 
 
 class _Manifest(BaseModel):
     version: int = 1
     models: list[ModelRecord] = []
-
-
-def split_name(name: str) -> tuple[str, str | None]:
-    """'alias:Q4_K_M' -> ('alias', 'Q4_K_M'); 'alias' -> ('alias', None) (the grammar's split_tag)."""
-    return split_tag(name)
 
 
 class Store:
@@ -95,7 +90,7 @@ class Store:
             return same_base[0]
         if same_base:
             for r in same_base:
-                if prefer_quant and prefer_quant in (r.quant, split_name(r.name)[1]):
+                if prefer_quant and prefer_quant in (r.quant, split_tag(r.name)[1]):
                     return r
             choices = ", ".join(sorted(r.name for r in same_base))
             raise NotFoundError(f"'{ref}' is ambiguous: {choices}", hint="name one of them")
