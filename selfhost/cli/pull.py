@@ -80,6 +80,8 @@ def render_result(value: object, out: Output) -> None:
     if isinstance(value, PullResult):
         r = value.record
         how = "downloaded and verified" if value.downloaded else "already on disk, verified"
+        if r.source in ("quantized", "trained", "converted"):
+            how = "already in the store"  # a model selfhost made: nothing to fetch or verify
         digest = (r.sha256 or "not computed")[:12]
         out.console.print(plain(f"{r.name}: {how} (sha256 {digest}, {fmt_bytes(r.size)}, source {r.source})"))
         out.console.print(plain(f"  {r.path}", "dim"))

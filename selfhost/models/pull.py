@@ -111,9 +111,9 @@ def pull(
     """Fetch and register NAME (see selfhost.models.names); end with Result(PullResult | PullPlan)."""
     store = store or Store()
     parsed = parse_name(name)
+    if revision and parsed.kind in ("path", "store"):
+        raise UsageError("--revision does not apply to a local file", hint="it picks a Hub revision")
     if parsed.kind == "path":
-        if revision:
-            raise UsageError("--revision does not apply to a local file")
         yield from _import_local(parsed.path, dry_run=dry_run, store=store)
         return
     if parsed.kind == "store":
