@@ -16,6 +16,7 @@ import typer
 
 from selfhost.cli.console import console, err_console
 from selfhost.cli.output import print_error, write_json
+from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import SelfhostError, UsageError
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ def chat(
     resume: bool = typer.Option(False, "--continue", "-c", help="Continue the last conversation."),
     conversation: int | None = typer.Option(None, "--conversation", help="Continue conversation ID."),
     no_log: bool = typer.Option(False, "--no-log", help="Do not write this chat to the history."),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
 ) -> None:
     """Chat with a local model: a REPL, or one answer with -p (stdin is added when piped)."""
     from selfhost.chat.history import ChatLog
@@ -96,6 +98,7 @@ def chat(
         max_tokens=max_tokens,
     )
     log = ChatLog(store)
+    model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
     session = ChatSession.load(
         model,
         ctx=ctx,

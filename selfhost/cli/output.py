@@ -212,9 +212,11 @@ class ProgressBars:
         if self.bars is None:
             self.bars = _new_bars(self.console)
             self.bars.start()
-        fields = {"detail": event.detail, "amount": _amounts(event)}
+        fields = {"detail": event.detail, "amount": _amounts(event), "unit": event.unit}
         if event.task not in self.tasks:
-            self.tasks[event.task] = self.bars.add_task(event.task, total=event.total, **fields)
+            self.tasks[event.task] = self.bars.add_task(  # from `done`: resumed bytes are no speed
+                event.task, total=event.total, completed=event.done, **fields
+            )
         self.bars.update(self.tasks[event.task], completed=event.done, total=event.total, **fields)
         if event.finished:  # a finished bar leaves the screen; what it produced is the caller's to say
             self.bars.remove_task(self.tasks.pop(event.task))
@@ -235,12 +237,28 @@ def _amounts(event: Progress) -> str:
 
 
 def _new_bars(stream_console: Any) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class ByteSpeed(ProgressColumn):
+        """The transfer speed of byte tasks (downloads); nothing for other units."""
+
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{fmt_bytes(speed)}/s" if task.fields.get("unit") == "B" and speed else "")
 
     return Progress(
         TextColumn("{task.description}", markup=False),
         BarColumn(),
         TextColumn("{task.fields[amount]}", markup=False),
+        ByteSpeed(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[detail]}", markup=False),

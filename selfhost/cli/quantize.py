@@ -14,6 +14,7 @@ import typer
 
 from selfhost.cli.console import plain
 from selfhost.cli.output import Output, fmt_bytes, jsonable
+from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import UsageError
 
 
@@ -82,6 +83,7 @@ def quantize(
     ] = None,
     window: Annotated[int, typer.Option("--window", help="Tokens per perplexity window (--eval).")] = 256,
     chunks: Annotated[int, typer.Option("--chunks", help="Windows to score at most (--eval).")] = 8,
+    pull: Annotated[bool, typer.Option("--pull", help=PULL_HELP)] = False,
 ) -> None:
     """Quantize a GGUF model with llama.cpp and register it as <model>:<TYPE>."""
     output = Output(as_json)
@@ -99,6 +101,7 @@ def quantize(
     from selfhost.quantize.run import quantize as run_quantize
 
     text = read_text(eval_text) if eval_text else None  # fail on a bad --eval before quantizing
+    model = ensure_model(model, pull, purpose="load")  # auto-pull: an alias or owner/repo not here yet
     options = QuantizeOptions(
         type=type_, out=out, threads=threads, allow_requantize=allow_requantize, imatrix=imatrix,
         calibration=calibration, imatrix_out=imatrix_out, chunk_size=chunk_size,

@@ -8,6 +8,7 @@ import typer
 
 from selfhost.cli.console import err_console
 from selfhost.cli.output import Output
+from selfhost.cli.pull import PULL_HELP, ensure_model
 
 
 def register(app: typer.Typer) -> None:
@@ -45,6 +46,7 @@ def serve(
         min=16,
         help="Prompt tokens read per step, so new prompts do not stall replies.",
     ),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     from selfhost.serve.server import ServeOptions
@@ -57,6 +59,9 @@ def serve(
             "anyone who can reach this machine can use the model",
             level="warning",
         )
+    model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
+    if embedding_model is not None:
+        embedding_model = ensure_model(embedding_model, pull, purpose="embedding")
     options = ServeOptions(
         model=model,
         host=host,

@@ -228,6 +228,7 @@ class _Job:
 def _plan(model: str, options: QuantizeOptions) -> _Job:
     """Validate everything before any work: options, the input, the output path, free disk and RAM."""
     from selfhost.llama_backend import default_threads
+    from selfhost.models.names import split_tag
     from selfhost.models.resolve import resolve_model
 
     qtype = get_type(options.type)
@@ -256,7 +257,7 @@ def _plan(model: str, options: QuantizeOptions) -> _Job:
 
         imatrix = load_imatrix(options.imatrix)
 
-    base = resolved.record.base if resolved.record else resolved.name.split(":")[0]
+    base = resolved.record.base if resolved.record else split_tag(resolved.name)[0]
     out = _output_path(resolved.path, base, qtype, options)
     input_size = sum(p.stat().st_size for p in resolved.parts) or info.size
     atomic.ensure_free_space(out.parent, input_size, "the quantized model")

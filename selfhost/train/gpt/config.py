@@ -5,7 +5,6 @@ Precedence: preset < config file < explicit overrides (CLI flags). Every hyper-p
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,6 @@ from selfhost.train.common import TrainSettings
 TokenizerKind = Literal["char", "bpe"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class TrainConfig(TrainSettings):
@@ -135,6 +133,7 @@ def build_config(
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or ":" in name:
-        raise UsageError(f"invalid model name '{name}'", hint="use letters, digits, '.', '_' and '-'")
-    return name
+    """The export name: a store name in the one model-name grammar (selfhost.models.names)."""
+    from selfhost.models.names import check_store_name
+
+    return check_store_name(name)
