@@ -26,19 +26,6 @@ def test_version(runner):
     assert __version__ in result.output
 
 
-def test_help_imports_no_heavy_modules():
-    code = (
-        "import sys\n"
-        "from selfhost.cli.app import app\n"
-        "heavy = {'torch', 'llama_cpp', 'huggingface_hub', 'gguf', 'tokenizers', 'numpy'}\n"
-        "print(sorted(heavy & set(sys.modules)))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()
-    )
-    assert out.stdout.strip() == "[]"
-
-
 HELP_MUST_NOT_IMPORT = (
     "torch", "llama_cpp", "fastapi", "uvicorn", "numpy", "huggingface_hub", "gguf", "pydantic",
     "rich.markdown", "rich.traceback", "markdown_it", "pygments",

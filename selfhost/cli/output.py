@@ -23,20 +23,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from selfhost.atomic import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import SelfhostError, UsageError
 from selfhost.events import Event, Notice, Progress, Result
 
 # -- formatting (human output only; JSON carries raw numbers) ------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as disks and the Hub count: 98.0 MB."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def fmt_count(n: float, exact: bool = False) -> str:
