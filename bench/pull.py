@@ -3,7 +3,7 @@
     .venv/bin/python bench/pull.py --size-mb 200
 
 1. Throughput: the fake Hub (tests/hubserver.py, 127.0.0.1, in this process) serves one random
-   GGUF-headed file; selfhost's core `pull()` (download + sha256 verification + fsync + registration)
+   random llama GGUF; selfhost's core `pull()` (download + sha256 verification + fsync + registration)
    and `hf_hub_download` (download only) each fetch it into a fresh cache, `--rounds` times; best wins.
 2. Resume: the server drops the connection at 50% of the file. selfhost's next run fetches only the missing
    bytes; huggingface-hub's next run fetches everything again (its partial file is deleted on failure).
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import struct
 import sys
 import tempfile
 import time
@@ -27,8 +26,15 @@ FILE = "random-Q4_K_M.gguf"
 
 
 def make_file(size: int) -> bytes:
-    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)  # passes the header check; the rest is noise
-    return header + secrets.token_bytes(size - len(header))
+    """A valid random llama GGUF of about `size` bytes (pull validates what it registers), its
+    feed-forward width chosen to reach the size (2 layers x 3 matrices of n_ff x 64 F32)."""
+    from tests.tinygguf import write_tiny_llama
+
+    n_ff = max(128, size // (2 * 3 * 64 * 4))
+    with tempfile.TemporaryDirectory() as folder:
+        return write_tiny_llama(
+            Path(folder) / "random.gguf", n_ff=n_ff, seed=secrets.randbelow(2**31)
+        ).read_bytes()
 
 
 def timed(fn) -> float:  # noqa: ANN001
@@ -68,6 +74,7 @@ def main() -> None:
 
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings
         from selfhost.errors import DownloadError
+        from selfhost.events import run_to_end
         from selfhost.models.pull import pull
         from selfhost.models.store import Store
 
@@ -75,8 +82,7 @@ def main() -> None:
 
         def selfhost_pull(cache: Path, **kw: object) -> None:
             os.environ["HF_HUB_CACHE"] = str(cache)
-            for _ in pull(f"{REPO}:Q4_K_M", **kw):
-                pass
+            run_to_end(pull(f"{REPO}:Q4_K_M", **kw))
 
         def hf_pull(cache: Path) -> None:
             hf_hub_download(REPO, FILE, cache_dir=cache, endpoint=server.url)

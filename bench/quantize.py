@@ -97,15 +97,15 @@ def plain_eval_seconds(model: Path, chunk_size: int, n_chunks: int, threads: int
 
 
 def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:
-    from selfhost.quantize.calibrate import ImatrixWritten, compute_imatrix, default_calibration_text
+    from selfhost.events import run_to_end
+    from selfhost.quantize.calibrate import compute_imatrix, default_calibration_text
     from selfhost.quantize.compare import compare
     from selfhost.quantize.run import QuantizeOptions, run_quantize
 
     matrix = work / "smollm2.imatrix.gguf"
-    events = list(compute_imatrix(f16, default_calibration_text(), matrix, dataset="calibration.txt",
-                                  chunk_size=args.imatrix_chunk_size, max_chunks=args.imatrix_chunks,
-                                  threads=args.threads))
-    written = next(e for e in events if isinstance(e, ImatrixWritten))
+    written = run_to_end(compute_imatrix(f16, default_calibration_text(), matrix, dataset="calibration.txt",
+                                         chunk_size=args.imatrix_chunk_size, max_chunks=args.imatrix_chunks,
+                                         threads=args.threads))
     plain = plain_eval_seconds(f16, args.imatrix_chunk_size, written.n_chunks, args.threads)
     print(f"\n## importance matrix: SmolLM2-135M F16, {written.n_chunks} chunks of {args.imatrix_chunk_size} "
           f"tokens of the shipped calibration text\n")
@@ -122,8 +122,8 @@ def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:
                                                    imatrix=imatrix, add_to_store=False))
             models.append(str(out))
     held_out = TEXT.read_text("utf-8")[-200_000:]  # the calibration text is selfhost's own, not Shakespeare
-    report = compare(models, held_out, window=args.window, chunks=args.chunks, threads=args.threads,
-                     gen_tokens=4)
+    report = run_to_end(compare(models, held_out, window=args.window, chunks=args.chunks,
+                                threads=args.threads, gen_tokens=4))
     by_file = {Path(row.path).name: row for row in report.rows}
     print(f"\n## perplexity without / with the imatrix: held-out tinyshakespeare, {report.n_windows} windows "
           f"of {report.window} tokens (F16: {by_file[f16.name].ppl:.4f})\n")
@@ -153,6 +153,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="selfhost-bench-quantize-"))
     os.environ["SELFHOST_HOME"] = str(work / "home")  # keep the user's store untouched
+    from selfhost.events import run_to_end
     from selfhost.models.embedded import embedded_path
     from selfhost.quantize.compare import compare
     from selfhost.quantize.dequantize import dequantize_gguf
@@ -190,7 +191,7 @@ def main() -> int:
         core_quantize(f16, out, qtype, args.threads)
         models.append(str(out))
     text = TEXT.read_text("utf-8")
-    report = compare(models, text, window=args.window, chunks=args.chunks, threads=args.threads)
+    report = run_to_end(compare(models, text, window=args.window, chunks=args.chunks, threads=args.threads))
     print(f"\n## quality: SmolLM2-135M-Instruct on tinyshakespeare, {report.n_windows} windows of "
           f"{report.window} tokens ({report.n_scored} scored)\n")
     print("| type | size MB | bpw | ppl | Δppl vs F16 | Llama-3-8B Δppl (published) "

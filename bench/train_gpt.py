@@ -43,6 +43,8 @@ from torch.nn import functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from selfhost.events import Progress, Result  # noqa: E402
+from selfhost.train import common  # noqa: E402
 from selfhost.train.gpt import data, estimate, trainer  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config  # noqa: E402
 from selfhost.train.gpt.model import GPT  # noqa: E402
@@ -345,7 +347,7 @@ def cli_run(src: Path, preset: str, data_path: Path, iters: int | None, threads:
         wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"{src}: exit {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
-    val = re.findall(r"val loss (\d+\.\d+)", proc.stdout)
+    val = re.findall(r"val loss (\d+\.\d+)", proc.stdout + proc.stderr)
     return {"wall": wall, "cpu": cpu, "val": float(val[-1]) if val else math.nan,
             "load": (load + os.getloadavg()[0]) / 2}  # fmt: skip
 
@@ -385,32 +387,31 @@ def compare_cli(rev: str, args: argparse.Namespace) -> None:
 
 def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
     """`selfhost train gpt` in this process (trainer.train: data, tokenizer, probe, evals, samples,
-    checkpoints): wall time, final val loss, step tokens/s after warm-up, the load average around it."""
+    checkpoints): wall and CPU time, final val loss, step tokens/s after warm-up, the load around it."""
     load, cpu0 = os.getloadavg()[0], time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         req = trainer.TrainRequest(config=cfg, run_dir=Path(tmp), data=data_path, handle_sigint=False)
         t0 = time.perf_counter()
-        steps, start, row = [], None, {}
+        steps, start, row, threads = [], None, {}, None
         for ev in trainer.train(req):
-            if isinstance(ev, trainer.RunStart):
-                start = ev
-                print(f"  ours: params {ev.estimate.n_params:,}, {ev.threads or torch.get_num_threads()} "
-                      f"threads, probe {ev.estimate.tokens_per_s:,.0f} tok/s, "
-                      f"estimated ETA {ev.estimate.eta_s:.0f} s", flush=True)  # fmt: skip
-            elif isinstance(ev, trainer.StepEvent):
-                steps.append(ev)
-            elif isinstance(ev, trainer.EvalEvent):
-                print(f"  ours step {ev.step}: train {ev.train_loss:.4f} val {ev.val_loss:.4f} "
+            m = ev.metrics if isinstance(ev, Progress) else {}
+            if isinstance(ev, Progress) and ev.task == "train" and "n_params" in m:  # the estimate
+                start, threads = m, torch.get_num_threads() if cfg.device == "cpu" else None
+                rate, eta = m["tokens_per_s"], m["eta_s"]
+                print(f"  ours: params {m['n_params']:,}, {threads or 'default'} threads, "
+                      f"probe {rate:,.0f} tok/s, ETA {eta:.0f} s", flush=True)  # fmt: skip
+            elif isinstance(ev, Progress) and ev.task == "train":
+                steps.append(m)
+            elif isinstance(ev, Progress) and ev.task == "eval":
+                print(f"  ours step {ev.done:.0f}: train {m['train_loss']:.4f} val {m['val_loss']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-            elif isinstance(ev, trainer.Done):
+            elif isinstance(ev, Result):
                 later = steps[len(steps) // 5 :] or steps  # skip warm-up / compilation
-                mfus = [s.mfu for s in later if s.mfu is not None]
+                mfus = [s["mfu"] for s in later if "mfu" in s]
                 row = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
-                       "val": ev.val_loss,
-                       "tps": sum(s.tokens_per_s for s in later) / len(later),
+                       "val": ev.value.val_loss, "tps": sum(s["tokens_per_s"] for s in later) / len(later),
                        "mfu": f"{100 * sum(mfus) / len(mfus):.1f}%" if mfus else "n/a",
-                       "eta": start.estimate.eta_s if start else None,
-                       "threads": start.threads if start else None}  # fmt: skip
+                       "eta": start.get("eta_s") if start else None, "threads": threads}  # fmt: skip
     return {**row, "load": (load + os.getloadavg()[0]) / 2}
 
 
@@ -463,7 +464,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--preset", default="cpu-tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--iters", type=int, default=None, help="override the preset's iterations")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="iterations (nanoGPT evaluates at multiples of eval_interval)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto, as the CLI does)")
     ap.add_argument("--ref-threads", type=int, default=0,
                     help="nanoGPT-equivalent run threads (0: the same as ours)")  # fmt: skip
@@ -478,14 +480,14 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps of ours")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
-    print(f"# load average {os.getloadavg()[0]:.1f} on {trainer.cpu_cores()} cores", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} on {common.cpu_cores()} cores", flush=True)
     if args.before:
         compare_cli(args.before, args)
     overrides = {"device": args.device, "max_iters": args.iters, "compile": args.compile or None,
                  "threads": args.threads}  # fmt: skip
     cfg = build_config(args.preset, overrides=overrides)
-    device = trainer.resolve_device(cfg.device)
-    print(f"# {args.preset} on {trainer.device_name(device)}, torch {torch.__version__}, "
+    device = common.pick_device(cfg.device)
+    print(f"# {args.preset} on {common.device_name(device)}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}", flush=True)  # fmt: skip
     if not args.skip_run:
         full_runs(cfg, args, default_threads)
@@ -493,7 +495,7 @@ def main() -> None:
         return
     tok, docs = _tok_docs(cfg, args.data)
     ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
-    threads = trainer.resolve_threads(cfg.threads, device) or torch.get_num_threads()
+    threads = common.resolve_threads(cfg.threads, device) or torch.get_num_threads()
     if not args.no_steps:
         step_table(cfg, tok.vocab_size, ds, device, args.step_iters or (20 if device.type == "cpu" else 50),
                    threads)  # fmt: skip

@@ -43,7 +43,9 @@ class Run:
 
 
 def run_selfhost(data: Path, device: str, seed: int, limit: int | None = None) -> Run:
-    from selfhost.train.mnist.train import EpochEnd, Started, TrainConfig, train
+    from selfhost.events import Notice, Progress
+    from selfhost.train import runs
+    from selfhost.train.mnist.train import TrainConfig, train
 
     run = Run("selfhost default")
     config = TrainConfig(data=data, device=device, seed=seed, train_limit=limit, test_limit=limit)
@@ -52,21 +54,20 @@ def run_selfhost(data: Path, device: str, seed: int, limit: int | None = None) -
     with tempfile.TemporaryDirectory() as out:
         config.out = Path(out)
         for event in train(config):
-            if isinstance(event, Started):
-                run.parameters = event.parameters
-                per_epoch = event.steps_per_epoch * config.batch_size
-                print(
-                    f"  selfhost: {event.n_train:,} images, {event.epochs} epochs on {event.device}",
-                    flush=True,
-                )
-            elif isinstance(event, EpochEnd):
+            if isinstance(event, Notice) and event.message.startswith("training on"):
+                info = runs.read_info(config.out)  # what the run recorded about itself
+                run.parameters = info["params"]
+                per_epoch = info["steps_per_epoch"] * config.batch_size
+                print(f"  selfhost: {event.message}", flush=True)
+            elif isinstance(event, Progress) and event.task == "test":  # an epoch ended
+                m = event.metrics
                 run.epochs += 1
                 run.images += per_epoch
-                run.train_seconds += per_epoch / event.images_per_s
-                run.record(time.perf_counter() - start, event.test_accuracy)
+                run.train_seconds += per_epoch / m["images_per_s"]
+                run.record(time.perf_counter() - start, m["test_accuracy"])
                 print(
-                    f"  selfhost epoch {event.epoch}: test {100 * event.test_accuracy:.2f}% "
-                    f"at {run.curve[-1][0]:.1f} s ({event.images_per_s:,.0f} images/s)",
+                    f"  selfhost epoch {event.done:.0f}: test {100 * m['test_accuracy']:.2f}% "
+                    f"at {run.curve[-1][0]:.1f} s ({m['images_per_s']:,.0f} images/s)",
                     flush=True,
                 )
     run.wall_seconds = time.perf_counter() - start
@@ -106,8 +107,10 @@ def run_reference(data: Path, device_name: str, seed: int, budget: float, limit:
     import torch
     import torch.nn.functional as F
 
+    from selfhost.train.common import cpu_cores as cpu_count
+    from selfhost.train.common import pick_device
     from selfhost.train.mnist.net import normalise
-    from selfhost.train.mnist.train import cpu_count, load_tensors, pick_device
+    from selfhost.train.mnist.train import load_tensors
 
     start = time.perf_counter()
     device = pick_device(device_name)
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images only (a quick smoke run)")
     args = parser.parse_args()
 
-    from selfhost.train.mnist.train import cpu_count
+    from selfhost.train.common import cpu_cores as cpu_count
 
     print(
         f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cores {cpu_count()}",

@@ -20,7 +20,9 @@ import sys
 from dataclasses import dataclass
 
 from selfhost.errors import SelfhostError
-from selfhost.models.pull import DryRun, Notice, pull
+from selfhost.events import Notice, run_to_end
+from selfhost.models.names import split_tag
+from selfhost.models.pull import PullPlan, pull
 from selfhost.models.registry import load_registry
 
 SIZE_TOLERANCE = 0.15
@@ -39,11 +41,11 @@ class Row:
 
 def check(alias: str, quant: str, registry_gb: float | None) -> Row:
     name = f"{alias}:{quant}"
+    events: list = []
     try:
-        events = list(pull(name, dry_run=True))
+        plan: PullPlan = run_to_end(pull(name, dry_run=True), events.append)
     except SelfhostError as exc:
         return Row(name, "FAIL", registry_gb=registry_gb, note=str(exc))
-    plan = next(e for e in events if isinstance(e, DryRun))
     pin_problems = [e.message for e in events if isinstance(e, Notice) and "pins" in e.message]
     sizes = [f.size for f in plan.files]
     hub_gb = sum(s for s in sizes if s is not None) / 1e9 if None not in sizes else None
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows if r.status != "ok"]
     print(f"\n{len(rows) - len(failed)} ok, {len(failed)} of {len(rows)} failed")
     if args.pins:
-        pins = {r.name.split(":")[0]: r.commit for r in rows if r.status == "ok"}
+        pins = {split_tag(r.name)[0]: r.commit for r in rows if r.status == "ok"}
         for alias, commit in sorted(pins.items()):
             print(f'[models."{alias}"] revision = "{commit}"')
     return 1 if failed else 0

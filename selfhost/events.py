@@ -65,3 +65,19 @@ def run_to_end(events: Iterable[Event], on_event: Callable[[Event], None] | None
     if len(results) != 1:
         raise RuntimeError(f"a long operation must end with exactly one Result (got {len(results)})")
     return results[0]
+
+
+def nested(events: Iterable[Event]) -> Generator[Event, None, Any]:
+    """Run one long operation inside another: yield its notices and progress, return its Result's value.
+
+    `value = yield from nested(perplexity(...))` keeps the outer operation's single Result.
+    """
+    results = []
+    for event in events:
+        if isinstance(event, Result):
+            results.append(event.value)
+        else:
+            yield event
+    if len(results) != 1:
+        raise RuntimeError(f"a long operation must end with exactly one Result (got {len(results)})")
+    return results[0]

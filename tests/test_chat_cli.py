@@ -48,6 +48,7 @@ def test_one_shot_json_answers_paris_and_is_logged(runner, smollm2_gguf: Path) -
         "Q4_1 · context 8192" in start_line and "CPU · 0/" in start_line and "layers offloaded" in start_line
     )
     data = json.loads(body)
+    assert json.loads(result.stdout) == data  # stdout holds nothing but the JSON
     assert "Paris" in data["reply"]
     usage = data["usage"]
     assert usage["prompt_tokens"] == usage["evaluated_tokens"] > 10 and usage["generated_tokens"] > 0
@@ -239,7 +240,7 @@ def test_repl_scripted_transcript_and_sqlite_rows(runner, tiny_gguf: Path, tmp_p
     assert result.exit_code == 0, out
     assert "tiny · F32 · context 128" in out.splitlines()[0]
     assert "no reply yet" in out
-    assert "unknown command /frobnicate (type /help for the list)" in out
+    assert "error: unknown command /frobnicate (type /help for the list)" in out  # the one error line
     assert re.search(r"user \(\d+ tok\): first line\nsecond line\nassistant", out)  # one message
     assert "removed 2 message(s)" in out and "system prompt set" in out
     assert "prompt: " in out and "reused from the KV cache" in out

@@ -99,6 +99,18 @@ def test_converted_logits_and_tokens_match_transformers(runner, tiny_hf, tokeniz
     assert json.loads(answer.output[answer.output.index("{") :])["model"] == "tiny-llama:F16"
 
 
+def test_convert_json_prints_the_result_only(runner, tiny_hf):
+    args = ["convert", str(tiny_hf), "--outtype", "q8_0", "--name", "json-llama", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    value = json.loads(result.stdout)
+    assert value["name"] == "json-llama:Q8_0" and value["quant"] == "Q8_0"
+    assert value["architecture"] == "LlamaForCausalLM" and value["source"] == str(tiny_hf)
+    assert Path(value["output"]) == paths.models_dir() / "json-llama-Q8_0.gguf"
+    assert value["size"] == Path(value["output"]).stat().st_size
+    assert Store().get("json-llama:Q8_0") is not None
+
+
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch):
     import huggingface_hub.constants as hf_constants

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from selfhost.errors import SelfhostError
+from selfhost.events import Progress
 from selfhost.models import hub
-from selfhost.models.pull import Progress
 from selfhost.models.store import Store
 from tests.test_pull import REPO, fake_hub, gguf_bytes, pulled, run, tiny_hub  # noqa: F401 (fixtures)
 
@@ -56,7 +56,7 @@ def test_leftover_partial_larger_than_the_file_is_discarded(tiny_hub):  # noqa: 
     assert pulled(events).record.sha256 == hashlib.sha256(data).hexdigest()
     assert tiny_hub.bytes_served == len(data)
     assert all(rng is None for method, _, rng in tiny_hub.requests if method == "GET")  # no bogus Range
-    assert next(e for e in events if isinstance(e, Progress)).resumed_from == 0
+    assert next(e for e in events if isinstance(e, Progress)).metrics["resumed_from"] == 0
 
 
 def test_two_concurrent_pulls_of_one_blob_download_it_once(fake_hub):  # noqa: F811

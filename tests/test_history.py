@@ -13,6 +13,7 @@ from selfhost.chat.history import MIGRATIONS, ChatLog, HistoryStore
 from selfhost.chat.messages import Conversation, Message
 from selfhost.cli.app import app
 from selfhost.errors import HistoryError, NotFoundError
+from tests.conftest import checkout_env, selfhost_command
 
 
 def talk(log: ChatLog, *pairs: tuple[str, str], system: str | None = None) -> list[Message]:
@@ -151,12 +152,55 @@ def test_history_cli_export_and_rm(runner, two_conversations, tmp_path: Path) ->
     bad = runner.invoke(app, ["history", "export", "1", "-o", str(tmp_path / "c.pdf")])
     assert bad.exit_code == 2 and "export format" in bad.output
 
-    kept = runner.invoke(app, ["history", "rm", "2"], input="n\n")
-    assert kept.exit_code == 1 and len(HistoryStore().list()) == 2
     gone = runner.invoke(app, ["history", "rm", "2", "--yes"])
     assert gone.exit_code == 0 and "deleted conversation 2" in gone.output
     assert [c.id for c in HistoryStore().list()] == [1]
     assert paths.history_db().exists()
+
+
+def test_history_json_is_the_whole_stdout(runner, two_conversations) -> None:
+    listed = runner.invoke(app, ["history", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [(c["id"], c["n_messages"]) for c in json.loads(listed.stdout)] == [(2, 2), (1, 2)]
+    shown = runner.invoke(app, ["history", "show", "1", "--json"])
+    assert shown.exit_code == 0, shown.output
+    conversation = Conversation.model_validate(json.loads(shown.stdout))
+    assert conversation.id == 1 and conversation.system == "Answer briefly."
+    assert [m.content for m in conversation.messages] == ["What is the capital of France?", "Paris."]
+    found = runner.invoke(app, ["history", "search", "paris", "--json"])
+    assert found.exit_code == 0, found.output
+    assert [(h["conversation_id"], h["role"]) for h in json.loads(found.stdout)] == [(1, "assistant")]
+    assert json.loads(runner.invoke(app, ["history", "search", "zebra", "--json"]).stdout) == []
+    assert json.loads(runner.invoke(app, ["history", "list", "--json", "-n", "1"]).stdout)[0]["id"] == 2
+
+
+def test_history_rm_without_a_terminal_needs_yes(runner, two_conversations) -> None:
+    refused = runner.invoke(app, ["history", "rm", "2"], input="y\n")  # piped input is not a person
+    assert refused.exit_code == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: delete conversation 2 ('Tell me a joke', 2 messages): "
+        "refusing without a terminal (pass --yes)"
+    ]
+    assert refused.stdout == "" and [c.id for c in HistoryStore().list()] == [2, 1]
+
+
+def test_history_rm_asks_on_a_terminal(two_conversations) -> None:
+    pexpect = pytest.importorskip("pexpect")
+
+    def answer(reply: str) -> int:
+        command = selfhost_command("history", "rm", "2")
+        env = checkout_env(TERM="dumb")
+        child = pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=60)
+        try:
+            child.expect_exact("delete conversation 2 ('Tell me a joke', 2 messages)? [y/N]:")
+            child.sendline(reply)
+            child.expect(pexpect.EOF)
+        finally:
+            child.close(force=True)
+        return child.exitstatus
+
+    assert answer("n") == 1 and [c.id for c in HistoryStore().list()] == [2, 1]
+    assert answer("y") == 0 and [c.id for c in HistoryStore().list()] == [1]
 
 
 V1_FIXTURE = Path(__file__).parent / "data" / "history_v1.db"  # frozen; built from history_v1.sql

@@ -211,14 +211,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_quantize_on_a_disk_that_fills_up_says_the_disk_is_full(tiny_gguf: Path, small_disk: Path) -> None:
     from selfhost.errors import DiskSpaceError
+    from selfhost.events import Progress
     from selfhost.models.store import Store
-    from selfhost.quantize.run import Planned, QuantizeOptions, quantize
+    from selfhost.quantize.run import QuantizeOptions, quantize
 
     out = small_disk / "tiny-Q8_0.gguf"
     events = quantize(str(tiny_gguf), QuantizeOptions(type="Q8_0", out=out, threads=1))
     with pytest.raises(DiskSpaceError, match="the disk is full"):
         for event in events:
-            if isinstance(event, Planned):  # the free-space check passed; now something else fills it
+            if isinstance(event, Progress) and event.done == 0:  # checks passed; now something fills the disk
                 with open(small_disk / "filler", "wb", buffering=0) as fh, pytest.raises(OSError):
                     while True:
                         fh.write(b"\0" * (1 << 20))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from selfhost.errors import DownloadError, IntegrityError, NotFoundError
+from selfhost.events import Notice, Progress
 from selfhost.train.mnist import download as dl
 from selfhost.train.mnist.idx import load_mnist, parse_idx, read_idx
 
@@ -156,6 +157,13 @@ def mirrors(served_files: dict[str, dict[str, bytes]]) -> Iterator[dict[str, Mir
         server.close()
 
 
+def downloaded(events: list[object]) -> list[str]:
+    """The files the Notices say were downloaded and verified, in order."""
+    prefix = "downloaded and verified "
+    return [Path(e.message.removeprefix(prefix)).name for e in events
+            if isinstance(e, Notice) and e.message.startswith(prefix)]  # fmt: skip
+
+
 def drain(events: Iterator[object]) -> tuple[list[object], object]:
     seen = []
     while True:
@@ -172,13 +180,16 @@ def test_download_skips_failing_and_corrupt_mirrors(
     order = [mirrors["failing"].url, mirrors["corrupt"].url, mirrors["good"].url]
     events, result = drain(dl.download_mnist(dest, order))
     assert result == dest
-    failed = [e for e in events if isinstance(e, dl.MirrorFailed)]
+    failed = [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
     assert len(failed) == 8  # each file: the failing mirror, then the corrupt one
-    assert all("503" in e.reason for e in failed if e.url.startswith(mirrors["failing"].url))
-    corrupt = [e.reason for e in failed if e.url.startswith(mirrors["corrupt"].url)]
-    assert sum("sha256" in r for r in corrupt) == 2 and len(corrupt) == 4  # 2 wrong content, 2 bad gzip
-    ready = [e for e in events if isinstance(e, dl.FileReady)]
-    assert [e.downloaded for e in ready] == [True] * 4
+    assert all("next mirror" in m for m in failed)
+    assert all("503" in m for m in failed if m.startswith(mirrors["failing"].url))
+    corrupt = [m for m in failed if m.startswith(mirrors["corrupt"].url)]
+    assert sum("sha256" in m for m in corrupt) == 2 and len(corrupt) == 4  # 2 wrong content, 2 bad gzip
+    assert downloaded(events) == list(dl.SHA256)
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert all(e.unit == "B" and e.task.startswith("download ") for e in progress)
+    assert {e.task for e in progress if e.finished} == {f"download {name}" for name in dl.SHA256}
     for name, digest in dl.SHA256.items():
         assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in dest.iterdir()) == sorted(dl.SHA256)  # no temp files left
@@ -188,7 +199,7 @@ def test_download_skips_failing_and_corrupt_mirrors(
     before = len(mirrors["good"].requests)
     events, _ = drain(dl.download_mnist(dest, order))
     assert len(mirrors["good"].requests) == before
-    assert [e.downloaded for e in events if isinstance(e, dl.FileReady)] == [False] * 4
+    assert events == []  # nothing fetched, nothing to say
 
 
 def test_download_replaces_a_corrupt_local_copy(mirrors: dict[str, Mirror], tmp_path: Path) -> None:
@@ -196,9 +207,7 @@ def test_download_replaces_a_corrupt_local_copy(mirrors: dict[str, Mirror], tmp_
     dl.ensure_mnist(dest, [mirrors["good"].url])
     (dest / "t10k-labels-idx1-ubyte").write_bytes(b"garbage")
     events, _ = drain(dl.download_mnist(dest, [mirrors["good"].url]))
-    assert [e.file for e in events if isinstance(e, dl.FileReady) and e.downloaded] == [
-        "t10k-labels-idx1-ubyte"
-    ]
+    assert downloaded(events) == ["t10k-labels-idx1-ubyte"]
     assert dl.is_verified(dest / "t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
 
 

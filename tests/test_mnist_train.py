@@ -11,17 +11,33 @@ import pytest
 
 from selfhost.cli.app import app
 from selfhost.errors import DependencyError, IntegrityError, NotFoundError, UsageError
-from selfhost.train.mnist import deps
+from selfhost.events import Notice, Progress, Result
+from selfhost.train.common import require_torch
 from selfhost.train.mnist.idx import load_mnist
 
 try:
-    torch = deps.torch()  # first, so that torch loads with the trainer's OpenMP settings
+    torch = require_torch(passive_openmp=True)  # first: torch loads with the trainer's OpenMP settings
 except DependencyError:
     pytest.skip("PyTorch is not installed", allow_module_level=True)
 PIL = pytest.importorskip("PIL.Image")
 
 from selfhost.train.mnist.predict import evaluate_saved, predict, preprocess  # noqa: E402
-from selfhost.train.mnist.train import EpochEnd, Finished, Started, TrainConfig, load_model, train  # noqa: E402
+from selfhost.train.mnist.train import TrainConfig, TrainResult, load_model, train  # noqa: E402
+
+
+def is_epoch_end(event: object) -> bool:
+    """The Progress of the task "test": one per epoch, with the epoch's train and test metrics."""
+    return isinstance(event, Progress) and event.task == "test"
+
+
+def epoch_ends(events: list) -> list[Progress]:
+    return [e for e in events if is_epoch_end(e)]
+
+
+def result_of(events) -> TrainResult:  # noqa: ANN001
+    results = [e.value for e in events if isinstance(e, Result)]
+    assert len(results) == 1
+    return results[0]
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +64,32 @@ def small_data(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="module")
-def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Finished, list]:
+def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainResult, list]:
     """Two epochs on the first 10,000 training images, tested on the first 2,000 test images (CPU)."""
     out = tmp_path_factory.mktemp("run")
     config = TrainConfig(
         data=mnist_dir, out=out, epochs=2, device="cpu", train_limit=10_000, test_limit=2_000
     )
     events = list(train(config))
-    return out, events[-1], events
+    assert isinstance(events[-1], Result)
+    return out, events[-1].value, events
 
 
 @pytest.mark.slow
-def test_short_training_learns(trained: tuple[Path, Finished, list]) -> None:
+def test_short_training_learns(trained: tuple[Path, TrainResult, list]) -> None:
     out, done, events = trained
     started = events[0]
-    assert isinstance(started, Started) and started.n_train == 10_000 and started.n_test == 2_000
-    epochs = [e for e in events if isinstance(e, EpochEnd)]
-    assert [e.epoch for e in epochs] == [1, 2]
-    assert isinstance(done, Finished) and done.test_accuracy >= 0.95, done.test_accuracy
-    assert epochs[1].train_loss < epochs[0].train_loss
+    assert isinstance(started, Notice) and "10,000 images, test 2,000" in started.message
+    epochs = epoch_ends(events)
+    assert [e.done for e in epochs] == [1, 2] and epochs[-1].finished
+    assert isinstance(done, TrainResult) and done.test_accuracy >= 0.95, done.test_accuracy
+    assert epochs[1].metrics["train_loss"] < epochs[0].metrics["train_loss"]
+    assert epochs[1].metrics["test_accuracy"] == done.test_accuracy
     assert sum(map(sum, done.confusion)) == 2_000
     assert sum(done.confusion[i][i] for i in range(10)) == round(done.test_accuracy * 2_000)
-    assert all(e.images_per_s > 0 for e in epochs)
+    assert all(e.metrics["images_per_s"] > 0 for e in epochs)
+    steps = [e for e in events if isinstance(e, Progress) and e.task.startswith("epoch ")]
+    assert steps[-1].task == "epoch 2" and steps[-1].finished and steps[-1].metrics["lr"] > 0
 
     model, metadata = load_model(out / "model.safetensors")
     assert metadata["format"] == "selfhost-mnist" and metadata["epochs_done"] == "2"
@@ -132,7 +152,7 @@ def test_saved_model_predicts_rendered_digits(trained, mnist_dir: Path, tmp_path
 @pytest.mark.slow
 def test_eval_remeasures_the_saved_model(trained, mnist_dir: Path, runner) -> None:
     out, done, _ = trained
-    report = list(evaluate_saved(out / "model.safetensors", mnist_dir, "cpu", limit=2_000))[-1]
+    report = list(evaluate_saved(out / "model.safetensors", mnist_dir, "cpu", limit=2_000))[-1].value
     assert report.accuracy == pytest.approx(done.test_accuracy) and report.confusion == done.confusion
     result = runner.invoke(
         app,
@@ -161,14 +181,14 @@ def tiny(data: Path, out: Path, **kw) -> TrainConfig:
 def test_resume_continues_an_interrupted_run(small_data: Path, tmp_path: Path) -> None:
     events = train(tiny(small_data, tmp_path, epochs=2))
     for event in events:  # stop after the first epoch, as Ctrl-C would
-        if isinstance(event, EpochEnd):
+        if is_epoch_end(event):
             break
     events.close()
     first = load_model(tmp_path / "model.safetensors")[1]
     assert first["epochs_done"] == "1"
     resumed = list(train(tiny(small_data, tmp_path, resume=True)))
-    assert isinstance(resumed[0], Started) and resumed[0].start_epoch == 1 and resumed[0].epochs == 2
-    assert [e.epoch for e in resumed if isinstance(e, EpochEnd)] == [2]
+    assert isinstance(resumed[0], Notice) and resumed[0].message.endswith("2 epochs, resuming after epoch 1")
+    assert [(e.done, e.total) for e in epoch_ends(resumed)] == [(2, 2)]
     assert load_model(tmp_path / "model.safetensors")[1]["epochs_done"] == "2"
     with pytest.raises(UsageError, match="already trained 2 epochs"):
         list(train(tiny(small_data, tmp_path, resume=True)))
@@ -178,14 +198,14 @@ def test_resume_continues_an_interrupted_run(small_data: Path, tmp_path: Path) -
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(small_data: Path, tmp_path: Path) -> None:
     """Training is deterministic: stop after epoch 1, resume, and the weights equal a straight 2-epoch run."""
-    straight = [e for e in train(tiny(small_data, tmp_path / "a", epochs=2)) if isinstance(e, Finished)][0]
+    straight = result_of(train(tiny(small_data, tmp_path / "a", epochs=2)))
     events = train(tiny(small_data, tmp_path / "b", epochs=2))
     for event in events:
-        if isinstance(event, EpochEnd):
+        if is_epoch_end(event):
             break
     events.close()
     after_one = load_model(tmp_path / "b" / "model.safetensors")[0].state_dict()
-    resumed = [e for e in train(tiny(small_data, tmp_path / "b", resume=True)) if isinstance(e, Finished)][0]
+    resumed = result_of(train(tiny(small_data, tmp_path / "b", resume=True)))
     wa = load_model(straight.model_path)[0].state_dict()
     wb = load_model(resumed.model_path)[0].state_dict()
     assert not all(torch.equal(wa[k], after_one[k]) for k in wa)  # epoch 2 changed the weights
@@ -195,8 +215,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(small_data: P
 
 
 def test_same_seed_same_model(small_data: Path, tmp_path: Path) -> None:
-    a = [e for e in train(tiny(small_data, tmp_path / "a", epochs=1)) if isinstance(e, Finished)][0]
-    b = [e for e in train(tiny(small_data, tmp_path / "b", epochs=1)) if isinstance(e, Finished)][0]
+    a = result_of(train(tiny(small_data, tmp_path / "a", epochs=1)))
+    b = result_of(train(tiny(small_data, tmp_path / "b", epochs=1)))
     wa, wb = (load_model(x.model_path)[0].state_dict() for x in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

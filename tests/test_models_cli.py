@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from selfhost import paths
-from selfhost.cli import models as models_cli
+from selfhost.cli import output
 from selfhost.cli.app import app
+from selfhost.events import run_to_end
 from selfhost.models import hub
-from selfhost.models.pull import Pulled, pull
+from selfhost.models.pull import PullResult, pull
 from selfhost.models.store import Store
 from tests.hubserver import FakeHub
 
 
-def register(path: Path) -> Pulled:
-    return next(e for e in pull(str(path)) if isinstance(e, Pulled))
+def register(path: Path) -> PullResult:
+    return run_to_end(pull(str(path)))
 
 
 def one_error_line(result) -> str:
@@ -100,7 +101,7 @@ def test_rm_asks_unless_yes_and_frees_disk(runner, tiny_gguf, monkeypatch):
     assert result.exit_code != 0 and "--yes" in one_error_line(result)
     assert Store().list() == before and record.path.exists()
 
-    monkeypatch.setattr(models_cli, "_interactive", lambda: True)
+    monkeypatch.setattr(output, "is_interactive", lambda: True)
     result = runner.invoke(app, ["models", "rm", "tiny:F32"], input="n\n")
     assert result.exit_code == 0 and "nothing removed" in result.output and record.path.exists()
     result = runner.invoke(app, ["models", "rm", "tiny"], input="y\n")
@@ -112,7 +113,7 @@ def test_rm_hub_model_removes_blob_and_snapshot_link(runner, monkeypatch, tiny_g
     with FakeHub() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         server.add_file("test/tiny-GGUF", "tiny-F32.gguf", tiny_gguf.read_bytes())
-        record = next(e for e in pull("test/tiny-GGUF:F32") if isinstance(e, Pulled)).record
+        record = run_to_end(pull("test/tiny-GGUF:F32")).record
     blob = record.path.resolve()
     assert blob.parent.name == "blobs" and blob.exists()
     result = runner.invoke(app, ["models", "rm", "test/tiny-GGUF:F32", "--yes"])

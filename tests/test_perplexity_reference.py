@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from selfhost.events import run_to_end  # noqa: E402
 from selfhost.quantize.perplexity import perplexity  # noqa: E402
 from selfhost.quantize.run import QuantizeOptions, run_quantize  # noqa: E402
 from selfhost.train.gpt.export import write_gguf  # noqa: E402
@@ -71,7 +72,8 @@ def quantized_perplexities(tmp_path: Path, text: str, seed: int) -> tuple[dict[s
         run_quantize(
             str(paths["F32"]), QuantizeOptions(type=qtype, out=paths[qtype], threads=2, add_to_store=False)
         )
-    ppl = {t: perplexity(p, sample, window=WINDOW, threads=2, gen_tokens=0).ppl for t, p in paths.items()}
+    ppl = {t: run_to_end(perplexity(p, sample, window=WINDOW, threads=2, gen_tokens=0)).ppl
+           for t, p in paths.items()}
     return ppl, math.exp(float(nll))
 
 

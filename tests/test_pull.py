@@ -22,8 +22,9 @@ from selfhost.errors import (
     NotFoundError,
     UsageError,
 )
+from selfhost.events import Notice, Progress, Result, run_to_end
 from selfhost.models import hub
-from selfhost.models.pull import DryRun, Notice, Progress, Pulled, Retrying, pull
+from selfhost.models.pull import PullPlan, PullResult, pull
 from selfhost.models.store import Store
 from tests.conftest import checkout_env, selfhost_command
 from tests.hubserver import FakeHub
@@ -86,8 +87,16 @@ def run(name: str, **kwargs) -> list:
     return list(pull(name, **kwargs))
 
 
-def pulled(events: list) -> Pulled:
-    return next(e for e in events if isinstance(e, Pulled))
+def pulled(events: list) -> PullResult:
+    (value,) = [e.value for e in events if isinstance(e, Result)]
+    assert isinstance(value, PullResult) and isinstance(events[-1], Result)
+    return value
+
+
+def plan_of(name: str, **kwargs) -> PullPlan:
+    value = run_to_end(pull(name, dry_run=True, **kwargs))
+    assert isinstance(value, PullPlan)
+    return value
 
 
 def state() -> tuple[list, list]:
@@ -99,12 +108,14 @@ def state() -> tuple[list, list]:
     return records, files
 
 
-def one_error_line(result) -> str:
+def one_error_line(result, progress: int = 0) -> str:
+    """stderr holds exactly `progress` lines of what happened before the failure (notices and
+    finished files, which go to stderr like every progress report), then exactly one error line."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
+    assert len(lines) == progress + 1, result.stderr
+    assert lines[-1].startswith("error: ") and not any(line.startswith("error") for line in lines[:-1])
     assert "Traceback" not in result.output
-    return lines[0]
+    return lines[-1]
 
 
 # -- the happy paths -----------------------------------------------------------------------------
@@ -157,7 +168,7 @@ def test_pull_repo_with_quant_and_listing_choices(tiny_hub, runner):
 
 def test_dry_run_lists_files_and_writes_nothing(tiny_hub, runner):
     before = state()
-    plan = next(e for e in run("tiny:F32", dry_run=True) if isinstance(e, DryRun))
+    plan = plan_of("tiny:F32")
     assert plan.to_download == len(gguf_bytes("f32")) and not plan.files[0].cached
     result = runner.invoke(app, ["pull", "tiny:F32", "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -190,7 +201,8 @@ def test_interrupted_pull_resumes_with_only_the_missing_bytes(tiny_hub):
     assert tiny_hub.bytes_served == len(data) - half  # only the missing bytes
     assert any(rng == f"bytes={half}-" for _, _, rng in tiny_hub.requests)
     first = next(e for e in events if isinstance(e, Progress))
-    assert first.resumed_from == half
+    assert first.metrics["resumed_from"] == half and first.done == half and first.unit == "B"
+    assert any(isinstance(e, Notice) and e.message.startswith("resuming tiny-F32.gguf") for e in events)
     assert not part.exists()
 
 
@@ -199,7 +211,7 @@ def test_dropped_connection_is_retried_within_the_run(tiny_hub):
     tiny_hub.cut_at[(REPO, "tiny-F32.gguf")] = len(data) // 3
     tiny_hub.cuts_left = 1
     events = run("tiny:F32")
-    assert any(isinstance(e, Retrying) for e in events)
+    assert any(isinstance(e, Notice) and "retrying tiny-F32.gguf" in e.message for e in events)
     assert pulled(events).record.sha256 == hashlib.sha256(data).hexdigest()
     assert tiny_hub.bytes_served == len(data)
 
@@ -213,7 +225,9 @@ def test_corrupted_file_is_detected_deleted_and_not_registered(tiny_hub, runner)
     assert not [f for f in files if "blobs" in f or "snapshots" in f], files
 
     result = runner.invoke(app, ["pull", "tiny:F32"])
-    assert result.exit_code != 0 and "corrupt" in one_error_line(result)
+    # what NAME is and the finished transfer, then the one error line
+    assert result.exit_code != 0 and "corrupt" in one_error_line(result, progress=2)
+    assert result.stderr.startswith("tiny:F32: tiny-F32.gguf (")
 
 
 # -- access and bad input ------------------------------------------------------------------------
@@ -222,7 +236,7 @@ def test_gated_repo_gives_one_clear_line(tiny_hub, runner, monkeypatch):
     before = state()
     result = runner.invoke(app, ["pull", "tiny:F32"])
     assert result.exit_code != 0
-    line = one_error_line(result)
+    line = one_error_line(result, progress=1)  # the listing is public: what NAME is, then the refusal
     assert "gated" in line and "HF_TOKEN" in line and "license" in line and f"{tiny_hub.url}/{REPO}" in line
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(AccessDeniedError):
@@ -374,7 +388,8 @@ def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
         selfhost_command("pull", f"{REPO}:F32"), env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stdout
+    assert "resuming" in done.stderr  # notices go to stderr, the result to stdout
+    assert f"{REPO}:F32: downloaded and verified" in done.stdout
     assert fake_hub.bytes_served == len(data) - have
     record = Store().get(f"{REPO}:F32")
     assert record is not None and record.sha256 == hashlib.sha256(data).hexdigest()

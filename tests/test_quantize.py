@@ -13,8 +13,9 @@ import pytest
 
 from selfhost import gguf_info, paths
 from selfhost.cli.app import app
+from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
-from selfhost.quantize.run import Finished, QuantizeOptions, TensorDone, quantize, run_quantize
+from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
 from tests.tinygguf import write_tiny_llama
 
 
@@ -96,11 +97,13 @@ def test_quantize_registers_output_and_reports_summary(runner, tiny_f32):
 
 def test_progress_events_cover_every_tensor(tiny_f32, tmp_path):
     events = list(quantize(str(tiny_f32), QuantizeOptions(type="Q6_K", out=tmp_path / "o.gguf", threads=1)))
-    done = [e for e in events if isinstance(e, TensorDone)]
+    progress = [e for e in events if isinstance(e, Progress)]
     total = gguf_info.inspect(tiny_f32).n_tensors
-    assert [e.index for e in done] == list(range(1, total + 1))
-    assert {e.to_type for e in done if e.to_type} == {"Q6_K"}
-    assert isinstance(events[-1], Finished) and events[-1].result.n_quantized == 16
+    assert [e.done for e in progress] == list(range(0, total + 1))  # 0: llama.cpp is about to start
+    assert {e.task for e in progress} == {"Q6_K"} and {e.total for e in progress} == {total}
+    converted = [e.detail.split(" -> ") for e in progress if " -> " in e.detail]
+    assert {to_type for _name, to_type in converted} == {"Q6_K"} and len(converted) == 16
+    assert isinstance(events[-1], Result) and events[-1].value.n_quantized == 16
 
 
 def test_advanced_options_reach_llama_cpp(tiny_f32, tmp_path):
@@ -267,14 +270,15 @@ def test_allow_requantize_and_force(runner, tiny_q8, tmp_path):
 
 
 def test_interrupt_mid_run_leaves_nothing(tiny_f32, tmp_path):
-    """Ctrl-C while llama.cpp runs (here: raised from the progress callback) removes the partial file."""
+    """Ctrl-C while llama.cpp runs (here: raised while handling a progress event) removes the partial file."""
 
     def stop(event: object) -> None:
-        if isinstance(event, TensorDone) and event.index == 2:
+        if isinstance(event, Progress) and event.done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_quantize(str(tiny_f32), QuantizeOptions(type="Q4_K_M", out=tmp_path / "x.gguf", threads=1), stop)
+        options = QuantizeOptions(type="Q4_K_M", out=tmp_path / "x.gguf", threads=1)
+        run_to_end(quantize(str(tiny_f32), options), stop)
     deadline = time.time() + 30
     while any(t.name == "llama-quantize" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
@@ -358,7 +362,7 @@ def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_
     result = runner.invoke(app, [*args, "--eval", str(text), "--window", "64", "--chunks", "2"])
     assert result.exit_code == 0, result.output
     ref, quant = (
-        perplexity(p, text.read_text(), window=64, chunks=2, threads=1, gen_tokens=0).ppl
+        run_to_end(perplexity(p, text.read_text(), window=64, chunks=2, threads=1, gen_tokens=0)).ppl
         for p in (tiny_f32, out)
     )
     assert ref != quant
@@ -369,3 +373,72 @@ def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_
         ("Q8_0", pytest.approx(quant, abs=1e-4)),
     ], result.output
     assert float(rows[1][3]) == pytest.approx(quant - ref, abs=2e-4)
+
+
+# -- output: progress on stderr, the result on stdout, --json ---------------------------------
+def test_progress_bars_on_a_terminal_never_reach_piped_stdout(tiny_f32, tmp_path):
+    """`selfhost quantize ... > out.txt` with stderr on a terminal: the bars are drawn there, and out.txt
+    holds the summary only (no carriage returns, no escape sequences)."""
+    import os
+    import pty
+    import subprocess
+
+    from tests.conftest import checkout_env, selfhost_command
+
+    master, slave = pty.openpty()
+    terminal: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            terminal.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = tmp_path / "p.gguf"
+    env = checkout_env(TERM="xterm", COLUMNS="100")
+    env.pop("NO_COLOR", None)
+    with open(tmp_path / "out.txt", "wb") as stdout:
+        done = subprocess.run(
+            selfhost_command("quantize", str(tiny_f32), "-t", "Q4_0", "-o", str(out), "--threads", "1"),
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=slave, env=env, timeout=120,
+        )
+    os.close(slave)
+    reader.join(timeout=10)
+    os.close(master)
+    piped = (tmp_path / "out.txt").read_text()
+    assert done.returncode == 0, b"".join(terminal).decode(errors="replace")
+    assert "\r" not in piped and "\x1b" not in piped, repr(piped)
+    assert piped.splitlines()[0] == str(out) and "registered as tiny:Q4_0" in piped
+    drawn = b"".join(terminal).decode(errors="replace")
+    assert "quantizing tiny (F32) -> Q4_0" in drawn and "\x1b" in drawn  # the terminal did get the bars
+
+
+def test_json_results_of_quantize_list_types_and_compare_parse(runner, tiny_f32, tmp_path):
+    out = tmp_path / "j.gguf"
+    args = ["quantize", str(tiny_f32), "-t", "Q8_0", "-o", str(out), "--threads", "1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    value = json.loads(result.stdout)
+    assert value["output"] == str(out) and value["type"] == "Q8_0" and value["name"] == "tiny:Q8_0"
+    assert value["n_quantized"] == 16 and value["eval"] is None
+    assert value["output_size"] == out.stat().st_size
+    assert "quantizing tiny (F32) -> Q8_0" in result.stderr  # progress and notices stay on stderr
+
+    types = json.loads(runner.invoke(app, ["quantize", "--list-types", "--json"]).stdout)
+    q4 = next(t for t in types if t["name"] == "Q4_K_M")
+    assert q4["ppl_increase"] == 0.1754 and q4["needs_imatrix"] is False
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and then the other one sat there too. " * 40)
+    compared = runner.invoke(app, ["compare", str(tiny_f32), str(out), "--text", str(text), "--window", "64",
+                                   "--chunks", "1", "--threads", "1", "--json"])
+    assert compared.exit_code == 0, compared.output
+    report = json.loads(compared.stdout)
+    assert [row["quant"] for row in report["rows"]] == ["F32", "Q8_0"] and report["n_windows"] == 1
+    assert report["rows"][0]["reference"] is True and report["rows"][1]["ppl_increase"] is not None

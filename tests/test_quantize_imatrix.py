@@ -15,8 +15,9 @@ import pytest
 
 from selfhost import gguf_info
 from selfhost.cli.app import app
+from selfhost.events import Notice, Progress, Result, run_to_end
 from selfhost.models.store import Store
-from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten, compute_imatrix
+from selfhost.quantize.calibrate import compute_imatrix
 from selfhost.quantize.imatrix import load_imatrix
 from selfhost.quantize.run import QuantizeOptions, run_quantize
 from tests.tinygguf import write_tiny_llama
@@ -94,10 +95,13 @@ def test_collector_sums_squared_activations_per_column(tiny_f32, tmp_path):
     text = "the quick brown fox " * 200
     out = tmp_path / "m.gguf"
     events = list(compute_imatrix(tiny_f32, text, out, chunk_size=64, max_chunks=3, threads=1))
-    assert isinstance(events[0], ImatrixStarted) and events[0].n_chunks == 3
-    chunks = [e for e in events if isinstance(e, ChunkDone)]
-    assert [c.done for c in chunks] == [1, 2, 3] and chunks[-1].eta_seconds == 0
-    assert isinstance(events[-1], ImatrixWritten) and events[-1].n_tokens == 192
+    assert isinstance(events[0], Notice) and "3 chunks of 64 tokens" in events[0].message
+    chunks = [e for e in events if isinstance(e, Progress)]
+    assert [c.done for c in chunks] == [1, 2, 3] and {c.total for c in chunks} == {3}
+    assert chunks[-1].metrics["eta_seconds"] == 0
+    written = events[-1]
+    assert isinstance(written, Result) and (written.value.n_tokens, written.value.n_chunks) == (192, 3)
+    assert isinstance(events[-2], Notice) and "192 tokens" in events[-2].message
 
     from gguf import GGUFReader
 
@@ -145,7 +149,7 @@ def test_imatrix_lowers_perplexity_of_smollm2(runner, smollm2_gguf, shared_data,
 
     held_out = (shared_data / "tinyshakespeare" / "input.txt").read_text()[-20_000:]
     ppl = {
-        name: perplexity(path, held_out, window=128, chunks=3, threads=2, gen_tokens=0).ppl
+        name: run_to_end(perplexity(path, held_out, window=128, chunks=3, threads=2, gen_tokens=0)).ppl
         for name, path in (("with imatrix", with_imatrix), ("without", without))
     }
     print(f"SmolLM2 Q4_K_M perplexity on held-out Shakespeare: {ppl}")

@@ -80,12 +80,13 @@ def test_perplexity_orders_by_precision(runner, smol_f16, quantized, shared_data
     assert "reference" in result.output and "Q4_0" in result.output
     assert "window(s) of 64 tokens" in result.output
 
+    from selfhost.events import run_to_end
     from selfhost.quantize.compare import compare
 
-    report = compare(
+    report = run_to_end(compare(
         [str(smol_f16), *(str(quantized[t]) for t in TYPES)],
         text.read_text()[:40_000], window=256, chunks=3, threads=1, gen_tokens=8,
-    )
+    ))
     ppl = {row.quant: row.ppl for row in report.rows}
     assert ppl["F16"] <= ppl["Q8_0"] * 1.01 <= ppl["Q4_K_M"] * 1.02 <= ppl["Q4_0"] * 1.03, ppl
     assert 10 < ppl["F16"] < 200  # a real model on real English text

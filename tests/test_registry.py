@@ -7,6 +7,7 @@ import pytest
 from selfhost import paths
 from selfhost.errors import RegistryError, UsageError
 from selfhost.models import hub
+from selfhost.models.names import parse_name
 from selfhost.models.registry import load_registry
 
 
@@ -74,22 +75,23 @@ def test_broken_user_registry_names_file_entry_and_field(body, expected):
     ("text", "kind", "value", "quant", "file"),
     [
         ("smollm2-135m", "alias", "smollm2-135m", None, None),
-        ("qwen2.5-0.5b:q8_0", "alias", "qwen2.5-0.5b", "Q8_0", None),
-        ("bartowski/Llama-3.2-1B-Instruct-GGUF", "repo", "bartowski/Llama-3.2-1B-Instruct-GGUF", None, None),
-        ("a/b:Q4_K_M", "repo", "a/b", "Q4_K_M", None),
-        ("a/b:sub/x-Q4_0.gguf", "repo", "a/b", None, "sub/x-Q4_0.gguf"),
-        ("./models/x.gguf", "path", "./models/x.gguf", None, None),
+        ("qwen3-0.6b:q8_0", "alias", "qwen3-0.6b", "Q8_0", None),
+        ("qwen2.5-0.5b:q8_0", "store", "qwen2.5-0.5b", "Q8_0", None),  # no registry entry: a store name
+        ("bartowski/Llama-3.2-1B-Instruct-GGUF", "hub", "bartowski/Llama-3.2-1B-Instruct-GGUF", None, None),
+        ("a/b:Q4_K_M", "hub", "a/b", "Q4_K_M", None),
+        ("a/b:sub/x-Q4_0.gguf", "hub", "a/b", None, "sub/x-Q4_0.gguf"),
+        ("./models/x.gguf", "path", "models/x.gguf", None, None),
     ],
 )
-def test_parse_spec(text, kind, value, quant, file):
-    spec = hub.parse_spec(text)
-    assert (spec.kind, spec.value, spec.quant, spec.file) == (kind, value, quant, file)
+def test_parse_name(text, kind, value, quant, file):
+    name = parse_name(text)
+    assert (name.kind, name.base, name.quant, name.file) == (kind, value, quant, file)
 
 
 @pytest.mark.parametrize("text", ["", "a/b:../x.gguf", "a/b/c", "a/b:Q4-K", "x:/etc/passwd.gguf", ":Q4_0"])
-def test_parse_spec_rejects(text):
+def test_parse_name_rejects(text):
     with pytest.raises(UsageError):
-        hub.parse_spec(text)
+        parse_name(text)
 
 
 @pytest.mark.parametrize(

@@ -260,18 +260,20 @@ def test_check_registry_script_dry_runs_every_entry(fake_hub):  # noqa: F811
 
 # -- content pins (sha256) -------------------------------------------------------------------------------
 def test_a_reupload_on_the_hub_does_not_turn_the_embedded_copy_into_a_download(fake_hub, smollm2_gguf):  # noqa: F811
-    from selfhost.models.pull import Pulled, pull
+    from selfhost.events import run_to_end
+    from selfhost.models.pull import pull
 
     entry = load_registry().get("smollm2-135m")
     assert entry.sha256["Q4_1"] == hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
     fake_hub.add_file(entry.repo, entry.files["Q4_1"], gguf_bytes("f32"))  # "re-uploaded": other bytes
-    record = next(e for e in pull("smollm2-135m") if isinstance(e, Pulled)).record
+    record = run_to_end(pull("smollm2-135m")).record
     assert record.source == "embedded" and record.path == smollm2_gguf
     assert record.sha256 == entry.sha256["Q4_1"] and fake_hub.bytes_served == 0
 
 
 def test_a_hub_file_that_differs_from_the_pinned_sha256_is_refused(fake_hub, runner):  # noqa: F811
-    from selfhost.models.pull import DryRun, Notice, Pulled, pull
+    from selfhost.events import Notice, Result, run_to_end
+    from selfhost.models.pull import PullPlan, pull
 
     data = gguf_bytes("f32")
     fake_hub.add_file("test/pinned-GGUF", "p-F32.gguf", data)
@@ -294,8 +296,8 @@ def test_a_hub_file_that_differs_from_the_pinned_sha256_is_refused(fake_hub, run
     assert Store().list() == [] and fake_hub.bytes_served == 0
     events = list(pull("moved", dry_run=True))  # a dry run says so without failing
     assert any(isinstance(e, Notice) and "pins" in e.message for e in events)
-    assert any(isinstance(e, DryRun) for e in events)
-    assert next(e for e in pull("kept") if isinstance(e, Pulled)).record.sha256 == good
+    assert isinstance(events[-1], Result) and isinstance(events[-1].value, PullPlan)
+    assert run_to_end(pull("kept")).record.sha256 == good
     with pytest.raises(RegistryError, match="64 lower-case hex"):
         paths.user_registry().write_text(body.format(alias="bad", sha="abc"))
         load_registry()

@@ -21,6 +21,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from selfhost import plots  # noqa: E402
 from selfhost.cli.app import app  # noqa: E402
+from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import runs  # noqa: E402
 from selfhost.train.gpt import trainer  # noqa: E402
 from selfhost.train.gpt.config import build_config  # noqa: E402
@@ -42,13 +43,18 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
+def is_step(ev: object) -> bool:
+    """A logged training step (the first "train" Progress, the estimate, has no loss)."""
+    return isinstance(ev, Progress) and ev.task == "train" and "loss" in ev.metrics
+
+
 def run(req: trainer.TrainRequest, stop_at: int | None = None) -> list:
-    """Train through runs.record (as the CLI does); a real SIGINT at step `stop_at`."""
+    """Train (the run records itself); a real SIGINT at step `stop_at`."""
     events = []
     try:
-        for ev in runs.record(trainer.train(req), data=req.data):
+        for ev in trainer.train(req):
             events.append(ev)
-            if stop_at is not None and isinstance(ev, trainer.StepEvent) and ev.step == stop_at:
+            if stop_at is not None and is_step(ev) and ev.done == stop_at:
                 os.kill(os.getpid(), signal.SIGINT)
     except KeyboardInterrupt:
         events.append("KeyboardInterrupt")
@@ -77,18 +83,18 @@ def png_is_sane(path: Path, min_size: tuple[int, int] = (400, 250)) -> None:
 def test_metrics_one_row_per_log_interval_and_continue_after_resume(text_file: Path, tmp_path: Path) -> None:
     cfg = build_config("cpu-tiny", overrides={**TINY, "max_iters": 12, "eval_interval": 4, "log_interval": 2})
     full = run(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "a", data=text_file))
-    assert isinstance(full[-1], trainer.Done)
+    assert isinstance(full[-1], Result)
     train_rows = rows_of(tmp_path / "a", "train")
     # one row per log interval (and the first step), with every field
     assert [r["step"] for r in train_rows] == [1, 2, 4, 6, 8, 10, 12]
     assert [r["step"] for r in rows_of(tmp_path / "a", "eval")] == [0, 4, 8, 12]
     for r in train_rows:
         assert set(r) >= {"step", "loss", "lr", "tokens_per_s", "elapsed_s"} and r["tokens_per_s"] > 0
-    losses = {e.step: e.loss for e in full if isinstance(e, trainer.StepEvent)}
+    losses = {e.done: e.metrics["loss"] for e in full if is_step(e)}
     assert {r["step"]: r["loss"] for r in train_rows} == losses
     info = runs.read_info(tmp_path / "a")
     assert info["status"] == "done" and info["steps"] == 12 and info["kind"] == "gpt"
-    vals = {e.step: e.val_loss for e in full if isinstance(e, trainer.EvalEvent)}
+    vals = {e.done: e.metrics["val_loss"] for e in full if isinstance(e, Progress) and e.task == "eval"}
     assert info["best"]["val_loss"] == min(vals.values()) and info["final"]["val_loss"] == vals[12]
 
     # Ctrl-C at step 6, then a crash-like leftover: a row past the checkpoint and a torn line
@@ -116,8 +122,8 @@ def test_tensorboard_event_files(text_file: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = build_config("cpu-tiny", overrides={**TINY, "max_iters": 4, "eval_interval": 2, "log_interval": 1})
-    req = trainer.TrainRequest(config=cfg, run_dir=tmp_path / "tb", data=text_file)
-    list(runs.record(trainer.train(req), tensorboard=True))
+    req = trainer.TrainRequest(config=cfg, run_dir=tmp_path / "tb", data=text_file, tensorboard=True)
+    list(trainer.train(req))
     acc = EventAccumulator(str(tmp_path / "tb" / runs.TENSORBOARD_DIR))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
@@ -165,9 +171,11 @@ def test_cli_runs_list_show_compare_rm(runner, text_file: Path, tmp_path: Path, 
     assert blue > 100 and orange > 100  # both runs are drawn
 
     refused = runner.invoke(app, ["train", "runs", "rm", "slow"])  # no terminal, no --yes
-    assert refused.exit_code != 0 and "without confirmation" in refused.output
-    removed = runner.invoke(app, ["train", "runs", "rm", "slow", "--yes"])
+    assert refused.exit_code == 2 and "refusing without a terminal (pass --yes)" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and (isolated_home / "runs" / "slow").is_dir()
+    removed = runner.invoke(app, ["train", "runs", "rm", "slow", "--yes", "--json"])
     assert removed.exit_code == 0 and not (isolated_home / "runs" / "slow").exists()
+    assert json.loads(removed.stdout) == {"removed": "slow", "path": str(isolated_home / "runs" / "slow")}
     missing = runner.invoke(app, ["train", "runs", "show", "slow"])
     assert missing.exit_code != 0 and missing.output.startswith("error: no training run 'slow'")
 
@@ -282,7 +290,7 @@ def test_compare_plot(runner, tmp_path: Path) -> None:  # noqa: ANN001
             "--threads", "1", "--plot", str(png), "--json"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # progress lines go to stderr
     assert [r["quant"] for r in report["rows"]] == ["F32", "Q8_0"]
     png_is_sane(png, min_size=(900, 300))
 

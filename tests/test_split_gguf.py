@@ -17,8 +17,9 @@ import pytest
 from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.errors import DownloadError, IntegrityError, NotFoundError
+from selfhost.events import Progress, run_to_end
 from selfhost.models import hfcache, hub
-from selfhost.models.pull import DryRun, Progress, Pulled, pull
+from selfhost.models.pull import pull
 from selfhost.models.resolve import resolve_model
 from selfhost.models.store import Store
 from tests.hubserver import FakeHub
@@ -96,11 +97,11 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
     split_hub.cut_at.clear()
     split_hub.reset_counters()
     events = run("tinysplit")
-    record = next(e for e in events if isinstance(e, Pulled)).record
+    record = run_to_end(events).record
     assert split_hub.bytes_served == len(p2) - half + len(p3)  # only what was missing
     assert any(rng == f"bytes={half}-" for _, _, rng in split_hub.requests)
-    resumed = [e for e in events if isinstance(e, Progress) and e.file == NAMES[1]]
-    assert resumed[0].resumed_from == half
+    resumed = [e for e in events if isinstance(e, Progress) and e.task == NAMES[1]]
+    assert resumed[0].metrics["resumed_from"] == half and resumed[0].done == half
     commit = split_hub.repos[REPO].commit
     assert record.name == "tinysplit:F32" and record.path == layout.pointer(commit, NAMES[0])
     assert record.parts == [layout.pointer(commit, n) for n in NAMES]
@@ -142,7 +143,7 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
 
 
 def test_dry_run_lists_every_part(split_hub, runner):
-    plan = next(e for e in run("tinysplit", dry_run=True) if isinstance(e, DryRun))
+    plan = run_to_end(run("tinysplit", dry_run=True))
     assert [f.file for f in plan.files] == NAMES
     assert plan.to_download == sum(len(d) for d in split_parts().values())
     result = runner.invoke(app, ["pull", "tinysplit", "--dry-run"])
@@ -169,7 +170,7 @@ def test_corrupt_part_is_a_clear_error_and_nothing_registered(split_hub, runner)
     split_hub.corrupt.add((REPO, NAMES[2]))
     result = runner.invoke(app, ["pull", "tinysplit"])
     assert result.exit_code != 0
-    assert f"{NAMES[2]} is corrupt" in one_error_line(result)
+    assert f"{NAMES[2]} is corrupt" in one_error_line(result, progress=4)  # NAME, then each part
     assert Store().list() == []
     layout = hub.CacheLayout.for_repo(REPO)
     assert not layout.blob(sha(split_parts()[NAMES[2]])).exists()  # the bad copy is deleted
@@ -179,10 +180,10 @@ def test_corrupt_part_is_a_clear_error_and_nothing_registered(split_hub, runner)
 
 
 def test_offline_registers_a_cached_split_and_a_missing_part_is_refused_before_llama_cpp(split_hub, runner):
-    record = next(e for e in run("tinysplit") if isinstance(e, Pulled)).record
+    record = run_to_end(run("tinysplit")).record
     paths.store_file().unlink()
     split_hub.reset_counters()
-    again = next(e for e in run("tinysplit", offline=True) if isinstance(e, Pulled)).record
+    again = run_to_end(run("tinysplit", offline=True)).record
     assert again.parts == record.parts and split_hub.requests == []
 
     record.parts[2].unlink()  # a part vanished from the cache
@@ -249,14 +250,14 @@ def test_incomplete_cached_split_is_not_listed(fake_hub):  # noqa: F811
         fake_hub.add_file(REPO, name, data)
     hf_hub_download(REPO, NAMES[0], cache_dir=hub.cache_dir())
     assert hfcache.scan() == []
-    with pytest.raises(NotFoundError, match="unknown model"):
+    with pytest.raises(NotFoundError, match="is not downloaded"):
         resolve_model(f"{REPO}:F32")
 
 
 def test_importing_a_local_split_copies_every_part_and_rm_removes_them(tmp_path, runner):
     for name, data in split_parts().items():
         (tmp_path / name).write_bytes(data)
-    record = next(e for e in pull(str(tmp_path / NAMES[0])) if isinstance(e, Pulled)).record
+    record = run_to_end(pull(str(tmp_path / NAMES[0]))).record
     assert record.name == "tiny:F32" and record.source == "local"
     assert [p.name for p in record.parts] == [f"tiny-F32-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert all(p.parent == paths.models_dir() for p in record.parts)

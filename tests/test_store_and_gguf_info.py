@@ -8,7 +8,8 @@ import pytest
 
 from selfhost.errors import GGUFError, NotFoundError
 from selfhost.gguf_info import inspect
-from selfhost.models.store import ModelRecord, Store, split_name
+from selfhost.models.names import split_tag as split_name
+from selfhost.models.store import ModelRecord, Store
 
 
 def _record(name: str, path, source: str = "quantized") -> ModelRecord:

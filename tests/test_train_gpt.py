@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ pytest.importorskip("tokenizers")
 
 from selfhost.cli.app import app  # noqa: E402
 from selfhost.errors import NotFoundError, UsageError  # noqa: E402
+from selfhost.events import Notice, Progress, Result  # noqa: E402
 from selfhost.train.gpt import checkpoint, data, estimate, trainer  # noqa: E402
 from selfhost.train.gpt.config import PRESETS, build_config  # noqa: E402
 from selfhost.train.gpt.tokenizer import CharTokenizer  # noqa: E402
@@ -125,12 +127,21 @@ def test_cli_estimate_measures_and_writes_nothing(runner, text_file: Path, isola
 
 
 # -- training -----------------------------------------------------------------------------------
-def run_events(req: trainer.TrainRequest, stop_at: int | None = None) -> list[trainer.Event]:
-    events: list[trainer.Event] = []
+def is_step(ev: object) -> bool:
+    """A logged training step (the first "train" Progress, the estimate, has no loss)."""
+    return isinstance(ev, Progress) and ev.task == "train" and "loss" in ev.metrics
+
+
+def is_eval(ev: object) -> bool:
+    return isinstance(ev, Progress) and ev.task == "eval"
+
+
+def run_events(req: trainer.TrainRequest, stop_at: int | None = None) -> list:
+    events: list = []
     try:
         for ev in trainer.train(req):
             events.append(ev)
-            if stop_at is not None and isinstance(ev, trainer.StepEvent) and ev.step == stop_at:
+            if stop_at is not None and is_step(ev) and ev.done == stop_at:
                 os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C
     except KeyboardInterrupt:
         events.append("KeyboardInterrupt")  # type: ignore[arg-type]
@@ -145,29 +156,32 @@ def test_training_on_shakespeare_lowers_val_loss(shared_data: Path, tmp_path: Pa
         config=cfg, run_dir=tmp_path / "run", data=shared_data / "tinyshakespeare/input.txt"
     )
     events = run_events(req)
-    evals = [e for e in events if isinstance(e, trainer.EvalEvent)]
-    assert [e.step for e in evals] == [0, 30, 60]
-    assert evals[-1].val_loss < evals[0].val_loss - 0.5
-    assert isinstance(events[-1], trainer.Done)
-    assert evals[-1].sample  # a text sample at each eval
-    done = events[-1]
+    evals = [e for e in events if is_eval(e)]
+    assert [e.done for e in evals] == [0, 30, 60]
+    assert evals[-1].metrics["val_loss"] < evals[0].metrics["val_loss"] - 0.5
+    assert isinstance(events[-1], Result) and isinstance(events[-1].value, trainer.TrainResult)
+    for e in evals:  # a text sample right after each eval
+        sample = events[events.index(e) + 1]
+        assert isinstance(sample, Notice) and sample.message.removesuffix("\n---").strip()
+    done = events[-1].value
     ckpt = checkpoint.load(done.checkpoint)
     assert ckpt["iter_num"] == 60 and "optimizer" in ckpt
-    assert done.best == tmp_path / "run" / "best.pt" and done.best_val_loss == min(e.val_loss for e in evals)
+    assert done.best == tmp_path / "run" / "best.pt"
+    assert done.best_val_loss == min(e.metrics["val_loss"] for e in evals)
     best = checkpoint.load(tmp_path / "run")  # a run folder means its best weights
     assert best["val_loss"] == done.best_val_loss and "optimizer" not in best
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.pt",
-        "ckpt.pt", "config.json", "tokenizer.json", "train.npy", "val.npy"]  # fmt: skip
+        "best.pt", "ckpt.pt", "config.json", "metrics.jsonl", "run.json", "tokenizer.json", "train.npy",
+        "val.npy"]  # fmt: skip  (the run records itself: metrics.jsonl, run.json)
 
 
 def losses(events: list) -> dict[str, float]:  # noqa: ANN001
     out = {}
     for e in events:
-        if isinstance(e, trainer.StepEvent):
-            out[f"step {e.step}"] = e.loss
-        elif isinstance(e, trainer.EvalEvent):
-            out[f"eval {e.step}"] = e.val_loss
+        if is_step(e):
+            out[f"step {e.done}"] = e.metrics["loss"]
+        elif is_eval(e):
+            out[f"eval {e.done}"] = e.metrics["val_loss"]
     return out
 
 
@@ -176,16 +190,19 @@ def losses(events: list) -> dict[str, float]:  # noqa: ANN001
 def test_interrupted_run_resumes_exactly(text_file: Path, tmp_path: Path, stop_at: int) -> None:
     cfg = build_config("cpu-tiny", overrides={**TINY, "max_iters": 12, "eval_interval": 4, "dropout": 0.1})
     full = run_events(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "a", data=text_file))
-    assert isinstance(full[-1], trainer.Done)
+    assert isinstance(full[-1], Result)
 
     part = run_events(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "b", data=text_file), stop_at)
     assert part[-1] == "KeyboardInterrupt"
-    assert isinstance(part[-2], trainer.Interrupted) and part[-2].step == stop_at
+    assert isinstance(part[-2], Notice) and part[-2].message.startswith(f"stopped at step {stop_at};")
+    assert str(tmp_path / "b" / "ckpt.pt") in part[-2].message
     assert checkpoint.load(tmp_path / "b" / "ckpt.pt")["iter_num"] == stop_at
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     rest = run_events(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "b", resume=True))
-    assert isinstance(rest[0], trainer.RunStart) and rest[0].start_iter == stop_at
+    assert isinstance(rest[0], Notice) and rest[0].message.startswith(f"resuming at step {stop_at} in ")
+    start = next(e for e in rest if isinstance(e, Progress))
+    assert start.task == "train" and start.done == stop_at and "n_params" in start.metrics  # the estimate
     resumed = {**losses(part), **losses(rest)}
     expected = losses(full)
     assert resumed.keys() == expected.keys()
@@ -206,11 +223,15 @@ def test_cli_trains_exports_and_samples(runner, text_file: Path) -> None:  # noq
     # the exported char model (ASCII only: no merges) loads in llama.cpp and completes a raw prompt
     chat = runner.invoke(app, ["chat", "bard", "--raw", "-p", "To be", "--max-tokens", "5", "--seed", "1"])
     assert chat.exit_code == 0, chat.output
-    result = runner.invoke(app, ["train", "sample", "bard", "-p", "To be", "-m", "20", "--seed", "1"])
+    result = runner.invoke(app, ["gpt", "sample", "bard", "-p", "To be", "-m", "20", "--seed", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("To be")
+    # seeded sampling is reproducible; `train sample` is the older spelling of `gpt sample`
     again = runner.invoke(app, ["train", "sample", "bard", "-p", "To be", "-m", "20", "--seed", "1"])
-    assert again.output == result.output  # seeded sampling is reproducible
+    assert again.output == result.output
+    as_json = runner.invoke(app, ["gpt", "sample", "bard", "-p", "To be", "-m", "20", "--seed", "1",
+                                  "--json"])  # fmt: skip
+    assert json.loads(as_json.stdout) == {"prompt": "To be", "text": result.output.removeprefix("To be")[:-1]}
     # a second run into the same folder is refused instead of overwriting the first
     one_line_error(runner.invoke(app, [*args, *TINY_FLAGS]), "already holds a training run")
     # resuming with a longer context than the model has is refused in one line
@@ -229,7 +250,7 @@ def test_ddp_under_torchrun_writes_one_checkpoint(text_file: Path, isolated_home
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFHOST_HOME": str(isolated_home)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 processes" in proc.stdout
+    assert "2 processes" in proc.stderr  # progress on stderr, the result on stdout
     assert proc.stdout.count("done: 4 steps") == 1  # only rank 0 reports
     run = isolated_home / "runs" / "ddp"
     # rank 0 alone writes: one checkpoint (+ the best weights), no per-rank copies, no temp files
@@ -260,6 +281,7 @@ def test_bad_inputs_are_one_line_errors(runner, tmp_path: Path, text_file: Path)
     corrupt.mkdir()
     (corrupt / "ckpt.pt").write_bytes(b"PK\x03\x04 definitely not a checkpoint")
     one_line_error(runner.invoke(app, ["train", "export", str(corrupt)]), "is corrupt")
+    one_line_error(runner.invoke(app, ["gpt", "export", str(corrupt)]), "is corrupt")
     one_line_error(runner.invoke(app, ["train", "sample", str(corrupt)]), "is corrupt")
     (corrupt / "ckpt.pt").write_bytes(b"")
     one_line_error(runner.invoke(app, ["train", "sample", str(corrupt / "ckpt.pt")]), "is corrupt")

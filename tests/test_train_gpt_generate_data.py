@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
 from selfhost.cli.app import app  # noqa: E402
+from selfhost.events import Notice, Result  # noqa: E402
+from selfhost.train import common, runs  # noqa: E402
 from selfhost.train.gpt import checkpoint, data, tokenizer, trainer  # noqa: E402
 from selfhost.train.gpt.config import build_config  # noqa: E402
 from selfhost.train.gpt.model import GPT, GPTConfig  # noqa: E402
@@ -179,10 +181,14 @@ def test_training_reads_the_token_files_it_wrote(tmp_path: Path) -> None:
     events = list(trainer.train(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "run", data=text,
                                                      handle_sigint=False)))  # fmt: skip
     start, done = events[0], events[-1]
-    assert isinstance(start, trainer.RunStart) and start.threads == 1 and start.unseen is None
-    assert isinstance(done, trainer.Done) and checkpoint.load(done.checkpoint)["iter_num"] == 2
+    assert isinstance(start, Notice) and start.message.endswith(", 1 CPU thread")
+    assert not [e for e in events if isinstance(e, Notice) and e.level == "warning"]  # nothing unseen
+    assert isinstance(done, Result) and checkpoint.load(done.value.checkpoint)["iter_num"] == 2
     saved = data.Dataset.load(tmp_path / "run")
-    assert saved is not None and start.n_tokens == len(saved.train) + len(saved.val)
+    assert saved is not None
+    info = runs.read_info(tmp_path / "run")  # what the run recorded about itself
+    assert info["threads"] == 1 and info["tokens"] == len(saved.train) + len(saved.val)
+    assert f"data {info['tokens']:,} tokens" in start.message
     # a run that fails on its data leaves no folder behind
     short = tmp_path / "short.txt"
     short.write_text("too short", "utf-8")
@@ -195,18 +201,19 @@ def test_training_reads_the_token_files_it_wrote(tmp_path: Path) -> None:
 def test_auto_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(trainer, "cpu_cores", lambda: 4)
-    monkeypatch.setattr(trainer, "busy_cores", lambda: 0.2)
-    assert trainer.resolve_threads(0, cpu) == 4  # idle: every core
-    monkeypatch.setattr(trainer, "busy_cores", lambda: 2.6)
-    assert trainer.resolve_threads(0, cpu) == 1  # 4 - 2.6 -> 1
-    monkeypatch.setattr(trainer, "busy_cores", lambda: 9.0)
-    assert trainer.resolve_threads(0, cpu) == 1 and torch.get_num_threads() == 1  # never zero
-    monkeypatch.setattr(trainer, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(common, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(common, "busy_cores", lambda: 0.2)
+    assert common.resolve_threads(0, cpu) == 4  # idle: every core
+    monkeypatch.setattr(common, "busy_cores", lambda: 2.6)
+    assert common.resolve_threads(0, cpu) == 1  # 4 - 2.6 -> 1
+    assert common.resolve_threads(0, cpu, free_cores_only=False) == 4  # MNIST: every core it may use
+    monkeypatch.setattr(common, "busy_cores", lambda: 9.0)
+    assert common.resolve_threads(0, cpu) == 1 and torch.get_num_threads() == 1  # never zero
+    monkeypatch.setattr(common, "busy_cores", lambda: 0.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert trainer.resolve_threads(0, cpu) == 2  # two processes share the cores
-    assert trainer.resolve_threads(3, cpu) == 3  # asked for: as asked
+    assert common.resolve_threads(0, cpu) == 2  # two processes share the cores
+    assert common.resolve_threads(3, cpu) == 3  # asked for: as asked
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert trainer.resolve_threads(0, cpu) is None  # torchrun's (or the user's) choice stands
-    assert trainer.resolve_threads(0, torch.device("meta")) is None
-    assert 0 <= trainer.busy_cores() < 1000
+    assert common.resolve_threads(0, cpu) is None  # torchrun's (or the user's) choice stands
+    assert common.resolve_threads(0, torch.device("meta")) is None
+    assert 0 <= common.busy_cores() < 1000

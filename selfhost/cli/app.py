@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -30,10 +31,11 @@ from selfhost.cli import (
     train_runs,
 )
 from selfhost.cli.console import err_console
-from selfhost.cli.output import error_line
+from selfhost.cli.output import print_error
 from selfhost.errors import SelfhostError
 
 app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: Typer's Rich help renderer costs ~0.1 s on every --help
     name="selfhost",
     help="Run the whole local-LLM loop on your own machine: pull, quantize, chat, serve, train.",
     no_args_is_help=True,
@@ -41,6 +43,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 train_app = typer.Typer(
+    rich_markup_mode=None,
     help="Train your own models (needs the `train` extra: PyTorch).", no_args_is_help=True
 )
 
@@ -67,6 +70,10 @@ def debug_enabled() -> bool:
 def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map typed errors to one line on stderr and a non-zero exit (SELFHOST_DEBUG=1: traceback)."""
 
+    # Resolve string annotations (`from __future__ import annotations`) once, here: Typer would
+    # otherwise evaluate each of them four times while building the commands, on every run.
+    fn.__annotations__ = typing.get_type_hints(fn, include_extras=True)
+
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -74,9 +81,7 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (SelfhostError, OSError) as exc:
             if debug_enabled():
                 raise
-            line, code = error_line(exc)
-            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(code) from None
+            raise typer.Exit(print_error(exc)) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
@@ -115,9 +120,7 @@ def main() -> None:
     try:
         app(prog_name="selfhost")
     except SelfhostError as exc:  # raised outside a command (e.g. while parsing)
-        line, code = error_line(exc)
-        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-        sys.exit(code)
+        sys.exit(print_error(exc))
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:

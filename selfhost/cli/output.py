@@ -23,20 +23,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from selfhost.atomic import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import SelfhostError, UsageError
 from selfhost.events import Event, Notice, Progress, Result
 
 # -- formatting (human output only; JSON carries raw numbers) ------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as disks and the Hub count: 98.0 MB."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def fmt_count(n: float, exact: bool = False) -> str:
@@ -180,7 +172,8 @@ class Output:
 
 
 class ProgressBars:
-    """Rich progress bars keyed by task on a terminal; off a terminal, one line per finished task."""
+    """Rich progress bars keyed by task on a terminal (gone once finished); off a terminal, one line per
+    finished task."""
 
     def __init__(self, stream_console: Any) -> None:
         self.console = stream_console
@@ -211,10 +204,14 @@ class ProgressBars:
         if self.bars is None:
             self.bars = _new_bars(self.console)
             self.bars.start()
-        fields = {"detail": event.detail, "amount": _amounts(event)}
+        fields = {"detail": event.detail, "amount": _amounts(event), "unit": event.unit}
         if event.task not in self.tasks:
-            self.tasks[event.task] = self.bars.add_task(event.task, total=event.total, **fields)
+            self.tasks[event.task] = self.bars.add_task(  # from `done`: resumed bytes are no speed
+                event.task, total=event.total, completed=event.done, **fields
+            )
         self.bars.update(self.tasks[event.task], completed=event.done, total=event.total, **fields)
+        if event.finished:  # a finished bar leaves the screen; what it produced is the caller's to say
+            self.bars.remove_task(self.tasks.pop(event.task))
 
 
 def _amount(n: float, unit: str) -> str:
@@ -232,12 +229,28 @@ def _amounts(event: Progress) -> str:
 
 
 def _new_bars(stream_console: Any) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class ByteSpeed(ProgressColumn):
+        """The transfer speed of byte tasks (downloads); nothing for other units."""
+
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{fmt_bytes(speed)}/s" if task.fields.get("unit") == "B" and speed else "")
 
     return Progress(
         TextColumn("{task.description}", markup=False),
         BarColumn(),
         TextColumn("{task.fields[amount]}", markup=False),
+        ByteSpeed(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[detail]}", markup=False),

@@ -1,12 +1,22 @@
-"""`selfhost pull NAME`: flags map onto `selfhost.models.pull.pull()`; this module only renders its events."""
+"""`selfhost pull NAME`, and the auto-pull of `chat`, `serve` and `quantize` (`ensure_model`).
+
+Flags map onto `selfhost.models.pull.pull()`; its notices and per-file progress bars go to stderr
+through the output layer, the result (or the dry-run plan) to stdout, as JSON with `--json`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import typer
 
-from selfhost.cli.console import console, plain
+from selfhost.cli import output
+from selfhost.cli.output import Output, fmt_bytes
+
+if TYPE_CHECKING:
+    from selfhost.models.names import ModelName
+
+PULL_HELP = "Download the model first if it is not here yet (alias or owner/repo), without asking."
 
 
 def register(app: typer.Typer) -> None:
@@ -14,7 +24,8 @@ def register(app: typer.Typer) -> None:
     def pull_command(
         name: str = typer.Argument(
             ...,
-            help="alias[:QUANT] (see `selfhost models list --available`), owner/repo[:QUANT] or a .gguf",
+            help="alias[:QUANT] (see `selfhost models list --available`), owner/repo[:QUANT|:file.gguf], "
+            "or a .gguf file to import",
         ),
         revision: str | None = typer.Option(
             None,
@@ -28,110 +39,89 @@ def register(app: typer.Typer) -> None:
             "--offline",
             help="Never contact the Hub: use the Hugging Face cache (also HF_HUB_OFFLINE=1).",
         ),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Download a GGUF model from the Hugging Face Hub (resumable, sha256-verified) and register it."""
         from selfhost.models.pull import ConvertibleRepo, pull
 
+        out = Output(as_json)
         try:
-            render(pull(name, revision=revision, dry_run=dry_run, offline=offline))
+            value = out.run(pull(name, revision=revision, dry_run=dry_run, offline=offline))
         except ConvertibleRepo as exc:
-            if dry_run or not _interactive() or not typer.confirm(
-                f"{exc.repo} has no GGUF files. Convert its safetensors weights to GGUF now?", default=True
-            ):
-                raise
-            from selfhost.cli.convert import render as render_convert
-            from selfhost.convert.run import ConvertOptions, convert
-
-            render_convert(convert(exc.repo, ConvertOptions(revision=exc.revision)))
+            _offer_convert(exc, out, dry_run)
+            return
+        out.result(value, lambda v: render_result(v, out))
 
 
-def _interactive() -> bool:
-    import sys
+def _offer_convert(exc: BaseException, out: Output, dry_run: bool) -> None:
+    """A repo with safetensors but no GGUF: on a terminal, offer to convert it now; else the error."""
+    from selfhost.models.pull import ConvertibleRepo
 
-    return sys.stdin.isatty() and sys.stdout.isatty()
+    assert isinstance(exc, ConvertibleRepo)
+    if dry_run or out.json_mode or not output.is_interactive():
+        raise exc
+    try:
+        out.confirm(f"{exc.repo} has no GGUF files. Convert its safetensors weights to GGUF now?", yes=False)
+    except typer.Exit:
+        raise exc from None
+    from selfhost.cli.convert import render as render_convert
+    from selfhost.convert.run import ConvertOptions, convert
+
+    render_convert(convert(exc.repo, ConvertOptions(revision=exc.revision)))
 
 
-def render(events: Iterable[object]) -> None:
-    """Print Resolved/Notice/Retrying lines, one Rich progress bar per file, and the result."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+def render_result(value: object, out: Output) -> None:
+    """The pulled record (two lines) or the dry-run plan (a table), on stdout."""
     from rich.table import Table
 
-    from selfhost.atomic import human_bytes
-    from selfhost.models import pull as core
+    from selfhost.cli.console import plain
+    from selfhost.models.pull import PullPlan, PullResult
 
-    bars: Progress | None = None
-    tasks: dict[str, int] = {}
-    try:
-        for event in events:
-            if isinstance(event, core.Resolved):
-                where = (
-                    f"{event.repo}@{event.commit[:10]}"
-                    if event.repo and event.commit
-                    else event.repo or "local"
-                )
-                size = human_bytes(event.size) if event.size is not None else "size unknown"
-                parts = f" and {event.parts - 1} more parts" if event.parts > 1 else ""
-                console.print(f"{event.name}: {event.file}{parts} ({size}) from {where}", markup=False)
-            elif isinstance(event, core.Notice):
-                console.print(event.message, markup=False, style="yellow")
-            elif isinstance(event, core.Retrying):
-                console.print(
-                    f"connection lost ({event.reason}); retrying {event.file} (attempt {event.attempt})",
-                    markup=False,
-                    style="yellow",
-                )
-            elif isinstance(event, core.Progress):
-                if bars is None:
-                    bars = Progress(
-                        TextColumn("{task.description}", markup=False),
-                        BarColumn(),
-                        DownloadColumn(),
-                        TransferSpeedColumn(),
-                        TimeRemainingColumn(),
-                        console=console,
-                    )
-                    bars.start()
-                if event.file not in tasks:
-                    if event.resumed_from:
-                        console.print(
-                            f"resuming {event.file} from {human_bytes(event.resumed_from)} already on disk",
-                            markup=False,
-                        )
-                    tasks[event.file] = bars.add_task(event.file, total=event.total, completed=event.done)
-                bars.update(tasks[event.file], completed=event.done, total=event.total)
-            elif isinstance(event, core.DryRun):
-                table = Table(title=plain(f"dry run: {event.name} (nothing written)"))
-                table.add_column("file")
-                table.add_column("size", justify="right")
-                table.add_column("status")
-                for f in event.files:
-                    status = (
-                        "cached"
-                        if f.cached
-                        else (f"partial: {human_bytes(f.partial)} on disk" if f.partial else "to download")
-                    )
-                    table.add_row(plain(f.file), human_bytes(f.size) if f.size is not None else "?", status)
-                console.print(table)
-                console.print(f"to download: {human_bytes(event.to_download)}", markup=False)
-            elif isinstance(event, core.Pulled):
-                if bars is not None:
-                    bars.stop()
-                    bars = None
-                r = event.record
-                how = "downloaded and verified" if event.downloaded else "already on disk, verified"
-                digest = (r.sha256 or "not computed")[:12]
-                console.print(
-                    f"{r.name}: {how} (sha256 {digest}, {human_bytes(r.size)}, source {r.source})",
-                    markup=False,
-                )
-                console.print(f"  {r.path}", markup=False, style="dim")
-    finally:
-        if bars is not None:
-            bars.stop()
+    if isinstance(value, PullResult):
+        r = value.record
+        how = "downloaded and verified" if value.downloaded else "already on disk, verified"
+        if r.source in ("quantized", "trained", "converted"):
+            how = "already in the store"  # a model selfhost made: nothing to fetch or verify
+        digest = (r.sha256 or "not computed")[:12]
+        out.console.print(plain(f"{r.name}: {how} (sha256 {digest}, {fmt_bytes(r.size)}, source {r.source})"))
+        out.console.print(plain(f"  {r.path}", "dim"))
+    elif isinstance(value, PullPlan):
+        table = Table(title=plain(f"dry run: {value.name} (nothing written)"))
+        for column, justify in (("file", "left"), ("size", "right"), ("status", "left")):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for f in value.files:
+            partial = f"partial: {fmt_bytes(f.partial)} on disk" if f.partial else "to download"
+            size = fmt_bytes(f.size) if f.size is not None else "?"
+            table.add_row(plain(f.file), size, "cached" if f.cached else partial)
+        out.console.print(table)
+        out.console.print(plain(f"to download: {fmt_bytes(value.to_download)}"))
+
+
+def ensure_model(
+    name: str | None, pull: bool, purpose: str = "chat", out: Output | None = None
+) -> str | None:
+    """The auto-pull of `chat`, `serve` and `quantize` (like `ollama run`): `name` as given when it is
+    here; an alias or owner/repo not downloaded yet is pulled (`--pull`, or a 'y' on a terminal) and
+    its store name returned. Without `--pull` and without a terminal: one line naming the fix, and
+    nothing is downloaded."""
+    from selfhost.models.pull import pull as pull_model
+    from selfhost.models.resolve import NotDownloaded, missing_download
+
+    missing = missing_download(name, purpose=purpose)  # type: ignore[arg-type]
+    if missing is None:
+        return name
+    out = out or Output()
+    if not pull:
+        if not output.is_interactive():
+            raise NotDownloaded(missing.name, hint=f"pass --pull to download it now, or {missing.hint}")
+        out.confirm(f"{missing.name} is not downloaded{_about(missing.name)}. Pull it now?", yes=False)
+    return out.run(pull_model(str(missing.name))).record.name
+
+
+def _about(name: ModelName) -> str:
+    """' (about 1.2 GB)' from the registry's size of an alias's quant; '' when unknown."""
+    from selfhost.models.registry import load_registry
+
+    entry = load_registry().get(name.base) if name.kind == "alias" else None
+    size = entry.size_bytes(name.quant) if entry is not None else None
+    return f" (about {fmt_bytes(size)})" if size else ""

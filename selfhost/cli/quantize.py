@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 
-from selfhost.cli.console import console, err_console, plain
+from selfhost.cli.console import plain
+from selfhost.cli.output import Output, fmt_bytes, jsonable
+from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import UsageError
 
 
@@ -30,6 +32,9 @@ def quantize(
     ] = "Q4_K_M",
     list_types: Annotated[
         bool, typer.Option("--list-types", help="List every type with its size and cost.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result (or the --list-types table) as JSON.")
     ] = False,
     out: Annotated[
         Path | None,
@@ -78,19 +83,25 @@ def quantize(
     ] = None,
     window: Annotated[int, typer.Option("--window", help="Tokens per perplexity window (--eval).")] = 256,
     chunks: Annotated[int, typer.Option("--chunks", help="Windows to score at most (--eval).")] = 8,
+    pull: Annotated[bool, typer.Option("--pull", help=PULL_HELP)] = False,
 ) -> None:
     """Quantize a GGUF model with llama.cpp and register it as <model>:<TYPE>."""
+    output = Output(as_json)
     if list_types:
-        _print_types()
+        from selfhost.quantize.types import supported_types
+
+        output.result(supported_types(), human=lambda types: _print_types(output, types))
         return
     if model is None:
         raise UsageError(
             "name a model to quantize", hint="e.g. `selfhost quantize model-f16.gguf --type Q4_K_M`"
         )
     from selfhost.quantize.perplexity import read_text
-    from selfhost.quantize.run import QuantizeOptions, run_quantize
+    from selfhost.quantize.run import QuantizeOptions
+    from selfhost.quantize.run import quantize as run_quantize
 
     text = read_text(eval_text) if eval_text else None  # fail on a bad --eval before quantizing
+    model = ensure_model(model, pull, purpose="load")  # auto-pull: an alias or owner/repo not here yet
     options = QuantizeOptions(
         type=type_, out=out, threads=threads, allow_requantize=allow_requantize, imatrix=imatrix,
         calibration=calibration, imatrix_out=imatrix_out, chunk_size=chunk_size,
@@ -98,21 +109,18 @@ def quantize(
         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, pure=pure,
         leave_output_tensor=leave_output_tensor, force=force,
     )
-    with _QuantizeProgress() as progress:
-        result = run_quantize(model, options, on_event=progress.handle)
-    _print_summary(result)
-    if imatrix_out is not None:
-        console.print(f"  importance matrix kept in {imatrix_out}", markup=False, highlight=False)
+    result = output.run(run_quantize(model, options))
+    if not output.json_mode:
+        _print_summary(output, result, imatrix_out)  # before the slower --eval
+    report = None
     if text is not None:
         from selfhost.quantize.compare import compare as run_compare
 
-        report = _with_eval_progress(
-            lambda on_event: run_compare(
-                [str(result.input), str(result.output)], text, window=window, chunks=chunks,
-                threads=threads, on_event=on_event,
-            )
-        )
-        _print_report(report)
+        report = output.run(run_compare(
+            [str(result.input), str(result.output)], text, window=window, chunks=chunks, threads=threads
+        ))
+    # JSON: the quantize result, with the --eval report (or null) under "eval"
+    output.result({**jsonable(result), "eval": report}, human=lambda _value: _print_eval(output, report))
 
 
 def compare(
@@ -135,128 +143,47 @@ def compare(
 
         plots.pyplot()  # a missing matplotlib fails now, not after the slow part
     content = read_text(text)
-    report = _with_eval_progress(
-        lambda on_event: run_compare(
-            models, content, window=window, chunks=chunks, threads=threads, on_event=on_event
-        )
-    )
+    output = Output(as_json)
+    report = output.run(run_compare(models, content, window=window, chunks=chunks, threads=threads))
     if plot is not None:
         title = f"perplexity on {text.name} ({report.n_scored} tokens scored)"
         plots.quality_png(report.rows, plot, title=title)
-    if as_json:
-        import sys
 
-        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
-        return
-    _print_report(report)
-    if plot is not None:
-        console.print(f"plot: {plot}", markup=False)
+    def human(report) -> None:  # noqa: ANN001
+        _print_report(output, report)
+        if plot is not None:
+            output.console.print(plain(f"plot: {plot}"))
+
+    output.result(report, human=human)
 
 
 # -- rendering -----------------------------------------------------------------------------
-class _QuantizeProgress:
-    """Renders quantize events: a per-tensor progress bar, then notices."""
-
-    def __enter__(self) -> _QuantizeProgress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", markup=False), console=err_console,
-            transient=True,
-        )
-        self.progress.__enter__()
-        self.task = None
-        self.notices: list[str] = []
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)  # type: ignore[arg-type]
-        for notice in self.notices:
-            err_console.print(f"note: {notice}", markup=False, highlight=False, soft_wrap=True)
-
-    def handle(self, event: object) -> None:
-        from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten
-        from selfhost.quantize.run import Notice, Planned, TensorDone
-
-        if isinstance(event, ImatrixStarted):
-            err_console.print(
-                f"computing the importance matrix: {event.n_chunks} chunks of {event.chunk_size} tokens",
-                markup=False, highlight=False,
-            )
-            self.imatrix_task = self.progress.add_task("imatrix chunks", total=event.n_chunks, tensor="")
-        elif isinstance(event, ChunkDone):
-            self.progress.update(self.imatrix_task, completed=event.done, total=event.total)
-        elif isinstance(event, ImatrixWritten):
-            self.progress.remove_task(self.imatrix_task)
-            per_1k = event.seconds / event.n_tokens * 1000 if event.n_tokens else 0.0
-            err_console.print(
-                f"importance matrix: {event.n_entries} weight matrices, {event.n_tokens} tokens in "
-                f"{event.seconds:.1f} s ({per_1k:.1f} s per 1k tokens)", markup=False, highlight=False,
-            )
-        elif isinstance(event, Planned):
-            err_console.print(
-                f"quantizing {event.input_name} ({event.input_quant}) -> {event.type} "
-                f"with {event.threads} threads", markup=False, highlight=False,
-            )
-            self.task = self.progress.add_task(event.type, total=event.n_tensors, tensor="")
-        elif isinstance(event, TensorDone) and self.task is not None:
-            self.progress.update(self.task, completed=event.index, total=event.total, tensor=event.name)
-        elif isinstance(event, Notice):
-            self.notices.append(event.message)
-
-
-def _print_summary(result) -> None:  # noqa: ANN001
-    from selfhost.atomic import human_bytes
-
+def _print_summary(output: Output, result, imatrix_out: Path | None) -> None:  # noqa: ANN001
     ratio = result.output_size / result.input_size if result.input_size else 0
-    console.print(str(result.output), style="bold", markup=False)
-    console.print(
-        f"  size {human_bytes(result.input_size)} -> {human_bytes(result.output_size)} ({ratio:.0%}), "
-        f"bits per weight {result.input_bpw:.2f} -> {result.output_bpw:.2f}, {result.seconds:.1f} s",
-        highlight=False,
-    )
+    print_line = output.console.print
+    print_line(plain(str(result.output), "bold"))
+    print_line(plain(
+        f"  size {fmt_bytes(result.input_size)} -> {fmt_bytes(result.output_size)} ({ratio:.0%}), "
+        f"bits per weight {result.input_bpw:.2f} -> {result.output_bpw:.2f}, {result.seconds:.1f} s"
+    ))
     types = ", ".join(f"{n} {k}" for k, n in sorted(result.tensor_types.items(), key=lambda kv: -kv[1]))
-    console.print(
+    print_line(plain(
         f"  {result.n_quantized} of {result.n_tensors} tensors quantized, {result.n_fallback} fell back "
-        f"to another type (row size does not fit {result.type}); tensor types: {types}",
-        highlight=False, markup=False,
-    )
+        f"to another type (row size does not fit {result.type}); tensor types: {types}"
+    ), soft_wrap=True)
     if result.name:
-        console.print(f"  registered as {result.name}: try `selfhost chat {result.name}`", markup=False)
+        print_line(plain(f"  registered as {result.name}: try `selfhost chat {result.name}`"))
+    if imatrix_out is not None:
+        print_line(plain(f"  importance matrix kept in {imatrix_out}"))
 
 
-def _with_eval_progress(run):  # noqa: ANN001, ANN202
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from selfhost.quantize.compare import EvalStarted, WindowDone
-
-    with Progress(
-        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-        console=err_console, transient=True,
-    ) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_event(event: object) -> None:
-            if isinstance(event, EvalStarted):
-                tasks[event.name] = progress.add_task(f"perplexity {event.name}", total=None)
-            elif isinstance(event, WindowDone):
-                progress.update(tasks[event.name], completed=event.done, total=event.total)
-
-        return run(on_event)
+def _print_eval(output: Output, report) -> None:  # noqa: ANN001
+    if report is not None:
+        _print_report(output, report)
 
 
-def _print_report(report) -> None:  # noqa: ANN001
+def _print_report(output: Output, report) -> None:  # noqa: ANN001
     from rich.table import Table
-
-    from selfhost.atomic import human_bytes
 
     table = Table(
         title=f"perplexity over {report.n_windows} window(s) of {report.window} tokens "
@@ -267,22 +194,20 @@ def _print_report(report) -> None:  # noqa: ANN001
     for row in report.rows:
         delta = "reference" if row.reference else f"{row.ppl_increase:+.4f}"
         table.add_row(
-            plain(row.name), plain(row.quant), human_bytes(row.size), f"{row.bpw:.2f}",
+            plain(row.name), plain(row.quant), fmt_bytes(row.size), f"{row.bpw:.2f}",
             f"{row.ppl:.4f}", delta,
             f"{row.prompt_tok_s:.1f}", f"{row.gen_tok_s:.1f}",
         )
-    console.print(table)
+    output.console.print(table)
 
 
-def _print_types() -> None:
+def _print_types(output: Output, types) -> None:  # noqa: ANN001
     from rich.table import Table
-
-    from selfhost.quantize.types import supported_types
 
     table = Table(title="quantization types of the installed llama.cpp")
     for column in ("type", "bpw", "ppl increase", "imatrix", "advice"):
         table.add_column(column, justify="right" if column in ("bpw", "ppl increase") else "left")
-    for t in supported_types():
+    for t in types:
         table.add_row(
             f"[bold]{t.name}[/bold]" if t.name == "Q4_K_M" else t.name,
             f"{t.bpw:.2f}" if t.bpw else "?",
@@ -290,8 +215,8 @@ def _print_types() -> None:
             "required" if t.needs_imatrix else "",
             t.advice,
         )
-    console.print(table)
-    console.print(
+    output.console.print(table)
+    output.console.print(
         "bpw: bits per weight of Llama-3-8B at that type (nominal where no size is published); "
         "ppl increase: llama.cpp's published perplexity increase over F16 on Llama-3-8B.",
         highlight=False,

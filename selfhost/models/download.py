@@ -16,32 +16,20 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from selfhost.atomic import human_bytes
 from selfhost.errors import DownloadError, IntegrityError
+from selfhost.events import Notice, Progress
 from selfhost.models import hub
 
 CHUNK = 1 << 20
 PROGRESS_EVERY = 1 << 20  # bytes between Progress events
 
 
-@dataclass(frozen=True)
-class Progress:
-    """`done` of `total` bytes of `file` are on disk (`resumed_from` came from an earlier run)."""
-
-    file: str
-    done: int
-    total: int | None
-    resumed_from: int = 0
-
-
-@dataclass(frozen=True)
-class Retrying:
-    file: str
-    attempt: int
-    reason: str
+def _progress(remote: hub.RemoteFile, done: int, total: int | None, resumed_from: int) -> Progress:
+    """`done` of `total` bytes of the file on disk (`resumed_from` came from an earlier run)."""
+    return Progress(remote.name, done, total, unit="B", metrics={"resumed_from": resumed_from})
 
 
 def fetch_blob(
@@ -51,12 +39,12 @@ def fetch_blob(
     *,
     retries: int = 3,
     backoff_s: float = 0.5,
-) -> Iterator[Progress | Retrying]:
+) -> Iterator[Progress | Notice]:
     """Download `url` into `layout`'s blob for `remote` (resuming a partial file); returns the sha256.
 
-    Yields Progress/Retrying events. Raises DownloadError when the transfer keeps failing (the partial
-    bytes stay for the next run) and IntegrityError when the finished file does not match the Hub
-    (the partial file is deleted).
+    Yields Progress (unit "B", metrics["resumed_from"]) and Notices (resuming, retrying). Raises
+    DownloadError when the transfer keeps failing (the partial bytes stay for the next run) and
+    IntegrityError when the finished file does not match the Hub (the partial file is deleted).
     """
     from filelock import FileLock
 
@@ -83,28 +71,20 @@ def _verify_existing(blob: Path, remote: hub.RemoteFile) -> Iterator[Progress]:
         while block := fh.read(CHUNK * 8):
             h.update(block)
             done += len(block)
-    yield Progress(remote.name, size, size, resumed_from=size)
+    yield _progress(remote, size, size, size)
     _check(blob, remote, size, h.hexdigest(), delete=True)
     return h.hexdigest()
 
 
 def _transfer(
     url: str, part: Path, remote: hub.RemoteFile, *, retries: int, backoff_s: float
-) -> Iterator[Progress | Retrying]:
+) -> Iterator[Progress | Notice]:
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     http = hub.http_module()
 
     total = remote.size
-    have = part.stat().st_size if part.exists() else 0
-    if total is not None and have > total:  # junk from some other transfer: start over
-        part.unlink()
-        have = 0
-    h = hashlib.sha256()
-    if have:
-        with open(part, "rb") as fh:
-            while block := fh.read(CHUNK * 8):
-                h.update(block)
+    have, h = _bytes_on_disk(part, total)
     resumed_from = have
     started = False
 
@@ -136,7 +116,9 @@ def _transfer(
                     total = have + int(length) if length and length.isdigit() else None
                 if not started:  # first answer accepted: the bar (and "resuming from") can show
                     started = True
-                    yield Progress(remote.name, have, total, resumed_from)
+                    if resumed_from and have:
+                        yield Notice(f"resuming {remote.name} from {human_bytes(have)} already on disk")
+                    yield _progress(remote, have, total, resumed_from)
                 sink = _Sink(part, h)
                 try:
                     reported = have
@@ -148,7 +130,7 @@ def _transfer(
                         progressed = True
                         if have - reported >= PROGRESS_EVERY or have == total:
                             reported = have
-                            yield Progress(remote.name, have, total, resumed_from)
+                            yield _progress(remote, have, total, resumed_from)
                 finally:
                     sink.close()  # the bytes received so far reach the disk, even on a cut or Ctrl-C
                 if total is None:
@@ -161,11 +143,26 @@ def _transfer(
                     f"{' of ' + human_bytes(total) if total else ''} ({type(exc).__name__})",
                     hint="run the same command again: it resumes from the bytes on disk",
                 ) from exc
-            yield Retrying(remote.name, attempt, type(exc).__name__)
+            reason = type(exc).__name__
+            yield Notice(f"connection lost ({reason}); retrying {remote.name} (attempt {attempt})", "warning")
             time.sleep(backoff_s * max(attempt, 1))
     digest = h.hexdigest()
     _check(part, remote, have, digest, delete=True)
     return digest
+
+
+def _bytes_on_disk(part: Path, total: int | None) -> tuple[int, hashlib._Hash]:
+    """The partial download's size and its sha256 so far (junk longer than the file: deleted)."""
+    have = part.stat().st_size if part.exists() else 0
+    if total is not None and have > total:  # junk from some other transfer: start over
+        part.unlink()
+        have = 0
+    h = hashlib.sha256()
+    if have:
+        with open(part, "rb") as fh:
+            while block := fh.read(CHUNK * 8):
+                h.update(block)
+    return have, h
 
 
 class _Sink:

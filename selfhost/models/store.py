@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from selfhost import atomic, paths
 from selfhost.errors import NotFoundError, SelfhostError
+from selfhost.models.names import split_tag
 
 Source = Literal["hub", "local", "quantized", "trained", "embedded", "converted"]
 
@@ -41,20 +42,12 @@ class ModelRecord(BaseModel):
 
     @property
     def base(self) -> str:
-        return split_name(self.name)[0]
+        return split_tag(self.name)[0]
 
 
 class _Manifest(BaseModel):
     version: int = 1
     models: list[ModelRecord] = []
-
-
-def split_name(name: str) -> tuple[str, str | None]:
-    """'alias:Q4_K_M' -> ('alias', 'Q4_K_M'); 'alias' -> ('alias', None)."""
-    base, sep, tag = name.rpartition(":")
-    if not sep or not base or "/" in tag or "\\" in tag:
-        return name, None
-    return base, tag
 
 
 class Store:
@@ -81,6 +74,13 @@ class Store:
 
     def find(self, ref: str, prefer_quant: str | None = None) -> ModelRecord:
         """Resolve a user reference: an exact name, or a base name with a single (or preferred) quant."""
+        record = self.lookup(ref, prefer_quant)
+        if record is None:
+            raise NotFoundError(f"no model named '{ref}' in the store", hint="see `selfhost models list`")
+        return record
+
+    def lookup(self, ref: str, prefer_quant: str | None = None) -> ModelRecord | None:
+        """Like `find`, but None when nothing matches (an ambiguous base name still raises)."""
         records = self._read().models
         exact = [r for r in records if r.name == ref]
         if exact:
@@ -90,11 +90,11 @@ class Store:
             return same_base[0]
         if same_base:
             for r in same_base:
-                if prefer_quant and prefer_quant in (r.quant, split_name(r.name)[1]):
+                if prefer_quant and prefer_quant in (r.quant, split_tag(r.name)[1]):
                     return r
             choices = ", ".join(sorted(r.name for r in same_base))
             raise NotFoundError(f"'{ref}' is ambiguous: {choices}", hint="name one of them")
-        raise NotFoundError(f"no model named '{ref}' in the store", hint="see `selfhost models list`")
+        return None
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info
 from selfhost.errors import DependencyError, ModelLoadError, UsageError
+from selfhost.events import Events, Notice, Progress, Result
 
 DEFAULT_CALIBRATION = "default"  # `--calibration default`: the text shipped with selfhost
 MIN_CHUNK = 16  # llama-imatrix ignores multiplications over fewer rows (tokens)
@@ -30,20 +30,9 @@ _GGML_MAX_DIMS, _GGML_MAX_SRC, _GGML_MAX_OP_PARAMS, _GGML_MAX_NAME = 4, 10, 64, 
 _GGML_TYPE_F32 = 0
 
 
-class ImatrixStarted(BaseModel):
-    n_tokens: int
-    n_chunks: int
-    chunk_size: int
+class ImatrixResult(BaseModel):
+    """The value of `compute_imatrix`: what was written, from how much text, in how long."""
 
-
-class ChunkDone(BaseModel):
-    done: int
-    total: int
-    seconds: float  # since the first chunk started
-    eta_seconds: float
-
-
-class ImatrixWritten(BaseModel):
     path: Path
     n_entries: int
     n_chunks: int
@@ -51,7 +40,7 @@ class ImatrixWritten(BaseModel):
     seconds: float
 
 
-ImatrixEvent = ImatrixStarted | ChunkDone | ImatrixWritten
+IMATRIX_TASK = "imatrix chunks"
 
 
 def default_calibration_text() -> str:
@@ -225,8 +214,11 @@ def compute_imatrix(
     chunk_size: int = 512,
     max_chunks: int | None = None,
     threads: int | None = None,
-) -> Iterator[ImatrixEvent]:
-    """Evaluate `text` with the model at `model`, collect activations, write the imatrix to `out`."""
+) -> Events:
+    """Evaluate `text` with the model at `model`, collect activations, write the imatrix to `out`.
+
+    Yields a Notice, one Progress per chunk (metrics: seconds, eta_seconds), a Notice with the summary,
+    and ends with Result(ImatrixResult)."""
     from selfhost.llama_backend import capture_logs, default_threads, llama
 
     if chunk_size < MIN_CHUNK:
@@ -255,7 +247,7 @@ def compute_imatrix(
                 f"the calibration text is too short: {len(tokens)} tokens, need at least {chunk_size}",
                 hint="use a longer text or a smaller --chunk-size",
             )
-        yield ImatrixStarted(n_tokens=n_chunks * chunk_size, n_chunks=n_chunks, chunk_size=chunk_size)
+        yield Notice(f"computing the importance matrix: {n_chunks} chunks of {chunk_size} tokens")
         bos = lib.llama_vocab_bos(vocab) if lib.llama_vocab_get_add_bos(vocab) else -1
         started = time.perf_counter()
         for i in range(n_chunks):
@@ -266,8 +258,9 @@ def compute_imatrix(
             if collector.error is not None:
                 raise collector.error
             seconds = time.perf_counter() - started
-            yield ChunkDone(done=i + 1, total=n_chunks, seconds=seconds,
-                            eta_seconds=seconds / (i + 1) * (n_chunks - i - 1))
+            eta = seconds / (i + 1) * (n_chunks - i - 1)
+            yield Progress(IMATRIX_TASK, i + 1, n_chunks, unit="chunks",
+                           metrics={"seconds": seconds, "eta_seconds": eta})
     finally:
         ctx.close()
         llm_model.close()
@@ -275,8 +268,14 @@ def compute_imatrix(
         raise ModelLoadError(f"no weight matrix of {model.name} reported activations: no imatrix to write")
     write_imatrix(out, collector.sums, collector.counts, datasets=[dataset], chunk_count=n_chunks,
                   chunk_size=chunk_size)
-    yield ImatrixWritten(path=out, n_entries=len(collector.sums), n_chunks=n_chunks,
-                         n_tokens=n_chunks * chunk_size, seconds=time.perf_counter() - started)
+    result = ImatrixResult(path=out, n_entries=len(collector.sums), n_chunks=n_chunks,
+                           n_tokens=n_chunks * chunk_size, seconds=time.perf_counter() - started)
+    per_1k = result.seconds / result.n_tokens * 1000 if result.n_tokens else 0.0
+    yield Notice(
+        f"importance matrix: {result.n_entries} weight matrices, {result.n_tokens} tokens in "
+        f"{result.seconds:.1f} s ({per_1k:.1f} s per 1k tokens)"
+    )
+    yield Result(result)
 
 
 def _load(lib: Any, model: Path, n_ctx: int, threads: int, callback: Any) -> tuple[Any, Any]:

@@ -6,26 +6,14 @@ perplexity increase over it, like llama.cpp's published quantization table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from selfhost import gguf_info
 from selfhost.errors import UsageError
+from selfhost.events import Events, Progress, Result, nested
 from selfhost.quantize.perplexity import perplexity
-
-
-class EvalStarted(BaseModel):
-    index: int  # 1-based
-    total: int
-    name: str
-
-
-class WindowDone(BaseModel):
-    name: str
-    done: int
-    total: int
 
 
 class QualityRow(BaseModel):
@@ -48,9 +36,6 @@ class QualityReport(BaseModel):
     n_scored: int
 
 
-CompareEvent = EvalStarted | WindowDone | QualityRow
-
-
 def compare(
     models: list[str],
     text: str,
@@ -59,36 +44,30 @@ def compare(
     chunks: int | None = 8,
     threads: int | None = None,
     gen_tokens: int = 32,
-    on_event: Callable[[CompareEvent], None] | None = None,
-) -> QualityReport:
-    """Evaluate every model (store name or .gguf path) on `text`; rows sorted by size, largest first."""
+) -> Events:
+    """Evaluate every model (store name or .gguf path) on `text`; rows sorted by size, largest first.
+
+    Yields Progress of task "perplexity <model>" per window; ends with Result(QualityReport)."""
     from selfhost.models.resolve import resolve_model
 
     if not models:
         raise UsageError("name at least one model to evaluate")
-    emit = on_event or (lambda _event: None)
     resolved = [resolve_model(m, purpose="load") for m in models]
     infos = [gguf_info.inspect(r.path) for r in resolved]  # fail on a bad file before the slow part
 
     rows, results = [], []
-    for i, (model, info) in enumerate(zip(resolved, infos, strict=True), start=1):
-        emit(EvalStarted(index=i, total=len(resolved), name=model.name))
-
-        def progress(done: int, total: int, name: str = model.name) -> None:
-            emit(WindowDone(name=name, done=done, total=total))
-
-        result = perplexity(
+    for model, info in zip(resolved, infos, strict=True):
+        yield Progress(f"perplexity {model.name}", 0, None, unit="windows")  # loading the model
+        result = yield from nested(perplexity(
             model.path, text, window=window, chunks=chunks, threads=threads, gen_tokens=gen_tokens,
-            on_window=progress,
-        )
+            label=model.name,
+        ))
         results.append(result)
-        row = QualityRow(
+        rows.append(QualityRow(
             name=model.name, path=model.path, quant=info.quant, size=info.size,
             bpw=round(info.bits_per_weight, 3), ppl=result.ppl,
             prompt_tok_s=result.prompt_tok_s, gen_tok_s=result.gen_tok_s,
-        )
-        rows.append(row)
-        emit(row)
+        ))
 
     windows = {(r.window, r.n_scored) for r in results}
     if len(windows) > 1:  # different context limits clamp the window differently: not comparable
@@ -98,6 +77,6 @@ def compare(
         row.reference = row is reference
         row.ppl_increase = None if row.reference else row.ppl - reference.ppl
     rows.sort(key=lambda r: -r.bpw)
-    return QualityReport(
+    yield Result(QualityReport(
         rows=rows, window=results[0].window, n_windows=results[0].n_windows, n_scored=results[0].n_scored
-    )
+    ))

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from selfhost import gguf_info
 from selfhost.errors import UsageError
+from selfhost.events import Events, Progress, Result
 
 MIN_TOKENS = 16
 GEN_PROMPT_TOKENS = 16
@@ -54,11 +54,12 @@ def perplexity(
     chunks: int | None = None,
     threads: int | None = None,
     gen_tokens: int = 32,
-    on_window: Callable[[int, int], None] | None = None,
-) -> PerplexityResult:
-    """Perplexity of the model at `path` on `text`, plus prompt and generation speed."""
-    import numpy as np
+    label: str | None = None,
+) -> Events:
+    """Perplexity of the model at `path` on `text`, plus prompt and generation speed.
 
+    Yields Progress of task "perplexity <label or file name>" per window; ends with
+    Result(PerplexityResult)."""
     from selfhost.llama_backend import load_model
 
     if window < MIN_TOKENS:
@@ -69,6 +70,7 @@ def perplexity(
     if info.context_length:
         window = min(window, info.context_length)  # past the trained context llama.cpp may abort
 
+    task = f"perplexity {label or Path(path).name}"
     llm, _report = load_model(path, n_ctx=window, logits_all=True, n_threads=threads)
     try:
         if chunks is not None:  # tokenize only what the windows need (~4 chars per token, generous margin)
@@ -88,18 +90,9 @@ def perplexity(
             batch = list(tokens[w * size : (w + 1) * size])
             if bos is not None and bos >= 0:
                 batch[0] = bos
-            llm.reset()
-            started = time.perf_counter()
-            llm.eval(batch)
-            eval_seconds += time.perf_counter() - started
-            logits = np.asarray(llm.scores[first : size - 1], dtype=np.float64)  # rows j predict j+1
-            targets = np.asarray(batch[first + 1 : size])
-            peak = logits.max(axis=1, keepdims=True)
-            log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
-            total_nll += float((log_z - logits[np.arange(len(targets)), targets]).sum())
-            n_scored += len(targets)
-            if on_window is not None:
-                on_window(w + 1, n_windows)
+            nll, scored, seconds = _score_window(llm, batch, first)
+            total_nll, n_scored, eval_seconds = total_nll + nll, n_scored + scored, eval_seconds + seconds
+            yield Progress(task, w + 1, n_windows, unit="windows")
 
         gen_tok_s, made = _generation_speed(llm, tokens[:GEN_PROMPT_TOKENS], min(gen_tokens, size - 17))
     finally:
@@ -108,11 +101,27 @@ def perplexity(
             close()
 
     nll = total_nll / n_scored
-    return PerplexityResult(
+    yield Result(PerplexityResult(
         path=Path(path), ppl=math.exp(nll), nll=nll, window=size, n_windows=n_windows, n_scored=n_scored,
         prompt_tok_s=n_windows * size / eval_seconds if eval_seconds else 0.0,
         gen_tok_s=gen_tok_s, gen_tokens=made,
-    )
+    ))
+
+
+def _score_window(llm, batch: list[int], first: int) -> tuple[float, int, float]:  # noqa: ANN001
+    """Evaluate one window from an empty cache: (summed NLL of tokens first+1.., their count, seconds)."""
+    import numpy as np
+
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(batch)
+    seconds = time.perf_counter() - started
+    size = len(batch)
+    logits = np.asarray(llm.scores[first : size - 1], dtype=np.float64)  # rows j predict j+1
+    targets = np.asarray(batch[first + 1 : size])
+    peak = logits.max(axis=1, keepdims=True)
+    log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
+    return float((log_z - logits[np.arange(len(targets)), targets]).sum()), len(targets), seconds
 
 
 def _generation_speed(llm, prompt: list[int], n: int) -> tuple[float, int]:  # noqa: ANN001

@@ -1,11 +1,12 @@
 """Quantize a GGUF model in-process with llama.cpp (`llama_model_quantize`), safely.
 
 `quantize(model, options)` validates everything first (type, input file, imatrix, output path,
-free disk and RAM), then runs llama.cpp on a worker thread while this generator yields typed
-events parsed from llama.cpp's own log: one `TensorDone` per tensor, then `Finished` with the
-summary. The output is written to a temp file beside the destination and renamed only when
-llama.cpp succeeded and the result reads back as the requested file type. With a calibration text
-the importance matrix is computed first (selfhost.quantize.calibrate; its events come first).
+free disk and RAM), then runs llama.cpp on a worker thread while this generator yields
+selfhost.events parsed from llama.cpp's own log: one `Progress` per tensor, then a `Result` with
+the summary (`QuantizeResult`). The output is written to a temp file beside the destination and
+renamed only when llama.cpp succeeded and the result reads back as the requested file type. With a
+calibration text the importance matrix is computed first (selfhost.quantize.calibrate; its events
+come first).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from pydantic import BaseModel
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import DiskSpaceError, IntegrityError, ModelLoadError, SelfhostError, UsageError
-from selfhost.quantize.calibrate import ChunkDone, ImatrixStarted, ImatrixWritten
+from selfhost.events import Event, Events, Notice, Progress, Result, nested, run_to_end
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
 from selfhost.system_info import available_memory
 
@@ -52,35 +54,6 @@ class QuantizeOptions(BaseModel):
     add_to_store: bool = True  # add the output to the local store as <base>:<TYPE>
 
 
-# -- events --------------------------------------------------------------------------------
-class Planned(BaseModel):
-    """Validation passed; llama.cpp is about to run."""
-
-    input: Path
-    input_name: str
-    input_quant: str
-    input_size: int
-    output: Path
-    name: str  # store name the output gets
-    type: str
-    n_tensors: int
-    threads: int
-
-
-class Notice(BaseModel):
-    """Something the user should know (requantizing, fallbacks)."""
-
-    message: str
-
-
-class TensorDone(BaseModel):
-    index: int  # 1-based
-    total: int
-    name: str
-    from_type: str
-    to_type: str | None  # None: copied unchanged (norms, 1-D tensors)
-
-
 class QuantizeResult(BaseModel):
     input: Path
     output: Path
@@ -99,13 +72,6 @@ class QuantizeResult(BaseModel):
     imatrix: Path | None = None  # the imatrix used, when it was kept (--imatrix / --imatrix-out)
 
 
-class Finished(BaseModel):
-    result: QuantizeResult
-
-
-QuantizeEvent = Planned | Notice | TensorDone | Finished | ImatrixStarted | ChunkDone | ImatrixWritten
-
-
 # -- llama.cpp log parsing -----------------------------------------------------------------
 _TENSOR_RE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+),")
 _CONVERT_RE = re.compile(r"converting to (\S+) \.\.")
@@ -114,10 +80,12 @@ _FALLBACK_TOTAL_RE = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback q
 
 
 class LogParser:
-    """Turns llama.cpp's quantize log (arriving in fragments) into TensorDone events."""
+    """Turns llama.cpp's quantize log (arriving in fragments) into one Progress of `task` per tensor
+    (detail: the tensor, and the type it was converted to)."""
 
-    def __init__(self, emit: Callable[[TensorDone], None]) -> None:
+    def __init__(self, emit: Callable[[Progress], None], task: str) -> None:
         self.emit = emit
+        self.task = task
         self.pending = ""
         self.lines: list[str] = []
         self.fallbacks: dict[str, str] = {}
@@ -135,10 +103,9 @@ class LogParser:
         if found := _TENSOR_RE.search(line):
             convert = _CONVERT_RE.search(line)
             self.n_quantized += bool(convert)
-            index, total, name, from_type = found.groups()
-            to_type = convert.group(1).upper() if convert else None
-            self.emit(TensorDone(index=int(index), total=int(total), name=name, from_type=from_type.upper(),
-                                 to_type=to_type))
+            index, total, name, _from_type = found.groups()
+            detail = f"{name} -> {convert.group(1).upper()}" if convert else name
+            self.emit(Progress(self.task, int(index), int(total), unit="tensors", detail=detail))
         elif found := _FALLBACK_RE.search(line):
             self.fallbacks[found.group(1)] = found.group(2).upper()
         elif found := _FALLBACK_TOTAL_RE.search(line):
@@ -194,9 +161,74 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 # -- the core ------------------------------------------------------------------------------
-def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
-    """Quantize `model` (a store name or a .gguf path); yield progress events, end with Finished."""
-    from selfhost.llama_backend import capture_logs, default_threads, llama
+def quantize(model: str, options: QuantizeOptions) -> Events:
+    """Quantize `model` (a store name or a .gguf path).
+
+    Yields Notices (what runs, requantizing, fallbacks), with --calibration first the importance
+    matrix computation's events, then Progress of task <TYPE> per tensor; ends with Result(QuantizeResult).
+    """
+    job = _plan(model, options)
+    imatrix = job.imatrix
+    if job.calibration is not None:
+        imatrix = yield from _calibrate(job.source, job.out, job.calibration, options)
+    yield Notice(
+        f"quantizing {job.input_name} ({job.info.quant}) -> {job.qtype.name} with {job.threads} threads"
+    )
+    if job.requantize:
+        yield Notice(
+            f"requantizing {job.info.quant} -> {job.qtype.name}: expect more quality loss than from F16",
+            "warning",
+        )
+    started = time.perf_counter()
+    parser, out_info = yield from _run_llama(job, imatrix, options)
+    seconds = time.perf_counter() - started
+
+    registered = None
+    if options.add_to_store:
+        registered = _register(job.name, job.out, out_info, job.input_name, job.qtype)
+    n_fallback = parser.fallback_total if parser.fallback_total is not None else len(parser.fallbacks)
+    if n_fallback:
+        yield Notice(
+            f"{n_fallback} of {job.info.n_tensors} tensors fell back to another type: their row size "
+            f"does not fit {job.qtype.name}'s block size", "warning",
+        )
+    yield Result(QuantizeResult(
+        input=job.source, output=job.out, name=registered, type=job.qtype.name,
+        input_size=job.info.size, output_size=out_info.size,
+        input_bpw=round(job.info.bits_per_weight, 3), output_bpw=round(out_info.bits_per_weight, 3),
+        seconds=round(seconds, 3), n_tensors=job.info.n_tensors, n_quantized=parser.n_quantized,
+        n_fallback=n_fallback, fallbacks=parser.fallbacks, tensor_types=out_info.tensor_types,
+        imatrix=options.imatrix or options.imatrix_out,
+    ))
+
+
+def run_quantize(model: str, options: QuantizeOptions) -> QuantizeResult:
+    """Convenience: drive `quantize` to the end and return its result."""
+    return run_to_end(quantize(model, options))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated quantization: what llama.cpp reads and writes, and how."""
+
+    source: Path  # the input GGUF (the first part of a split one)
+    input_name: str
+    info: gguf_info.GGUFInfo
+    qtype: QuantType
+    out: Path
+    name: str  # store name the output gets
+    threads: int
+    requantize: bool
+    imatrix: Any  # a loaded --imatrix (ImatrixData), or None
+    calibration: tuple[str, str] | None  # (text, dataset name) to compute the imatrix from
+    output_tensor_type: int | None
+    embedding_type: int | None
+
+
+def _plan(model: str, options: QuantizeOptions) -> _Job:
+    """Validate everything before any work: options, the input, the output path, free disk and RAM."""
+    from selfhost.llama_backend import default_threads
+    from selfhost.models.names import split_tag
     from selfhost.models.resolve import resolve_model
 
     qtype = get_type(options.type)
@@ -204,22 +236,7 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
     output_tensor_type = ggml_type_id(output_type, "--output-tensor-type") if output_type else None
     embd_type = options.token_embedding_type
     embedding_type = ggml_type_id(embd_type, "--token-embedding-type") if embd_type else None
-    if options.imatrix is not None and options.calibration is not None:
-        raise UsageError("pass either --imatrix or --calibration, not both")
-    if options.imatrix_out is not None and options.calibration is None:
-        raise UsageError("--imatrix-out needs --calibration (the text to compute the imatrix from)")
-    if qtype.needs_imatrix and options.imatrix is None and options.calibration is None:
-        raise UsageError(
-            f"{qtype.name} needs an importance matrix: at so few bits per weight llama.cpp keeps a model "
-            "usable only by weighting each weight by how much it matters",
-            hint="pass --calibration default (or a text file), or --imatrix FILE, or choose Q2_K / IQ3_XXS "
-            "or larger",
-        )
-    calibration = None
-    if options.calibration is not None:
-        from selfhost.quantize.calibrate import calibration_text
-
-        calibration = calibration_text(options.calibration)  # a bad file fails before any work
+    calibration = _check_imatrix_options(qtype, options)
     if options.threads is not None and options.threads < 1:
         raise UsageError("--threads must be at least 1")
 
@@ -234,137 +251,150 @@ def quantize(model: str, options: QuantizeOptions) -> Iterator[QuantizeEvent]:
             "than quantizing from F16/F32",
             hint="pass --allow-requantize to do it anyway, or start from an F16/BF16/F32 file",
         )
-
     imatrix = None
     if options.imatrix is not None:
         from selfhost.quantize.imatrix import load_imatrix
 
         imatrix = load_imatrix(options.imatrix)
 
-    base = resolved.record.base if resolved.record else resolved.name.split(":")[0]
+    base = resolved.record.base if resolved.record else split_tag(resolved.name)[0]
+    out = _output_path(resolved.path, base, qtype, options)
+    input_size = sum(p.stat().st_size for p in resolved.parts) or info.size
+    atomic.ensure_free_space(out.parent, input_size, "the quantized model")
+    _check_ram(info)
+    return _Job(
+        source=resolved.path, input_name=resolved.name, info=info, qtype=qtype, out=out,
+        name=f"{base}:{qtype.name}", threads=options.threads or default_threads(), requantize=requantize,
+        imatrix=imatrix, calibration=calibration, output_tensor_type=output_tensor_type,
+        embedding_type=embedding_type,
+    )
+
+
+def _check_imatrix_options(qtype: QuantType, options: QuantizeOptions) -> tuple[str, str] | None:
+    """Check --imatrix / --calibration / --imatrix-out together; read the calibration text, if any."""
+    if options.imatrix is not None and options.calibration is not None:
+        raise UsageError("pass either --imatrix or --calibration, not both")
+    if options.imatrix_out is not None and options.calibration is None:
+        raise UsageError("--imatrix-out needs --calibration (the text to compute the imatrix from)")
+    if qtype.needs_imatrix and options.imatrix is None and options.calibration is None:
+        raise UsageError(
+            f"{qtype.name} needs an importance matrix: at so few bits per weight llama.cpp keeps a model "
+            "usable only by weighting each weight by how much it matters",
+            hint="pass --calibration default (or a text file), or --imatrix FILE, or choose Q2_K / IQ3_XXS "
+            "or larger",
+        )
+    if options.calibration is None:
+        return None
+    from selfhost.quantize.calibrate import calibration_text
+
+    return calibration_text(options.calibration)  # a bad file fails before any work
+
+
+def _output_path(source: Path, base: str, qtype: QuantType, options: QuantizeOptions) -> Path:
+    """The checked output file (its folder made, partial files of killed runs swept)."""
     out = Path(options.out).expanduser() if options.out else default_output(base, qtype)
     if out.is_dir():
         out = out / default_output(base, qtype).name
     if out.suffix != ".gguf":
         raise UsageError(f"output {out} must end in .gguf")
-    if _same_file(resolved.path, out):
+    if _same_file(source, out):
         raise UsageError(f"output {out} is the input file", hint="choose another --out")
     if out.exists() and not options.force:
         raise UsageError(f"{out} already exists", hint="pass --force to overwrite it, or --out another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_orphans(out.parent)
-    input_size = sum(p.stat().st_size for p in resolved.parts) or info.size
-    atomic.ensure_free_space(out.parent, input_size, "the quantized model")
-    _check_ram(info)
-    if calibration is not None:
-        imatrix = yield from _calibrate(resolved.path, out, calibration, options)
+    return out
+
+
+def _run_llama(
+    job: _Job, imatrix: Any, options: QuantizeOptions
+) -> Generator[Event, None, tuple[LogParser, gguf_info.GGUFInfo]]:
+    """Run llama_model_quantize into a temp file beside the output, yielding per-tensor Progress; the
+    file is renamed only when llama.cpp succeeded and it reads back as the requested type.
+    Returns (the log parser, the output's GGUFInfo)."""
+    from selfhost.llama_backend import llama
 
     lib = llama()
-    threads = options.threads or default_threads()
+    params, keep_alive = _llama_params(lib, job, imatrix, options)
+    events: queue.Queue[Any] = queue.Queue()
+    parser = LogParser(events.put, job.qtype.name)
+    yield Progress(job.qtype.name, 0, job.info.n_tensors, unit="tensors")
+    with atomic.atomic_path(job.out, suffix=".partial") as tmp:
+        source, target = str(job.source).encode(), str(tmp).encode()
+        rc = yield from _on_worker_thread(
+            lambda: lib.llama_model_quantize(source, target, ctypes.byref(params)), events, parser, tmp
+        )
+        if rc != 0:
+            raise _failure(parser, job)
+        out_info = gguf_info.inspect(tmp)
+        _make_readable(tmp)
+        if out_info.quant != job.qtype.name:
+            raise IntegrityError(f"llama.cpp wrote file type {out_info.quant}, expected {job.qtype.name}")
+    del keep_alive  # the C arrays llama.cpp read lived until here
+    return parser, out_info
+
+
+def _llama_params(lib: Any, job: _Job, imatrix: Any, options: QuantizeOptions) -> tuple[Any, list[Any]]:
+    """llama_model_quantize_params for `job`, and the C arrays it points to (they must outlive the call)."""
     params = lib.llama_model_quantize_default_params()
-    params.ftype = qtype.ftype
-    params.nthread = threads
+    params.ftype = job.qtype.ftype
+    params.nthread = job.threads
     params.allow_requantize = options.allow_requantize
     params.quantize_output_tensor = not options.leave_output_tensor
     params.pure = options.pure
-    if output_tensor_type is not None:
-        params.output_tensor_type = output_tensor_type
-    if embedding_type is not None:
-        params.token_embedding_type = embedding_type
-    keep_alive: list[Any] = []  # C arrays llama.cpp reads; must outlive the call
+    if job.output_tensor_type is not None:
+        params.output_tensor_type = job.output_tensor_type
+    if job.embedding_type is not None:
+        params.token_embedding_type = job.embedding_type
+    keep_alive: list[Any] = []
     if imatrix is not None:
         keep_alive += _attach_imatrix(lib, params, imatrix)
+    return params, keep_alive
 
-    name = f"{base}:{qtype.name}"
-    yield Planned(
-        input=resolved.path, input_name=resolved.name, input_quant=info.quant, input_size=info.size,
-        output=out, name=name, type=qtype.name, n_tensors=info.n_tensors, threads=threads,
-    )
-    if requantize:
-        yield Notice(
-            message=f"requantizing {info.quant} -> {qtype.name}: expect more quality loss than from F16"
-        )
 
-    started = time.perf_counter()
-    events: queue.Queue[Any] = queue.Queue()
-    parser = LogParser(events.put)
+def _on_worker_thread(
+    call: Callable[[], int], events: queue.Queue[Any], parser: LogParser, tmp: Path
+) -> Generator[Event, None, int]:
+    """Run llama.cpp's `call` on a thread, yielding the events its log turns into; return its code.
+    Ctrl-C cannot stop llama.cpp: then its file is removed when the process exits."""
+    from selfhost.llama_backend import capture_logs
+
+    outcome: dict[str, Any] = {}
     done = object()
-    with atomic.atomic_path(out, suffix=".partial") as tmp:
-        outcome: dict[str, Any] = {}
 
-        def work() -> None:
-            try:
-                outcome["rc"] = lib.llama_model_quantize(
-                    str(resolved.path).encode(), str(tmp).encode(), ctypes.byref(params)
-                )
-            except BaseException as exc:  # noqa: BLE001 - reported on the main thread
-                outcome["error"] = exc
-            finally:
-                events.put(done)
-
-        worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+    def work() -> None:
         try:
-            with capture_logs(parser.feed):
-                worker.start()
-                while (item := _next(events)) is not done:
-                    yield item
-                worker.join()
-        except BaseException:
-            if worker.is_alive():  # Ctrl-C: llama.cpp cannot be stopped; make sure its file goes away
-                atexit.register(_unlink, tmp)
-            raise
-        if "error" in outcome:
-            raise outcome["error"]
-        if outcome.get("rc") != 0:
-            reason = parser.error_line() or "unknown error"
-            if _disk_full(out.parent, reason):
-                raise DiskSpaceError(
-                    f"the disk is full: llama.cpp could not write {out.name} in {out.parent}",
-                    hint="free some space or choose another --out; nothing was registered",
-                )
-            raise ModelLoadError(
-                f"llama.cpp could not quantize {resolved.path.name} to {qtype.name}: {reason}"
-            )
-        out_info = gguf_info.inspect(tmp)
-        _make_readable(tmp)
-        if out_info.quant != qtype.name:
-            raise IntegrityError(f"llama.cpp wrote file type {out_info.quant}, expected {qtype.name}")
-    seconds = time.perf_counter() - started
+            outcome["rc"] = call()
+        except BaseException as exc:  # noqa: BLE001 - reported on the main thread
+            outcome["error"] = exc
+        finally:
+            events.put(done)
 
-    registered = None
-    if options.add_to_store:
-        registered = _register(name, out, out_info, resolved.name, qtype)
+    worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+    try:
+        with capture_logs(parser.feed):
+            worker.start()
+            while (item := _next(events)) is not done:
+                yield item
+            worker.join()
+    except BaseException:
+        if worker.is_alive():  # Ctrl-C: llama.cpp cannot be stopped; make sure its file goes away
+            atexit.register(_unlink, tmp)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["rc"]
 
-    n_fallback = parser.fallback_total if parser.fallback_total is not None else len(parser.fallbacks)
-    if n_fallback:
-        yield Notice(
-            message=f"{n_fallback} of {info.n_tensors} tensors fell back to another type: their row size "
-            f"does not fit {qtype.name}'s block size"
+
+def _failure(parser: LogParser, job: _Job) -> SelfhostError:
+    """The error of a failed llama_model_quantize: a full disk, or llama.cpp's own reason."""
+    reason = parser.error_line() or "unknown error"
+    if _disk_full(job.out.parent, reason):
+        return DiskSpaceError(
+            f"the disk is full: llama.cpp could not write {job.out.name} in {job.out.parent}",
+            hint="free some space or choose another --out; nothing was registered",
         )
-    yield Finished(
-        result=QuantizeResult(
-            input=resolved.path, output=out, name=registered, type=qtype.name,
-            input_size=info.size, output_size=out_info.size,
-            input_bpw=round(info.bits_per_weight, 3), output_bpw=round(out_info.bits_per_weight, 3),
-            seconds=round(seconds, 3), n_tensors=info.n_tensors, n_quantized=parser.n_quantized,
-            n_fallback=n_fallback, fallbacks=parser.fallbacks, tensor_types=out_info.tensor_types,
-            imatrix=options.imatrix or options.imatrix_out,
-        )
-    )
-
-
-def run_quantize(
-    model: str, options: QuantizeOptions, on_event: Callable[[Any], None] | None = None
-) -> QuantizeResult:
-    """Convenience: drive `quantize` to the end and return its result."""
-    result = None
-    for event in quantize(model, options):  # moves to selfhost.events.run_to_end with the shared vocabulary
-        if on_event is not None:
-            on_event(event)
-        if isinstance(event, Finished):
-            result = event.result
-    assert result is not None
-    return result
+    return ModelLoadError(f"llama.cpp could not quantize {job.source.name} to {job.qtype.name}: {reason}")
 
 
 def _next(events: queue.Queue[Any]) -> Any:
@@ -419,8 +449,8 @@ def _register(name: str, out: Path, out_info: gguf_info.GGUFInfo, parent: str, q
 
 def _calibrate(
     model: Path, out: Path, calibration: tuple[str, str], options: QuantizeOptions
-) -> Iterator[Any]:
-    """Compute the imatrix of `model` over the calibration text (events), then load it like a file.
+) -> Generator[Event, None, Any]:
+    """Compute the imatrix of `model` over the calibration text (its events), then load it like a file.
     Without --imatrix-out it is written beside the output and removed once loaded."""
     from selfhost.quantize.calibrate import compute_imatrix
     from selfhost.quantize.imatrix import load_imatrix
@@ -429,10 +459,10 @@ def _calibrate(
     keep = options.imatrix_out is not None
     target = Path(options.imatrix_out).expanduser() if keep else out.with_name(f".{out.stem}.imatrix.gguf")
     try:
-        yield from compute_imatrix(
+        yield from nested(compute_imatrix(
             model, text, target, dataset=dataset, chunk_size=options.chunk_size,
             max_chunks=options.calibration_chunks, threads=options.threads,
-        )
+        ))
         data = load_imatrix(target)
     finally:
         if not keep:

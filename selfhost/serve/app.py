@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from selfhost.chat.batch import JobEnd, JobText, QueueFullError
 from selfhost.serve.embed import Embedder
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from selfhost.serve.service import ApiError, Finished, Planned, Service
+from selfhost.serve.service import ApiError, Completed, Planned, Service
 
 
 def create_app(
@@ -113,7 +113,7 @@ async def _cancel_on_disconnect(request: Request, job: Any) -> None:
     job.cancel()
 
 
-def _completion(service: Service, planned: Planned, result: Finished) -> dict[str, Any]:
+def _completion(service: Service, planned: Planned, result: Completed) -> dict[str, Any]:
     head = {"id": planned.id, "created": planned.created, "model": service.model_id}
     if planned.kind == "text":
         choice = {

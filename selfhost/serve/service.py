@@ -75,7 +75,7 @@ class Planned:
 
 
 @dataclass
-class Finished:
+class Completed:
     """A job's result in OpenAI's terms."""
 
     content: str | None
@@ -194,7 +194,7 @@ class Service:
         return ToolPlan("named", tools, template_tools, grammar, wanted.function.name)
 
     # ----------------------------------------------------------- results
-    def finish(self, planned: Planned, end: JobEnd) -> Finished:
+    def finish(self, planned: Planned, end: JobEnd) -> Completed:
         """Record the reply in the session (and the history), in OpenAI's terms."""
         if end.finish_reason == "error":
             raise ApiError(500, end.error or "generation failed", type="server_error")
@@ -220,7 +220,7 @@ class Service:
             "total_tokens": end.prompt_tokens + end.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": end.reused_tokens},
         }
-        return Finished(content, calls, finish, usage)
+        return Completed(content, calls, finish, usage)
 
 
 def _message(m: Any) -> Message:

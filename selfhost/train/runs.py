@@ -1,7 +1,7 @@
 """Run records: what a training run did, kept beside its checkpoints so it can be looked at later.
 
-`record(events)` wraps the event stream of `train.gpt.trainer.train` or `train.mnist.train.train`
-and passes every event through unchanged while it writes, in the run folder:
+The trainers (`train.gpt.trainer`, `train.mnist.train`) keep a `RunRecorder` as they go, which
+writes, in the run folder:
 
 - `metrics.jsonl`: one JSON object per line and per log interval (`"kind": "train"`) or eval/epoch
   (`"kind": "eval"`): step, losses/accuracies, lr, tokens/s or images/s, elapsed seconds. Each row is
@@ -21,7 +21,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,48 +147,44 @@ def _now() -> str:
 
 
 # -- recording a run ----------------------------------------------------------------------------
-class _Recorder:
-    """Turns trainer events into metrics rows and run.json updates (gpt and mnist alike)."""
+class RunRecorder:
+    """Writes a run's metrics rows and run.json as its trainer goes (gpt and mnist alike).
 
-    def __init__(self, tensorboard: bool, data: Path | None, config: dict[str, Any] | None) -> None:
-        self.tensorboard, self.data, self.config = tensorboard, data, config
-        self.run_dir: Path | None = None
+    A run starts (start_step 0) or continues after step `start_step`, keeping the earlier rows that
+    `keep(row)` selects. `enabled=False` (the other ranks of a DDP run) writes nothing."""
+
+    def __init__(self, run_dir: Path, kind: str, info: dict[str, Any], *, start_step: int = 0,
+                 keep: Callable[[dict[str, Any]], bool] | None = None, tensorboard: bool = False,
+                 data: Path | None = None, enabled: bool = True) -> None:  # fmt: skip
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
         self.log: MetricsLog | None = None
         self.tb: _TensorBoard | None = None
-        self.info: dict[str, Any] = {}
-        self.base_elapsed = 0.0
         self.t0 = time.perf_counter()
-        # MNIST only: steps per epoch, batch size, and where the last logged step left off
-        self.steps_per_epoch, self.batch_size = 1, 0
-        self.last_step, self.last_time = 0, time.perf_counter()
-        self.last_sum: tuple[int, int, float] = (0, 0, 0.0)  # epoch, step within it, summed loss
-
-    def elapsed(self) -> float:
-        return round(self.base_elapsed + time.perf_counter() - self.t0, 3)
-
-    def begin(self, run_dir: Path, kind: str, start: int, keep: Any, info: dict[str, Any]) -> None:
-        """A run starts (start == 0) or continues after optimizer step `start` (earlier rows: `keep`)."""
-        self.run_dir = Path(run_dir)
-        previous = read_info(self.run_dir) if start else {}
-        self.log = MetricsLog(self.run_dir, keep if start else None)
+        if not enabled:
+            return
+        previous = read_info(self.run_dir) if start_step else {}
+        self.log = MetricsLog(self.run_dir, keep if start_step else None)
         self.base_elapsed = max((r.get("elapsed_s") or 0.0 for r in self.log.kept), default=0.0)
-        self.t0 = time.perf_counter()
-        if not start:  # a new run in this folder: earlier event files describe another run
+        if not start_step:  # a new run in this folder: earlier event files describe another run
             shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
-        if self.tensorboard:
-            self.tb = _TensorBoard(self.run_dir, purge_step=start + 1 if start else None)
+        if tensorboard:
+            self.tb = _TensorBoard(self.run_dir, purge_step=start_step + 1 if start_step else None)
         created = previous.get("created", _now())
-        data = str(Path(self.data).resolve()) if self.data else previous.get("data")
+        data_path = str(Path(data).resolve()) if data else previous.get("data")
         self.info = {**previous, "name": self.run_dir.name, "kind": kind, "created": created,
-                     "data": data, "status": "running", **info}  # fmt: skip
-        if self.config is not None:
-            self.info["config"] = self.config
+                     "data": data_path, "status": "running", **info}  # fmt: skip
         self.info.setdefault("best", {})
         self.info.setdefault("final", {})
         write_info(self.run_dir, self.info)
 
+    def elapsed(self) -> float:
+        return round(self.base_elapsed + time.perf_counter() - self.t0, 3)
+
     def row(self, row: dict[str, Any], durable: bool = False) -> None:
-        assert self.log is not None
+        """Append one metrics row (`kind` train or eval, `step`, metrics); `durable`: also sync run.json."""
+        if self.log is None:
+            return
         row["elapsed_s"] = self.elapsed()
         self.log.append(row)
         if self.tb is not None:
@@ -196,118 +193,40 @@ class _Recorder:
         self.info["wall_s"] = row["elapsed_s"]
         if durable:
             self.log.sync()
-            write_info(self.run_dir, self.info)  # type: ignore[arg-type]
+            write_info(self.run_dir, self.info)
 
-    def end(self, status: str) -> None:
-        if self.run_dir is None:
+    def eval_row(self, row: dict[str, Any], best_key: str, higher_is_better: bool = False) -> None:
+        """An eval: the final metrics, the best one so far by `best_key`, and a durable row."""
+        if self.log is None:
             return
-        if self.log is not None:
-            self.log.close()
+        metrics = {k: v for k, v in row.items() if k not in ("kind", "images_per_s")}
+        self.info["final"] = metrics
+        best = self.info["best"].get(best_key)
+        value = row[best_key]
+        if best is None or (value > best if higher_is_better else value < best):
+            keys = ("step", "epoch", best_key)
+            self.info["best"] = {k: row[k] for k in keys if k in row}
+        self.row({"kind": "eval", **row}, durable=True)
+
+    def end(self, status: str, **info: Any) -> None:
+        """The run stopped (`done`, `interrupted`, `failed`); `info` is added to run.json."""
+        if self.log is None:
+            return
+        self.log.close()
         if self.tb is not None:
             self.tb.close()
-        self.info["status"] = status
-        self.info["wall_s"] = self.elapsed()
+        self.info.update(info, status=status, wall_s=self.elapsed())
         write_info(self.run_dir, self.info)
-        self.run_dir = None
-
-    # -- GPT events --
-    def gpt(self, ev: Any) -> None:
-        from selfhost.train.gpt import trainer as t
-
-        if isinstance(ev, t.RunStart):
-            est = ev.estimate
-            self.begin(ev.run_dir, "gpt", ev.start_iter, lambda r: r.get("step", 0) <= ev.start_iter, {
-                "device": ev.device, "device_name": getattr(est, "device_name", None), "dtype": ev.dtype,
-                "world_size": ev.world_size, "threads": getattr(ev, "threads", None),
-                "config": ev.config.model_dump(mode="json"),
-                "tokens": ev.n_tokens, "tokenizer": ev.tokenizer, "vocab_size": ev.vocab_size,
-                "params": getattr(est, "n_params", None), "max_steps": ev.config.max_iters,
-            })  # fmt: skip
-        elif isinstance(ev, t.StepEvent):
-            self.row({"kind": "train", "step": ev.step, "loss": ev.loss, "lr": ev.lr,
-                      "tokens_per_s": round(ev.tokens_per_s, 1), "mfu": ev.mfu})  # fmt: skip
-        elif isinstance(ev, t.EvalEvent):
-            row = {"kind": "eval", "step": ev.step, "train_loss": ev.train_loss, "val_loss": ev.val_loss}
-            self.info["final"] = {"step": ev.step, "train_loss": ev.train_loss, "val_loss": ev.val_loss}
-            best = self.info["best"]
-            if not best or ev.val_loss < best.get("val_loss", math.inf):
-                self.info["best"] = {"step": ev.step, "val_loss": ev.val_loss}
-            self.row(row, durable=True)
-        elif isinstance(ev, t.Interrupted):
-            self.end("interrupted")
-        elif isinstance(ev, t.Done):
-            self.end("done")
-
-    # -- MNIST events --
-    def mnist(self, ev: Any) -> None:
-        from selfhost.train.mnist import train as m
-
-        if isinstance(ev, m.Started):
-            self.steps_per_epoch = ev.steps_per_epoch
-            self.batch_size = getattr(ev, "batch_size", 0) or ev.n_train // max(1, ev.steps_per_epoch)
-            start = ev.start_epoch * ev.steps_per_epoch
-            self.last_step, self.last_time = start, time.perf_counter()
-            self.begin(ev.out, "mnist", start, lambda r: r.get("epoch", 0) <= ev.start_epoch, {
-                "device": ev.device, "threads": ev.threads, "n_train": ev.n_train, "n_test": ev.n_test,
-                "params": ev.parameters, "max_steps": ev.epochs * ev.steps_per_epoch,
-                "epochs": ev.epochs, "steps_per_epoch": ev.steps_per_epoch,
-            })  # fmt: skip
-        elif isinstance(ev, m.Step):
-            step = (ev.epoch - 1) * self.steps_per_epoch + ev.step
-            now = time.perf_counter()
-            rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
-            # The event's loss is the epoch's running mean: the mean over this log interval is exact from it.
-            prev_epoch, prev_in_epoch, prev_sum = self.last_sum
-            if prev_epoch != ev.epoch:
-                prev_in_epoch, prev_sum = 0, 0.0
-            total = ev.loss * ev.step
-            loss = (total - prev_sum) / max(1, ev.step - prev_in_epoch)
-            self.last_step, self.last_time, self.last_sum = step, now, (ev.epoch, ev.step, total)
-            row = {"kind": "train", "step": step, "epoch": ev.epoch, "loss": loss}
-            if getattr(ev, "lr", None) is not None:
-                row["lr"] = ev.lr
-            self.row({**row, "images_per_s": round(rate, 1)})
-        elif isinstance(ev, m.EpochEnd):
-            self.mnist_epoch(ev)
-        elif isinstance(ev, m.Finished):
-            self.info["exported"] = {"name": None, "path": str(ev.model_path)}
-            self.end("done")
-
-    def mnist_epoch(self, ev: Any) -> None:
-        metrics = {"train_loss": ev.train_loss, "train_accuracy": ev.train_accuracy,
-                   "test_loss": ev.test_loss, "test_accuracy": ev.test_accuracy}  # fmt: skip
-        step = ev.epoch * self.steps_per_epoch
-        self.info["final"] = {"step": step, "epoch": ev.epoch, **metrics}
-        best = self.info["best"]
-        if not best or ev.test_accuracy > best.get("test_accuracy", -1.0):
-            self.info["best"] = {"step": step, "epoch": ev.epoch, "test_accuracy": ev.test_accuracy}
-        row = {"kind": "eval", "step": step, "epoch": ev.epoch, **metrics,
-               "images_per_s": round(ev.images_per_s, 1)}  # fmt: skip
-        self.row(row, durable=True)
-        self.last_time = time.perf_counter()  # the test pass is not training time
+        self.log = None
 
 
-def record(events: Iterator[Any], *, tensorboard: bool = False, data: Path | None = None,
-           config: dict[str, Any] | None = None) -> Iterator[Any]:  # fmt: skip
-    """Pass a trainer's events through while writing metrics.jsonl, run.json (and TensorBoard files).
-
-    `data` and `config` are recorded in run.json (a GPT run's config comes with its events)."""
-    if tensorboard:
-        require_tensorboard()  # fail before training starts, not after
-    recorder = _Recorder(tensorboard, data, config)
-    return _recorded(events, recorder)
-
-
-def _recorded(events: Iterator[Any], recorder: _Recorder) -> Iterator[Any]:
+@contextmanager
+def recording(recorder: RunRecorder) -> Iterator[RunRecorder]:
+    """End the record with `done`, `interrupted` (Ctrl-C, or the consumer stopped the trainer's
+    generator early) or `failed`, whichever way the block is left; an explicit end() wins."""
     status = "failed"
     try:
-        for ev in events:
-            module = type(ev).__module__
-            if module.endswith("gpt.trainer"):
-                recorder.gpt(ev)
-            elif module.endswith("mnist.train"):
-                recorder.mnist(ev)
-            yield ev
+        yield recorder
         status = "done"
     except (KeyboardInterrupt, GeneratorExit):
         status = "interrupted"

@@ -5,25 +5,22 @@ Precedence: preset < config file < explicit overrides (CLI flags). Every hyper-p
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from selfhost.errors import NotFoundError, UsageError
+from selfhost.train.common import TrainSettings
 
 TokenizerKind = Literal["char", "bpe"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(TrainSettings):
     """Everything that defines a run. Field names are the TOML keys and (with dashes) the CLI flags."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # data + tokenizer
     tokenizer: TokenizerKind = "char"
@@ -132,20 +129,11 @@ def build_config(
     values = preset_values(preset)
     values.update(file_values)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate_config(values)
-
-
-def validate_config(values: dict[str, Any]) -> TrainConfig:
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        msg = first["msg"].removeprefix("Value error, ")
-        raise UsageError(f"invalid training setting {where}: {msg}") from exc
+    return TrainConfig.validated(values)
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or ":" in name:
-        raise UsageError(f"invalid model name '{name}'", hint="use letters, digits, '.', '_' and '-'")
-    return name
+    """The export name: a store name in the one model-name grammar (selfhost.models.names)."""
+    from selfhost.models.names import check_store_name
+
+    return check_store_name(name)

@@ -8,6 +8,7 @@ nanoGPT's Linear weights are (out, in) in PyTorch, which the gguf package writes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from selfhost import atomic, gguf_info, paths
 from selfhost.errors import UsageError
+from selfhost.events import Events, Notice, Result
 from selfhost.models.store import ModelRecord, Store, sha256_file
 from selfhost.train.gpt.model import LAYER_NORM_EPS
 from selfhost.train.gpt.tokenizer import Tokenizer
@@ -108,23 +110,36 @@ def write_gguf(
     return Path(dest)
 
 
+@dataclass
+class Exported:
+    path: Path  # the GGUF
+    name: str | None  # its store name (None: not registered)
+    quant: str  # F16 or F32
+    size: int  # bytes
+    checkpoint: Path
+
+
 def export_checkpoint(
     ckpt_path: Path, name: str, *, dtype: ExportType = "f16", dest: Path | None = None, register: bool = True
-) -> tuple[Path, ModelRecord | None]:
-    """Checkpoint -> GGUF in the models folder (or `dest`) -> store record `name` (source "trained")."""
+) -> Events:
+    """Checkpoint -> GGUF in the models folder (or `dest`) -> store record `name` (source "trained");
+    the run folder's run.json remembers the export. Ends with Result(Exported)."""
     from selfhost.train.gpt import checkpoint, config, tokenizer
+    from selfhost.train.runs import note_export
 
     config.check_name(name)
     ckpt = checkpoint.load(ckpt_path)
     tok = tokenizer.from_json(ckpt["tokenizer"])
     quant = dtype.upper()
     dest = Path(dest) if dest else paths.models_dir() / f"{name}.{quant}.gguf"
+    yield Notice(f"writing {dest} ({quant})")
     write_gguf(dest, ckpt["model"], ckpt["model_args"], tok, name=name, dtype=dtype)
-    if not register:
-        return dest, None
-    record = ModelRecord(
-        name=name, path=dest.resolve(), size=dest.stat().st_size, sha256=sha256_file(dest),
-        source="trained", quant=quant, file=dest.name,
-    )  # fmt: skip
-    Store().add(record)
-    return dest, record
+    if register:
+        record = ModelRecord(
+            name=name, path=dest.resolve(), size=dest.stat().st_size, sha256=sha256_file(dest),
+            source="trained", quant=quant, file=dest.name,
+        )  # fmt: skip
+        Store().add(record)
+    ckpt_path = Path(ckpt_path)
+    note_export(ckpt_path if ckpt_path.is_dir() else ckpt_path.parent, name if register else None, dest)
+    yield Result(Exported(dest, name if register else None, quant, dest.stat().st_size, ckpt_path))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from selfhost.errors import UsageError
+from selfhost.events import Notice
+from selfhost.train.common import pick_device, resolve_threads
 from selfhost.train.gpt import checkpoint, tokenizer
-from selfhost.train.gpt.trainer import load_model, resolve_device, resolve_threads
+from selfhost.train.gpt.trainer import load_model
 
 
 def generate(
@@ -22,15 +24,14 @@ def generate(
     seed: int | None = None,
     device: str = "auto",
     use_cache: bool = True,
-    on_unseen: Callable[[tokenizer.Unseen], None] | None = None,
-) -> Iterator[str]:
+) -> Iterator[Notice | str]:
     """Yield text pieces as they are generated (the prompt is not repeated). Prompt characters the
-    model never saw are dropped; `on_unseen` hears about them first (count and examples)."""
+    model never saw are dropped: a warning Notice (count and examples) comes before the first piece."""
     if max_tokens < 0:
         raise UsageError("--max-tokens must be 0 or more")
     if top_k is not None and top_k < 1:
         raise UsageError("--top-k must be 1 or more")
-    dev = resolve_device(device)
+    dev = pick_device(device)
     resolve_threads(0, dev)  # on a busy CPU, fewer threads are faster
     ckpt = checkpoint.load(ckpt_path)
     tok = tokenizer.from_json(ckpt["tokenizer"])
@@ -41,8 +42,8 @@ def generate(
     else:
         gen.seed()
     unseen = tok.unseen(prompt)
-    if unseen.total and on_unseen is not None:
-        on_unseen(unseen)
+    if unseen.total:
+        yield Notice(f"note: {unseen.describe('the prompt')}", "warning")
     prompt_ids = tok.encode(prompt)
     idx = torch.tensor([[tok.eot_id, *prompt_ids]], dtype=torch.long, device=dev)
     ids: list[int] = []

@@ -173,9 +173,9 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        from selfhost.train.gpt import require_tokenizers
+        from selfhost.train.common import require
 
-        tk = require_tokenizers()
+        tk = require("tokenizers", "`tokenizers`")
         tok = tk.Tokenizer(tk.models.BPE())
         # GPT-2's regex, no prefix space: exactly llama.cpp's pre-tokenizer "gpt-2".
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -232,9 +232,9 @@ def from_json(text: str) -> Tokenizer:
         if data["kind"] == "char":
             return CharTokenizer(list(data["chars"]))
         if data["kind"] == "bpe":
-            from selfhost.train.gpt import require_tokenizers
+            from selfhost.train.common import require
 
-            tk = require_tokenizers()
+            tk = require("tokenizers", "`tokenizers`")
             return BPETokenizer(tk.Tokenizer.from_str(json.dumps(data["tokenizer"])))
     except SelfhostError:
         raise

@@ -1,4 +1,6 @@
-"""The training loop. `train(request)` yields typed events; the CLI renders them.
+"""The training loop. `train(request)` yields selfhost.events (Notice, Progress of the tasks "train"
+and "eval", one Result: a TrainResult); the CLI renders them. The run records its own metrics
+(selfhost.train.runs.RunRecorder: metrics.jsonl, run.json, TensorBoard) as it goes.
 
 Device auto (cuda > mps > cpu); bf16/fp16 autocast + TF32 on CUDA; fused AdamW where available;
 cosine schedule with warm-up (a LambdaLR); gradient clipping and accumulation; optional
@@ -18,7 +20,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,11 @@ import torch
 
 from selfhost import atomic
 from selfhost.errors import IntegrityError, UsageError
+from selfhost.events import Event, Events, Notice, Progress, Result
+from selfhost.train import runs
+from selfhost.train.common import device_name, pick_device, resolve_threads
 from selfhost.train.gpt import checkpoint, data, estimate, tokenizer
-from selfhost.train.gpt.config import TrainConfig, validate_config
+from selfhost.train.gpt.config import TrainConfig
 from selfhost.train.gpt.model import GPT, GPTConfig
 
 EVAL_SEED_OFFSET = 7919  # eval batches come from their own RNG: evals never move the training RNG
@@ -38,64 +43,7 @@ RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "sample
              "compile", "threads"}  # fmt: skip
 
 
-# -- events -----------------------------------------------------------------------------------
-@dataclass
-class RunStart:
-    run_dir: Path
-    device: str
-    dtype: str
-    world_size: int
-    estimate: estimate.Estimate
-    start_iter: int
-    n_tokens: int
-    vocab_size: int
-    tokenizer: str
-    config: TrainConfig
-    threads: int | None = None  # CPU threads of each process (None: left to PyTorch, e.g. on a GPU)
-    unseen: tokenizer.Unseen | None = None  # characters the saved tokenizer dropped when rebuilding data
-
-
-@dataclass
-class StepEvent:
-    step: int  # optimizer steps completed
-    max_iters: int
-    loss: float
-    lr: float
-    tokens_per_s: float
-    mfu: float | None
-    eta_s: float
-    elapsed_s: float
-
-
-@dataclass
-class EvalEvent:
-    step: int
-    train_loss: float
-    val_loss: float
-    sample: str
-    checkpoint: Path | None
-
-
-@dataclass
-class Interrupted:
-    step: int
-    checkpoint: Path
-
-
-@dataclass
-class Done:
-    step: int
-    train_loss: float
-    val_loss: float
-    checkpoint: Path  # the last state (resume from it)
-    elapsed_s: float
-    best: Path | None = None  # weights with the lowest val loss (export this one)
-    best_val_loss: float | None = None
-
-
-Event = RunStart | StepEvent | EvalEvent | Interrupted | Done
-
-
+# -- request and result -----------------------------------------------------------------------
 @dataclass
 class TrainRequest:
     config: TrainConfig
@@ -104,6 +52,29 @@ class TrainRequest:
     resume: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # flags given explicitly (for resume)
     handle_sigint: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files (run/tensorboard)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float
+    val_loss: float
+    checkpoint: Path  # the last state (resume from it)
+    elapsed_s: float
+    best: Path | None = None  # weights with the lowest val loss (export this one)
+    best_val_loss: float | None = None
+    is_master: bool = True  # False on the other ranks of a DDP run (rank 0 evaluates and reports)
+
+
+@dataclass
+class EvalOutcome:
+    step: int
+    train_loss: float
+    val_loss: float
+    sample: str
+    checkpoint: Path | None
 
 
 # -- devices and processes ----------------------------------------------------------------------
@@ -128,55 +99,6 @@ def dist_from_env() -> Dist:
     return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
 
 
-def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
-    mps = getattr(torch.backends, "mps", None)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is available to PyTorch", hint="use --device cpu")
-        return torch.device("cuda", dist.local_rank if dist else 0)
-    if name == "mps" and not (mps and mps.is_available()):
-        raise UsageError("--device mps: Metal is not available to PyTorch", hint="use --device cpu")
-    return torch.device(name)
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def busy_cores() -> float:
-    """Cores other programs keep busy now: on Linux the median of a few samples of the runnable tasks in
-    /proc/loadavg (not the 1-minute average, which still counts a run that just ended), else the load."""
-    try:
-        samples = []
-        for _ in range(5):
-            with open("/proc/loadavg") as fh:
-                samples.append(int(fh.read().split()[3].split("/")[0]) - 1)  # minus this process
-            time.sleep(0.02)
-        return float(max(0, sorted(samples)[2]))
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def resolve_threads(requested: int, device: torch.device, dist: Dist | None = None) -> int | None:
-    """Set and return the CPU threads of this process; None: PyTorch's choice is kept (a GPU run, or
-    OMP_NUM_THREADS given, as torchrun does). Auto (0) counts the cores other programs leave free: on a
-    busy machine two OpenMP threads spin in barriers while their partner waits for a core, and a step
-    took 5x longer than with one thread (bench/train_gpt.py --before measures a whole run)."""
-    if requested == 0 and (device.type != "cpu" or "OMP_NUM_THREADS" in os.environ):
-        return None
-    n = requested
-    if n == 0:
-        share = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size if dist else 1)))
-        n = max(1, min(share, round(cpu_cores() - busy_cores())))
-    torch.set_num_threads(n)
-    return n
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
@@ -186,12 +108,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype != torch.float32 and device.type != "cuda":
         raise UsageError(f"--dtype {name} needs a CUDA GPU", hint="use --dtype float32 on CPU/MPS")
     return dtype
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type.upper()
 
 
 # -- building blocks ----------------------------------------------------------------------------
@@ -352,7 +268,7 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} {value} differs from the checkpoint's {saved.get(key)}",
                              hint="a resumed run keeps its model, data and optimiser settings")  # fmt: skip
-    return validate_config(values)
+    return TrainConfig.validated(values)
 
 
 def _restore(ckpt: dict[str, Any], path: Path, raw_model: Any, stepper: Any, sampler: Any,
@@ -446,7 +362,7 @@ def estimate_run(req: TrainRequest) -> estimate.Estimate:
         tok, ds = prepare_data(req, cfg, Path(tmp))
         n_train = len(ds.train)
         del ds
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     resolve_threads(cfg.threads, device)
     rate = probe(cfg, tok.vocab_size, device, dtype)
@@ -454,8 +370,11 @@ def estimate_run(req: TrainRequest) -> estimate.Estimate:
                                   device_name=device_name(device))  # fmt: skip
 
 
-def train(req: TrainRequest) -> Iterator[Event]:
-    """Run (or resume) training; yield events on the master process only."""
+def train(req: TrainRequest) -> Events:
+    """Run (or resume) training. Notices and Progress come from the master process only; every
+    process ends with its Result."""
+    if req.tensorboard:
+        runs.require_tensorboard()  # fail before anything is written
     dist = dist_from_env()
     if dist.enabled:
         import torch.distributed as tdist
@@ -474,52 +393,81 @@ def train(req: TrainRequest) -> Iterator[Event]:
                 tdist.destroy_process_group()
 
 
-def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
-    run_dir = Path(req.run_dir)
-    ckpt_path = run_dir / checkpoint.CKPT_NAME
-    ckpt: dict[str, Any] | None = None
-    unseen: tokenizer.Unseen | None = None
-    if req.resume:
-        ckpt = checkpoint.load(ckpt_path, resume=True)
-        cfg = resume_config(ckpt["config"], req.overrides)
-        tok = tokenizer.from_json(ckpt["tokenizer"])
-        ds = data.Dataset.load(run_dir)
-        if ds is None:  # arrays deleted: rebuild them from the data with the saved tokenizer
-            if req.data is None:
-                raise UsageError(f"{run_dir} has no token arrays", hint="pass --data again to rebuild them")
-            ds = data.build_dataset(req.data, tok, cfg.val_fraction, run_dir)
-            unseen = ds.unseen
-    else:
-        cfg = req.config
-        if ckpt_path.exists():
-            raise UsageError(
-                f"{run_dir} already holds a training run",
-                hint="continue it with --resume, or pick another --name / --out",
-            )
-        failed: BaseException | None = None
-        if dist.is_master:  # rank 0 prepares the data; the others read what it saved
-            new_dir = not run_dir.exists()
-            try:
-                tok, ds = prepare_data(req, cfg, run_dir)
-                save_run_files(run_dir, tok, cfg)
-            except BaseException as exc:  # let the other ranks pass the barrier, then fail
-                failed = exc
-                if new_dir:  # leave no half-made run behind
-                    shutil.rmtree(run_dir, ignore_errors=True)
-        if dist.enabled:
-            torch.distributed.barrier()
-        if failed is not None:
-            raise failed
-        if not dist.is_master:
-            loaded = data.Dataset.load(run_dir)
-            if loaded is None or not (run_dir / "tokenizer.json").is_file():
-                raise UsageError("rank 0 could not prepare the training data")
-            tok, ds = tokenizer.load(run_dir / "tokenizer.json"), loaded
+def _run(req: TrainRequest, dist: Dist) -> Events:
+    run = setup(req, dist)
+    start = run.start_iter
+    recorder = runs.RunRecorder(run.run_dir, "gpt", run.record_info(), start_step=start,
+                                keep=lambda row: row.get("step", 0) <= start, tensorboard=req.tensorboard,
+                                data=req.data, enabled=dist.is_master)  # fmt: skip
+    if dist.is_master:
+        yield from run.start_events()
+    stop = _StopFlag()
+    if req.handle_sigint:
+        stop.install()
+    try:
+        with runs.recording(recorder):
+            result = yield from training_loop(run, recorder, stop)
+        yield Result(result)
+    finally:
+        stop.restore()
+
+
+def training_loop(
+    run: Run, recorder: runs.RunRecorder, stop: _StopFlag
+) -> Generator[Event, None, TrainResult]:
+    """nanoGPT's loop: eval + checkpoint every eval_interval steps, one optimizer step, a log line
+    every log_interval steps (the only host sync), a clean stop on Ctrl-C; a final eval at the end."""
+    cfg, dist = run.cfg, run.dist
+    t_start = time.perf_counter()
+    t_last, it_last, steps_timed, time_steps = t_start, run.start_iter, 0, 0.0
+    it = run.start_iter
+    last_eval: EvalOutcome | None = None
+    per_process_tokens = cfg.tokens_per_iter
+    while it < cfg.max_iters:
+        resumed_after_eval = run.resumed_after_eval and it == run.start_iter
+        if it % cfg.eval_interval == 0 and not resumed_after_eval:
+            last_eval = run.evaluate(it, write=it > run.start_iter)
+            yield from run.eval_events(last_eval, recorder)
+            t_last, it_last = time.perf_counter(), it  # evals don't count as step time
+        loss = run.stepper.step()
+        it += 1
+        if it % cfg.log_interval == 0 or it == run.start_iter + 1 or it == cfg.max_iters:
+            loss_value = float(loss.item())  # syncs the device
+            now = time.perf_counter()
+            dt = (now - t_last) / max(1, it - it_last)
+            steps_timed, time_steps = steps_timed + (it - it_last), time_steps + (now - t_last)
+            t_last, it_last = now, it
+            tok_s = per_process_tokens / dt if dt > 0 else 0.0
+            mfu = run.est.flops_per_token * tok_s / run.est.peak_flops if run.est.peak_flops else None
+            eta = (cfg.max_iters - it) * time_steps / max(1, steps_timed)
+            if dist.is_master:
+                yield from run.step_events(it, loss_value, tok_s * dist.world_size, mfu, eta, now - t_start,
+                                           recorder)  # fmt: skip
+        if _stop_requested(stop, dist, run.device):
+            path = run.save(it, None)
+            if dist.is_master:
+                recorder.end("interrupted")
+                yield Notice(f"stopped at step {it}; checkpoint {path} (continue with --resume)")
+            raise KeyboardInterrupt
+    if last_eval is None or last_eval.step != it or last_eval.checkpoint is None:
+        last_eval = run.evaluate(it, write=True)
+        yield from run.eval_events(last_eval, recorder)
+    assert last_eval.checkpoint is not None
+    best = run.run_dir / checkpoint.BEST_NAME
+    return TrainResult(run.run_dir, it, last_eval.train_loss, last_eval.val_loss, last_eval.checkpoint,
+                       time.perf_counter() - t_start, best if best.exists() else None, run.best_val,
+                       dist.is_master)  # fmt: skip
+
+
+# -- setting a run up -----------------------------------------------------------------------------
+def setup(req: TrainRequest, dist: Dist) -> Run:
+    """Data and tokenizer (new, or the checkpoint's), device, model, optimizer, estimate, restored state."""
+    cfg, tok, ds, ckpt, unseen = load_or_prepare(req, dist)
     ds.check_fits(cfg.block_size)
 
-    device = resolve_device(cfg.device, dist)
+    device = pick_device(cfg.device, dist.local_rank)
     dtype = resolve_dtype(cfg.dtype, device)
-    threads = resolve_threads(cfg.threads, device, dist)
+    threads = resolve_threads(cfg.threads, device, dist.world_size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -540,99 +488,176 @@ def _run(req: TrainRequest, dist: Dist) -> Iterator[Event]:
     est = estimate.make_estimate(cfg, tok.vocab_size, len(ds.train), device=str(device),
                                  world_size=dist.world_size, tokens_per_s=rate,
                                  device_name=device_name(device))  # fmt: skip
-
-    start_iter, best_val = 0, float("inf")
+    run = Run(cfg, dist, Path(req.run_dir), tok, ds, device, dtype, threads, model_args, raw_model,
+              sampler, stepper, est, unseen)  # fmt: skip
     if ckpt is not None:
-        start_iter, best_val = _restore(ckpt, ckpt_path, raw_model, stepper, sampler, dist)
+        run.start_iter, run.best_val = _restore(ckpt, run.ckpt_path, raw_model, stepper, sampler, dist)
+        run.resumed_after_eval = ckpt.get("val_loss") is not None
+    return run
 
-    def save(it: int, val_loss: float | None) -> Path:
-        local = {"torch": torch.get_rng_state(), "sampler": sampler.state()}
+
+def load_or_prepare(
+    req: TrainRequest, dist: Dist
+) -> tuple[TrainConfig, tokenizer.Tokenizer, data.Dataset, dict[str, Any] | None, tokenizer.Unseen | None]:
+    """A resumed run: its checkpoint, settings, tokenizer and token arrays (rebuilt from --data if
+    deleted). A new run: rank 0 trains the tokenizer and tokenizes the data; the others read them."""
+    run_dir = Path(req.run_dir)
+    ckpt_path = run_dir / checkpoint.CKPT_NAME
+    if req.resume:
+        ckpt = checkpoint.load(ckpt_path, resume=True)
+        cfg = resume_config(ckpt["config"], req.overrides)
+        tok = tokenizer.from_json(ckpt["tokenizer"])
+        ds = data.Dataset.load(run_dir)
+        if ds is not None:
+            return cfg, tok, ds, ckpt, None
+        if req.data is None:
+            raise UsageError(f"{run_dir} has no token arrays", hint="pass --data again to rebuild them")
+        ds = data.build_dataset(req.data, tok, cfg.val_fraction, run_dir)
+        return cfg, tok, ds, ckpt, ds.unseen
+    cfg = req.config
+    if ckpt_path.exists():
+        raise UsageError(f"{run_dir} already holds a training run",
+                         hint="continue it with --resume, or pick another --name / --out")  # fmt: skip
+    failed: BaseException | None = None
+    if dist.is_master:  # rank 0 prepares the data; the others read what it saved
+        new_dir = not run_dir.exists()
+        try:
+            tok, ds = prepare_data(req, cfg, run_dir)
+            save_run_files(run_dir, tok, cfg)
+        except BaseException as exc:  # let the other ranks pass the barrier, then fail
+            failed = exc
+            if new_dir:  # leave no half-made run behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+    if dist.enabled:
+        torch.distributed.barrier()
+    if failed is not None:
+        raise failed
+    if not dist.is_master:
+        loaded = data.Dataset.load(run_dir)
+        if loaded is None or not (run_dir / "tokenizer.json").is_file():
+            raise UsageError("rank 0 could not prepare the training data")
+        tok, ds = tokenizer.load(run_dir / "tokenizer.json"), loaded
+    return cfg, tok, ds, None, None
+
+
+@dataclass
+class Run:
+    """What a run holds while it trains, and its evals and checkpoints."""
+
+    cfg: TrainConfig
+    dist: Dist
+    run_dir: Path
+    tok: tokenizer.Tokenizer
+    ds: data.Dataset
+    device: torch.device
+    dtype: torch.dtype
+    threads: int | None  # CPU threads of each process (None: left to PyTorch, e.g. on a GPU)
+    model_args: GPTConfig
+    raw_model: GPT
+    sampler: data.BatchSampler
+    stepper: Stepper
+    est: estimate.Estimate
+    unseen: tokenizer.Unseen | None = None  # characters the saved tokenizer dropped when rebuilding data
+    start_iter: int = 0
+    best_val: float = math.inf
+    resumed_after_eval: bool = False  # the checkpoint was written by an eval at start_iter
+    fixed_batches: dict[str, list[Batch]] = field(default_factory=dict)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / checkpoint.CKPT_NAME
+
+    def checkpoint_state(self, it: int, val_loss: float | None, rng: dict[str, Any] | None) -> dict[str, Any]:
+        """The one checkpoint layout: the weights and what generation and export need; with `rng` (a
+        resumable checkpoint) also the optimizer, schedule, scaler and RNG states."""
+        state = {
+            "model_args": self.model_args.to_dict(), "config": self.cfg.model_dump(mode="json"),
+            "tokenizer": self.tok.to_json(), "model": self.raw_model.state_dict(), "iter_num": it,
+            "best_val_loss": self.best_val, "val_loss": val_loss,
+        }  # fmt: skip
+        if rng is not None:
+            state.update(optimizer=self.stepper.optimizer.state_dict(),
+                         scheduler=self.stepper.scheduler.state_dict(),
+                         scaler=self.stepper.scaler.state_dict(), rng=rng,
+                         world_size=self.dist.world_size)  # fmt: skip
+        return state
+
+    def save(self, it: int, val_loss: float | None) -> Path:
+        """Every rank hands its RNG and data position to rank 0, which writes the resumable checkpoint."""
+        local = {"torch": torch.get_rng_state(), "sampler": self.sampler.state()}
         ranks = [local]
-        if dist.enabled:
-            ranks = [None] * dist.world_size  # type: ignore[list-item]
+        if self.dist.enabled:
+            ranks = [None] * self.dist.world_size  # type: ignore[list-item]
             torch.distributed.all_gather_object(ranks, local)
-        if dist.is_master:
-            rng = {**checkpoint.rng_state(), "sampler": sampler.state(), "ranks": ranks}
-            checkpoint.save(ckpt_path, {
-                "model_args": model_args.to_dict(), "config": cfg.model_dump(mode="json"),
-                "tokenizer": tok.to_json(), "model": raw_model.state_dict(),
-                "optimizer": stepper.optimizer.state_dict(), "scheduler": stepper.scheduler.state_dict(),
-                "scaler": stepper.scaler.state_dict(), "rng": rng, "iter_num": it,
-                "best_val_loss": best_val, "val_loss": val_loss, "world_size": dist.world_size,
-            })  # fmt: skip
-        return ckpt_path
+        if self.dist.is_master:
+            rng = {**checkpoint.rng_state(), "sampler": self.sampler.state(), "ranks": ranks}
+            checkpoint.save(self.ckpt_path, self.checkpoint_state(it, val_loss, rng))
+        return self.ckpt_path
 
-    fixed_batches: dict[str, list[Batch]] = {}
-
-    def do_eval(it: int, write: bool) -> EvalEvent:
+    def evaluate(self, it: int, write: bool) -> EvalOutcome:
         """Rank 0 evaluates and samples (the other ranks wait at the next collective); all ranks save."""
-        nonlocal best_val
         losses, text = {"train": math.nan, "val": math.nan}, ""
-        if dist.is_master:
-            fixed_batches.update(fixed_batches or eval_batches(ds, cfg, device))
-            losses = evaluate(raw_model, ds, cfg, device, dtype, fixed_batches)
-            text = sample_text(raw_model, tok, device, cfg.sample_tokens, cfg.seed + it)
-        improved = losses["val"] < best_val
-        best_val = min(best_val, losses["val"])
-        path = save(it, losses["val"]) if write else None
-        if write and improved and dist.is_master:  # the model to export: lowest val loss so far
-            checkpoint.save(run_dir / checkpoint.BEST_NAME, {
-                "model_args": model_args.to_dict(), "config": cfg.model_dump(mode="json"),
-                "tokenizer": tok.to_json(), "model": raw_model.state_dict(), "iter_num": it,
-                "best_val_loss": best_val, "val_loss": losses["val"],
-            })  # fmt: skip
-        return EvalEvent(it, losses["train"], losses["val"], text, path)
+        if self.dist.is_master:
+            cfg = self.cfg
+            self.fixed_batches.update(self.fixed_batches or eval_batches(self.ds, cfg, self.device))
+            losses = evaluate(self.raw_model, self.ds, cfg, self.device, self.dtype, self.fixed_batches)
+            text = sample_text(self.raw_model, self.tok, self.device, cfg.sample_tokens, cfg.seed + it)
+        improved = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        path = self.save(it, losses["val"]) if write else None
+        if write and improved and self.dist.is_master:  # the model to export: lowest val loss so far
+            best = self.checkpoint_state(it, losses["val"], rng=None)
+            checkpoint.save(self.run_dir / checkpoint.BEST_NAME, best)
+        return EvalOutcome(it, losses["train"], losses["val"], text, path)
 
-    if dist.is_master:
-        yield RunStart(run_dir, str(device), str(dtype).removeprefix("torch."), dist.world_size, est,
-                       start_iter, ds.n_tokens, tok.vocab_size, tok.kind, cfg, threads, unseen)  # fmt: skip
+    def step_events(self, it: int, loss: float, tokens_per_s: float, mfu: float | None, eta_s: float,
+                    elapsed_s: float, recorder: runs.RunRecorder) -> Events:  # fmt: skip
+        lr = self.stepper.scheduler.get_last_lr()[0]
+        recorder.row({"kind": "train", "step": it, "loss": loss, "lr": lr,
+                      "tokens_per_s": round(tokens_per_s, 1), "mfu": mfu})  # fmt: skip
+        metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "eta_s": eta_s,
+                   "elapsed_s": elapsed_s}  # fmt: skip
+        yield Progress("train", it, self.cfg.max_iters, "steps",
+                       metrics=metrics if mfu is None else {**metrics, "mfu": mfu})  # fmt: skip
 
-    stop = _StopFlag()
-    if req.handle_sigint:
-        stop.install()
-    try:
-        t_start = time.perf_counter()
-        t_last, it_last, steps_timed, time_steps = t_start, start_iter, 0, 0.0
-        it = start_iter
-        last_eval: EvalEvent | None = None
-        per_process_tokens = cfg.tokens_per_iter
-        while it < cfg.max_iters:
-            resumed_after_eval = ckpt is not None and it == start_iter and ckpt.get("val_loss") is not None
-            if it % cfg.eval_interval == 0 and not resumed_after_eval:
-                last_eval = do_eval(it, write=it > start_iter)
-                if dist.is_master:
-                    yield last_eval
-                t_last, it_last = time.perf_counter(), it  # evals don't count as step time
-            loss = stepper.step()
-            it += 1
-            if it % cfg.log_interval == 0 or it == start_iter + 1 or it == cfg.max_iters:
-                loss_value = float(loss.item())  # syncs the device
-                now = time.perf_counter()
-                dt = (now - t_last) / max(1, it - it_last)
-                steps_timed, time_steps = steps_timed + (it - it_last), time_steps + (now - t_last)
-                t_last, it_last = now, it
-                tok_s = per_process_tokens / dt if dt > 0 else 0.0
-                mfu = est.flops_per_token * tok_s / est.peak_flops if est.peak_flops else None
-                eta = (cfg.max_iters - it) * time_steps / max(1, steps_timed)
-                if dist.is_master:
-                    yield StepEvent(it, cfg.max_iters, loss_value, stepper.scheduler.get_last_lr()[0],
-                                    tok_s * dist.world_size, mfu, eta, now - t_start)  # fmt: skip
-            if _stop_requested(stop, dist, device):
-                path = save(it, None)
-                if dist.is_master:
-                    yield Interrupted(it, path)
-                raise KeyboardInterrupt
-        if last_eval is None or last_eval.step != it or last_eval.checkpoint is None:
-            last_eval = do_eval(it, write=True)
-            if dist.is_master:
-                yield last_eval
-        if dist.is_master:
-            assert last_eval.checkpoint is not None
-            best = run_dir / checkpoint.BEST_NAME
-            yield Done(it, last_eval.train_loss, last_eval.val_loss, last_eval.checkpoint,
-                       time.perf_counter() - t_start, best if best.exists() else None, best_val)  # fmt: skip
-    finally:
-        stop.restore()
+    def eval_events(self, ev: EvalOutcome, recorder: runs.RunRecorder) -> Events:
+        if not self.dist.is_master:
+            return
+        recorder.eval_row({"step": ev.step, "train_loss": ev.train_loss, "val_loss": ev.val_loss}, "val_loss")
+        yield Progress("eval", ev.step, self.cfg.max_iters, "steps", detail=str(ev.checkpoint or ""),
+                       metrics={"train_loss": ev.train_loss, "val_loss": ev.val_loss})  # fmt: skip
+        if ev.sample:
+            yield Notice(ev.sample.rstrip() + "\n---")
+
+    def start_events(self) -> Events:
+        """The start line, a note on dropped characters, and the estimate (as the first Progress)."""
+        n = self.dist.world_size
+        verb = f"resuming at step {self.start_iter}" if self.start_iter else "training"
+        threads = f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+        yield Notice(f"{verb} in {self.run_dir} on {self.device} ({str(self.dtype).removeprefix('torch.')}, "
+                     f"{n} process{'es' if n > 1 else ''}); data {self.ds.n_tokens:,} tokens, "
+                     f"{self.tok.kind} vocabulary {self.tok.vocab_size:,}{threads}")  # fmt: skip
+        if self.unseen is not None and self.unseen.total:
+            yield Notice(f"note: {self.unseen.describe('the data')}", "warning")
+        yield Progress("train", self.start_iter, self.cfg.max_iters, "steps", detail=self.est.device,
+                       metrics=estimate_metrics(self.est, self.cfg))  # fmt: skip
+
+    def record_info(self) -> dict[str, Any]:
+        """What run.json says about this run."""
+        return {"device": str(self.device), "device_name": device_name(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "world_size": self.dist.world_size,
+                "threads": self.threads, "config": self.cfg.model_dump(mode="json"),
+                "tokens": self.ds.n_tokens, "tokenizer": self.tok.kind, "vocab_size": self.tok.vocab_size,
+                "params": self.est.n_params, "max_steps": self.cfg.max_iters}  # fmt: skip
+
+
+def estimate_metrics(est: estimate.Estimate, cfg: TrainConfig) -> dict[str, float]:
+    """The estimate's numbers and the model's shape, for the start Progress (the CLI prints them)."""
+    numbers = {k: v for k, v in vars(est).items() if isinstance(v, int | float)}
+    derived = {"total_tokens": est.total_tokens, "epochs": est.epochs, "total_flops": est.total_flops,
+               "compute_optimal_tokens": est.compute_optimal_tokens}  # fmt: skip
+    shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    return {**numbers, **derived, **shape}
 
 
 def _stop_requested(stop: _StopFlag, dist: Dist, device: torch.device) -> bool:

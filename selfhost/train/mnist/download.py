@@ -2,7 +2,8 @@
 
 Each file is fetched gzipped, decompressed in memory, checked against the sha256 of the DECOMPRESSED
 content (mirrors recompress; the content is what matters) and written atomically. A mirror that fails
-or serves wrong bytes is skipped; the error names every mirror's reason if none works.
+or serves wrong bytes is skipped (a warning Notice says why); the error names every mirror's reason
+if none works. Progress of the task "download FILE" in bytes; a Notice for each file downloaded.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 
 from selfhost import paths
 from selfhost.atomic import atomic_path, ensure_free_space
 from selfhost.errors import DownloadError, IntegrityError
+from selfhost.events import Event, Notice, Progress
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -36,31 +37,6 @@ SHA256 = {
 }
 TOTAL_BYTES = 55_000_000  # the four decompressed files (about 11 MB downloaded)
 CHUNK = 1 << 16
-
-
-@dataclass
-class FileProgress:
-    file: str
-    url: str
-    received: int
-    total: int | None  # from Content-Length, when the server sends it
-
-
-@dataclass
-class MirrorFailed:
-    file: str
-    url: str
-    reason: str
-
-
-@dataclass
-class FileReady:
-    file: str
-    path: Path
-    downloaded: bool  # False: it was already there and verified
-
-
-DownloadEvent = FileProgress | MirrorFailed | FileReady
 
 
 def default_dir() -> Path:
@@ -86,7 +62,7 @@ def is_verified(path: Path, name: str) -> bool:
     return digest.hexdigest() == SHA256[name]
 
 
-def fetch(url: str, name: str, timeout: float) -> Generator[FileProgress, None, bytes]:
+def fetch(url: str, name: str, timeout: float) -> Generator[Progress, None, bytes]:
     """GET `url` into memory, yielding progress (the files are at most 10 MB gzipped)."""
     request = urllib.request.Request(url, headers={"User-Agent": "selfhost"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -96,7 +72,7 @@ def fetch(url: str, name: str, timeout: float) -> Generator[FileProgress, None, 
         while chunk := response.read(CHUNK):
             parts.append(chunk)
             received += len(chunk)
-            yield FileProgress(name, url, received, total)
+            yield Progress(f"download {name}", received, total, "B", detail=url)
     if total is not None and received != total:
         raise DownloadError(f"{url}: got {received} of {total} bytes")
     return b"".join(parts)
@@ -104,7 +80,7 @@ def fetch(url: str, name: str, timeout: float) -> Generator[FileProgress, None, 
 
 def download_file(
     name: str, dest: Path, mirrors: list[str], timeout: float
-) -> Generator[DownloadEvent, None, None]:
+) -> Generator[Event, None, None]:
     """Try each mirror for `name`.gz until one serves content with the expected sha256."""
     reasons = []
     for base in mirrors:
@@ -121,10 +97,10 @@ def download_file(
         else:
             with atomic_path(dest) as tmp:
                 tmp.write_bytes(content)
-            yield FileReady(name, dest, downloaded=True)
+            yield Notice(f"downloaded and verified {dest}")
             return
         reasons.append(f"{url}: {reason}")
-        yield MirrorFailed(name, url, str(reason))
+        yield Notice(f"{url} failed ({reason}); trying the next mirror", "warning")
     raise DownloadError(
         f"could not download {name} from any mirror: " + "; ".join(reasons),
         hint=f"download the four files yourself and pass --data DIR, or set {MIRRORS_ENV}",
@@ -133,19 +109,17 @@ def download_file(
 
 def download_mnist(
     directory: Path | None = None, mirrors: list[str] | None = None, timeout: float = 60.0
-) -> Generator[DownloadEvent, None, Path]:
-    """Make sure the four verified files are in `directory` (default: data_dir()/mnist); return it."""
+) -> Generator[Event, None, Path]:
+    """Make sure the four verified files are in `directory` (default: data_dir()/mnist); return it
+    (a step of a longer operation: used with `yield from`, it yields no Result of its own)."""
     directory = Path(directory) if directory else default_dir()
     mirrors = list(mirrors) if mirrors is not None else mirrors_from_env()
     missing = [name for name in SHA256 if not is_verified(directory / name, name)]
     if missing:
         directory.mkdir(parents=True, exist_ok=True)
         ensure_free_space(directory, TOTAL_BYTES, "the MNIST data")
-    for name in SHA256:
-        if name in missing:
-            yield from download_file(name, directory / name, mirrors, timeout)
-        else:
-            yield FileReady(name, directory / name, downloaded=False)
+    for name in missing:  # files already there and verified are not touched
+        yield from download_file(name, directory / name, mirrors, timeout)
     return directory
 
 

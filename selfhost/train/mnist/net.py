@@ -8,9 +8,9 @@ Small on purpose: the stride-2 stem avoids the costly 28x28 feature maps, so two
 
 from __future__ import annotations
 
-from selfhost.train.mnist import deps
+from selfhost.train.common import require_torch
 
-torch = deps.torch()
+torch = require_torch(passive_openmp=True)
 nn = torch.nn
 
 DEFAULT_CHANNELS = (16, 32, 64)

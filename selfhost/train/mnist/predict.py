@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
-from selfhost.train.mnist import deps
+from selfhost.events import Events, Result
+from selfhost.train.common import pick_device, require
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +29,7 @@ def load_ink(path: Path) -> np.ndarray:
     """The image as float 'ink' in [0, 1] (1 = stroke), background removed."""
     import numpy as np
 
-    image_mod = deps.pil_image()
+    image_mod = require("PIL.Image", "Pillow (needed to read images)")
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"image {path} does not exist")
@@ -74,7 +75,7 @@ def to_mnist(ink: np.ndarray) -> np.ndarray:
     """Ink (H, W) in [0, 1] -> (28, 28) uint8 MNIST-style: 20x20 box, centred by centre of mass."""
     import numpy as np
 
-    image_mod = deps.pil_image()
+    image_mod = require("PIL.Image", "Pillow (needed to read images)")
     rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
     cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -110,7 +111,7 @@ class Prediction:
 def predict(images: list[Path], model_path: Path | None = None, device: str = "cpu") -> Iterator[Prediction]:
     """Classify each image with the saved model (default: the last `selfhost train mnist`)."""
     from selfhost.train.mnist.net import normalise
-    from selfhost.train.mnist.train import default_model, load_model, pick_device, torch
+    from selfhost.train.mnist.train import default_model, load_model, torch
 
     model, _ = load_model(model_path or default_model(), pick_device(device))
     dev = next(model.parameters()).device
@@ -141,6 +142,12 @@ class EvalReport:
     metadata: dict[str, str]
     errors: list[Misclassified] = field(default_factory=list)  # the first `max_errors` mistakes
 
+    def to_json(self) -> dict[str, object]:
+        """The report without the pixels of the misclassified digits."""
+        return {"model": str(self.model_path), "accuracy": self.accuracy, "loss": self.loss, "n": self.n,
+                "confusion": self.confusion, "epochs_done": self.metadata.get("epochs_done"),
+                "errors": [{"index": e.index, "true": e.true, "predicted": e.predicted} for e in self.errors]}
+
 
 def evaluate_saved(
     model_path: Path | None = None,
@@ -148,11 +155,11 @@ def evaluate_saved(
     device: str = "auto",
     limit: int | None = None,
     max_errors: int = 0,
-) -> Iterator[object]:
-    """Re-measure a saved model on the MNIST test set; yields download events, then an EvalReport
+) -> Events:
+    """Re-measure a saved model on the MNIST test set: the download's events, then Result(EvalReport)
     (with up to `max_errors` misclassified test images)."""
     from selfhost.train.mnist.download import download_mnist
-    from selfhost.train.mnist.train import default_model, evaluate, load_model, load_tensors, pick_device
+    from selfhost.train.mnist.train import default_model, evaluate, load_model, load_tensors
 
     dev = pick_device(device)
     path = Path(model_path) if model_path else default_model()
@@ -166,6 +173,6 @@ def evaluate_saved(
         wrong = (result.predicted != labels).nonzero().flatten()[:max_errors].tolist()
         images = tensors.test_x.cpu().numpy()
         errors = [Misclassified(i, int(labels[i]), int(result.predicted[i]), images[i]) for i in wrong]
-    yield EvalReport(
+    yield Result(EvalReport(
         path, result.accuracy, result.loss, len(tensors.test_x), result.confusion, metadata, errors
-    )
+    ))

@@ -1,35 +1,40 @@
-"""Train and test loops (pytorch/examples mnist shape: Net, train, test, main) yielding typed events.
+"""Train and test loops (pytorch/examples mnist shape: Net, train, test, main) yielding selfhost.events.
 
 The whole dataset lives in memory as one uint8 tensor on the training device; batches are made by
 indexing it with a seeded permutation (no DataLoader, no workers). Every epoch ends with a test pass
 and an atomic checkpoint (`model.safetensors` + `train_state.pt`), so Ctrl-C loses at most one epoch
-and `resume=True` continues from the last one.
+and `resume=True` continues from the last one. `train()` yields a Notice (the start line), Progress
+of the task "epoch N" (metrics: loss, lr) and of the task "test" (one per epoch: the epoch's train
+and test metrics), and ends with Result(TrainResult); the run records its own metrics.jsonl/run.json.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field
 
 from selfhost import paths
 from selfhost.atomic import atomic_path
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
-from selfhost.train.mnist import deps
-from selfhost.train.mnist.download import DownloadEvent, download_mnist
+from selfhost.events import Events, Notice, Progress, Result
+from selfhost.train import runs
+from selfhost.train.common import TrainSettings, pick_device, require, require_torch, resolve_threads
+from selfhost.train.mnist.download import download_mnist
 from selfhost.train.mnist.net import ARCH, DEFAULT_CHANNELS, MEAN, STD, Net, normalise
 
-torch = deps.torch()
+torch = require_torch(passive_openmp=True)
 F = torch.nn.functional
 
 FORMAT = "selfhost-mnist"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+DEFAULT_EPOCHS = 5
 
 
 def default_out() -> Path:
@@ -40,68 +45,27 @@ def default_model() -> Path:
     return default_out() / MODEL_FILE
 
 
-@dataclass
-class TrainConfig:
-    epochs: int | None = None  # None: DEFAULT_EPOCHS, or what the resumed run planned
-    batch_size: int = 128
-    lr: float = 0.01  # peak learning rate of the one-cycle schedule
-    weight_decay: float = 5e-4
-    device: str = "auto"
-    seed: int = 0
+class TrainConfig(TrainSettings):
+    epochs: int | None = Field(None, ge=1)  # None: DEFAULT_EPOCHS, or what the resumed run planned
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.01, gt=0)  # peak learning rate of the one-cycle schedule
+    weight_decay: float = Field(5e-4, ge=0)
     augment: bool = True
     out: Path | None = None  # default: SELFHOST_HOME/runs/mnist
     data: Path | None = None  # the four IDX files; default: download into SELFHOST_HOME/data/mnist
     resume: bool = False
-    train_limit: int | None = None  # train on the first N training images only
-    test_limit: int | None = None  # evaluate on the first N test images only
+    train_limit: int | None = Field(None, ge=0)  # train on the first N training images only
+    test_limit: int | None = Field(None, ge=0)  # evaluate on the first N test images only
     channels: tuple[int, int, int] = DEFAULT_CHANNELS
-    threads: int | None = None  # CPU threads; None: one per core this process may use
+    tensorboard: bool = False  # also write TensorBoard event files (run/tensorboard)
 
-
-DEFAULT_EPOCHS = 5
-
-
-# ---- events -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Started:
-    device: str
-    threads: int
-    n_train: int
-    n_test: int
-    start_epoch: int  # 0 for a new run
-    epochs: int
-    steps_per_epoch: int
-    parameters: int
-    out: Path
-    batch_size: int = 0  # images per step
+    def settings(self) -> dict[str, Any]:
+        """What run.json records: the settings that shape the model (not where files go)."""
+        return self.model_dump(mode="json", exclude={"out", "data", "resume", "tensorboard"})
 
 
 @dataclass
-class Step:
-    epoch: int  # 1-based
-    step: int  # 1-based, within the epoch
-    steps: int
-    loss: float  # mean over the epoch so far
-    lr: float | None = None  # learning rate of the step just taken
-
-
-@dataclass
-class EpochEnd:
-    epoch: int
-    epochs: int
-    train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
-    images_per_s: float  # training throughput (the test pass excluded)
-    elapsed_s: float  # since the start of this invocation
-    eta_s: float
-
-
-@dataclass
-class Finished:
+class TrainResult:
     test_accuracy: float
     confusion: list[list[int]]  # confusion[true][predicted]
     model_path: Path
@@ -109,38 +73,7 @@ class Finished:
     elapsed_s: float
 
 
-Event = DownloadEvent | Started | Step | EpochEnd | Finished
-
-
-# ---- device, data -----------------------------------------------------------------------------
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda > mps > cpu; an explicit device must exist."""
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if has_mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available to PyTorch", hint="use --device auto")
-    if device.type == "mps" and not has_mps:
-        raise UsageError("--device mps: Metal is not available to PyTorch", hint="use --device auto")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unsupported device {name!r}", hint="use auto, cpu, cuda or mps")
-    return device
+# ---- data -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -216,7 +149,7 @@ def evaluate(model: Net, images: torch.Tensor, labels: torch.Tensor, batch_size:
 
 
 def save_model(model: Net, path: Path, metadata: dict[str, str]) -> None:
-    st = deps.safetensors_torch()
+    st = require("safetensors.torch", "safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -232,7 +165,7 @@ def save_model(model: Net, path: Path, metadata: dict[str, str]) -> None:
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, str]]:
     """A saved model (safetensors: tensors only, no code is unpickled) and its metadata."""
-    st = deps.safetensors_torch()
+    st = require("safetensors.torch", "safetensors")
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"no MNIST model at {path}", hint="train one with `selfhost train mnist`")
@@ -290,57 +223,80 @@ def make_schedule(
     )
 
 
-def train(config: TrainConfig) -> Iterator[Event]:
-    """Train (or resume) a Net; yields Started, Step, EpochEnd per epoch and Finished."""
-    if config.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if config.lr <= 0:
-        raise UsageError("--lr must be positive")
-    if config.epochs is not None and config.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
+def train(config: TrainConfig) -> Events:
+    """Train (or resume) a Net: the start Notice, Progress per step and per epoch, Result(TrainResult)."""
+    if config.tensorboard:
+        runs.require_tensorboard()  # fail before anything is written
     out = Path(config.out) if config.out else default_out()
-    model_path, state_path = out / MODEL_FILE, out / STATE_FILE
     device = pick_device(config.device)
-    threads = config.threads or cpu_count()
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
+    threads = resolve_threads(config.threads, device, free_cores_only=False)
     torch.manual_seed(config.seed)
-
-    # Resume: weights from model.safetensors, optimizer/schedule from train_state.pt (tensors only).
-    state = None
-    if config.resume:
-        if not model_path.is_file() or not state_path.is_file():
-            raise NotFoundError(f"nothing to resume in {out}", hint="train without --resume first")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise IntegrityError(f"{state_path} is unreadable: {exc}") from None
-    model = Net(config.channels)
-    start_epoch, planned = 0, config.epochs or DEFAULT_EPOCHS
-    if state is not None:
-        model, metadata = load_model(model_path)
-        start_epoch = int(state["epoch"])
-        if int(metadata.get("epochs_done", -1)) != start_epoch:
-            raise IntegrityError(f"{model_path} and {state_path} are from different epochs")
-        planned = config.epochs or int(state["epochs"])
-        if planned <= start_epoch:
-            raise UsageError(
-                f"the run in {out} has already trained {start_epoch} epochs",
-                hint=f"pass --epochs larger than {start_epoch} to train more",
-            )
+    model, state, start_epoch, planned = load_for_resume(config, out)
     model = model.to(device)
 
-    data_dir = Path(config.data) if config.data else None
-    if data_dir is None:
-        data_dir = yield from download_mnist()
+    data_dir = Path(config.data) if config.data else (yield from download_mnist())
     data = load_tensors(data_dir, device, config.train_limit, config.test_limit)
-    n = len(data.train_x)
-    if n == 0:
+    if len(data.train_x) == 0:
         raise UsageError("no training images selected")
-    batch = min(config.batch_size, n)
-    steps = n // batch  # the last partial batch is dropped: every step sees a full batch
+    batch = min(config.batch_size, len(data.train_x))
+    steps = len(data.train_x) // batch  # the last partial batch is dropped: every step sees a full batch
+    optimizer, schedule = make_optimizer(model, config, state, planned - start_epoch, steps)
+    run = EpochRunner(config, model, data, optimizer, schedule, device, batch, steps, planned, out)
 
+    parameters = sum(p.numel() for p in model.parameters())
+    cpu_threads = (threads or torch.get_num_threads()) if device.type == "cpu" else 0
+    info = {"device": str(device), "threads": cpu_threads, "n_train": len(data.train_x),
+            "n_test": len(data.test_x), "params": parameters, "max_steps": planned * steps,
+            "epochs": planned, "steps_per_epoch": steps, "config": config.settings()}  # fmt: skip
+    run.recorder = runs.RunRecorder(out, "mnist", info, start_step=start_epoch * steps,
+                                    keep=lambda row: row.get("epoch", 0) <= start_epoch,
+                                    tensorboard=config.tensorboard, data=config.data)  # fmt: skip
+    where = f"{cpu_threads} CPU threads" if cpu_threads else "GPU"
+    resumed = f", resuming after epoch {start_epoch}" if start_epoch else ""
+    yield Notice(f"training on {device} ({where}): {len(data.train_x):,} images, test {len(data.test_x):,}, "
+                 f"{parameters:,} parameters, {planned} epochs{resumed}")  # fmt: skip
+    run.began = time.perf_counter()
+    with runs.recording(run.recorder):
+        for epoch in range(start_epoch + 1, planned + 1):
+            yield from run.epoch(epoch)
+        run.recorder.end("done", exported={"name": None, "path": str(run.model_path)})
+    result = run.result
+    yield Result(TrainResult(result.accuracy, result.confusion, run.model_path, planned,
+                             time.perf_counter() - run.began))  # fmt: skip
+
+
+def load_for_resume(config: TrainConfig, out: Path) -> tuple[Net, dict[str, Any] | None, int, int]:
+    """A new Net, or the run's weights (model.safetensors) and optimizer/schedule state (train_state.pt,
+    tensors only); with the epochs done and the epochs planned."""
+    model_path, state_path = out / MODEL_FILE, out / STATE_FILE
+    planned = config.epochs or DEFAULT_EPOCHS
+    if not config.resume:
+        return Net(config.channels), None, 0, planned
+    if not model_path.is_file() or not state_path.is_file():
+        raise NotFoundError(f"nothing to resume in {out}", hint="train without --resume first")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IntegrityError(f"{state_path} is unreadable: {exc}") from None
+    model, metadata = load_model(model_path)
+    start_epoch = int(state["epoch"])
+    if int(metadata.get("epochs_done", -1)) != start_epoch:
+        raise IntegrityError(f"{model_path} and {state_path} are from different epochs")
+    planned = config.epochs or int(state["epochs"])
+    if planned <= start_epoch:
+        raise UsageError(
+            f"the run in {out} has already trained {start_epoch} epochs",
+            hint=f"pass --epochs larger than {start_epoch} to train more",
+        )
+    return model, state, start_epoch, planned
+
+
+def make_optimizer(
+    model: Net, config: TrainConfig, state: dict[str, Any] | None, remaining_epochs: int, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW and its one-cycle schedule; a resumed run with the same plan continues both exactly."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    planned = remaining_epochs + (int(state["epoch"]) if state is not None else 0)
     same_plan = state is not None and (planned, steps) == (int(state["epochs"]), int(state.get("steps", -1)))
     if same_plan:
         schedule = make_schedule(optimizer, config.lr, planned * steps)
@@ -349,29 +305,43 @@ def train(config: TrainConfig) -> Iterator[Event]:
     else:  # a new run, or a run extended/changed: a fresh one-cycle over the remaining epochs
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
-        schedule = make_schedule(optimizer, config.lr, (planned - start_epoch) * steps)
+        schedule = make_schedule(optimizer, config.lr, remaining_epochs * steps)
+    return optimizer, schedule
 
-    yield Started(
-        str(device),
-        threads if device.type == "cpu" else 0,
-        n,
-        len(data.test_x),
-        start_epoch,
-        planned,
-        steps,
-        sum(p.numel() for p in model.parameters()),
-        out,
-        batch,
-    )
-    began = time.perf_counter()
-    result = EvalResult(float("nan"), 0.0)
-    for epoch in range(start_epoch + 1, planned + 1):
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch)
-        order = torch.randperm(n, generator=generator, device=device)
-        model.train()
+
+@dataclass
+class EpochRunner:
+    """One epoch at a time: the training steps, the test pass, the checkpoint, the records."""
+
+    config: TrainConfig
+    model: Net
+    data: Tensors
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.OneCycleLR
+    device: torch.device
+    batch: int
+    steps: int
+    planned: int
+    out: Path
+    recorder: runs.RunRecorder | None = None
+    began: float = field(default_factory=time.perf_counter)
+    result: EvalResult = field(default_factory=lambda: EvalResult(float("nan"), 0.0))
+    logged: tuple[int, float, float] = (0, 0.0, 0.0)  # step within the epoch, summed loss, time
+
+    @property
+    def model_path(self) -> Path:
+        return self.out / MODEL_FILE
+
+    def epoch(self, epoch: int) -> Events:
+        """Train one epoch, test, save; yields Progress of "epoch N" and then of "test"."""
+        config, data, batch, steps = self.config, self.data, self.batch, self.steps
+        generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + epoch)
+        order = torch.randperm(len(data.train_x), generator=generator, device=self.device)
+        self.model.train()
         epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        self.logged = (0, 0.0, epoch_start)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
         report_every = max(steps // 50, 1)
         for step in range(steps):
             index = order[step * batch : (step + 1) * batch]
@@ -379,50 +349,63 @@ def train(config: TrainConfig) -> Iterator[Event]:
             if config.augment:
                 x = augment(x, generator)
             y = data.train_y[index]
-            logits = model((x - MEAN) / STD)
+            logits = self.model((x - MEAN) / STD)
             # Raw logits: cross_entropy applies log_softmax itself.
             loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            schedule.step()
+            self.optimizer.step()
+            self.schedule.step()
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             if (step + 1) % report_every == 0 or step + 1 == steps:
-                yield Step(epoch, step + 1, steps, float(loss_sum) / (step + 1), schedule.get_last_lr()[0])
+                yield self.step_progress(epoch, step + 1, float(loss_sum))
         train_seconds = time.perf_counter() - epoch_start
-        result = evaluate(model, data.test_x, data.test_y)
+        self.result = evaluate(self.model, data.test_x, data.test_y)
         epoch_seconds = time.perf_counter() - epoch_start
+        self.save(epoch)
+        metrics = {"train_loss": float(loss_sum) / steps, "train_accuracy": int(correct) / (steps * batch),
+                   "test_loss": self.result.loss, "test_accuracy": self.result.accuracy}  # fmt: skip
+        images_per_s = steps * batch / train_seconds
+        self.record({"step": epoch * steps, "epoch": epoch, **metrics,
+                     "images_per_s": round(images_per_s, 1)})  # fmt: skip
+        yield Progress("test", epoch, self.planned, "epochs", metrics={
+            **metrics, "images_per_s": images_per_s, "elapsed_s": time.perf_counter() - self.began,
+            "eta_s": (self.planned - epoch) * epoch_seconds})  # fmt: skip
 
+    def step_progress(self, epoch: int, step: int, loss_total: float) -> Progress:
+        """Progress of the epoch (its running mean loss); the metrics row of the steps since the last."""
+        lr = self.schedule.get_last_lr()[0]
+        last_step, last_total, last_time = self.logged
+        now = time.perf_counter()
+        if self.recorder is not None:
+            self.recorder.row({
+                "kind": "train", "step": (epoch - 1) * self.steps + step, "epoch": epoch,
+                "loss": (loss_total - last_total) / max(1, step - last_step), "lr": lr,
+                "images_per_s": round((step - last_step) * self.batch / max(now - last_time, 1e-9), 1),
+            })  # fmt: skip
+        self.logged = (step, loss_total, now)
+        return Progress(f"epoch {epoch}", step, self.steps, "steps", detail=f"loss {loss_total / step:.4f}",
+                        metrics={"loss": loss_total / step, "lr": lr})  # fmt: skip
+
+    def record(self, row: dict[str, Any]) -> None:
+        if self.recorder is not None:
+            self.recorder.eval_row(row, "test_accuracy", higher_is_better=True)
+
+    def save(self, epoch: int) -> None:
+        """model.safetensors (weights + metadata) and train_state.pt (optimizer, schedule), atomically."""
+        config = self.config
         metadata = {
             "epochs_done": str(epoch),
-            "epochs": str(planned),
+            "epochs": str(self.planned),
             "seed": str(config.seed),
-            "test_accuracy": f"{result.accuracy:.6f}",
-            "n_train": str(n),
-            "config": json.dumps({k: str(v) for k, v in asdict(config).items()}),
+            "test_accuracy": f"{self.result.accuracy:.6f}",
+            "n_train": str(len(self.data.train_x)),
+            "config": json.dumps({k: str(v) for k, v in config.model_dump().items()}),
         }
-        with atomic_path(state_path) as tmp:
-            torch.save(
-                {
-                    "epoch": epoch,
-                    "epochs": planned,
-                    "steps": steps,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule.state_dict(),
-                },
-                tmp,
-            )
-        save_model(model, model_path, metadata)
-        yield EpochEnd(
-            epoch,
-            planned,
-            float(loss_sum) / steps,
-            int(correct) / (steps * batch),
-            result.loss,
-            result.accuracy,
-            steps * batch / train_seconds,
-            time.perf_counter() - began,
-            (planned - epoch) * epoch_seconds,
-        )
-    yield Finished(result.accuracy, result.confusion, model_path, planned, time.perf_counter() - began)
+        with atomic_path(self.out / STATE_FILE) as tmp:
+            torch.save({"epoch": epoch, "epochs": self.planned, "steps": self.steps,
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict()},
+                       tmp)  # fmt: skip
+        save_model(self.model, self.model_path, metadata)
+

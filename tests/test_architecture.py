@@ -1,0 +1,104 @@
+"""The layering rules of the README's Architecture section, checked on the source tree."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "selfhost"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth of the file (lazy imports included)."""
+    tree = ast.parse(path.read_text("utf-8"))
+    package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _core_files() -> list[Path]:
+    """Everything but the CLI package and the `python -m selfhost` entry point."""
+    return [
+        p for p in PACKAGE.rglob("*.py")
+        if "cli" not in p.relative_to(PACKAGE).parts and p.name != "__main__.py"
+    ]
+
+
+def test_core_modules_never_import_typer_rich_or_the_cli():
+    offenders = {
+        _module_name(p): sorted(m for m in _imports(p) if m.split(".")[0] in {"typer", "rich"}
+                                or m.startswith("selfhost.cli"))
+        for p in _core_files()
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_import_cycles_between_selfhost_modules_at_import_time():
+    """Module-level imports only (lazy ones inside functions cannot form an import-time cycle)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text("utf-8"))
+        top_level = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        top = ast.Module(body=top_level, type_ignores=[])
+        path_imports = set()
+        for node in ast.walk(top):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                path_imports.add(node.module)
+                path_imports.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                path_imports.update(a.name for a in node.names)
+        graph[name] = {m for m in path_imports if m in modules and m != name}
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            assert state.get(nxt) != 1, " -> ".join([*stack, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+
+
+def test_no_function_body_over_80_lines():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "long_functions.py"), str(PACKAGE)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_long_operations_use_the_one_event_vocabulary():
+    """No module defines its own Notice/Progress/Finished-style event classes beside selfhost.events."""
+    names = {"Notice", "Progress", "Finished", "Done", "Started", "Step", "StepEvent", "EvalEvent",
+             "TensorDone", "WindowDone", "ChunkDone", "FileProgress", "Retrying", "Converted"}
+    defined = {
+        f"{_module_name(p)}.{node.name}"
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "events.py"
+        for node in ast.walk(ast.parse(p.read_text("utf-8")))
+        if isinstance(node, ast.ClassDef) and node.name in names
+    }
+    assert defined == set()
