@@ -451,7 +451,7 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
     for name, rs in results.items():
         wall = mean(rs, "wall")
         ratio = f"{wall / base:.2f}x" if base else "n/a"
-        threads = rs[0]["threads"] or torch.get_num_threads()
+        threads = "/".join(str(r["threads"] or torch.get_num_threads()) for r in rs)  # each run's
         print(f"| {labels[name]} | {threads} | {wall:.1f} | {mean(rs, 'cpu'):.1f} | {mean(rs, 'val'):.4f} | "
               f"{mean(rs, 'tps'):,.0f} | {mean(rs, 'load'):.1f} | {ratio} |")  # fmt: skip
     if len(results["ours"]) > 1 or (with_ref and len(results["nanoGPT"]) > 1):
