@@ -62,9 +62,7 @@ def run_to_end(events: Iterable[Event], on_event: Callable[[Event], None] | None
             on_event(event)
         if isinstance(event, Result):
             results.append(event.value)
-    if len(results) != 1:
-        raise RuntimeError(f"a long operation must end with exactly one Result (got {len(results)})")
-    return results[0]
+    return _the_result(results)
 
 
 def nested(events: Iterable[Event]) -> Generator[Event, None, Any]:
@@ -78,6 +76,10 @@ def nested(events: Iterable[Event]) -> Generator[Event, None, Any]:
             results.append(event.value)
         else:
             yield event
+    return _the_result(results)
+
+
+def _the_result(results: list[Any]) -> Any:
     if len(results) != 1:
         raise RuntimeError(f"a long operation must end with exactly one Result (got {len(results)})")
     return results[0]

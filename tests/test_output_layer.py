@@ -71,3 +71,15 @@ def test_fmt_count_and_bytes():
     assert output.fmt_count(1_500_000, exact=True) == "1.50M (1,500,000)"
     assert output.fmt_count(999) == "999"
     assert output.fmt_bytes(98_000_000) == "98.0 MB"
+
+
+def test_output_run_holds_operations_to_exactly_one_result():
+    with pytest.raises(RuntimeError, match="exactly one Result"):
+        output.Output().run(iter([Notice("x")]))
+    with pytest.raises(RuntimeError, match="exactly one Result"):
+        output.Output().run(iter([Result(1), Result(2)]))
+
+
+def test_output_run_keeps_the_result_when_a_hook_renders_it(capsys):
+    assert output.Output().run(_operation(2), on_event=lambda event: True) == {"steps": 2}
+    assert capsys.readouterr().err == ""  # the hook rendered everything (here: nothing)

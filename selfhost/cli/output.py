@@ -26,7 +26,7 @@ from typing import Any
 from selfhost.atomic import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import SelfhostError, UsageError
-from selfhost.events import Event, Notice, Progress, Result
+from selfhost.events import Event, Notice, Progress, run_to_end
 
 # -- formatting (human output only; JSON carries raw numbers) ------------------------------------
 
@@ -138,26 +138,19 @@ class Output:
             self.console.print(plain(value), soft_wrap=True)
 
     def run(self, events: Iterable[Event], on_event: Callable[[Event], bool] | None = None) -> Any:
-        """Drive a long operation, rendering it on stderr; return its Result's value.
+        """Drive a long operation (selfhost.events.run_to_end), rendering it on stderr; return its
+        Result's value.
 
         `on_event` may render an event itself (command-specific lines); returning True skips the
         default rendering of that event.
         """
-        value: Any = None
-        seen_result = False
         with ProgressBars(self.err) as bars:
-            for event in events:
-                if on_event is not None and on_event(event):
-                    continue
-                if isinstance(event, Result):
-                    value, seen_result = event.value, True
-                elif isinstance(event, Notice):
-                    bars.print(plain(event.message, "yellow" if event.level == "warning" else ""))
-                elif isinstance(event, Progress):
-                    bars.update(event)
-        if not seen_result:
-            raise RuntimeError("the operation ended without a Result")
-        return value
+
+            def render(event: Event) -> None:
+                if on_event is None or not on_event(event):
+                    bars.show(event)
+
+            return run_to_end(events, render)
 
     def confirm(self, question: str, yes: bool) -> None:
         """Go on only with `--yes` or a person's 'y'; raise otherwise (no terminal: exit 2, one line)."""
@@ -189,6 +182,13 @@ class ProgressBars:
         if self.bars is not None:
             self.bars.stop()
             self.bars = None
+
+    def show(self, event: Event) -> None:
+        """Render a Notice (a line above the bars) or a Progress (its bar); a Result is the caller's."""
+        if isinstance(event, Notice):
+            self.print(plain(event.message, "yellow" if event.level == "warning" else ""))
+        elif isinstance(event, Progress):
+            self.update(event)
 
     def print(self, renderable: Any) -> None:
         (self.bars.console if self.bars is not None else self.console).print(
