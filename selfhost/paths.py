@@ -6,12 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+from selfhost import env
+
 
 def home() -> Path:
     """SELFHOST_HOME, else the platform's per-user data directory."""
-    env = os.environ.get("SELFHOST_HOME")
-    if env:
-        root = Path(env).expanduser()
+    configured = env.home()
+    if configured:
+        root = configured
     elif sys.platform == "darwin":
         root = Path.home() / "Library" / "Application Support" / "selfhost"
     elif sys.platform == "win32":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,46 @@ def test_long_operations_use_the_one_event_vocabulary():
         if isinstance(node, ast.ClassDef) and node.name in names
     }
     assert defined == set()
+
+
+def _selfhost_env_reads(path: Path) -> list[str]:
+    """SELFHOST_* names a module reads itself: a string literal starting SELFHOST_ passed to or indexed
+    on os.environ / os.getenv (get, [], setdefault, pop, in)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        value = node.value if isinstance(node, ast.Constant) else None
+        if isinstance(value, str) and re.fullmatch(r"SELFHOST_[A-Z0-9_]+", value):
+            found.append(node)
+    source = path.read_text("utf-8")
+    reads = []
+    for const in found:
+        line = source.splitlines()[const.lineno - 1]
+        if re.search(r"\bos\.environ\b|\bgetenv\(", line):
+            reads.append(f"{const.value} (line {const.lineno})")
+    return reads
+
+
+def test_only_env_py_reads_selfhost_variables():
+    """One place reads every SELFHOST_* variable, typed, with one boolean rule (selfhost/env.py)."""
+    offenders = {
+        _module_name(p): reads for p in PACKAGE.rglob("*.py")
+        if p.name != "env.py" and (reads := _selfhost_env_reads(p))
+    }
+    assert offenders == {}
+
+
+def test_env_rule_catches_a_direct_read(tmp_path: Path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('import os\nDEBUG = os.environ.get("SELFHOST_DEBUG")\n')
+    assert _selfhost_env_reads(bad) == ["SELFHOST_DEBUG (line 2)"]
+
+
+def test_env_flags_share_one_boolean_rule(monkeypatch):
+    from selfhost import env
+
+    for off in ("", "0", "false", "No", "OFF"):
+        monkeypatch.setenv(env.DEBUG, off)
+        assert env.debug() is False, off
+    for on in ("1", "true", "yes", "on"):
+        monkeypatch.setenv(env.DEBUG, on)
+        assert env.debug() is True, on
