@@ -139,7 +139,7 @@ def compare(
     from selfhost.quantize.perplexity import read_text
 
     if plot is not None:
-        from selfhost import plots
+        from selfhost.cli import plots
 
         plots.pyplot()  # a missing matplotlib fails now, not after the slow part
     content = read_text(text)
