@@ -52,6 +52,28 @@ def test_core_modules_never_import_typer_rich_or_the_cli():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_runtime_imports_nothing_above_it():
+    """selfhost.runtime (the llama.cpp runtime) sits below models/, chat/, serve/ and cli/: it may use
+    only itself, errors, events, atomic writes and env (the SELFHOST_* variables)."""
+    allowed = ("selfhost.runtime", "selfhost.errors", "selfhost.events", "selfhost.atomic", "selfhost.env")
+    offenders = {
+        _module_name(p): sorted(m for m in _imports(p) if m.split(".")[0] == "selfhost"
+                                and m != "selfhost" and not m.startswith(allowed))
+        for p in (PACKAGE / "runtime").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_private_llama_cpp_python_api_is_used_in_one_module():
+    """`llm._model`, `llama_cpp._internals`, `_ggml`: only selfhost/runtime/llama_private.py."""
+    private = re.compile(r"\b(llm|self\.llm)\._model\b|\b_internals\b|\b_ggml\b|llama_cpp\._")
+    users = sorted(
+        _module_name(p) for p in PACKAGE.rglob("*.py")
+        if p.name != "llama_private.py" and private.search(p.read_text("utf-8"))
+    )
+    assert users == []
+
+
 def test_no_import_cycles_between_selfhost_modules_at_import_time():
     """Module-level imports only (lazy ones inside functions cannot form an import-time cycle)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfhost import gguf_info, paths
+from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
+from selfhost.runtime import gguf_info
 from tests.tinygguf import write_tiny_llama
 
 

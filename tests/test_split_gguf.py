@@ -196,7 +196,7 @@ def test_quantize_a_split_input_writes_one_file(split_hub, runner):
     run("tinysplit")
     result = runner.invoke(app, ["quantize", "tinysplit", "--type", "Q8_0", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
 
     out = resolve_model("tinysplit:Q8_0")
     assert out.parts == [] and not hub.is_split(out.path.name)

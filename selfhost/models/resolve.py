@@ -110,7 +110,7 @@ def check_usable(resolved: ResolvedModel, purpose: Purpose = "chat") -> None:
             hint=f"pull it again: `selfhost pull {resolved.name}`",
         )
     if resolved.parts:
-        from selfhost import gguf_info
+        from selfhost.runtime import gguf_info
 
         for part in resolved.parts[1:]:  # the caller validates the first; llama.cpp reads them all
             gguf_info.inspect(part)
@@ -155,7 +155,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 def _guess_kind(path: Path) -> Kind | None:
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
 
     # the architecture alone: an embedding model is refused for what it is, before the full checks
     return "embedding" if gguf_info.architecture(path) in EMBEDDING_ARCHITECTURES else None

@@ -27,11 +27,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from selfhost import atomic, gguf_info, paths
+from selfhost import atomic, paths
 from selfhost.errors import DiskSpaceError, IntegrityError, ModelLoadError, SelfhostError, UsageError
 from selfhost.events import Event, Events, Notice, Progress, Result, nested, run_to_end
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
-from selfhost.system_info import available_memory
+from selfhost.runtime import gguf_info
+from selfhost.runtime.memory import available_memory
 
 
 class QuantizeOptions(BaseModel):
@@ -227,9 +228,9 @@ class _Job:
 
 def _plan(model: str, options: QuantizeOptions) -> _Job:
     """Validate everything before any work: options, the input, the output path, free disk and RAM."""
-    from selfhost.llama_backend import default_threads
     from selfhost.models.names import split_tag
     from selfhost.models.resolve import resolve_model
+    from selfhost.runtime.llama_backend import default_threads
 
     qtype = get_type(options.type)
     output_type = options.output_tensor_type
@@ -312,7 +313,7 @@ def _run_llama(
     """Run llama_model_quantize into a temp file beside the output, yielding per-tensor Progress; the
     file is renamed only when llama.cpp succeeded and it reads back as the requested type.
     Returns (the log parser, the output's GGUFInfo)."""
-    from selfhost.llama_backend import llama
+    from selfhost.runtime.llama_backend import llama
 
     lib = llama()
     params, keep_alive = _llama_params(lib, job, imatrix, options)
@@ -357,7 +358,7 @@ def _on_worker_thread(
 ) -> Generator[Event, None, int]:
     """Run llama.cpp's `call` on a thread, yielding the events its log turns into; return its code.
     Ctrl-C cannot stop llama.cpp: then its file is removed when the process exits."""
-    from selfhost.llama_backend import capture_logs
+    from selfhost.runtime.llama_backend import capture_logs
 
     outcome: dict[str, Any] = {}
     done = object()
