@@ -168,3 +168,41 @@ def test_env_flags_share_one_boolean_rule(monkeypatch):
     for on in ("1", "true", "yes", "on"):
         monkeypatch.setenv(env.DEBUG, on)
         assert env.debug() is True, on
+
+
+def test_default_home_is_the_platforms_data_directory(monkeypatch, tmp_path: Path):
+    """No SELFHOST_HOME: platformdirs' per-user data directory (XDG_DATA_HOME honoured on Linux)."""
+    from selfhost import paths
+
+    monkeypatch.delenv("SELFHOST_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert paths.home() == tmp_path / "xdg" / "selfhost" and paths.home().is_dir()
+
+
+def test_json_writer_converts_through_pydantic_core_and_keeps_to_json_hooks():
+    import dataclasses
+    import datetime as dt
+    import enum
+
+    from selfhost.cli.output import jsonable
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    class Hooked:
+        def to_json(self) -> dict:
+            return {"hooked": Path("/x")}
+
+    @dataclasses.dataclass
+    class Row:
+        where: Path
+        when: dt.datetime
+        color: Color
+        inner: Hooked
+
+    row = Row(Path("/a/b"), dt.datetime(2026, 1, 2, 3, 4), Color.RED, Hooked())
+    assert jsonable({1: [row], "s": {3}}) == {
+        "1": [{"where": "/a/b", "when": "2026-01-02T03:04:00", "color": "red", "inner": {"hooked": "/x"}}],
+        "s": [3],
+    }
