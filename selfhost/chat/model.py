@@ -16,12 +16,24 @@ from pydantic import BaseModel
 from selfhost.errors import UsageError
 from selfhost.runtime.batch import BatchEngine
 from selfhost.runtime.gguf_info import GGUFInfo
+from selfhost.runtime.kvcache import KVSettings
+from selfhost.runtime.speculative import SpecSettings
 from selfhost.runtime.template import ChatTemplate
 
 if TYPE_CHECKING:
     from selfhost.models.resolve import ResolvedModel
 
 LOADER_CONTEXT = 64  # llama-cpp-python's own context is unused: generation runs in the batch engine
+
+
+class EngineOptions(BaseModel):
+    """How the batch engine runs: KV-cache types, speculative decoding, the prompt cache."""
+
+    kv: KVSettings = KVSettings()
+    spec: SpecSettings = SpecSettings()
+    draft_model: str | None = None  # any name the model grammar takes; sets spec.mode "draft"
+    cache_ram_mb: int = 0  # prompt cache in host RAM (0: none, unless cache_dir is set)
+    cache_dir: Path | None = None  # prompt cache kept on disk across restarts
 
 
 class ModelSummary(BaseModel):
@@ -38,6 +50,7 @@ class ModelSummary(BaseModel):
     threads: int
     raw: bool
     slots: int = 1
+    extras: list[str] = []  # KV types, speculation, prompt cache: shown when not the defaults
 
     def line(self) -> str:
         trained = f" (trained {self.n_ctx_train})" if self.n_ctx_train else ""
@@ -48,13 +61,16 @@ class ModelSummary(BaseModel):
         return (
             f"{self.name} · {self.quant} · {context}{trained}{slots} · {self.backend} · "
             f"{self.layers_offloaded}/{self.n_layers} layers offloaded · {threads}{mode}"
+            + "".join(f" · {e}" for e in self.extras)
         )
 
 
 class ChatModel:
     """A loaded model: render messages with its template, tokenize, generate through `engine`."""
 
-    def __init__(self, llm: Any, info: GGUFInfo, summary: ModelSummary, engine: BatchEngine) -> None:
+    def __init__(
+        self, llm: Any, info: GGUFInfo, summary: ModelSummary, engine: BatchEngine, draft_llm: Any = None
+    ) -> None:
         from selfhost.runtime import llama_private
         from selfhost.runtime.llama_backend import llama
 
@@ -63,6 +79,7 @@ class ChatModel:
         self.info = info
         self.summary = summary
         self.engine = engine
+        self.draft_llm = draft_llm
         self.vocab = llama_private.vocab(llm)
         self.template = self._make_template() if info.chat_template else None
 
@@ -78,6 +95,7 @@ class ChatModel:
         parallel: int | None = 1,
         prefill_chunk: int = 256,
         max_queue: int | None = None,
+        options: EngineOptions | None = None,
     ) -> ChatModel:
         """Resolve, validate and load a model. Raises NotFoundError/GGUFError/UsageError/ModelLoadError.
 
@@ -99,24 +117,39 @@ class ChatModel:
             ChatTemplate(info.chat_template)  # a broken template stops us before the weights load
         if ctx is not None and ctx < 16:
             raise UsageError(f"--ctx {ctx} is too small", hint="use at least 16 tokens")
+        options = _checked(options or EngineOptions())
+        kv = options.kv
         if parallel is None:
-            parallel = default_slots(info)
+            parallel = default_slots(info, kv=kv)
         elif parallel < 1:
             raise UsageError(f"--parallel {parallel} must be at least 1")
-        n_ctx = ctx or default_context(info, slots=parallel)
+        n_ctx = ctx or default_context(info, slots=parallel, kv=kv)
         if gpu_layers is None:
             gpu_layers = -1 if backend_info().gpu_offload else 0
         llm, report = load_model(
             resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
         )
-        engine = BatchEngine(
-            llm,
-            slots=parallel,
-            ctx_per_slot=n_ctx,
-            threads=report.n_threads,
-            prefill_chunk=prefill_chunk,
-            max_queue=max_queue,
-        )
+        draft_llm = None
+        try:
+            if options.draft_model is not None:
+                draft_llm = _load_draft(llm, options.draft_model, gpu_layers, threads)
+            engine = BatchEngine(
+                llm,
+                slots=parallel,
+                ctx_per_slot=n_ctx,
+                threads=report.n_threads,
+                prefill_chunk=prefill_chunk,
+                max_queue=max_queue,
+                kv=kv,
+                spec=options.spec,
+                draft_llm=draft_llm,
+                prompt_cache=_prompt_cache(options, resolved.path),
+            )
+        except BaseException:
+            for loaded in (draft_llm, llm):
+                if loaded is not None:
+                    loaded.close()
+            raise
         summary = ModelSummary(
             name=resolved.name,
             path=resolved.path,
@@ -129,11 +162,15 @@ class ChatModel:
             threads=report.n_threads,
             raw=raw,
             slots=parallel,
+            extras=_extras(options),
         )
-        return cls(llm, info, summary, engine)
+        return cls(llm, info, summary, engine, draft_llm)
 
     def close(self) -> None:
         self.engine.stop()
+        if self.draft_llm is not None:
+            self.draft_llm.close()
+            self.draft_llm = None
 
     def _make_template(self) -> ChatTemplate:
         from selfhost.runtime.llama_private import token_text
@@ -174,3 +211,62 @@ class ChatModel:
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+
+def _checked(options: EngineOptions) -> EngineOptions:
+    """Refuse impossible settings before any weights load."""
+    options.kv.check()
+    spec = options.spec
+    if options.draft_model is not None:
+        if spec.mode == "ngram":
+            raise UsageError("use either --spec ngram or --draft-model, not both")
+        options = options.model_copy(update={"spec": spec.model_copy(update={"mode": "draft"})})
+    elif spec.mode == "draft":
+        raise UsageError("speculation with a draft model needs --draft-model NAME")
+    if options.spec.mode != "none" and not 1 <= options.spec.draft_max <= 64:
+        raise UsageError(f"--spec-draft {options.spec.draft_max} must be between 1 and 64")
+    if options.spec.mode == "ngram" and not 1 <= options.spec.ngram <= 16:
+        raise UsageError(f"--spec-ngram {options.spec.ngram} must be between 1 and 16")
+    if options.cache_ram_mb < 0:
+        raise UsageError("--cache-ram must be 0 or more megabytes")
+    return options
+
+
+def _load_draft(llm: Any, name: str, gpu_layers: int, threads: int | None) -> Any:
+    """Resolve and load the draft model; refuse it when its vocabulary is not the target's."""
+    from selfhost.models.resolve import resolve_model
+    from selfhost.runtime import gguf_info, llama_private
+    from selfhost.runtime.llama_backend import llama, load_model
+    from selfhost.runtime.speculative import check_compatible
+
+    resolved = resolve_model(name)
+    info = gguf_info.inspect(resolved.path)
+    draft, _ = load_model(
+        resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
+    )
+    try:
+        check_compatible(llama(), llama_private.vocab(llm), llama_private.vocab(draft), resolved.name)
+    except BaseException:
+        draft.close()
+        raise
+    return draft
+
+
+def _prompt_cache(options: EngineOptions, model_path: Path) -> Any:
+    """The prompt cache the options ask for (None: no --cache-ram and no --cache-dir)."""
+    if options.cache_ram_mb <= 0 and options.cache_dir is None:
+        return None
+    from selfhost.runtime.llama_backend import llama
+    from selfhost.runtime.prompt_cache import PromptCache, model_identity
+
+    kv = options.kv
+    extra = f"{kv.type_k}/{kv.type_v}/{getattr(llama(), '__version__', '')}"
+    ram = (options.cache_ram_mb or 1024) * 2**20
+    return PromptCache(ram, options.cache_dir, model_identity(Path(model_path), extra))
+
+
+def _extras(options: EngineOptions) -> list[str]:
+    out = [x for x in (options.kv.label(), options.spec.label()) if x]
+    if options.cache_ram_mb > 0 or options.cache_dir is not None:
+        out.append("prompt cache" + (f" {options.cache_ram_mb} MB" if options.cache_ram_mb else ""))
+    return out

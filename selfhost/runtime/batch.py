@@ -33,8 +33,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from selfhost.errors import SelfhostError
+from selfhost.runtime.kvcache import KVSettings
+from selfhost.runtime.prompt_cache import PromptCache
+from selfhost.runtime.speculative import ModelDrafter, NgramDrafter, SpecSettings
 
 JobFinish = Literal["stop", "length", "context", "cancelled", "error"]
+RESTORE_MIN_GAIN = 32  # restore from the prompt cache only when it gives this many more tokens
 
 
 class QueueFullError(SelfhostError):
@@ -75,6 +79,9 @@ class JobEnd:
     total_s: float
     error: str | None = None
     context_used: int = 0  # tokens of this job in its slot's KV cache at the end
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for this job
+    accepted_tokens: int = 0  # ... and of those, the ones the model kept
+    restored_tokens: int = 0  # of reused_tokens, those restored from the prompt cache
 
 
 JobChunk = JobText | JobEnd
@@ -150,6 +157,9 @@ class _Slot:
         self.next_token: int | None = None  # sampled, to be evaluated in the next step
         self.sampler: Any = None
         self.batch_index: int | None = None  # where its logits are in the current batch
+        self.drafts: list[int] = []  # drafted tokens in the current batch, after next_token
+        self.ngram: NgramDrafter | None = None
+        self.drafted = self.accepted = self.restored = 0
         self.generated: list[int] = []
         self.text = _TextStream([])
         self.reused = 0
@@ -201,6 +211,10 @@ class BatchEngine:
         n_batch: int = 512,
         prefill_chunk: int = 256,
         max_queue: int | None = None,
+        kv: KVSettings | None = None,
+        spec: SpecSettings | None = None,
+        draft_llm: Any = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         from selfhost.runtime import llama_private
         from selfhost.runtime.llama_backend import llama
@@ -210,11 +224,22 @@ class BatchEngine:
         self.vocab = llama_private.vocab(llm)
         self.n_slots = slots
         self.ctx_per_slot = ctx_per_slot
-        self.n_batch = max(n_batch, slots)
+        self.kv = (kv or KVSettings()).check()
+        self.spec = spec or SpecSettings()
+        self.n_batch = max(n_batch, slots * (1 + self.spec.draft_max) if self.spec.mode != "none" else slots)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
         self.max_queue = 4 * slots if max_queue is None else max_queue
-        self.ctx = _open_context(self.lib, llm, slots * ctx_per_slot, slots, self.n_batch, threads)
+        self.ctx = _open_context(self.lib, llm, slots * ctx_per_slot, slots, self.n_batch, threads, self.kv)
         self.memory = self.lib.llama_get_memory(self.ctx)
+        self.drafter: ModelDrafter | None = None
+        if self.spec.mode == "draft":
+            assert draft_llm is not None, "draft mode needs the draft model"
+            draft_ctx = _open_context(
+                self.lib, draft_llm, slots * ctx_per_slot, slots, self.n_batch, threads, self.kv
+            )
+            self.drafter = ModelDrafter(draft_llm, draft_ctx, slots, self.n_batch)
+        self.prompt_cache = prompt_cache
+        self.stats = {"drafted": 0, "accepted": 0}
         self.batch = self.lib.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [_Slot(i) for i in range(slots)]
         self.waiting: deque[Job] = deque()
@@ -267,6 +292,11 @@ class BatchEngine:
 
     def close(self) -> None:
         if self.ctx is not None:
+            if self.prompt_cache is not None and self.prompt_cache.directory is not None:
+                for slot in self.slots:  # kept on disk: the next process starts from here
+                    self._save_slot(slot)
+            if self.drafter is not None:
+                self.drafter.close()
             for slot in self.slots:
                 self._free_sampler(slot)
             self.lib.llama_batch_free(self.batch)
@@ -292,6 +322,8 @@ class BatchEngine:
                 if slot.job is None:
                     self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
                     slot.cached = []
+                    if self.drafter is not None:
+                        self.drafter.forget(slot.seq_id)
 
     # --------------------------------------------------------------- the loop
     def _loop(self) -> None:
@@ -337,11 +369,7 @@ class BatchEngine:
         except SelfhostError as exc:
             self._reject(job, "error", error=str(exc))
             return
-        # the longest cached prefix, else the lowest free slot: active slots stay adjacent, which
-        # lets llama.cpp put all their tokens in one micro-batch
-        shared, _, slot = max(
-            (_common_prefix(s.cached, job.prompt), -s.seq_id, s) for s in self.slots if s.job is None
-        )
+        slot, shared, restored = self._take_slot(job.prompt)
         keep = min(shared, len(job.prompt) - 1)  # at least one token is evaluated, for its logits
         if not self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
             keep = 0  # recurrent / sliding-window caches cannot cut a sequence in the middle
@@ -351,6 +379,60 @@ class BatchEngine:
         slot.generated, slot.text, slot.reused = [], _TextStream(job.stop), keep
         slot.t_admit, slot.t_first = time.perf_counter(), 0.0
         slot.sampler = sampler
+        slot.drafts, slot.drafted, slot.accepted, slot.restored = [], 0, 0, min(restored, keep)
+        if self.spec.mode == "ngram":
+            slot.ngram = NgramDrafter(self.spec.ngram)
+            slot.ngram.reset(job.prompt)
+
+    def _take_slot(self, prompt: list[int]) -> tuple[_Slot, int, int]:
+        """A free slot for `prompt`: (slot, prefix it holds, tokens of it restored from the prompt cache).
+
+        The free slot caching the longest prefix, else the lowest: active slots stay adjacent, which
+        lets llama.cpp put all their tokens in one micro-batch. What the slot held is kept in the
+        prompt cache before it is overwritten; a longer prefix there is restored into the slot."""
+        shared, _, slot = max(
+            (_common_prefix(s.cached, prompt), -s.seq_id, s) for s in self.slots if s.job is None
+        )
+        cache = self.prompt_cache
+        if cache is None:
+            return slot, shared, 0
+        hit = cache.best(prompt)
+        if hit is None or hit[0] <= shared + RESTORE_MIN_GAIN:
+            if len(slot.cached) - min(shared, len(prompt) - 1) >= RESTORE_MIN_GAIN:
+                self._save_slot(slot)
+            return slot, shared, 0
+        self._save_slot(slot)
+        entry = hit[1]
+        state = cache.state_of(entry)
+        if state is None or not self._restore_slot(slot, entry.tokens, state):
+            if state is not None:
+                cache.reject(entry, "llama.cpp could not restore it")
+            return slot, 0, 0
+        cache.restored(hit[0])
+        return slot, hit[0], hit[0]
+
+    def _save_slot(self, slot: _Slot) -> None:
+        """Copy the slot's sequence state into the prompt cache (when it holds enough to be worth it)."""
+        from selfhost.runtime.prompt_cache import MIN_TOKENS
+
+        cache = self.prompt_cache
+        if cache is None or len(slot.cached) < MIN_TOKENS or tuple(slot.cached) in cache.entries:
+            return
+        size = self.lib.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = self.lib.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
+        if n:
+            cache.put(slot.cached, ctypes.string_at(buf, n))
+
+    def _restore_slot(self, slot: _Slot, tokens: tuple[int, ...], state: bytes) -> bool:
+        """Load a cached sequence state into the slot; False (slot emptied) when llama.cpp refuses it."""
+        self._drop_cache(slot)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not self.lib.llama_state_seq_set_data(self.ctx, buf, len(state), slot.seq_id):
+            self._drop_cache(slot)
+            return False
+        slot.cached = list(tokens)
+        return True
 
     def _fill_batch(self, active: list[_Slot]) -> tuple[int, list[_Slot]]:
         """Generating slots first (one token each), then prompt chunks within the prefill budget.
@@ -360,12 +442,14 @@ class BatchEngine:
         for slot in active:
             slot.batch_index = None
             if slot.next_token is not None:
-                self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.drafts = self._draft(slot)
                 slot.batch_index = n
-                slot.cached.append(slot.next_token)
+                for token in [slot.next_token, *slot.drafts]:  # every one with logits: each is verified
+                    self._add(n, token, len(slot.cached), slot.seq_id, True)
+                    slot.cached.append(token)
+                    n += 1
                 slot.next_token = None
                 members.append(slot)
-                n += 1
         budget = min(self.prefill_chunk, self.n_batch - n)
         for slot in active:
             if not slot.pending or budget <= 0:
@@ -391,17 +475,60 @@ class BatchEngine:
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
 
+    def _draft(self, slot: _Slot) -> list[int]:
+        """Tokens to verify after the slot's next token (none without speculation, or no room)."""
+        job = slot.job
+        assert job is not None and slot.next_token is not None
+        room = min(
+            self.spec.draft_max,
+            self.ctx_per_slot - len(slot.cached) - 2,  # every drafted position stays inside the slot
+            job.max_tokens - len(slot.generated) - 1,
+        )
+        if room <= 0:
+            return []
+        if slot.ngram is not None:
+            return slot.ngram.draft(room)
+        if self.drafter is not None:
+            history = [*slot.cached, slot.next_token]
+            return self.drafter.draft(slot.seq_id, history, room, self.spec.p_min)
+        return []
+
     def _sample(self, slot: _Slot) -> None:
+        """Sample at the slot's next token and at each drafted one while the draft holds."""
+        lib = self.lib
+        drafts, slot.drafts = slot.drafts, []
+        out = []
+        for j in range(len(drafts) + 1):
+            token = lib.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index + j)
+            out.append(token)
+            if j == len(drafts) or token != drafts[j] or lib.llama_vocab_is_eog(self.vocab, token):
+                break
+        if drafts:  # the rejected drafts leave the cache: it holds the next token and the kept drafts
+            accepted = len(out) - 1
+            keep = len(slot.cached) - len(drafts) + accepted
+            lib.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
+            del slot.cached[keep:]
+            slot.drafted += len(drafts)
+            slot.accepted += accepted
+            self.stats["drafted"] += len(drafts)
+            self.stats["accepted"] += accepted
+        for i, token in enumerate(out):
+            if not self._take_token(slot, token, last=i == len(out) - 1):
+                return
+
+    def _take_token(self, slot: _Slot, token: int, last: bool) -> bool:
+        """Emit one sampled token; False once the job has finished. The last one is evaluated next."""
         job = slot.job
         assert job is not None
         lib = self.lib
-        token = lib.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
         if not slot.generated:
             slot.t_first = time.perf_counter()
         if lib.llama_vocab_is_eog(self.vocab, token):
             self._finish(slot, "stop")
-            return
+            return False
         slot.generated.append(token)
+        if slot.ngram is not None:
+            slot.ngram.extend([token])
         text = slot.text.feed(token_piece(lib, self.vocab, token))
         if text:
             job._emit(JobText(text))
@@ -409,10 +536,13 @@ class BatchEngine:
             self._finish(slot, "stop")
         elif len(slot.generated) >= job.max_tokens:
             self._finish(slot, "length")
-        elif len(slot.cached) + 1 >= self.ctx_per_slot:
+        elif last and len(slot.cached) + 1 >= self.ctx_per_slot:
             self._finish(slot, "context")  # evaluating this token would pass the slot's context
         else:
-            slot.next_token = token
+            if last:
+                slot.next_token = token
+            return True
+        return False
 
     def _finish(self, slot: _Slot, reason: JobFinish, error: str | None = None) -> None:
         job = slot.job
@@ -433,9 +563,12 @@ class BatchEngine:
             total_s=now - slot.t_admit,
             error=error,
             context_used=len(slot.cached),
+            drafted_tokens=slot.drafted,
+            accepted_tokens=slot.accepted,
+            restored_tokens=slot.restored,
         )
         self._free_sampler(slot)
-        slot.job, slot.next_token, slot.batch_index = None, None, None
+        slot.job, slot.next_token, slot.batch_index, slot.drafts, slot.ngram = None, None, None, [], None
         job.end = end
         job._emit(end)
 
@@ -520,7 +653,9 @@ def token_piece(lib: Any, vocab: Any, token: int) -> bytes:
     return buf.raw[:n]
 
 
-def _open_context(lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Any:
+def _open_context(
+    lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int, kv: KVSettings | None = None
+) -> Any:
     """A llama.cpp context for `n_seq` sequences, each with its own KV stream of n_ctx / n_seq cells."""
     from selfhost.errors import ModelLoadError
     from selfhost.runtime.llama_backend import capture_logs
@@ -536,6 +671,7 @@ def _open_context(lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, thre
     # One KV stream per slot: a reply's cells never interleave with another's, so a greedy reply is
     # the same token for token whatever else runs beside it (a unified cache changes float rounding).
     params.kv_unified = False
+    (kv or KVSettings()).apply(params)
     with capture_logs() as log:
         ctx = lib.llama_init_from_model(llm.model, params)
     if not ctx:

@@ -10,6 +10,7 @@ import contextlib
 import os
 
 from selfhost.runtime.gguf_info import GGUFInfo
+from selfhost.runtime.kvcache import KVSettings
 
 CONTEXT_CEILING = 8192  # a sane default ceiling; --ctx can ask for more
 FALLBACK_TRAINED = 2048  # when the GGUF does not say
@@ -18,24 +19,30 @@ MIN_CONTEXT = 32
 USEFUL_SLOT_CONTEXT = 2048  # a server slot gets at least this much (or the trained context) by default
 
 
-def kv_bytes_per_token(info: GGUFInfo) -> int:
-    """F16 K and V for every layer: n_layer x n_head_kv x (key + value head size) x 2 bytes.
+def kv_bytes_per_token(info: GGUFInfo, kv: KVSettings | None = None) -> int:
+    """K and V for every layer: n_layer x n_head_kv x (key size x K bytes + value size x V bytes),
+    with the element sizes of the cache types (F16: 2 bytes, q8_0: 34/32, q4_0: 18/32).
 
     Grouped-query attention (n_head_kv < n_head) stores less; without head counts in the GGUF,
     n_embd for K and for V is the upper bound."""
+    k_bytes, v_bytes = (kv or KVSettings()).bytes_per_element()
     n_layers = info.n_layers or 32
     n_embd = info.embedding_length or 4096
     if info.head_count:
         head = n_embd // info.head_count
         n_kv = info.head_count_kv or info.head_count
-        width = n_kv * ((info.key_length or head) + (info.value_length or head))
+        k_width, v_width = n_kv * (info.key_length or head), n_kv * (info.value_length or head)
     else:
-        width = 2 * n_embd
-    return n_layers * width * 2
+        k_width = v_width = n_embd
+    return round(n_layers * (k_width * k_bytes + v_width * v_bytes))
 
 
 def default_context(
-    info: GGUFInfo, available: int | None = None, ceiling: int = CONTEXT_CEILING, slots: int = 1
+    info: GGUFInfo,
+    available: int | None = None,
+    ceiling: int = CONTEXT_CEILING,
+    slots: int = 1,
+    kv: KVSettings | None = None,
 ) -> int:
     """Tokens per slot: the model's trained context, capped by `ceiling` and by what `slots` KV
     caches may take in RAM together."""
@@ -44,20 +51,21 @@ def default_context(
     available = available_memory() if available is None else available
     if available is not None:
         budget = max(0, available - info.size) * KV_MEMORY_SHARE / max(1, slots)
-        by_memory = int(budget // kv_bytes_per_token(info)) // 256 * 256
+        by_memory = int(budget // kv_bytes_per_token(info, kv)) // 256 * 256
         limit = min(limit, max(by_memory, min(trained, 512)))
     return max(limit, min(trained, MIN_CONTEXT))
 
 
-def default_slots(info: GGUFInfo, available: int | None = None, most: int = 4) -> int:
+def default_slots(
+    info: GGUFInfo, available: int | None = None, most: int = 4, kv: KVSettings | None = None
+) -> int:
     """As many slots (up to `most`) as free memory gives a useful context each: 2048 tokens, or the
     trained context when it is shorter."""
     wanted = min(info.context_length or FALLBACK_TRAINED, USEFUL_SLOT_CONTEXT)
     for slots in range(most, 1, -1):
-        if default_context(info, available, slots=slots) >= wanted:
+        if default_context(info, available, slots=slots, kv=kv) >= wanted:
             return slots
     return 1
-
 
 
 def available_memory() -> int | None:
