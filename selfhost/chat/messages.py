@@ -52,6 +52,9 @@ class Usage(BaseModel):
     context_used: int  # tokens in the KV cache after the turn
     context_size: int
     dropped_turns: int = 0  # oldest turns trimmed to make this one fit
+    restored_tokens: int = 0  # of reused_tokens, those restored from the prompt cache
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted
+    accepted_tokens: int = 0  # ... and kept by the model
 
 
 class TextChunk(BaseModel):

@@ -295,4 +295,7 @@ def _usage(end: JobEnd, finish: FinishReason, dropped: int, n_ctx: int) -> Usage
         context_used=end.context_used,
         context_size=n_ctx,
         dropped_turns=dropped,
+        restored_tokens=end.restored_tokens,
+        drafted_tokens=end.drafted_tokens,
+        accepted_tokens=end.accepted_tokens,
     )

@@ -14,6 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from selfhost.cli.common import (
+    CACHE_DIR_OPTION,
+    CACHE_TYPE_K_OPTION,
+    CACHE_TYPE_V_OPTION,
+    DRAFT_MODEL_OPTION,
+    FLASH_ATTN_OPTION,
+    SPEC_DRAFT_OPTION,
+    SPEC_NGRAM_OPTION,
+    SPEC_OPTION,
+    engine_options,
+    show_notices,
+)
 from selfhost.cli.console import console, err_console
 from selfhost.cli.output import print_error, write_json
 from selfhost.cli.pull import PULL_HELP, ensure_model
@@ -78,6 +90,17 @@ def chat(
     conversation: int | None = typer.Option(None, "--conversation", help="Continue conversation ID."),
     no_log: bool = typer.Option(False, "--no-log", help="Do not write this chat to the history."),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
+    spec: str = SPEC_OPTION,
+    spec_draft: int = SPEC_DRAFT_OPTION,
+    spec_ngram: int = SPEC_NGRAM_OPTION,
+    draft_model: str | None = DRAFT_MODEL_OPTION,
+    cache_type_k: str = CACHE_TYPE_K_OPTION,
+    cache_type_v: str = CACHE_TYPE_V_OPTION,
+    flash_attn: str = FLASH_ATTN_OPTION,
+    cache_ram: int = typer.Option(
+        0, "--cache-ram", min=0, help="Prompt cache in RAM, MB (0: none; 1024 when --cache-dir is set)."
+    ),
+    cache_dir: Path | None = CACHE_DIR_OPTION,
 ) -> None:
     """Chat with a local model: a REPL, or one answer with -p (stdin is added when piped)."""
     from selfhost.chat.history import ChatLog
@@ -99,6 +122,18 @@ def chat(
     )
     log = ChatLog(store)
     model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
+    options = engine_options(
+        spec,
+        spec_draft,
+        spec_ngram,
+        draft_model,
+        cache_type_k,
+        cache_type_v,
+        flash_attn,
+        cache_ram,
+        cache_dir,
+        pull,
+    )
     session = ChatSession.load(
         model,
         ctx=ctx,
@@ -109,7 +144,9 @@ def chat(
         system=system,
         schema=schema,
         log=log,
+        options=options,
     )
+    show_notices(session.model.engine)
     if previous is not None:
         session.load_conversation(previous, keep_system=system is not None)
         log.conversation_id = previous.id if store is not None else None
@@ -282,6 +319,7 @@ def _turn(session, chunks) -> None:  # noqa: ANN001
             console.print(note, markup=False, style="dim")
     except KeyboardInterrupt:
         console.print("\n[interrupted]", markup=False, style="dim")
+    show_notices(session.model.engine)
     unsaved = _take_unsaved(session)
     if unsaved is not None:
         print_error(unsaved)
@@ -378,6 +416,14 @@ def _show_stats(session) -> None:  # noqa: ANN001
         f"context: {u.context_used}/{u.context_size} tokens used; {out_of_context} turn(s) dropped so far",
         markup=False,
     )
+    if u.drafted_tokens:
+        rate = u.accepted_tokens / u.drafted_tokens
+        say(
+            f"speculative: {u.drafted_tokens} tokens drafted, {u.accepted_tokens} accepted ({rate:.0%})",
+            markup=False,
+        )
+    if u.restored_tokens:
+        say(f"prompt cache: {u.restored_tokens} prompt tokens restored", markup=False)
     t = session.totals
     say(
         f"session: {t['turns']} replies, {t['generated']} generated, "

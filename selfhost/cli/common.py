@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
 
 from selfhost.cli.output import Output
+
+if TYPE_CHECKING:
+    from selfhost.chat.model import EngineOptions
 
 
 # -- the end of a training run ------------------------------------------------------------------
@@ -35,3 +41,78 @@ def curves_png(run_dir: Path) -> Path | None:
     if not panels or not plots.available():
         return None
     return plots.curves_png([(run_dir.name, panels)], run_dir / runs.CURVE_FILE, title=run_dir.name)
+
+
+# ------------------------------------------------ engine flags shared by `chat` and `serve`
+SPEC_OPTION = typer.Option(
+    "none", "--spec", help="Speculative decoding: ngram (prompt lookup, no second model) or none."
+)
+SPEC_DRAFT_OPTION = typer.Option(8, "--spec-draft", min=1, max=64, help="Most tokens drafted per step.")
+SPEC_NGRAM_OPTION = typer.Option(
+    3, "--spec-ngram", min=1, max=16, help="N-gram size looked up (--spec ngram)."
+)
+DRAFT_MODEL_OPTION = typer.Option(
+    None, "--draft-model", help="A small model of the same vocabulary that drafts tokens (any model name)."
+)
+CACHE_TYPE_K_OPTION = typer.Option("f16", "--cache-type-k", help="KV cache K type: f16, q8_0 or q4_0.")
+CACHE_TYPE_V_OPTION = typer.Option(
+    "f16", "--cache-type-v", help="KV cache V type: f16, q8_0 or q4_0 (quantized V needs flash attention)."
+)
+FLASH_ATTN_OPTION = typer.Option("auto", "--flash-attn", help="Flash attention: on, off or auto.")
+CACHE_DIR_OPTION = typer.Option(
+    None, "--cache-dir", help="Keep the prompt cache in this directory across restarts."
+)
+
+
+def engine_options(
+    spec: str,
+    spec_draft: int,
+    spec_ngram: int,
+    draft_model: str | None,
+    cache_type_k: str,
+    cache_type_v: str,
+    flash_attn: str,
+    cache_ram: int,
+    cache_dir: Path | None,
+    pull: bool,
+) -> EngineOptions:
+    """The engine flags as EngineOptions; a bad value is one clear line (UsageError)."""
+    from pydantic import ValidationError
+
+    from selfhost.chat.model import EngineOptions
+    from selfhost.cli.pull import ensure_model
+    from selfhost.errors import UsageError
+    from selfhost.runtime.kvcache import KVSettings
+    from selfhost.runtime.speculative import SpecSettings
+
+    if spec not in ("none", "ngram"):
+        raise UsageError(f"--spec {spec} is not known", hint="use --spec ngram, or --draft-model NAME")
+    for flag, value, allowed in (
+        ("--cache-type-k", cache_type_k, ("f16", "q8_0", "q4_0")),
+        ("--cache-type-v", cache_type_v, ("f16", "q8_0", "q4_0")),
+        ("--flash-attn", flash_attn, ("on", "off", "auto")),
+    ):
+        if value not in allowed:
+            raise UsageError(f"{flag} {value} is not one of {', '.join(allowed)}")
+    if draft_model is not None:
+        draft_model = ensure_model(draft_model, pull)
+    try:
+        return EngineOptions(
+            kv=KVSettings(type_k=cache_type_k, type_v=cache_type_v, flash_attn=flash_attn).check(),  # type: ignore[arg-type]
+            spec=SpecSettings(mode=spec, draft_max=spec_draft, ngram=spec_ngram),  # type: ignore[arg-type]
+            draft_model=draft_model,
+            cache_ram_mb=cache_ram,
+            cache_dir=cache_dir,
+        )
+    except ValidationError as exc:  # pragma: no cover - the checks above cover the flags
+        raise UsageError(str(exc).splitlines()[0]) from exc
+
+
+def show_notices(engine: object) -> None:
+    """Print what the prompt cache had to say (a foreign or corrupt file ignored)."""
+    cache = getattr(engine, "prompt_cache", None)
+    if cache is None:
+        return
+    out = Output()
+    for notice in cache.take_notices():
+        out.notice(notice.message, level=notice.level)

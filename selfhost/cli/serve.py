@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from selfhost import env
+from selfhost.cli.common import (
+    CACHE_DIR_OPTION,
+    CACHE_TYPE_K_OPTION,
+    CACHE_TYPE_V_OPTION,
+    DRAFT_MODEL_OPTION,
+    FLASH_ATTN_OPTION,
+    SPEC_DRAFT_OPTION,
+    SPEC_NGRAM_OPTION,
+    SPEC_OPTION,
+    engine_options,
+)
 from selfhost.cli.console import err_console
 from selfhost.cli.output import Output
 from selfhost.cli.pull import PULL_HELP, ensure_model
@@ -46,6 +59,17 @@ def serve(
         help="Prompt tokens read per step, so new prompts do not stall replies.",
     ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
+    spec: str = SPEC_OPTION,
+    spec_draft: int = SPEC_DRAFT_OPTION,
+    spec_ngram: int = SPEC_NGRAM_OPTION,
+    draft_model: str | None = DRAFT_MODEL_OPTION,
+    cache_type_k: str = CACHE_TYPE_K_OPTION,
+    cache_type_v: str = CACHE_TYPE_V_OPTION,
+    flash_attn: str = FLASH_ATTN_OPTION,
+    cache_ram: int = typer.Option(
+        1024, "--cache-ram", min=0, help="Prompt cache in RAM for conversations whose slot was reused, MB."
+    ),
+    cache_dir: Path | None = CACHE_DIR_OPTION,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     from selfhost.serve.server import ServeOptions
@@ -75,6 +99,18 @@ def serve(
         max_body=max_body,
         embedding_model=embedding_model,
         prefill_chunk=prefill_chunk,
+        engine=engine_options(
+            spec,
+            spec_draft,
+            spec_ngram,
+            draft_model,
+            cache_type_k,
+            cache_type_v,
+            flash_attn,
+            cache_ram,
+            cache_dir,
+            pull,
+        ),
     )
 
     def ready(line: str, url: str) -> None:

@@ -272,6 +272,21 @@ class BatchEngine:
         with self._cond:
             return sum(1 for s in self.slots if s.job is not None), len(self.waiting)
 
+    def counters(self) -> dict[str, Any]:
+        """Speculative decoding and prompt cache counters since start (for /health and metrics)."""
+        out: dict[str, Any] = {}
+        if self.spec.mode != "none":
+            drafted, accepted = self.stats["drafted"], self.stats["accepted"]
+            out["speculative"] = {
+                "mode": self.spec.mode,
+                "drafted_tokens": drafted,
+                "accepted_tokens": accepted,
+                "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            }
+        if self.prompt_cache is not None:
+            out["prompt_cache"] = {**self.prompt_cache.stats, "entries": len(self.prompt_cache.entries)}
+        return out
+
     def start(self) -> None:
         """Run the scheduler on a background thread (the server's mode)."""
         self._thread = threading.Thread(target=self._loop, name="selfhost-batch", daemon=True)

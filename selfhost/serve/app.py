@@ -52,6 +52,7 @@ def create_app(
             "slots": service.model.summary.slots,
             "slots_busy": busy,
             "queued": waiting,
+            **service.model.engine.counters(),
         }
 
     @app.get("/v1/models", dependencies=[auth])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from selfhost.chat.model import EngineOptions
 from selfhost.errors import UsageError
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class ServeOptions(BaseModel):
     embedding_model: str | None = None
     prefill_chunk: int = 256
     graceful_seconds: int = 10
+    engine: EngineOptions = EngineOptions(cache_ram_mb=1024)  # KV types, speculation, prompt cache
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -88,7 +90,11 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
         parallel=options.parallel,  # None: sized from free memory
         prefill_chunk=options.prefill_chunk,
         max_queue=options.max_queue,
+        options=options.engine,
     )
+    if model.engine.prompt_cache is not None:  # a foreign or corrupt cache file was ignored
+        for notice in model.engine.prompt_cache.take_notices():
+            print(f"selfhost serve: {notice.message}", file=sys.stderr)
     embedder = None
     try:
         embedder = _embedder(model, options)

@@ -220,6 +220,11 @@ class Service:
             "total_tokens": end.prompt_tokens + end.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": end.reused_tokens},
         }
+        if end.drafted_tokens:  # speculative decoding, in OpenAI's names for predicted tokens
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": end.accepted_tokens,
+                "rejected_prediction_tokens": end.drafted_tokens - end.accepted_tokens,
+            }
         return Completed(content, calls, finish, usage)
 
 
