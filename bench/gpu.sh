@@ -13,7 +13,7 @@
 # --dry-run runs each step's real command with tiny sizes on the CPU (no GPU needed), so the script
 # itself is checked where no GPU is lent. Each step's output goes to the log folder beside the report.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 DRY=0
 OUT=bench/gpu-report.md
@@ -50,7 +50,7 @@ else
   DEVICE=cuda; LAYERS=-1; BENCH_GPU_LAYERS=-1
   CHAT_ARGS=(--max-tokens 256 --repeats 3 --threads 4)
   SPEED_ARGS=(--speedups --max-tokens 200 --repeats 3 --threads 4)
-  SERVE_ARGS=(--clients 1,4,8,16 --rounds 2 --max-tokens 128 --no-baseline)
+  SERVE_ARGS=(--clients "1,4,8,16" --rounds 2 --max-tokens 128 --no-baseline)
   GPT_ARGS=(--preset shakespeare-char)  # nanoGPT's shakespeare-char: val loss ~1.47
   MNIST_ARGS=(--epochs 5)
   PYTEST_ARGS=(-m gpu -q)
@@ -63,6 +63,7 @@ step() {  # step NAME COMMAND...: run it, log it, note its time and status in th
   echo "== $name: $*" >&2
   "$@" >"$log" 2>&1
   rc=$?
+  # shellcheck disable=SC2016  # the backticks are Markdown, not a command
   printf '| %s | %s | %ss | `%s` |\n' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")" \
     "$(( $(date +%s) - t0 ))" "$*" >>"$LOGS/steps.md"
   [ $rc = 0 ] || FAILED+=("$name")

@@ -159,6 +159,8 @@ class _Slot:
         self.batch_index: int | None = None  # where its logits are in the current batch
         self.drafts: list[int] = []  # drafted tokens in the current batch, after next_token
         self.ngram: NgramDrafter | None = None
+        self.draft_len = 0  # tokens to draft next: grows while drafts hold, shrinks when they fail
+        self.misses = self.skip = 0  # drafts rejected in a row; steps left without drafting
         self.drafted = self.accepted = self.restored = 0
         self.generated: list[int] = []
         self.text = _TextStream([])
@@ -395,6 +397,7 @@ class BatchEngine:
         slot.t_admit, slot.t_first = time.perf_counter(), 0.0
         slot.sampler = sampler
         slot.drafts, slot.drafted, slot.accepted, slot.restored = [], 0, 0, min(restored, keep)
+        slot.draft_len, slot.misses, slot.skip = self.spec.draft_max, 0, 0
         if self.spec.mode == "ngram":
             slot.ngram = NgramDrafter(self.spec.ngram)
             slot.ngram.reset(job.prompt)
@@ -494,8 +497,11 @@ class BatchEngine:
         """Tokens to verify after the slot's next token (none without speculation, or no room)."""
         job = slot.job
         assert job is not None and slot.next_token is not None
+        if slot.skip > 0:  # backing off after rejected drafts: a failed draft costs a wider batch
+            slot.skip -= 1
+            return []
         room = min(
-            self.spec.draft_max,
+            slot.draft_len,
             self.ctx_per_slot - len(slot.cached) - 2,  # every drafted position stays inside the slot
             job.max_tokens - len(slot.generated) - 1,
         )
@@ -525,6 +531,7 @@ class BatchEngine:
             del slot.cached[keep:]
             slot.drafted += len(drafts)
             slot.accepted += accepted
+            _adapt(slot, len(drafts), accepted, self.spec.draft_max)
             self.stats["drafted"] += len(drafts)
             self.stats["accepted"] += accepted
         for i, token in enumerate(out):
@@ -633,6 +640,20 @@ class BatchEngine:
         if slot.sampler is not None:
             self.lib.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def _adapt(slot: _Slot, drafted: int, accepted: int, draft_max: int) -> None:
+    """Draft length and back-off: double while every draft holds, else the accepted run plus one;
+    after a draft rejected outright, skip drafting for 1, 2, 4 ... 32 steps."""
+    if accepted == drafted:
+        slot.draft_len = min(draft_max, 2 * slot.draft_len)
+    else:
+        slot.draft_len = max(1, accepted + 1)
+    if accepted == 0:
+        slot.misses += 1
+        slot.skip = min(32, 2 ** (slot.misses - 1))
+    else:
+        slot.misses = 0
 
 
 def _step_atomically(step: Any) -> None:
