@@ -87,3 +87,31 @@ def test_the_disk_cache_outlives_the_process_and_ignores_corrupt_or_foreign_file
     model.close()
     assert any("made for another model" in n for n in notices), notices
     assert end.restored_tokens == 0
+
+
+def test_a_served_conversation_gets_its_prefix_back_after_another_took_the_slot(
+    smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    import httpx
+
+    from tests.servehelp import Server
+
+    def ask(*turns: str) -> dict:
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)
+        ]
+        body = {"messages": messages, "temperature": 0, "max_tokens": 2}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    srv = Server(smollm2_gguf, tmp_path / "home", "--parallel", "1", "--ctx", "1024", "--cache-ram", "64")
+    try:
+        first = ask(HISTORY)
+        ask("Something else entirely: " + HISTORY[::-1])
+        back = ask(HISTORY, "Noted.", "How many pears in item 3?")
+        health = srv.health()
+    finally:
+        srv.stop()
+    assert back["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 8
+    assert health["prompt_cache"]["restored"] == 1

@@ -228,6 +228,10 @@ class BatchEngine:
         self.ctx_per_slot = ctx_per_slot
         self.kv = (kv or KVSettings()).check()
         self.spec = spec or SpecSettings()
+        if self.spec.mode != "none" and (
+            self.lib.llama_model_is_recurrent(llm.model) or self.lib.llama_model_is_hybrid(llm.model)
+        ):  # rejected drafts must leave the cache, and a recurrent state cannot be cut back
+            raise SelfhostError("speculative decoding needs a transformer: this model's state is recurrent")
         self.n_batch = max(n_batch, slots * (1 + self.spec.draft_max) if self.spec.mode != "none" else slots)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
         self.max_queue = 4 * slots if max_queue is None else max_queue
