@@ -115,3 +115,19 @@ def test_a_served_conversation_gets_its_prefix_back_after_another_took_the_slot(
         srv.stop()
     assert back["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 8
     assert health["prompt_cache"]["restored"] == 1
+
+
+def test_chat_continue_starts_from_the_cache_dir(runner, smollm2_gguf: Path, tmp_path: Path) -> None:
+    import json
+
+    from selfhost.cli.app import app
+
+    common = [str(smollm2_gguf), "--threads", "2", "--ctx", "1024", "-t", "0", "-n", "4", "--json"]
+    common += ["--cache-dir", str(tmp_path / "prompts")]
+    first = runner.invoke(app, ["chat", "-p", HISTORY, *common])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["chat", "--continue", "-p", "How many pears in item 3?", *common])
+    assert again.exit_code == 0, again.output
+    usage = json.loads(again.stdout)["usage"]
+    assert usage["restored_tokens"] >= json.loads(first.stdout)["usage"]["prompt_tokens"] - 8
+    assert usage["evaluated_tokens"] < usage["prompt_tokens"] // 3

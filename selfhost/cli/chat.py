@@ -153,10 +153,15 @@ def chat(
     line = session.summary.line() + ("" if prompt is not None else " · /help for commands")
     err_console.print(line, markup=False, highlight=False, soft_wrap=True, style="dim")
 
-    if prompt is not None:
-        _one_shot(session, _with_stdin(prompt), as_json)
-    else:
-        _repl(session)
+    try:
+        if prompt is not None:
+            _one_shot(session, _with_stdin(prompt), as_json)
+        else:
+            _repl(session)
+    finally:
+        if options.cache_dir is not None:  # the slot's state goes to --cache-dir for the next --continue
+            session.model.close()
+            show_notices(session.model.engine)
 
 
 def _load_schema(schema_file: str | None) -> dict[str, Any] | None:
