@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -33,6 +33,9 @@ from selfhost.events import Event, Events, Notice, Progress, Result, nested, run
 from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_id
 from selfhost.runtime import gguf_info
 from selfhost.runtime.memory import available_memory
+
+if TYPE_CHECKING:
+    from selfhost.models.resolve import ResolvedModel
 
 
 class QuantizeOptions(BaseModel):
@@ -162,7 +165,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 # -- the core ------------------------------------------------------------------------------
-def quantize(model: str, options: QuantizeOptions) -> Events:
+def quantize(model: str | ResolvedModel, options: QuantizeOptions) -> Events:
     """Quantize `model` (a store name or a .gguf path).
 
     Yields Notices (what runs, requantizing, fallbacks), with --calibration first the importance
@@ -203,7 +206,7 @@ def quantize(model: str, options: QuantizeOptions) -> Events:
     ))
 
 
-def run_quantize(model: str, options: QuantizeOptions) -> QuantizeResult:
+def run_quantize(model: str | ResolvedModel, options: QuantizeOptions) -> QuantizeResult:
     """Convenience: drive `quantize` to the end and return its result."""
     return run_to_end(quantize(model, options))
 
@@ -226,7 +229,7 @@ class _Job:
     embedding_type: int | None
 
 
-def _plan(model: str, options: QuantizeOptions) -> _Job:
+def _plan(model: str | ResolvedModel, options: QuantizeOptions) -> _Job:
     """Validate everything before any work: options, the input, the output path, free disk and RAM."""
     from selfhost.models.names import split_tag
     from selfhost.models.resolve import resolve_model
@@ -241,7 +244,8 @@ def _plan(model: str, options: QuantizeOptions) -> _Job:
     if options.threads is not None and options.threads < 1:
         raise UsageError("--threads must be at least 1")
 
-    resolved = resolve_model(model, purpose="load")  # a split GGUF: llama.cpp reads every part from the first
+    # resolved once: by the CLI (handed down), or here for a name; a split GGUF: llama.cpp reads every part
+    resolved = resolve_model(model, purpose="load") if isinstance(model, str) else model
     info = gguf_info.inspect(resolved.path)  # full validation before llama.cpp touches the file
     if info.vocab_size is None or not info.tensor_types:
         raise IntegrityError(f"{resolved.path} is not a language model GGUF (no tokenizer)")
