@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import checkout_env, selfhost_command
 from tests.servehelp import Server
+from tests.test_pull import fake_hub, tiny_hub  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -221,3 +222,24 @@ def test_config_file_sets_per_model_slots_and_bad_entries_are_one_line(tmp_path:
     done = subprocess.run(selfhost_command("serve", "--config", str(bad), "--port", "0"), capture_output=True,
                           text=True, env=env, timeout=60)  # fmt: skip
     assert done.returncode != 0 and "parallel" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_pull_on_the_server_fetches_a_requested_model(tiny_hub, isolated_home: Path) -> None:  # noqa: F811
+    """`serve --pull`: a request for an alias not downloaded pulls it (progress in the log), then answers."""
+    srv = Server(None, isolated_home, "--threads", "1", "--pull")
+    try:
+        reply = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": HI, "max_tokens": 4, "temperature": 0}).json()  # fmt: skip
+        assert reply["model"] == "tiny:F16", reply
+        assert "pulling tiny" in srv.output() and "pulled tiny:F16" in srv.output()
+        failed = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+            "model": "ghost", "messages": HI, "max_tokens": 4}).json()  # fmt: skip
+        assert failed["error"]["code"] == "pull_failed", failed
+        assert ask_tiny_again(srv)["model"] == "tiny:F16"  # pulled once: now in the store
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
+def ask_tiny_again(srv: Server) -> dict:
+    return httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": HI, "max_tokens": 2, "temperature": 0}).json()  # fmt: skip
