@@ -3,12 +3,12 @@ and `selfhost ps`: what a running server holds."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from selfhost import env
 from selfhost.cli.console import err_console
 from selfhost.cli.output import Output, fmt_bytes, fmt_duration
 from selfhost.cli.pull import PULL_HELP, ensure_model
@@ -59,7 +59,7 @@ def serve(
     from selfhost.serve.server import serve as run
 
     file_options, settings = read_config(Path(config) if config else None)
-    key = api_key or os.environ.get("SELFHOST_API_KEY") or None
+    key = api_key or env.api_key()
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
         Output().notice(
             f"warning: listening on {host} without --api-key: "
@@ -113,7 +113,7 @@ def ps(
     """Models a running `selfhost serve` holds: memory, slots busy, context, backend, when each unloads."""
     from selfhost.serve.client import server_status
 
-    key = api_key or os.environ.get("SELFHOST_API_KEY") or None
+    key = api_key or env.api_key()
     out = Output(as_json)
     status = server_status(host, port, key)
     out.result(status, lambda value: _print_status(value, out))

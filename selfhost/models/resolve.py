@@ -16,7 +16,6 @@ ResolvedModel down: loaders take a resolved model or a path and never import thi
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -105,7 +104,7 @@ def check_usable(resolved: ResolvedModel, purpose: Purpose = "chat") -> None:
             gguf_info.inspect(part)
     if resolved.min_llama_cpp:
         have = llama_cpp_version()
-        if have is not None and _version_tuple(have) < _version_tuple(resolved.min_llama_cpp):
+        if have is not None and () < _version_tuple(have) < _version_tuple(resolved.min_llama_cpp):
             raise DependencyError(
                 f"{resolved.name} needs llama-cpp-python >= {resolved.min_llama_cpp} (installed: {have})",
                 hint=f"pip install -U 'llama-cpp-python>={resolved.min_llama_cpp}'",
@@ -131,17 +130,14 @@ def llama_cpp_version() -> str | None:
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
-    """'0.3.16' -> (0, 3, 16); '0.3.17rc1' -> (0, 3, 17)."""
-    numbers = []
-    for piece in text.split("."):
-        digits = re.match(r"\d+", piece)
-        if digits is None:
-            break
-        numbers.append(int(digits.group()))
-        if digits.end() < len(piece):
-            break
-    return tuple(numbers)
+    """'0.3.16' -> (0, 3, 16); '0.3.17rc1' -> (0, 3, 17): the release part (packaging's parser), so a
+    pre-release of the needed version passes; an unparsable version is () and never refuses."""
+    from packaging.version import InvalidVersion, Version
 
+    try:
+        return Version(text).release
+    except InvalidVersion:
+        return ()
 
 def _guess_kind(path: Path) -> Kind | None:
     from selfhost.runtime import gguf_info

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from selfhost import env
 from selfhost.errors import DependencyError, ModelLoadError
 
 LogHandler = Callable[[int, str], None]  # (ggml log level, text)
@@ -51,7 +52,7 @@ def llama() -> Any:
                 handlers = list(_handlers)
             for handler in handlers:
                 handler(level, line)
-            if not handlers and os.environ.get("SELFHOST_DEBUG"):
+            if not handlers and env.debug():
                 sys.stderr.write(line)
 
         _callback = _route
