@@ -241,7 +241,11 @@ def main() -> None:
         asked = model.stem if name.startswith("selfhost") else "m"
         try:
             one_request(url, PROMPTS[0], 8, asked)  # warm-up
-            table[name] = {c: run_level(url, c, args.rounds, args.max_tokens, asked) for c in levels}
+            table[name] = {}
+            for c in levels:  # each figure as it comes (a long run on a busy machine shows progress)
+                table[name][c] = row = run_level(url, c, args.rounds, args.max_tokens, asked)
+                print(f"  {name} {c} clients: {row['tok_s']:.1f} tok/s, p50 TTFT {row['p50'] * 1000:.0f} ms",
+                      file=sys.stderr, flush=True)  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(30)
