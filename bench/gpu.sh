@@ -42,7 +42,7 @@ if [ "$DRY" = 1 ]; then
   DEVICE=cpu; LAYERS=0; BENCH_GPU_LAYERS=0
   CHAT_ARGS=(--max-tokens 16 --repeats 1 --threads 2)
   SPEED_ARGS=(--speedups --max-tokens 24 --repeats 1 --threads 2 --ctx 512)
-  SERVE_ARGS=(--clients 1 --rounds 1 --max-tokens 8 --no-baseline)
+  SERVE_ARGS=(--clients 1 --rounds 1 --max-tokens 8 --servers selfhost --switch-rounds 0)
   GPT_ARGS=(--preset shakespeare-char --iters 4 --eval-interval 2 --eval-iters 2 --batch-size 4 --block-size 32 --n-layer 1 --n-head 2 --n-embd 32 --no-compile)
   MNIST_ARGS=(--epochs 1 --limit 256 --test-limit 256)
   PYTEST_ARGS=(-m gpu --collect-only -q)  # collected, not run: they need the GPU
@@ -50,7 +50,7 @@ else
   DEVICE=cuda; LAYERS=-1; BENCH_GPU_LAYERS=-1
   CHAT_ARGS=(--max-tokens 256 --repeats 3 --threads 4)
   SPEED_ARGS=(--speedups --max-tokens 200 --repeats 3 --threads 4)
-  SERVE_ARGS=(--clients "1,4,8,16" --rounds 2 --max-tokens 128 --no-baseline)
+  SERVE_ARGS=(--clients "1,4,8,16" --rounds 2 --max-tokens 128 --servers selfhost --switch-rounds 1)
   GPT_ARGS=(--preset shakespeare-char)  # nanoGPT's shakespeare-char: val loss ~1.47
   MNIST_ARGS=(--epochs 5)
   PYTEST_ARGS=(-m gpu -q)

@@ -33,7 +33,7 @@ def load(path: Path, args: argparse.Namespace, parallel: int = 1, ctx: int | Non
     from selfhost.chat.model import ChatModel, EngineOptions
 
     return ChatModel.load(
-        str(path),
+        Path(path),
         ctx=ctx or args.ctx,
         threads=args.threads,
         parallel=parallel,

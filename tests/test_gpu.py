@@ -31,7 +31,7 @@ def test_every_layer_is_offloaded_to_the_gpu(smollm2_gguf: Path) -> None:
     from selfhost.runtime.llama_backend import backend_info
 
     assert backend_info().gpu_offload, "this llama-cpp-python has no GPU backend: build it with .ci/setup"
-    model = ChatModel.load(str(smollm2_gguf), ctx=512)  # default: every layer on the GPU
+    model = ChatModel.load(Path(smollm2_gguf), ctx=512)  # default: every layer on the GPU
     try:
         s = model.summary
         assert s.backend != "CPU" and s.layers_offloaded == s.n_layers > 0, s.line()
@@ -49,10 +49,10 @@ def test_every_layer_is_offloaded_to_the_gpu(smollm2_gguf: Path) -> None:
     ids=["ngram", "kv-q8_0"],
 )
 def test_speculation_and_kv_types_on_the_gpu(smollm2_gguf: Path, options: EngineOptions) -> None:
-    plain = ChatModel.load(str(smollm2_gguf), ctx=512)
+    plain = ChatModel.load(Path(smollm2_gguf), ctx=512)
     reference = greedy(plain)
     plain.close()
-    model = ChatModel.load(str(smollm2_gguf), ctx=512, options=options)
+    model = ChatModel.load(Path(smollm2_gguf), ctx=512, options=options)
     try:
         answer = greedy(model)
     finally:

@@ -58,7 +58,7 @@ def perplexity(path: Path, kv: KVSettings) -> float:
 
 
 def answer(path: Path, kv: KVSettings) -> str:
-    model = ChatModel.load(str(path), ctx=256, threads=2, options=EngineOptions(kv=kv))
+    model = ChatModel.load(Path(path), ctx=256, threads=2, options=EngineOptions(kv=kv))
     try:
         tokens = model.tokenize_prompt(
             model.render(

@@ -20,15 +20,16 @@ from selfhost.cli.common import (
     CACHE_TYPE_V_OPTION,
     DRAFT_MODEL_OPTION,
     FLASH_ATTN_OPTION,
+    PULL_HELP,
     SPEC_DRAFT_OPTION,
     SPEC_NGRAM_OPTION,
     SPEC_OPTION,
     engine_options,
+    ensure_model,
     show_notices,
 )
 from selfhost.cli.console import console, err_console
 from selfhost.cli.output import print_error, write_json
-from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import SelfhostError, UsageError
 
 if TYPE_CHECKING:

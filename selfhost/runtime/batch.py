@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from selfhost.errors import SelfhostError
+from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK, SLOT_QUEUE
 from selfhost.runtime.kvcache import KVSettings
 from selfhost.runtime.prompt_cache import PromptCache
 from selfhost.runtime.speculative import ModelDrafter, NgramDrafter, SpecSettings
@@ -211,7 +212,7 @@ class BatchEngine:
         ctx_per_slot: int,
         threads: int,
         n_batch: int = 512,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_queue: int | None = None,
         kv: KVSettings | None = None,
         spec: SpecSettings | None = None,
@@ -234,7 +235,7 @@ class BatchEngine:
             raise SelfhostError("speculative decoding needs a transformer: this model's state is recurrent")
         self.n_batch = max(n_batch, slots * (1 + self.spec.draft_max) if self.spec.mode != "none" else slots)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
-        self.max_queue = 4 * slots if max_queue is None else max_queue
+        self.max_queue = SLOT_QUEUE * slots if max_queue is None else max_queue
         self.ctx = _open_context(self.lib, llm, slots * ctx_per_slot, slots, self.n_batch, threads, self.kv)
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.drafter: ModelDrafter | None = None
