@@ -139,15 +139,24 @@ PYEOF
     "$PY" - "$LOGS/train-gpt.log" <<'PYEOF'
 import json, sys
 text = open(sys.argv[1]).read()
-start = text.find("{")
+start = text.find("\n{") + 1  # the JSON result starts a line; sample text may hold braces
 try:
     data = json.loads(text[start:text.rfind("}") + 1])
 except ValueError:
     print("train-gpt: no JSON result")
 else:
-    loss = data.get("best_val_loss") or data.get("val_loss")
+    def find(d, key):  # the first value of `key` anywhere in the result
+        if isinstance(d, dict):
+            if key in d:
+                return d[key]
+            for v in d.values():
+                if (found := find(v, key)) is not None:
+                    return found
+        return None
+
+    loss = find(data, "best_val_loss") or find(data, "val_loss")
     verdict = "reached" if loss is not None and loss <= 1.47 else "NOT reached"
-    print(f"shakespeare-char val loss {loss} after {data.get('step')} steps in {data.get('elapsed_s')}s: 1.47 {verdict}")
+    print(f"shakespeare-char val loss {loss} after {find(data, 'step')} steps in {find(data, 'elapsed_s')}s: 1.47 {verdict}")
 PYEOF
   fi
 }
