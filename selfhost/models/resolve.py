@@ -10,7 +10,7 @@ refuse early what the caller cannot use.
 
 An alias or Hub name that is simply not downloaded yet raises `NotDownloaded`, whose `.name` is what a
 pull would fetch (the CLI's auto-pull `selfhost chat ALIAS --pull`, the server's `--pull`).
-Each command resolves its name once (`cli.pull.ensure_model`, the server's model manager) and hands the
+Each command resolves its name once (`cli.common.ensure_model`, the server's model manager) and hands the
 ResolvedModel down: loaders take a resolved model or a path and never import this module.
 """
 
