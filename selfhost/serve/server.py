@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from selfhost.errors import UsageError
 from selfhost.serve.defaults import field
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 class ServeOptions(BaseModel):
     """Every `selfhost serve` setting; defaults and bounds from selfhost.serve.defaults (the CLI's too).
     Slots, context and GPU layers are per-model defaults (selfhost.serve.config overrides them)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key in a --config file's [serve] is an error
 
     models: list[str] = []  # names given at start (loaded then; the rest load on first use)
     host: str = field("host")
