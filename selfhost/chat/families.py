@@ -413,7 +413,7 @@ class TagParser(ReplyParser):
         assert region is not None
         self._scan(out, body, final=final)
         if not any(region.started):  # not a call after all: the text stands as content
-            self._emit(out, region.text, reasoning=False)
+            self._emit(out, body, reasoning=False)
         self.n_calls = region.base + len(region.started)
         self.region, self.mode = None, "content"
         self.section.close()

@@ -89,6 +89,7 @@ class Job:
     max_tokens: int  # the engine also stops at the slot's context end ("context")
     grammar: str | None = None  # GBNF text, root rule "root"
     stop: list[str] = field(default_factory=list)
+    special: bool = False  # render control tokens as text (chat markers: <|channel|>, [TOOL_CALLS])
     id: int = field(default_factory=itertools.count(1).__next__)
     cancelled: bool = False
     end: JobEnd | None = None
@@ -402,7 +403,7 @@ class BatchEngine:
             self._finish(slot, "stop")
             return
         slot.generated.append(token)
-        text = slot.text.feed(token_piece(lib, self.vocab, token))
+        text = slot.text.feed(token_piece(lib, self.vocab, token, special=job.special))
         if text:
             job._emit(JobText(text))
         if slot.text.stopped:
@@ -510,13 +511,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def token_piece(lib: Any, vocab: Any, token: int) -> bytes:
-    """The bytes a token stands for (special tokens render as text too)."""
+def token_piece(lib: Any, vocab: Any, token: int, special: bool = False) -> bytes:
+    """The bytes a token stands for (control tokens only with `special`)."""
     buf = ctypes.create_string_buffer(64)
-    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
-        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     return buf.raw[:n]
 
 

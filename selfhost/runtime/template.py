@@ -117,8 +117,11 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text. Raises ModelLoadError when the template fails, hangs or renders nothing."""
+        """The prompt text. Raises ModelLoadError when the template fails, hangs or renders nothing.
+
+        `extra`: more template variables (a think switch: `enable_thinking`, `reasoning_effort`)."""
         variables: dict[str, Any] = {
             "messages": list(messages),
             "add_generation_prompt": add_generation_prompt,
@@ -127,6 +130,7 @@ class ChatTemplate:
         }
         if tools:
             variables["tools"] = tools
+        variables.update(extra or {})
         self._budget.deadline = time.monotonic() + RENDER_SECONDS
         parts: list[str] = []
         size = 0

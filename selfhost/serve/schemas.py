@@ -133,6 +133,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: Literal[False] | None = None
+    # thinking models: mapped onto the template's own switch (enable_thinking, harmony's reasoning level)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    think: bool | None = None  # Ollama's name for the switch; false = answer without reasoning
+    # llama-server's extension: GBNF constraining the whole reply (markup included, still parsed)
+    grammar: Annotated[str, Field(max_length=100_000)] | None = None
 
     def reply_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

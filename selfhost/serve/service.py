@@ -8,15 +8,15 @@ and grammar code as `selfhost chat` -- and a job in the model's BatchEngine.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from selfhost.chat.history import ChatLog, HistoryStore
-from selfhost.chat.messages import Message
+from selfhost.chat.messages import Message, ReplyChunk, ToolCallChunk
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.chat.session import ChatSession, ContextLengthError, PreparedReply, Sampling
@@ -28,8 +28,6 @@ from selfhost.serve.schemas import (
     SamplingFields,
     Tool,
 )
-
-_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 class ApiError(SelfhostError):
@@ -60,6 +58,7 @@ class ToolPlan:
     template_tools: list[dict[str, Any]] | None = None  # what the chat template renders
     grammar: str | None = None
     forced_name: str | None = None
+    parallel: bool | None = None  # parallel_tool_calls: False keeps the first call only
 
 
 @dataclass
@@ -72,16 +71,18 @@ class Planned:
     id: str
     created: int
     kind: str  # "chat" | "text"
+    fed: bool = False  # the reply's text went through `deltas` (streaming) as it came
 
 
 @dataclass
 class Completed:
-    """A job's result in OpenAI's terms."""
+    """A job's result in OpenAI's terms (content: the answer only; reasoning apart)."""
 
     content: str | None
     tool_calls: list[dict[str, Any]] | None
     finish_reason: str
     usage: dict[str, Any]
+    reasoning: str | None = None
 
 
 class Service:
@@ -108,10 +109,14 @@ class Service:
             else:
                 session.messages.append(_message(m))
         session.system = "\n\n".join(system_parts) or None
+        session.think, session.effort = req.think, req.reasoning_effort
         plan = self._plan_tools(req)
         grammar = plan.grammar or _format_grammar(req)
+        if req.grammar is not None and grammar is not None:
+            raise ApiError(400, "grammar cannot be combined with response_format or a forced tool call")
         if plan.mode in ("named", "required") and plan.template_tools is None:
             session.system = _with_tool_instructions(session.system, plan)
+        session.grammar = req.grammar
         prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools)
         return Planned(session, prepared, plan, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat")
 
@@ -164,14 +169,15 @@ class Service:
         supports = self.model.template is not None and self.model.template.supports_tools
         template_tools = [t.model_dump() for t in tools] if supports else None
         if isinstance(choice, str) and choice == "auto":
-            if not supports:
+            if not supports or self.model.family.tools is None:
                 raise ApiError(
                     400,
-                    f"{self.model_id}'s chat template has no tool support, so it cannot choose tools itself",
+                    f"{self.model_id}'s chat template has no tool-call format selfhost can read, "
+                    "so it cannot choose tools itself (tool_choice required or named still work)",
                     param="tool_choice",
                     code="tools_unsupported",
                 )
-            return ToolPlan("auto", tools, template_tools)
+            return ToolPlan("auto", tools, template_tools, parallel=req.parallel_tool_calls)
         if isinstance(choice, str):  # "required": any of the tools, by name
             options = [
                 {
@@ -194,18 +200,35 @@ class Service:
         return ToolPlan("named", tools, template_tools, grammar, wanted.function.name)
 
     # ----------------------------------------------------------- results
+    def deltas(self, planned: Planned, text: str | None) -> list[ReplyChunk]:
+        """A streamed reply's next text through the model family's parser (None: the end): typed
+        reasoning, answer and tool-call chunks. Tool calls count only where tool_choice is auto."""
+        planned.fed = True
+        parser = planned.prepared.parser
+        chunks = parser.feed(text) if text is not None else parser.finish()
+        if planned.tools.mode != "auto":
+            chunks = [c for c in chunks if not isinstance(c, ToolCallChunk)]
+        return chunks
+
     def finish(self, planned: Planned, end: JobEnd) -> Completed:
         """Record the reply in the session (and the history), in OpenAI's terms."""
         if end.finish_reason == "error":
             raise ApiError(500, end.error or "generation failed", type="server_error")
-        content: str | None = end.text
-        calls = _tool_calls(planned.tools, end.text)
-        if calls:
-            content = (
-                _TOOL_CALL_RE.sub("", end.text).strip() or None if planned.tools.mode == "auto" else None
-            )
+        if not planned.fed:
+            planned.prepared.parser.feed(end.text)
+        planned.prepared.parser.finish()
+        parsed = planned.prepared.parser.result()
+        content: str | None = parsed.content
+        if planned.tools.mode == "auto":
+            calls = parsed.tool_calls
+            if calls and planned.tools.parallel is False:
+                calls = calls[:1]
+            content = content or (None if calls else content)
+        else:
+            calls = _tool_calls(planned.tools, parsed.content, self.model.family.call_id)
+            content = None if calls else content
         try:
-            done = planned.session.record(planned.prepared, end, calls)
+            done = planned.session.record(planned.prepared, end, calls, content or "")
         finally:
             if planned.session.log.store is not None:
                 planned.session.log.store.close()
@@ -219,8 +242,9 @@ class Service:
             "completion_tokens": end.generated_tokens,
             "total_tokens": end.prompt_tokens + end.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": end.reused_tokens},
+            "completion_tokens_details": {"reasoning_tokens": done.usage.reasoning_tokens},
         }
-        return Completed(content, calls, finish, usage)
+        return Completed(content, calls, finish, usage, done.message.reasoning)
 
 
 def _message(m: Any) -> Message:
@@ -264,31 +288,23 @@ def _with_tool_instructions(system: str | None, plan: ToolPlan) -> str:
     return f"{system}\n\n{note}" if system else note
 
 
-def _tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
-    """The tool calls in a reply: the whole reply (named/required) or <tool_call> blocks (auto)."""
-    if plan.mode == "none":
+def _tool_calls(plan: ToolPlan, text: str, new_id: Callable[[], str]) -> list[dict[str, Any]] | None:
+    """The tool call of a forced reply (named/required: the whole reply, under the tool's grammar)."""
+    if plan.mode not in ("named", "required"):
         return None
     if plan.mode == "named":
-        return [_call(plan.forced_name or "", text.strip())]
+        return [_call(new_id(), plan.forced_name or "", text.strip())]
     if plan.mode == "required":
         try:
             data = json.loads(text)
-            return [_call(data["name"], json.dumps(data["arguments"]))]
+            return [_call(new_id(), data["name"], json.dumps(data["arguments"]))]
         except (json.JSONDecodeError, KeyError, TypeError):
             return None  # cut short (max_tokens): the client sees the text and finish_reason "length"
-    calls = []
-    for block in _TOOL_CALL_RE.findall(text):
-        try:
-            data = json.loads(block)
-            calls.append(_call(str(data["name"]), json.dumps(data.get("arguments", {}))))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return calls or None
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
+def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "id": call_id,
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
