@@ -251,3 +251,215 @@ def test_think_switch_renders_as_the_templates_own_switch() -> None:
         detect_family(template("deepseek-ai-DeepSeek-R1-Distill-Llama-8B")).template_vars(think=False)
     with pytest.raises(UsageError, match="does not think"):
         FAMILIES["llama3"].template_vars(think=True)
+
+
+# ------------------------------------------------------------------- real engine, session, CLI
+_GGUFS: dict[str, Path] = {}
+
+
+def tiny(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GGUF carrying the family's real chat template (byte vocabulary: any text)."""
+    from tests.tinygguf import write_tiny_llama
+
+    if name not in _GGUFS:
+        folder = tmp_path_factory.mktemp(f"family-{name}")
+        _GGUFS[name] = write_tiny_llama(
+            folder / f"{name}.gguf", chat_template=template(CASES[name]["template"]), n_ctx=4096
+        )
+    return _GGUFS[name]
+
+
+def grammar_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "reply.gbnf"
+    path.write_text(literal_grammar(text))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", THINKING)
+def test_session_streams_reasoning_apart_and_the_history_keeps_it(
+    name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from selfhost.chat.history import ChatLog, HistoryStore
+    from selfhost.chat.messages import Message
+    from selfhost.chat.session import ChatSession, Sampling
+
+    store = HistoryStore(tmp_path / "history.db")
+    session = ChatSession.load(
+        str(tiny(name, tmp_path_factory)),
+        ctx=2048,
+        threads=1,
+        sampling=Sampling(temperature=0),
+        grammar=literal_grammar(CASES[name]["think"]),
+        log=ChatLog(store),
+    )
+    try:
+        chunks = list(session.chat("Capital of France?"))
+        kinds = [type(c).__name__ for c in chunks if isinstance(c, ReasoningChunk | TextChunk)]
+        assert kinds.index("TextChunk") > kinds.index("ReasoningChunk")  # thinking streams first
+        assert "TextChunk" not in kinds[: kinds.index("TextChunk")]
+        reasoning = "".join(c.text for c in chunks if isinstance(c, ReasoningChunk))
+        answer = "".join(c.text for c in chunks if isinstance(c, TextChunk))
+        assert (reasoning, answer) == ("The capital is Paris.", "Paris.")
+        done = chunks[-1]
+        assert done.message.content == "Paris." and done.message.reasoning == "The capital is Paris."
+        assert 0 < done.usage.reasoning_tokens < done.usage.generated_tokens
+        stored = store.get(session.log.conversation_id).messages[-1]
+        assert (stored.content, stored.reasoning) == ("Paris.", "The capital is Paris.")
+        # the next turn goes back through the template, which drops the old reasoning
+        following = session.render([*session.messages, Message(role="user", content="And Italy?")])
+        assert "Paris." in following and "The capital is Paris." not in following
+    finally:
+        session.model.close()
+        store.close()
+
+
+def test_chat_one_shot_json_and_repl_show_thinking_apart(
+    runner, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from selfhost.cli.app import app
+
+    path = str(tiny("qwen3", tmp_path_factory))
+    grammar = grammar_file(tmp_path, CASES["qwen3"]["think"])
+    base = ["chat", path, "--grammar", grammar, "-t", "0", "--threads", "1", "--ctx", "2048"]
+    as_json = runner.invoke(app, [*base, "-p", "Capital of France?", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.stdout)
+    assert (payload["reply"], payload["reasoning"]) == ("Paris.", "The capital is Paris.")
+    assert payload["usage"]["reasoning_tokens"] > 0
+
+    shown = runner.invoke(app, [*base, "-p", "Capital of France?"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.strip() == "Paris." and "The capital is Paris." in shown.stderr  # apart, on stderr
+    hidden = runner.invoke(app, [*base, "-p", "Capital of France?", "--hide-thinking"])
+    assert hidden.stdout.strip() == "Paris." and "The capital is Paris." not in hidden.stderr
+
+    repl = runner.invoke(app, [*base, "--no-log"], input="Capital of France?\n/think off\n/think\n/exit\n")
+    assert repl.exit_code == 0, repl.output
+    assert "Paris." in repl.stdout and "The capital is Paris." in repl.stderr
+    assert "thinking off" in repl.stdout and "thinking on" in repl.stdout
+    refused = runner.invoke(
+        app, ["chat", str(tiny("llama3.2", tmp_path_factory)), "-p", "hi", "--think", "--threads", "1"]
+    )
+    assert refused.exit_code != 0 and "does not think" in refused.output and "Traceback" not in refused.output
+
+
+# ------------------------------------------------------------------------------- the server
+def _extra(obj, key: str):  # noqa: ANN001, ANN202
+    return (obj.model_extra or {}).get(key)
+
+
+def _check_reasoning(client, case: dict[str, str]) -> None:  # noqa: ANN001
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "temperature": 0,
+        "extra_body": {"grammar": literal_grammar(case["think"])},
+    }
+    done = client.chat.completions.create(**body)
+    message = done.choices[0].message
+    assert (message.content, _extra(message, "reasoning_content")) == ("Paris.", "The capital is Paris.")
+    assert 0 < done.usage.completion_tokens_details.reasoning_tokens < done.usage.completion_tokens
+    reasoning = content = ""
+    for chunk in client.chat.completions.create(**body, stream=True):
+        if chunk.choices:
+            reasoning += _extra(chunk.choices[0].delta, "reasoning_content") or ""
+            content += chunk.choices[0].delta.content or ""
+    assert (reasoning, content) == ("The capital is Paris.", "Paris.")  # the stream adds up to the reply
+
+
+def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN001
+    import jsonschema
+    from openai import pydantic_function_tool
+    from pydantic import BaseModel
+
+    user = {"role": "user", "content": "Weather in Paris and Rome?"}
+    body = {
+        "model": "m",
+        "messages": [user],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "auto",
+        "temperature": 0,
+        "extra_body": {"grammar": literal_grammar(case["tools"])},
+    }
+    done = client.chat.completions.create(**body)
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    calls = choice.message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", PARIS),
+        ("get_weather", ROME),
+    ]
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    assert len({c.id for c in calls}) == 2
+
+    streamed: dict[int, dict] = {}
+    first_delta_has_name = []
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = streamed.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            if entry["id"] is None:
+                first_delta_has_name.append(bool(tc.id and tc.function.name))
+            entry["id"] = entry["id"] or tc.id
+            entry["name"] = entry["name"] or tc.function.name
+            entry["arguments"] += tc.function.arguments or ""
+    assert all(first_delta_has_name)
+    assert [(e["name"], e["arguments"]) for e in streamed.values()] == [
+        (c.function.name, c.function.arguments) for c in calls
+    ]
+
+    class GetWeather(BaseModel):
+        city: str
+
+    parsed = client.chat.completions.parse(
+        model="m",
+        messages=[user],
+        tools=[pydantic_function_tool(GetWeather, name="get_weather")],
+        temperature=0,
+        extra_body={"grammar": literal_grammar(case["tools"])},
+    )
+    cities = [c.function.parsed_arguments.city for c in parsed.choices[0].message.tool_calls]
+    assert cities == ["Paris", "Rome"]
+
+    # the results go back through the template (Llama 3.x templates take one call per turn)
+    kept = calls[:1] if name.startswith("llama") else calls
+    answer_text = "It is sunny in Paris."
+    assistant = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": c.id, "type": "function", "function": c.function.model_dump(include={"name", "arguments"})}
+            for c in kept
+        ],
+    }
+    results = [{"role": "tool", "tool_call_id": c.id, "content": f"sunny in {c.function.name}"} for c in kept]
+    answer = client.chat.completions.create(
+        model="m",
+        messages=[user, assistant, *results],
+        tools=[WEATHER_TOOL],
+        temperature=0,
+        extra_body={"grammar": literal_grammar(answer_text)},
+    )
+    assert answer.choices[0].message.content == answer_text and not answer.choices[0].message.tool_calls
+    assert answer.usage.prompt_tokens > done.usage.prompt_tokens + len("sunny in get_weather")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in CASES if n != "granite-3.3"])
+def test_server_separates_reasoning_and_reads_tool_calls(
+    name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from openai import OpenAI
+
+    from tests.servehelp import Server
+
+    server = Server(tiny(name, tmp_path_factory), tmp_path / "home", "--ctx", "4096", "--parallel", "1")
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        if "think" in CASES[name]:
+            _check_reasoning(client, CASES[name])
+        if "tools" in CASES[name]:
+            _check_tools(client, name, CASES[name])
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()

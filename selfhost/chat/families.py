@@ -43,6 +43,7 @@ class ToolFormat:
     kept: tuple[str, ...] = ()  # start markers that are the body's own first text (Llama's bare `{"name"`)
     drop: tuple[str, ...] = ()  # wrapper markers removed from the text (DeepSeek's calls begin/end)
     id_alnum9: bool = False  # Mistral's templates want ids of exactly 9 letters and digits
+    example: str = ""  # how a call looks, told to the model when its template cannot list tools
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ FAMILIES: dict[str, Family] = {
             "<｜tool▁call▁end｜>",
             "deepseek",
             drop=("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
+            example="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n"
+            "ARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
         ),
         always_thinks=True,
     ),

@@ -116,6 +116,8 @@ class Service:
             raise ApiError(400, "grammar cannot be combined with response_format or a forced tool call")
         if plan.mode in ("named", "required") and plan.template_tools is None:
             session.system = _with_tool_instructions(session.system, plan)
+        elif plan.mode == "auto" and plan.template_tools is None:  # a family whose template lists no tools
+            session.system = _with_tool_list(session.system, plan, self.model.family.tools)
         session.grammar = req.grammar
         prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools)
         return Planned(session, prepared, plan, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat")
@@ -167,9 +169,9 @@ class Service:
                 raise ApiError(400, "tool_choice needs `tools`", param="tool_choice")
             return ToolPlan()
         supports = self.model.template is not None and self.model.template.supports_tools
-        template_tools = [t.model_dump() for t in tools] if supports else None
+        template_tools = [t.model_dump(exclude_none=True) for t in tools] if supports else None
         if isinstance(choice, str) and choice == "auto":
-            if not supports or self.model.family.tools is None:
+            if self.model.family.tools is None:
                 raise ApiError(
                     400,
                     f"{self.model_id}'s chat template has no tool-call format selfhost can read, "
@@ -256,7 +258,13 @@ def _message(m: Any) -> Message:
                 call["function"]["arguments"] = json.loads(call["function"]["arguments"])
             except (json.JSONDecodeError, TypeError):
                 pass
-    return Message(role=role, content=m.text(), tool_calls=calls, tool_call_id=m.tool_call_id)
+    return Message(
+        role=role,
+        content=m.text(),
+        tool_calls=calls,
+        tool_call_id=m.tool_call_id,
+        reasoning=m.reasoning_content,
+    )
 
 
 def _grammar(schema: dict[str, Any], where: str) -> str:
@@ -285,6 +293,15 @@ def _with_tool_instructions(system: str | None, plan: ToolPlan) -> str:
         if plan.forced_name in (None, t.function.name)
     ]
     note = "Reply only with the JSON arguments of this function call:\n" + "\n".join(specs)
+    return f"{system}\n\n{note}" if system else note
+
+
+def _with_tool_list(system: str | None, plan: ToolPlan, fmt: Any) -> str:
+    """For a template that cannot list tools (DeepSeek-R1 distills): the tools, and how to call them."""
+    specs = "\n".join(json.dumps(t.model_dump(exclude_none=True)) for t in plan.tools)
+    note = f"You may call these functions:\n{specs}"
+    if fmt is not None and fmt.example:
+        note += f"\nTo call one, reply with:\n{fmt.example}"
     return f"{system}\n\n{note}" if system else note
 
 
