@@ -123,6 +123,11 @@ CASES: dict[str, dict[str, str]] = {
     },
     "qwen2.5": {"template": "Qwen-Qwen2.5-7B-Instruct", "tools": hermes_calls()},
     "granite-4": {"template": "ibm-granite-granite-4.0", "tools": hermes_calls()},
+    "phi-4-mini": {  # the closing marker is often missing, and calls may come without a list
+        "template": "microsoft-Phi-4-mini-instruct",
+        "tools": "<|tool_call|>"
+        + ", ".join(f'{{"name": "get_weather", "arguments": {json.dumps(c)}}}' for c in (PARIS, ROME)),
+    },
     "granite-3.3": {
         "template": "ibm-granite-granite-3.3-2B-Instruct",
         "tools": "<|tool_call|>["
@@ -210,6 +215,7 @@ def test_families_are_detected_from_the_template_not_the_name() -> None:
         "ibm-granite-granite-4.0": ("hermes", False, None, "hermes"),
         "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": ("hermes", False, None, "hermes"),
         "google-gemma-2-2b-it": ("plain", False, None, None),
+        "microsoft-Phi-4-mini-instruct": ("phi4-mini", False, None, "phi4-mini"),
     }
     for file, (name, reasons, switch, tools) in expect.items():
         family = detect_family(template(file))
@@ -449,7 +455,7 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
 def test_server_separates_reasoning_and_reads_tool_calls(
     name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from openai import OpenAI
+    from openai import BadRequestError, OpenAI
 
     from tests.servehelp import Server
 
@@ -460,6 +466,32 @@ def test_server_separates_reasoning_and_reads_tool_calls(
             _check_reasoning(client, CASES[name])
         if "tools" in CASES[name]:
             _check_tools(client, name, CASES[name])
+        else:  # no tool format in the template: refused clearly
+            with pytest.raises(BadRequestError) as refused:
+                client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL]
+                )
+            assert refused.value.code == "tools_unsupported"
+        if "think" not in CASES[name]:  # no reasoning: a think switch is refused, never ignored
+            with pytest.raises(BadRequestError, match="does not think"):
+                client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"think": True}
+                )
     finally:
         server.stop()
     assert "Traceback" not in server.output()
+
+
+def test_phi4_mini_tools_ride_on_the_system_message(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from selfhost.chat.messages import Message
+    from selfhost.chat.session import ChatSession
+
+    path = str(tiny("phi-4-mini", tmp_path_factory))
+    session = ChatSession.load(path, ctx=2048, threads=1, system="Be brief.")
+    try:
+        prompt = session.render([Message(role="user", content="Weather?")], tools=[WEATHER_TOOL])
+        listed = json.dumps([WEATHER_TOOL["function"]])
+        expected = f"<|system|>Be brief.<|tool|>{listed}<|/tool|><|end|><|user|>Weather?<|end|><|assistant|>"
+        assert prompt == expected
+    finally:
+        session.model.close()

@@ -44,6 +44,7 @@ class ToolFormat:
     drop: tuple[str, ...] = ()  # wrapper markers removed from the text (DeepSeek's calls begin/end)
     id_alnum9: bool = False  # Mistral's templates want ids of exactly 9 letters and digits
     example: str = ""  # how a call looks, told to the model when its template cannot list tools
+    in_system: bool = False  # the tools go in the system message's `tools` field (Phi-4-mini)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ FAMILIES: dict[str, Family] = {
     ),
     "granite3": Family("granite3", tools=ToolFormat("granite3", ("<|tool_call|>",), None, "json")),
     "phi4-mini": Family(
-        "phi4-mini", tools=ToolFormat("phi4-mini", ("<|tool_call|>",), "<|/tool_call|>", "json")
+        "phi4-mini",
+        tools=ToolFormat("phi4-mini", ("<|tool_call|>",), "<|/tool_call|>", "json-seq", in_system=True),
     ),
     "hermes": Family("hermes", tools=HERMES),
 }
@@ -527,15 +529,15 @@ def _scan_object(s: str, i: int) -> tuple[tuple[str | None, str, bool], int | No
         j = end
 
 
-def scan_json(s: str) -> Scan:
-    """A JSON call object, an array of them, or a sequence separated by whitespace, ',' or ';'."""
+def scan_json(s: str, sequence: bool = False) -> Scan:
+    """A JSON call object or an array of them (`sequence`: or several objects separated by ',' or ';')."""
     calls: list[tuple[str | None, str, bool]] = []
     j = _skip_ws(s, 0)
     array = j < len(s) and s[j] == "["
     if array:
         j += 1
     while True:
-        j = _skip_ws(s, j, ",;" if array else "")
+        j = _skip_ws(s, j, ",;" if array or sequence else "")
         if j >= len(s):
             return calls, None
         if array and s[j] == "]":
@@ -547,7 +549,7 @@ def scan_json(s: str) -> Scan:
         if end is None:
             return calls, None
         j = end
-        if not array:
+        if not array and not sequence:
             return calls, end
 
 
@@ -600,7 +602,13 @@ def scan_xml(s: str) -> Scan:
     return [(m.group(1).strip(), args, complete)], None
 
 
-SCANNERS = {"json": scan_json, "mistral": scan_mistral, "deepseek": scan_deepseek, "xml": scan_xml}
+SCANNERS = {
+    "json": scan_json,
+    "json-seq": lambda s: scan_json(s, sequence=True),
+    "mistral": scan_mistral,
+    "deepseek": scan_deepseek,
+    "xml": scan_xml,
+}
 
 
 # --------------------------------------------------------------------------- harmony

@@ -9,6 +9,7 @@ writes the conversation to the history database when there is a log.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,11 @@ class ChatSession:
 
     def render(self, window: Sequence[Message], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text for a window of messages (system prompt included)."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
+        head: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        fmt = self.model.family.tools
+        if tools and fmt is not None and fmt.in_system:  # Phi-4-mini: tools ride on the system message
+            listed = json.dumps([t["function"] for t in tools])
+            head = [{"role": "system", "content": self.system or "", "tools": listed}]
         messages = head + [m.template_dict() for m in window]
         return self.model.render(messages, raw=self.raw, tools=tools, extra=self.template_vars())
 
