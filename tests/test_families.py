@@ -319,6 +319,24 @@ def test_session_streams_reasoning_apart_and_the_history_keeps_it(
         store.close()
 
 
+@pytest.mark.parametrize("name", THINKING)
+def test_chat_one_shot_json_has_reasoning_apart(
+    name: str, runner, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from selfhost.cli.app import app
+
+    grammar = grammar_file(tmp_path, CASES[name]["think"])
+    args = ["chat", str(tiny(name, tmp_path_factory)), "--grammar", grammar, "-t", "0", "--threads", "1"]
+    result = runner.invoke(app, [*args, "--ctx", "2048", "-p", "Capital of France?", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["reply"], payload["reasoning"]) == ("Paris.", "The capital is Paris.")
+    from selfhost.chat.history import HistoryStore
+
+    stored = HistoryStore().get(payload["conversation_id"]).messages[-1]
+    assert (stored.content, stored.reasoning) == ("Paris.", "The capital is Paris.")
+
+
 def test_chat_one_shot_json_and_repl_show_thinking_apart(
     runner, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -371,6 +389,18 @@ def _check_reasoning(client, case: dict[str, str]) -> None:  # noqa: ANN001
             reasoning += _extra(chunk.choices[0].delta, "reasoning_content") or ""
             content += chunk.choices[0].delta.content or ""
     assert (reasoning, content) == ("The capital is Paris.", "Paris.")  # the stream adds up to the reply
+
+    # the switch goes to the template's own control: a different prompt, and the answer alone
+    switch = {"reasoning_effort": "low"} if "gpt-oss" in case["template"] else {"think": False}
+    off = client.chat.completions.create(
+        model="m",
+        messages=body["messages"],
+        temperature=0,
+        extra_body={**switch, "grammar": literal_grammar("Paris.")},
+    )
+    message = off.choices[0].message
+    assert message.content == "Paris." and not _extra(message, "reasoning_content")
+    assert off.usage.prompt_tokens != done.usage.prompt_tokens
 
 
 def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN001

@@ -214,6 +214,8 @@ def _stream(chunks: Iterable[object], echo: bool = True, thinking: bool = True) 
             elif isinstance(chunk, DoneChunk):
                 done = chunk
     finally:
+        if in_thought:  # the reply ended (or was stopped) while still thinking
+            err_console.print("", markup=False)
         # Ctrl-C may land here, between two chunks: closing the stream now (not at garbage
         # collection) lets the engine record the partial reply before anyone looks at it.
         close = getattr(chunks, "close", None)
