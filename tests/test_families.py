@@ -502,6 +502,10 @@ def test_server_separates_reasoning_and_reads_tool_calls(
                     model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL]
                 )
             assert refused.value.code == "tools_unsupported"
+        with pytest.raises(BadRequestError, match="could not compile the grammar"):
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"grammar": "root ::= ("}
+            )
         if "think" not in CASES[name]:  # no reasoning: a think switch is refused, never ignored
             with pytest.raises(BadRequestError, match="does not think"):
                 client.chat.completions.create(

@@ -82,6 +82,8 @@ class ChatSession:
         self.unsaved: HistoryError | None = None  # why the last reply is not in the history, if so
         self._grammar = grammar_for(schema) if schema is not None else None  # GBNF text
         self.grammar = grammar
+        if grammar is not None:
+            model.engine.check_grammar(grammar)
         self.think, self.effort = think, effort  # None: the template's default
         self.template_vars()  # a switch the model's template does not have is refused now
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from selfhost.errors import SelfhostError
+from selfhost.errors import SelfhostError, UsageError
 
 JobFinish = Literal["stop", "length", "context", "cancelled", "error"]
 
@@ -449,6 +449,13 @@ class BatchEngine:
     def _drop_cache(self, slot: _Slot) -> None:
         self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
         slot.cached = []
+
+    def check_grammar(self, grammar: str) -> None:
+        """Compile a GBNF grammar once, to refuse a broken one before a job carries it."""
+        sampler = self.lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise UsageError("llama.cpp could not compile the grammar (GBNF, root rule `root`)")
+        self.lib.llama_sampler_free(sampler)
 
     def _make_sampler(self, job: Job) -> Any:
         lib, s = self.lib, job.sampling

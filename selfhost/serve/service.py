@@ -3,6 +3,16 @@
 The FastAPI layer (selfhost/serve/app.py) only parses, authenticates and streams. Every request
 becomes a ChatSession over the shared ChatModel -- the same templating, context check, sampling
 and grammar code as `selfhost chat` -- and a job in the model's BatchEngine.
+
+The interface every API shape (OpenAI chat, and adapters built on it) reads a reply through:
+- `Service.plan_chat(req) -> Planned`; the job is `planned.prepared.job` (submit it to the engine);
+- streaming: `Service.deltas(planned, text)` for each `JobText.text`, then `Service.deltas(planned, None)`
+  at the end: typed chunks of the model family's parser (selfhost/chat/families.py), in order --
+  `ReasoningChunk(text)`, `TextChunk(text)` (the answer), `ToolCallChunk(index, id, name, arguments)`
+  (id and name on a call's first chunk, then argument fragments that concatenate to its JSON);
+- `Service.finish(planned, end) -> Completed`: `content` (the answer only), `reasoning`, `tool_calls`
+  (OpenAI's shape), `finish_reason`, `usage` (with `completion_tokens_details.reasoning_tokens`).
+The non-streamed result is exactly what the streamed chunks add up to.
 """
 
 from __future__ import annotations
@@ -118,6 +128,11 @@ class Service:
             session.system = _with_tool_instructions(session.system, plan)
         elif plan.mode == "auto" and plan.template_tools is None:  # a family whose template lists no tools
             session.system = _with_tool_list(session.system, plan, self.model.family.tools)
+        if req.grammar is not None:
+            try:
+                self.model.engine.check_grammar(req.grammar)
+            except UsageError as exc:
+                raise ApiError(400, str(exc), param="grammar") from exc
         session.grammar = req.grammar
         prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools)
         return Planned(session, prepared, plan, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat")
