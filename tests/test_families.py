@@ -457,6 +457,39 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
     cities = [c.function.parsed_arguments.city for c in parsed.choices[0].message.tool_calls]
     assert cities == ["Paris", "Rome"]
 
+    # a forced call (named) keeps the grammar over the tool's schema and streams as a call too
+    unit_tool = {
+        "type": "function",
+        "function": {
+            "name": "set_unit",
+            "parameters": {
+                "type": "object",
+                "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["unit"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    forced = {
+        "model": "m",
+        "messages": [user],
+        "tools": [WEATHER_TOOL, unit_tool],
+        "tool_choice": {"type": "function", "function": {"name": "set_unit"}},
+        "temperature": 0,
+        "max_tokens": 40,
+    }
+    whole = client.chat.completions.create(**forced).choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(whole.function.arguments), unit_tool["function"]["parameters"])
+    pieces = [
+        tc
+        for chunk in client.chat.completions.create(**forced, stream=True)
+        for tc in ((chunk.choices[0].delta.tool_calls or []) if chunk.choices else [])
+    ]
+    assert pieces[0].id and pieces[0].function.name == "set_unit" and len(pieces) >= 2
+    assert "".join(p.function.arguments or "" for p in pieces) == whole.function.arguments
+    if name.startswith("mistral"):
+        assert len(whole.id) == 9 and whole.id.isalnum()  # what Mistral's templates accept back
+
     # the results go back through the template (Llama 3.x templates take one call per turn)
     kept = calls[:1] if name.startswith("llama") else calls
     answer_text = "It is sunny in Paris."

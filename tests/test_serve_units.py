@@ -7,10 +7,10 @@ import socket
 import subprocess
 import sys
 
-from selfhost.chat.families import FAMILIES
+from selfhost.chat.families import FAMILIES, forced_call_parser
 from selfhost.runtime.template import ChatTemplate
 from selfhost.serve.schemas import FunctionDef, Tool
-from selfhost.serve.service import ToolPlan, _tool_calls
+from selfhost.serve.service import _complete
 from tests.servehelp import REPO
 
 HERMES = (
@@ -41,14 +41,19 @@ def test_auto_mode_reads_hermes_tool_call_blocks() -> None:
     assert two[0]["function"]["arguments"] == "{}"
 
 
+def _forced(name: str | None, text: str):  # noqa: ANN202
+    parser = forced_call_parser(FAMILIES["hermes"], name)
+    chunks = parser.feed(text[:5]) + parser.feed(text[5:]) + parser.finish()
+    assert chunks[0].id is not None  # streamed as a call: id and name first
+    return parser.result().tool_calls
+
+
 def test_named_and_required_modes_take_the_whole_reply() -> None:
-    named = _tool_calls(ToolPlan("named", forced_name="f"), ' {"x": 1} ', lambda: "call_1")
+    named = _forced("f", ' {"x": 1} ')
     assert named[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    required = _tool_calls(ToolPlan("required"), '{"name": "g", "arguments": {"y": 2}}', lambda: "call_2")
-    assert required[0]["function"]["name"] == "g" and json.loads(required[0]["function"]["arguments"]) == {
-        "y": 2
-    }
-    assert _tool_calls(ToolPlan("required"), '{"name": "g", "argu', str) is None  # cut short: no call
+    required = _forced(None, '{"name": "g", "arguments": {"y": 2}}')
+    assert required[0]["function"] == {"name": "g", "arguments": '{"y": 2}'}
+    assert not _complete(_forced(None, '{"name": "g", "arguments": {"y"'))  # cut short: no call invented
 
 
 def test_templates_that_know_tools_render_them() -> None:

@@ -103,6 +103,17 @@ class Family:
         return f"call_{secrets.token_hex(12)}"
 
 
+def forced_call_parser(family: Family, name: str | None) -> ReplyParser:
+    """The parser of a reply a grammar forces into one call: the named function's arguments, or
+    (name None: tool_choice "required") a {"name": ..., "arguments": ...} object. Streams like any call."""
+    if name is not None:
+        return NamedCallParser(name, family.call_id())
+    parser = TagParser(Family(family.name, tools=ToolFormat("required", (), None, "json")), in_think=False)
+    parser.mode, parser.region = "tool", _Region(0)
+    parser.call_id = family.call_id  # the family's ids (Mistral's 9 characters)
+    return parser
+
+
 def _opens_think(prompt: str, think: tuple[str, str]) -> bool:
     """Did the rendered prompt open a think block it did not close (the reply starts inside it)?"""
     tail = prompt.rstrip()
@@ -243,6 +254,25 @@ class ReplyParser:
         return []
 
 
+class NamedCallParser(ReplyParser):
+    """The whole reply is the arguments of one named call (tool_choice naming a function)."""
+
+    def __init__(self, name: str, call_id: str) -> None:
+        super().__init__()
+        self.name, self.id = name, call_id
+        self.section = _Section()
+
+    def _feed(self, text: str) -> list[ReplyChunk]:
+        kept = self.section.text(text)
+        if not kept:
+            return []
+        out: list[ReplyChunk] = []
+        if not self._calls:
+            out.append(ToolCallChunk(index=0, id=self.id, name=self.name))
+        out.append(ToolCallChunk(index=0, arguments=kept))
+        return out
+
+
 class PlainParser(ReplyParser):
     """Replies with no markup: every delta is content."""
 
@@ -305,6 +335,7 @@ class TagParser(ReplyParser):
         self.section = _Section()
         self.region: _Region | None = None
         self.n_calls = 0
+        self.call_id = family.call_id
 
     # markers of content mode
     @property
@@ -435,7 +466,7 @@ class TagParser(ReplyParser):
             if not region.started[k]:
                 if name is None:
                     break
-                out.append(ToolCallChunk(index=region.base + k, id=self.family.call_id(), name=name))
+                out.append(ToolCallChunk(index=region.base + k, id=self.call_id(), name=name))
                 region.started[k] = True
             if final and complete and not args:
                 args = "{}"

@@ -149,7 +149,6 @@ async def _events(service: Service, planned: Planned, job: Any, include_usage: b
         choice.update({"text": delta} if text_kind else {"delta": delta})
         return {"data": json.dumps({**head, "choices": [choice]})}
 
-    holding = planned.tools.mode in ("named", "required")  # a forced call is read from the whole reply
     end: JobEnd | None = None
     try:
         if not text_kind:
@@ -158,17 +157,11 @@ async def _events(service: Service, planned: Planned, job: Any, include_usage: b
             if isinstance(item, JobText | JobEnd):
                 end = item if isinstance(item, JobEnd) else None
                 for piece in service.deltas(planned, item.text if end is None else None):
-                    if not holding:
-                        yield chunk(piece.text if text_kind else _delta(piece))  # type: ignore[union-attr]
+                    yield chunk(piece.text if text_kind else _delta(piece))  # type: ignore[union-attr]
     finally:
         if end is None:  # client disconnected or server shutting down: free the slot at the next step
             job.cancel()
     result = await run_in_threadpool(service.finish, planned, end)
-    if holding:
-        delta: dict[str, Any] = {"content": result.content}
-        if result.tool_calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
-        yield chunk(delta)
     yield chunk("" if text_kind else {}, result.finish_reason)
     if include_usage:
         yield {"data": json.dumps({**head, "choices": [], "usage": result.usage})}

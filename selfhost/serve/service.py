@@ -21,10 +21,10 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfhost.chat.families import ReplyParser, forced_call_parser
 from selfhost.chat.history import ChatLog, HistoryStore
 from selfhost.chat.messages import Message, ReplyChunk, ToolCallChunk
 from selfhost.chat.model import ChatModel
@@ -134,7 +134,10 @@ class Service:
             except UsageError as exc:
                 raise ApiError(400, str(exc), param="grammar") from exc
         session.grammar = req.grammar
-        prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools)
+        forced = None
+        if plan.mode in ("named", "required"):  # the grammar makes the reply one call: stream it as one
+            forced = forced_call_parser(self.model.family, plan.forced_name)
+        prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools, forced)
         return Planned(session, prepared, plan, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat")
 
     def plan_text(self, req: CompletionRequest) -> Planned:
@@ -160,10 +163,15 @@ class Service:
         return ChatSession(self.model, sampling=sampling, raw=raw, log=log)
 
     def _prepare(
-        self, session: ChatSession, grammar: str | None, stop: list[str], tools: list[dict[str, Any]] | None
+        self,
+        session: ChatSession,
+        grammar: str | None,
+        stop: list[str],
+        tools: list[dict[str, Any]] | None,
+        parser: ReplyParser | None = None,
     ) -> PreparedReply:
         try:
-            return session.prepare(trim=False, grammar=grammar, stop=stop, tools=tools)
+            return session.prepare(trim=False, grammar=grammar, stop=stop, tools=tools, parser=parser)
         except ContextLengthError as exc:
             raise ApiError(
                 400,
@@ -223,7 +231,7 @@ class Service:
         planned.fed = True
         parser = planned.prepared.parser
         chunks = parser.feed(text) if text is not None else parser.finish()
-        if planned.tools.mode != "auto":
+        if planned.tools.mode == "none":
             chunks = [c for c in chunks if not isinstance(c, ToolCallChunk)]
         return chunks
 
@@ -236,14 +244,12 @@ class Service:
         planned.prepared.parser.finish()
         parsed = planned.prepared.parser.result()
         content: str | None = parsed.content
-        if planned.tools.mode == "auto":
-            calls = parsed.tool_calls
-            if calls and planned.tools.parallel is False:
-                calls = calls[:1]
-            content = content or (None if calls else content)
-        else:
-            calls = _tool_calls(planned.tools, parsed.content, self.model.family.call_id)
-            content = None if calls else content
+        calls = parsed.tool_calls if planned.tools.mode != "none" else None
+        if calls and planned.tools.mode == "auto" and planned.tools.parallel is False:
+            calls = calls[:1]
+        if calls and planned.tools.mode != "auto" and not _complete(calls):
+            calls, content = None, end.text  # a forced call cut short (max_tokens): the text, "length"
+        content = content or (None if calls else content)
         try:
             done = planned.session.record(planned.prepared, end, calls, content or "")
         finally:
@@ -320,23 +326,9 @@ def _with_tool_list(system: str | None, plan: ToolPlan, fmt: Any) -> str:
     return f"{system}\n\n{note}" if system else note
 
 
-def _tool_calls(plan: ToolPlan, text: str, new_id: Callable[[], str]) -> list[dict[str, Any]] | None:
-    """The tool call of a forced reply (named/required: the whole reply, under the tool's grammar)."""
-    if plan.mode not in ("named", "required"):
-        return None
-    if plan.mode == "named":
-        return [_call(new_id(), plan.forced_name or "", text.strip())]
-    if plan.mode == "required":
-        try:
-            data = json.loads(text)
-            return [_call(new_id(), data["name"], json.dumps(data["arguments"]))]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None  # cut short (max_tokens): the client sees the text and finish_reason "length"
-
-
-def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
-    return {
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
+def _complete(calls: list[dict[str, Any]]) -> bool:
+    """Are all calls' arguments whole JSON objects?"""
+    try:
+        return all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls)
+    except json.JSONDecodeError:
+        return False
