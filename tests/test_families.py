@@ -335,6 +335,8 @@ def test_chat_one_shot_json_has_reasoning_apart(
 
     stored = HistoryStore().get(payload["conversation_id"]).messages[-1]
     assert (stored.content, stored.reasoning) == ("Paris.", "The capital is Paris.")
+    shown = runner.invoke(app, ["history", "show", str(payload["conversation_id"])])
+    assert "> The capital is Paris.\n\nParis." in shown.stdout
 
 
 def test_chat_one_shot_json_and_repl_show_thinking_apart(
