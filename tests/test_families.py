@@ -199,6 +199,14 @@ def test_every_cut_of_a_reply_reads_the_same(name: str, kind: str) -> None:
     check_stream(chunks, result)
 
 
+def test_without_tools_offered_call_like_text_stays_text() -> None:
+    reply = '{"name": "Ada", "parameters": {"age": 36}}'
+    parser = FAMILIES["llama3"].parser("", calls=False)  # a chat with no tools: JSON is the answer
+    parser.feed(reply)
+    parser.finish()
+    assert parser.result().content == reply and parser.result().tool_calls is None
+
+
 def test_families_are_detected_from_the_template_not_the_name() -> None:
     expect = {
         "Qwen-Qwen3-0.6B": ("hermes", True, "enable_thinking", "hermes"),

@@ -88,14 +88,16 @@ class Family:
             raise UsageError(f"this model ({self.name} template) always thinks: its template has no switch")
         return {}
 
-    def parser(self, prompt: str = "", *, plain: bool = False) -> ReplyParser:
-        """A parser for one reply to `prompt` (plain: the reply is text only, e.g. under a grammar)."""
-        if plain or (not self.reasons and self.tools is None):
+    def parser(self, prompt: str = "", *, plain: bool = False, calls: bool = True) -> ReplyParser:
+        """A parser for one reply to `prompt` (plain: the reply is text only, e.g. under a grammar;
+        calls=False: no tools were offered, so text that looks like a call is text: Llama's `{"name"`)."""
+        tools = self.tools is not None and calls
+        if plain or (not self.reasons and not tools):
             return PlainParser()
         if self.harmony:
             return HarmonyParser(self)
         in_think = self.think is not None and _opens_think(prompt, self.think)
-        return TagParser(self, in_think=in_think)
+        return TagParser(self, in_think=in_think, calls=tools)
 
     def call_id(self) -> str:
         if self.tools is not None and self.tools.id_alnum9:
@@ -326,10 +328,10 @@ class _Region:
 class TagParser(ReplyParser):
     """Think tags and marker-delimited tool calls (every family but harmony)."""
 
-    def __init__(self, family: Family, in_think: bool) -> None:
+    def __init__(self, family: Family, in_think: bool, calls: bool = True) -> None:
         super().__init__()
         self.family = family
-        self.tools = family.tools
+        self.tools = family.tools if calls else None
         self.mode = "reasoning" if in_think else ("start" if family.think else "content")
         self.buf = ""
         self.section = _Section()

@@ -221,13 +221,15 @@ class ChatSession:
         tools: list[dict[str, Any]] | None = None,
         plain: bool | None = None,
         parser: ReplyParser | None = None,
+        calls: bool | None = None,
     ) -> PreparedReply:
         """Render and fit the conversation; build the job that generates the next reply.
 
         trim=True drops the oldest turns until the prompt and the reply budget fit (chat);
         trim=False refuses with ContextLengthError instead (server: the client owns the history).
         plain: read the reply as text only (default: when a schema's or a tool's grammar shapes it);
-        parser: read it with this one instead (a forced tool call)."""
+        parser: read it with this one instead (a forced tool call); calls: read tool calls in it
+        (default: when tools are rendered into the prompt)."""
         max_tokens = self.sampling.max_tokens
         if trim:
             text, tokens, dropped = self._fit(tools)
@@ -242,7 +244,8 @@ class ChatSession:
             plain = grammar is not None or self._grammar is not None
         schema = self.schema if grammar is None else None
         grammar = grammar if grammar is not None else self._grammar or self.grammar
-        parser = parser or self.model.family.parser(text, plain=self.raw or plain)
+        calls = tools is not None if calls is None else calls
+        parser = parser or self.model.family.parser(text, plain=self.raw or plain, calls=calls)
         job = Job(
             prompt=tokens,
             sampling=SamplingParams(**self.sampling.model_dump(exclude={"max_tokens"})),

@@ -137,7 +137,9 @@ class Service:
         forced = None
         if plan.mode in ("named", "required"):  # the grammar makes the reply one call: stream it as one
             forced = forced_call_parser(self.model.family, plan.forced_name)
-        prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools, forced)
+        prepared = self._prepare(
+            session, grammar, req.stop_list(), plan.template_tools, forced, calls=plan.mode == "auto"
+        )
         return Planned(session, prepared, plan, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat")
 
     def plan_text(self, req: CompletionRequest) -> Planned:
@@ -169,9 +171,12 @@ class Service:
         stop: list[str],
         tools: list[dict[str, Any]] | None,
         parser: ReplyParser | None = None,
+        calls: bool = False,
     ) -> PreparedReply:
         try:
-            return session.prepare(trim=False, grammar=grammar, stop=stop, tools=tools, parser=parser)
+            return session.prepare(
+                trim=False, grammar=grammar, stop=stop, tools=tools, parser=parser, calls=calls
+            )
         except ContextLengthError as exc:
             raise ApiError(
                 400,
