@@ -453,6 +453,14 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
     assert [(e["name"], e["arguments"]) for e in streamed.values()] == [
         (c.function.name, c.function.arguments) for c in calls
     ]
+    one = client.chat.completions.create(**body, parallel_tool_calls=False).choices[0].message.tool_calls
+    assert [c.function.arguments for c in one] == [calls[0].function.arguments]
+    one_streamed = {
+        tc.index
+        for chunk in client.chat.completions.create(**body, parallel_tool_calls=False, stream=True)
+        for tc in ((chunk.choices[0].delta.tool_calls or []) if chunk.choices else [])
+    }
+    assert one_streamed == {0}
 
     class GetWeather(BaseModel):
         city: str

@@ -238,6 +238,8 @@ class Service:
         chunks = parser.feed(text) if text is not None else parser.finish()
         if planned.tools.mode == "none":
             chunks = [c for c in chunks if not isinstance(c, ToolCallChunk)]
+        elif planned.tools.parallel is False:  # one call only, as the non-streamed reply keeps
+            chunks = [c for c in chunks if not isinstance(c, ToolCallChunk) or c.index == 0]
         return chunks
 
     def finish(self, planned: Planned, end: JobEnd) -> Completed:
