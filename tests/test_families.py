@@ -199,6 +199,18 @@ def test_every_cut_of_a_reply_reads_the_same(name: str, kind: str) -> None:
     check_stream(chunks, result)
 
 
+def test_qwen3_coder_parameters_follow_the_tool_schema() -> None:
+    reply = (
+        "<tool_call>\n<function=f>\n<parameter=code>\n123\n</parameter>\n"
+        "<parameter=n>\n7\n</parameter>\n</function>"
+    )
+    tool = {"name": "f", "parameters": {"properties": {"code": {"type": "string"}, "n": {"type": "integer"}}}}
+    parser = FAMILIES["qwen3-coder"].parser("", tools=[{"type": "function", "function": tool}])
+    parser.feed(reply)
+    parser.finish()
+    assert json.loads(parser.result().tool_calls[0]["function"]["arguments"]) == {"code": "123", "n": 7}
+
+
 def test_without_tools_offered_call_like_text_stays_text() -> None:
     reply = '{"name": "Ada", "parameters": {"age": 36}}'
     parser = FAMILIES["llama3"].parser("", calls=False)  # a chat with no tools: JSON is the answer
@@ -328,7 +340,7 @@ def test_session_streams_reasoning_apart_and_the_history_keeps_it(
 
 
 @pytest.mark.parametrize("name", THINKING)
-def test_chat_one_shot_json_has_reasoning_apart(
+def test_chat_one_shot_json_repl_and_history_keep_reasoning_apart(
     name: str, runner, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     from selfhost.cli.app import app
@@ -345,6 +357,10 @@ def test_chat_one_shot_json_has_reasoning_apart(
     assert (stored.content, stored.reasoning) == ("Paris.", "The capital is Paris.")
     shown = runner.invoke(app, ["history", "show", str(payload["conversation_id"])])
     assert "> The capital is Paris.\n\nParis." in shown.stdout
+    repl = runner.invoke(app, [*args, "--ctx", "2048", "--no-log"], input="Capital of France?\n/exit\n")
+    assert repl.exit_code == 0, repl.output
+    assert ">>> Paris." in repl.stdout and "The capital is Paris." not in repl.stdout
+    assert "The capital is Paris." in repl.stderr  # thinking streams apart, on stderr
 
 
 def test_chat_one_shot_json_and_repl_show_thinking_apart(

@@ -88,16 +88,27 @@ class Family:
             raise UsageError(f"this model ({self.name} template) always thinks: its template has no switch")
         return {}
 
-    def parser(self, prompt: str = "", *, plain: bool = False, calls: bool = True) -> ReplyParser:
+    def parser(
+        self,
+        prompt: str = "",
+        *,
+        plain: bool = False,
+        calls: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ReplyParser:
         """A parser for one reply to `prompt` (plain: the reply is text only, e.g. under a grammar;
-        calls=False: no tools were offered, so text that looks like a call is text: Llama's `{"name"`)."""
+        calls=False: no tools were offered, so text that looks like a call is text: Llama's `{"name"`;
+        tools: the offered tools, whose schemas type Qwen3-Coder's XML parameters)."""
+        tools_offered = tools or []
         tools = self.tools is not None and calls
         if plain or (not self.reasons and not tools):
             return PlainParser()
         if self.harmony:
             return HarmonyParser(self)
         in_think = self.think is not None and _opens_think(prompt, self.think)
-        return TagParser(self, in_think=in_think, calls=tools)
+        parser = TagParser(self, in_think=in_think, calls=tools)
+        parser.strings = _string_params(tools_offered)
+        return parser
 
     def call_id(self) -> str:
         if self.tools is not None and self.tools.id_alnum9:
@@ -114,6 +125,17 @@ def forced_call_parser(family: Family, name: str | None) -> ReplyParser:
     parser.mode, parser.region = "tool", _Region(0)
     parser.call_id = family.call_id  # the family's ids (Mistral's 9 characters)
     return parser
+
+
+def _string_params(tools: list[dict[str, Any]]) -> frozenset[tuple[str, str]]:
+    """(function, parameter) pairs whose schema type is string."""
+    pairs = set()
+    for tool in tools:
+        fn = tool.get("function", tool)
+        for name, prop in (fn.get("parameters") or {}).get("properties", {}).items():
+            if isinstance(prop, dict) and prop.get("type") == "string":
+                pairs.add((fn.get("name", ""), name))
+    return frozenset(pairs)
 
 
 def _opens_think(prompt: str, think: tuple[str, str]) -> bool:
@@ -338,6 +360,7 @@ class TagParser(ReplyParser):
         self.region: _Region | None = None
         self.n_calls = 0
         self.call_id = family.call_id
+        self.strings: frozenset[tuple[str, str]] = frozenset()  # XML parameters typed string
 
     # markers of content mode
     @property
@@ -459,7 +482,10 @@ class TagParser(ReplyParser):
     def _scan(self, out: list[ReplyChunk], body: str, final: bool) -> int | None:
         """Send what is new in the region's calls; return where the body ends, once it does."""
         assert self.region is not None and self.tools is not None
-        calls, done = SCANNERS[self.tools.body](body)
+        if self.tools.body == "xml":
+            calls, done = scan_xml(body, self.strings)
+        else:
+            calls, done = SCANNERS[self.tools.body](body)
         region = self.region
         for k, (name, args, complete) in enumerate(calls):
             if k == len(region.started):
@@ -615,9 +641,10 @@ def scan_deepseek(s: str) -> Scan:
 _PARAM = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
 
-def scan_xml(s: str) -> Scan:
+def scan_xml(s: str, strings: frozenset[tuple[str, str]] = frozenset()) -> Scan:
     """Qwen3-Coder: <function=NAME><parameter=P>VALUE</parameter>...</function>, as JSON arguments
-    growing one parameter at a time (a value that reads as JSON other than a string keeps its type)."""
+    growing one parameter at a time. A value stays a string where the tool's schema says so
+    (`strings`: (function, parameter) pairs); otherwise one that reads as JSON keeps its type."""
     m = re.search(r"<function=([^>\n]+)>", s)
     if m is None:
         return [], None
@@ -628,6 +655,8 @@ def scan_xml(s: str) -> Scan:
             typed = json.loads(value)
             text = value.strip() if not isinstance(typed, str) else json.dumps(value)
         except json.JSONDecodeError:
+            text = json.dumps(value)
+        if (m.group(1).strip(), p.group(1)) in strings:
             text = json.dumps(value)
         parts.append(f"{json.dumps(p.group(1))}: {text}")
     complete = "</function>" in s[m.end() :]

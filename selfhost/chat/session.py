@@ -245,7 +245,7 @@ class ChatSession:
         schema = self.schema if grammar is None else None
         grammar = grammar if grammar is not None else self._grammar or self.grammar
         calls = tools is not None if calls is None else calls
-        parser = parser or self.model.family.parser(text, plain=self.raw or plain, calls=calls)
+        parser = parser or self.model.family.parser(text, plain=self.raw or plain, calls=calls, tools=tools)
         job = Job(
             prompt=tokens,
             sampling=SamplingParams(**self.sampling.model_dump(exclude={"max_tokens"})),
