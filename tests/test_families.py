@@ -431,8 +431,6 @@ def _check_reasoning(client, case: dict[str, str]) -> None:  # noqa: ANN001
 
 def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN001
     import jsonschema
-    from openai import pydantic_function_tool
-    from pydantic import BaseModel
 
     user = {"role": "user", "content": "Weather in Paris and Rome?"}
     body = {
@@ -477,6 +475,15 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
         for tc in ((chunk.choices[0].delta.tool_calls or []) if chunk.choices else [])
     }
     assert one_streamed == {0}
+
+    _check_parse_and_forced(client, name, user, case)
+    _check_results_answered(client, name, user, calls, done.usage.prompt_tokens)
+
+
+def _check_parse_and_forced(client, name: str, user: dict, case: dict[str, str]) -> None:  # noqa: ANN001
+    import jsonschema
+    from openai import pydantic_function_tool
+    from pydantic import BaseModel
 
     class GetWeather(BaseModel):
         city: str
@@ -524,7 +531,10 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
     if name.startswith("mistral"):
         assert len(whole.id) == 9 and whole.id.isalnum()  # what Mistral's templates accept back
 
-    # the results go back through the template (Llama 3.x templates take one call per turn)
+
+
+def _check_results_answered(client, name: str, user: dict, calls: list, prompt_tokens: int) -> None:  # noqa: ANN001
+    """The results go back through the template (Llama 3.x templates take one call per turn)."""
     kept = calls[:1] if name.startswith("llama") else calls
     answer_text = "It is sunny in Paris."
     assistant = {
@@ -544,7 +554,7 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
         extra_body={"grammar": literal_grammar(answer_text)},
     )
     assert answer.choices[0].message.content == answer_text and not answer.choices[0].message.tool_calls
-    assert answer.usage.prompt_tokens > done.usage.prompt_tokens + len("sunny in get_weather")
+    assert answer.usage.prompt_tokens > prompt_tokens + len("sunny in get_weather")
 
 
 @pytest.mark.slow
