@@ -311,7 +311,7 @@ def test_session_streams_reasoning_apart_and_the_history_keeps_it(
 
     store = HistoryStore(tmp_path / "history.db")
     session = ChatSession.load(
-        str(tiny(name, tmp_path_factory)),
+        tiny(name, tmp_path_factory),
         ctx=2048,
         threads=1,
         sampling=Sampling(temperature=0),
@@ -398,9 +398,9 @@ def _extra(obj, key: str):  # noqa: ANN001, ANN202
     return (obj.model_extra or {}).get(key)
 
 
-def _check_reasoning(client, case: dict[str, str]) -> None:  # noqa: ANN001
+def _check_reasoning(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN001
     body = {
-        "model": "m",
+        "model": name,
         "messages": [{"role": "user", "content": "Capital of France?"}],
         "temperature": 0,
         "extra_body": {"grammar": literal_grammar(case["think"])},
@@ -419,7 +419,7 @@ def _check_reasoning(client, case: dict[str, str]) -> None:  # noqa: ANN001
     # the switch goes to the template's own control: a different prompt, and the answer alone
     switch = {"reasoning_effort": "low"} if "gpt-oss" in case["template"] else {"think": False}
     off = client.chat.completions.create(
-        model="m",
+        model=name,
         messages=body["messages"],
         temperature=0,
         extra_body={**switch, "grammar": literal_grammar("Paris.")},
@@ -434,7 +434,7 @@ def _check_tools(client, name: str, case: dict[str, str]) -> None:  # noqa: ANN0
 
     user = {"role": "user", "content": "Weather in Paris and Rome?"}
     body = {
-        "model": "m",
+        "model": name,
         "messages": [user],
         "tools": [WEATHER_TOOL],
         "tool_choice": "auto",
@@ -489,7 +489,7 @@ def _check_parse_and_forced(client, name: str, user: dict, case: dict[str, str])
         city: str
 
     parsed = client.chat.completions.parse(
-        model="m",
+        model=name,
         messages=[user],
         tools=[pydantic_function_tool(GetWeather, name="get_weather")],
         temperature=0,
@@ -512,7 +512,7 @@ def _check_parse_and_forced(client, name: str, user: dict, case: dict[str, str])
         },
     }
     forced = {
-        "model": "m",
+        "model": name,
         "messages": [user],
         "tools": [WEATHER_TOOL, unit_tool],
         "tool_choice": {"type": "function", "function": {"name": "set_unit"}},
@@ -547,7 +547,7 @@ def _check_results_answered(client, name: str, user: dict, calls: list, prompt_t
     }
     results = [{"role": "tool", "tool_call_id": c.id, "content": f"sunny in {c.function.name}"} for c in kept]
     answer = client.chat.completions.create(
-        model="m",
+        model=name,
         messages=[user, assistant, *results],
         tools=[WEATHER_TOOL],
         temperature=0,
@@ -570,23 +570,23 @@ def test_server_separates_reasoning_and_reads_tool_calls(
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
         if "think" in CASES[name]:
-            _check_reasoning(client, CASES[name])
+            _check_reasoning(client, name, CASES[name])
         if "tools" in CASES[name]:
             _check_tools(client, name, CASES[name])
         else:  # no tool format in the template: refused clearly
             with pytest.raises(BadRequestError) as refused:
                 client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL]
+                    model=name, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL]
                 )
             assert refused.value.code == "tools_unsupported"
         with pytest.raises(BadRequestError, match="could not compile the grammar"):
             client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"grammar": "root ::= ("}
+                model=name, messages=[{"role": "user", "content": "hi"}], extra_body={"grammar": "root ::= ("}
             )
         if "think" not in CASES[name]:  # no reasoning: a think switch is refused, never ignored
             with pytest.raises(BadRequestError, match="does not think"):
                 client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"think": True}
+                    model=name, messages=[{"role": "user", "content": "hi"}], extra_body={"think": True}
                 )
     finally:
         server.stop()
@@ -597,7 +597,7 @@ def test_phi4_mini_tools_ride_on_the_system_message(tmp_path_factory: pytest.Tem
     from selfhost.chat.messages import Message
     from selfhost.chat.session import ChatSession
 
-    path = str(tiny("phi-4-mini", tmp_path_factory))
+    path = tiny("phi-4-mini", tmp_path_factory)
     session = ChatSession.load(path, ctx=2048, threads=1, system="Be brief.")
     try:
         prompt = session.render([Message(role="user", content="Weather?")], tools=[WEATHER_TOOL])
@@ -614,7 +614,7 @@ def test_control_tokens_reach_the_parser_as_text(tmp_path_factory: pytest.TempPa
     from selfhost.chat.model import ChatModel
     from selfhost.runtime.batch import token_piece
 
-    model = ChatModel.load(str(tiny("gpt-oss", tmp_path_factory)), ctx=256, threads=1)
+    model = ChatModel.load(tiny("gpt-oss", tmp_path_factory), ctx=256, threads=1)
     try:
         assert model.family.harmony and model.family.special
         control = model.llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
