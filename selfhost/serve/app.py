@@ -25,6 +25,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from selfhost.chat.messages import ReasoningChunk, ReplyChunk, ToolCallChunk
 from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
 from selfhost.runtime.embed import Embedder
 from selfhost.serve.manager import ModelManager
@@ -169,6 +170,8 @@ def _completion(service: Service, planned: Planned, result: Completed) -> dict[s
         }
         return {**head, "object": "text_completion", "choices": [choice], "usage": result.usage}
     message: dict[str, Any] = {"role": "assistant", "content": result.content}
+    if result.reasoning is not None:
+        message["reasoning_content"] = result.reasoning
     if result.tool_calls:
         message["tool_calls"] = result.tool_calls
     choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
@@ -178,7 +181,8 @@ def _completion(service: Service, planned: Planned, result: Completed) -> dict[s
 async def _events(
     service: Service, planned: Planned, job: Any, include_usage: bool, release: Any
 ) -> AsyncIterator[dict]:
-    """SSE events: deltas as they come, the finish, usage if asked, then [DONE]. Tool replies come whole."""
+    """SSE events: deltas as they come (reasoning_content, content, tool_calls as OpenAI streams them),
+    the finish, usage if asked, then [DONE]."""
     text_kind = planned.kind == "text"
     head = {
         "id": planned.id,
@@ -193,31 +197,38 @@ async def _events(
         return {"data": json.dumps({**head, "choices": [choice]})}
 
     try:
-        holding = planned.tools.mode != "none"  # a tool call is parsed from the whole reply
         end: JobEnd | None = None
         try:
             if not text_kind:
                 yield chunk({"role": "assistant", "content": ""})
             async for item in job.achunks():
-                if isinstance(item, JobText) and not holding:
-                    yield chunk(item.text if text_kind else {"content": item.text})
-                elif isinstance(item, JobEnd):
-                    end = item
+                if isinstance(item, JobText | JobEnd):
+                    end = item if isinstance(item, JobEnd) else None
+                    for piece in service.deltas(planned, item.text if end is None else None):
+                        yield chunk(piece.text if text_kind else _delta(piece))  # type: ignore[union-attr]
         finally:
             if end is None:  # client disconnected or server shutting down: free the slot at the next step
                 job.cancel()
         result = await run_in_threadpool(service.finish, planned, end)
-        if holding:
-            delta: dict[str, Any] = {"content": result.content}
-            if result.tool_calls:
-                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
-            yield chunk(delta)
         yield chunk("" if text_kind else {}, result.finish_reason)
         if include_usage:
             yield {"data": json.dumps({**head, "choices": [], "usage": result.usage})}
         yield {"data": "[DONE]"}
     finally:
         release()  # the model may unload (keep_alive) only once the stream is over
+
+
+def _delta(piece: ReplyChunk) -> dict[str, Any]:
+    """One parser chunk as an OpenAI chat delta."""
+    if isinstance(piece, ReasoningChunk):
+        return {"reasoning_content": piece.text}
+    if isinstance(piece, ToolCallChunk):
+        call: dict[str, Any] = {"index": piece.index, "function": {"arguments": piece.arguments}}
+        if piece.id is not None:
+            call.update(id=piece.id, type="function")
+            call["function"]["name"] = piece.name
+        return {"tool_calls": [call]}
+    return {"content": piece.text}
 
 
 def _embed(embedder: Embedder, req: EmbeddingRequest) -> dict[str, Any]:
