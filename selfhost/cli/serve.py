@@ -29,7 +29,9 @@ def serve(
     gpu_layers: int | None = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload (-1: all)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
     api_key: str | None = typer.Option(
-        None, "--api-key", help="Require `Authorization: Bearer KEY` (or set SELFHOST_API_KEY)."
+        None,
+        "--api-key",
+        help="Require `Authorization: Bearer KEY` or `x-api-key: KEY` (or set SELFHOST_API_KEY).",
     ),
     log: bool = typer.Option(False, "--log", help="Write served conversations to the chat history."),
     max_queue: int | None = typer.Option(
@@ -44,6 +46,9 @@ def serve(
         "--prefill-chunk",
         min=16,
         help="Prompt tokens read per step, so new prompts do not stall replies.",
+    ),
+    metrics_public: bool = typer.Option(
+        False, "--metrics-public", help="Serve /metrics (Prometheus) without the API key."
     ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
 ) -> None:
@@ -75,6 +80,7 @@ def serve(
         max_body=max_body,
         embedding_model=embedding_model,
         prefill_chunk=prefill_chunk,
+        metrics_public=metrics_public,
     )
 
     def ready(line: str, url: str) -> None:

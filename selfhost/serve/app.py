@@ -7,7 +7,6 @@ error object with a 4xx status -- never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
@@ -24,8 +23,10 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
+from selfhost.runtime.batch import JobEnd, JobText
 from selfhost.runtime.embed import Embedder
+from selfhost.serve import runner
+from selfhost.serve.runner import Served
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service
 
@@ -37,11 +38,15 @@ def create_app(
     max_body: int = 8 * 2**20,
     embedder: Embedder | None = None,
     shutdown_grace: float = 8.0,
+    metrics_public: bool = False,
 ) -> FastAPI:
+    from selfhost.serve import anthropic, metrics, ollama, responses, tools
+
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
-    _error_handlers(app)
     auth = Depends(_auth_check(api_key))
+    served = Served(service, auth, embedder, shutdown_grace)
+    _error_handlers(app, served)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -74,6 +79,10 @@ def create_app(
             raise ApiError(400, "this server has no embedding model", param="model")
         return await run_in_threadpool(_embed, embedder, req)
 
+    # the other protocols: thin translations over the same Service (one module each)
+    for protocol in (anthropic, responses, ollama, tools):
+        protocol.register(app, served)
+    metrics.register(app, served, public=metrics_public)
     return app
 
 
@@ -81,36 +90,15 @@ def create_app(
 async def _respond(
     service: Service, planned: Planned, request: Request, stream: bool, include_usage: bool, grace: float
 ) -> Any:
-    try:
-        job = service.model.engine.submit(planned.prepared.job)
-    except QueueFullError as exc:
-        raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
+    job = runner.start(service, planned)
     if stream:
         # on SIGINT/SIGTERM a reply in flight gets `grace` seconds to finish, then it is cancelled
         events = _events(service, planned, job, include_usage)
         return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=grace)
-    end: JobEnd | None = None
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-    try:
-        async for chunk in job.achunks():
-            if isinstance(chunk, JobEnd):
-                end = chunk
-    finally:
-        watcher.cancel()
-        if end is None:  # cancelled (shutdown): free the slot
-            job.cancel()
-    assert end is not None
-    if end.finish_reason == "cancelled" and await request.is_disconnected():
+    result = await runner.collect(service, planned, job, request)
+    if result is None:
         return None  # nobody to answer
-    result = await run_in_threadpool(service.finish, planned, end)
     return _completion(service, planned, result)
-
-
-async def _cancel_on_disconnect(request: Request, job: Any) -> None:
-    """A non-streaming client that hangs up frees its slot too (checked twice a second)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.5)
-    job.cancel()
 
 
 def _completion(service: Service, planned: Planned, result: Completed) -> dict[str, Any]:
@@ -219,9 +207,13 @@ def _auth_check(api_key: str | None) -> Any:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        if scheme.lower() != "bearer":  # Anthropic's clients send `x-api-key: KEY`
+            token = request.headers.get("x-api-key", "")
+        if not token or not hmac.compare_digest(token.strip().encode(), expected):
             raise ApiError(
-                401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key"
+                401,
+                "missing or wrong API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+                code="invalid_api_key",
             )
 
     return check
@@ -266,33 +258,37 @@ async def _send_error(send: Any, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+def _error_handlers(app: FastAPI, served: Served) -> None:
+    def respond(request: Request, exc: ApiError) -> JSONResponse:
+        """The error in the shape of the protocol the path belongs to (OpenAI's by default)."""
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        path = request.url.path
+        shape = next((s for prefix, s in served.error_shapes if path.startswith(prefix)), ApiError.body)
+        return JSONResponse(shape(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
         else:
             message = f"{where or 'body'}: {first['msg']}"
-        return JSONResponse(ApiError(400, message, param=where or None).body(), status_code=400)
+        return respond(request, ApiError(400, message, param=where or None))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
-            ApiError(exc.status_code, str(exc.detail), code=kind).body(), status_code=exc.status_code
-        )
+        return respond(request, ApiError(exc.status_code, str(exc.detail), code=kind))
 
     @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
         traceback.print_exception(exc, file=sys.stderr)  # the server's log, never the client
         message = f"internal error: {type(exc).__name__}"
-        return JSONResponse(ApiError(500, message, type="server_error").body(), status_code=500)
+        return respond(request, ApiError(500, message, type="server_error"))

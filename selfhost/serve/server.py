@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ class ServeOptions(BaseModel):
     embedding_model: str | None = None
     prefill_chunk: int = 256
     graceful_seconds: int = 10
+    metrics_public: bool = False  # /metrics without the API key
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -79,6 +81,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
         history = HistoryStore()
         history.schema_version()  # a broken history database stops us before the model loads
         history.close()
+    started = time.perf_counter()
     model = ChatModel.load(
         resolved,
         ctx=options.ctx,
@@ -93,12 +96,15 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     try:
         embedder = _embedder(model, options)
         model.engine.start()
+        service = Service(model, log=options.log)
+        service.load_seconds = time.perf_counter() - started
         app = create_app(
-            Service(model, log=options.log),
+            service,
             api_key=options.api_key,
             max_body=options.max_body,
             embedder=embedder,
             shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
+            metrics_public=options.metrics_public,
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
         on_ready(model.summary.line(), f"http://{shown}:{port}/v1")

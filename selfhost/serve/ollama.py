@@ -1,0 +1,433 @@
+"""Ollama's API (`/api/...`) on the same port, over the one chat path.
+
+`/api/chat` and `/api/generate` become the internal chat (or raw text) request: `options` map to our
+sampling, `format` to the JSON grammar, `tools` to tool calls; replies stream as NDJSON lines. Models
+are named as selfhost names them (`selfhost models list`). Errors are Ollama's `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from selfhost import __version__
+from selfhost.serve import runner
+from selfhost.serve.runner import Served
+from selfhost.serve.schemas import MAX_MESSAGES, MAX_TEXT, CompletionRequest, EmbeddingRequest, Lenient
+from selfhost.serve.service import ApiError, Completed, Planned
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+NDJSON = "application/x-ndjson"
+
+
+class Options(Lenient):
+    """The `options` Ollama clients send; the ones that do not apply here (num_ctx, num_gpu) are ignored."""
+
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.8
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
+    top_k: Annotated[int, Field(ge=0)] = 40
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repeat_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    seed: int | None = None
+    num_predict: int | None = None  # -1 or -2: until the model stops or the context is full
+    stop: list[str] | None = None
+
+
+class CallFunction(Lenient):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(Lenient):
+    function: CallFunction
+
+
+class OllamaMessage(Lenient):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
+
+
+class Common(Lenient):
+    model: Annotated[str, Field(min_length=1)]
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: Options = Field(default_factory=Options)
+    stream: bool = True
+    keep_alive: str | int | float | None = None  # one model, always loaded: accepted, nothing to unload
+    think: bool | Literal["low", "medium", "high"] | None = None
+
+
+class ChatRequest(Common):
+    messages: Annotated[list[OllamaMessage], Field(max_length=MAX_MESSAGES)] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateRequest(Common):
+    prompt: Text = ""
+    system: Text | None = None
+    suffix: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class EmbedRequest(Lenient):
+    model: str
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=256)]
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+
+class NameRequest(Lenient):
+    model: str | None = None
+    name: str | None = None  # older clients
+    stream: bool = True
+
+    def ref(self) -> str:
+        ref = self.model or self.name
+        if not ref:
+            raise ApiError(400, "model: a model name is required")
+        return ref
+
+
+def error_body(exc: ApiError) -> dict[str, Any]:
+    return {"error": str(exc)}
+
+
+def register(app: FastAPI, served: Served) -> None:
+    service = served.service
+    served.error_shapes.append(("/api/", error_body))
+    auth = [served.auth]
+
+    @app.get("/api/version", dependencies=auth)
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/api/tags", dependencies=auth)
+    async def tags() -> dict[str, Any]:
+        return {"models": await run_in_threadpool(_tags, served)}
+
+    @app.get("/api/ps", dependencies=auth)
+    async def ps() -> dict[str, Any]:
+        expires = (datetime.now(UTC) + timedelta(days=365)).isoformat()  # loaded until the server stops
+        loaded = _loaded(served)
+        vram = loaded["size"] if service.model.summary.layers_offloaded else 0
+        return {
+            "models": [
+                {**loaded, "expires_at": expires, "size_vram": vram, "context_length": service.model.n_ctx}
+            ]
+        }
+
+    @app.post("/api/show", dependencies=auth)
+    async def show(req: NameRequest) -> dict[str, Any]:
+        return await run_in_threadpool(_show, served, req.ref())
+
+    @app.post("/api/chat", dependencies=auth)
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        if not req.messages:  # Ollama's way to load a model: nothing to generate
+            return _stamp(
+                req.model, message={"role": "assistant", "content": ""}, done=True, done_reason="load"
+            )
+        planned = await runner.plan(service, runner.chat_request(_chat(req)))
+        return await _answer(served, planned, req, request, "message")
+
+    @app.post("/api/generate", dependencies=auth)
+    async def generate(req: GenerateRequest, request: Request) -> Any:
+        if req.images:
+            raise ApiError(400, "images are not supported by this server")
+        if req.suffix:
+            raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server")
+        if not req.prompt:
+            return _stamp(req.model, response="", done=True, done_reason="load")
+        if req.raw:
+            text = CompletionRequest(prompt=req.prompt, **_sampling(req.options), stream=req.stream)
+            planned = await run_in_threadpool(service.plan_text, text)
+        else:
+            messages = [{"role": "system", "content": req.system}] if req.system else []
+            data = {**_common(req), "messages": [*messages, {"role": "user", "content": req.prompt}]}
+            planned = await runner.plan(service, runner.chat_request(data))
+        return await _answer(served, planned, req, request, "response")
+
+    @app.post("/api/embed", dependencies=auth)
+    async def embed(req: EmbedRequest) -> dict[str, Any]:
+        from selfhost.serve.app import _embed
+
+        if served.embedder is None:
+            raise ApiError(400, "this server has no embedding model")
+        started = time.perf_counter()
+        openai = EmbeddingRequest(input=req.input, dimensions=req.dimensions)
+        done = await run_in_threadpool(_embed, served.embedder, openai)
+        return {
+            "model": done["model"],
+            "embeddings": [d["embedding"] for d in done["data"]],
+            "total_duration": int((time.perf_counter() - started) * 1e9),
+            "load_duration": 0,
+            "prompt_eval_count": done["usage"]["prompt_tokens"],
+        }
+
+    @app.post("/api/pull", dependencies=auth)
+    async def pull(req: NameRequest) -> Any:
+        lines = _pull_lines(req.ref())
+        if req.stream:
+            return StreamingResponse(lines, media_type=NDJSON)
+        last = await run_in_threadpool(lambda: [json.loads(line) for line in lines][-1])
+        if "error" in last:
+            raise ApiError(400, last["error"])
+        return last
+
+    for path in ("/api/create", "/api/push", "/api/copy", "/api/delete", "/api/blobs/{digest}"):
+        app.add_api_route(path, _not_here, methods=["POST", "DELETE", "HEAD"], dependencies=auth)
+
+
+async def _not_here(request: Request) -> None:
+    what = request.url.path.split("/")[2]
+    hint = {"create": "`selfhost quantize` or `selfhost train`", "delete": "`selfhost models rm`"}
+    raise ApiError(
+        501,
+        f"/api/{what} is not supported by selfhost" + (f"; use {hint[what]}" if what in hint else ""),
+        type="not_implemented",
+    )
+
+
+# ----------------------------------------------------------------- requests
+def _sampling(options: Options) -> dict[str, Any]:
+    limit = options.num_predict if options.num_predict is not None and options.num_predict > 0 else None
+    fields = options.model_dump(exclude={"num_predict", "stop"})
+    return {**fields, "max_tokens": limit, "stop": options.stop or None}
+
+
+def _common(req: Common) -> dict[str, Any]:
+    data = _sampling(req.options)
+    if req.format == "json":
+        data["response_format"] = {"type": "json_object"}
+    elif isinstance(req.format, dict):
+        data["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "format", "schema": req.format},
+        }
+    return data
+
+
+def _chat(req: ChatRequest) -> dict[str, Any]:
+    messages = []
+    for m in req.messages:
+        if m.images:
+            raise ApiError(400, "images are not supported by this server")
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls and m.role == "assistant":
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{i}",
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.dumps(c.function.arguments)},
+                }
+                for i, c in enumerate(m.tool_calls)
+            ]
+        if m.role == "tool" and m.tool_name:
+            message["name"] = m.tool_name
+        messages.append(message)
+    data = {**_common(req), "messages": messages}
+    if req.tools:
+        data["tools"] = req.tools
+    return data
+
+
+# ---------------------------------------------------------------- responses
+def _stamp(model: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "created_at": datetime.now(UTC).isoformat(), **fields}
+
+
+async def _answer(served: Served, planned: Planned, req: Common, request: Request, key: str) -> Any:
+    service = served.service
+    job = runner.start(service, planned)
+    if req.stream:
+        return StreamingResponse(
+            _lines(served, planned, req, runner.stream(service, planned, job), key), media_type=NDJSON
+        )
+    result = await runner.collect(service, planned, job, request)
+    if result is None:
+        return None
+    return _stamp(req.model, **{key: _payload(result, key)}, **_final(planned, result))
+
+
+def _payload(result: Completed, key: str) -> Any:
+    if key == "response":
+        return result.content or ""
+    message: dict[str, Any] = {"role": "assistant", "content": result.content or ""}
+    thinking = runner.reasoning(result)
+    if thinking:
+        message["thinking"] = thinking
+    if result.tool_calls:
+        message["tool_calls"] = [
+            {"function": {"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}}
+            for c in result.tool_calls
+        ]
+    return message
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _final(planned: Planned, result: Completed) -> dict[str, Any]:
+    """The last object's fields: why it stopped and what it cost (durations in nanoseconds)."""
+    usage = planned.session.last_usage
+    ttft = usage.time_to_first_token_s if usage else 0.0
+    total = usage.total_s if usage else 0.0
+    return {
+        "done": True,
+        "done_reason": "length" if result.finish_reason == "length" else "stop",
+        "total_duration": int(total * 1e9),
+        "load_duration": 0,
+        "prompt_eval_count": result.usage["prompt_tokens"],
+        "prompt_eval_duration": int(ttft * 1e9),
+        "eval_count": result.usage["completion_tokens"],
+        "eval_duration": int(max(total - ttft, 0.0) * 1e9),
+    }
+
+
+async def _lines(
+    served: Served, planned: Planned, req: Common, parts: AsyncIterator[str | Completed], key: str
+) -> AsyncIterator[str]:
+    try:
+        async for part in parts:
+            if isinstance(part, Completed):
+                held = _payload(part, key)
+                if runner.holding(planned):  # a reply read whole (tool calls) goes in one line
+                    yield json.dumps(_stamp(req.model, **{key: held}, done=False)) + "\n"
+                last = {"role": "assistant", "content": ""} if key == "message" else ""
+                yield json.dumps(_stamp(req.model, **{key: last}, **_final(planned, part))) + "\n"
+            elif part:
+                piece = {"role": "assistant", "content": part} if key == "message" else part
+                yield json.dumps(_stamp(req.model, **{key: piece}, done=False)) + "\n"
+    except ApiError as exc:
+        yield json.dumps(error_body(exc)) + "\n"
+
+
+def _details(quant: str | None, family: str = "", parameters: int = 0) -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": _size_label(parameters) if parameters else "",
+        "quantization_level": quant or "",
+    }
+
+
+def _size_label(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _loaded(served: Served) -> dict[str, Any]:
+    model = served.service.model
+    info = model.info
+    modified = datetime.fromtimestamp(info.path.stat().st_mtime, UTC).isoformat()
+    return {
+        "name": model.summary.name,
+        "model": model.summary.name,
+        "modified_at": modified,
+        "size": info.size,
+        "digest": "",
+        "details": _details(info.quant, info.architecture, info.n_params),
+    }
+
+
+def _tags(served: Served) -> list[dict[str, Any]]:
+    from selfhost.models.store import Store
+
+    models = [_loaded(served)]
+    try:
+        records = Store().list()
+    except Exception:  # a broken store must not break the API: the loaded model still answers
+        records = []
+    for r in records:
+        if r.name != models[0]["name"]:
+            models.append(
+                {
+                    "name": r.name,
+                    "model": r.name,
+                    "modified_at": r.pulled_at.isoformat(),
+                    "size": r.size,
+                    "digest": r.sha256 or "",
+                    "details": _details(r.quant),
+                }
+            )
+    return models
+
+
+def _show(served: Served, ref: str) -> dict[str, Any]:
+    from selfhost.errors import SelfhostError
+    from selfhost.models.resolve import resolve_model
+    from selfhost.runtime import gguf_info
+    from selfhost.runtime.template import ChatTemplate
+
+    model = served.service.model
+    if ref in (model.summary.name, str(model.summary.path)):
+        info = model.info
+    else:
+        try:
+            info = gguf_info.inspect(resolve_model(ref).path)
+        except SelfhostError as exc:
+            raise ApiError(404, f"model '{ref}' not found: {exc}") from exc
+    capabilities = ["completion"]
+    if info.chat_template and ChatTemplate(info.chat_template).supports_tools:
+        capabilities.append("tools")
+    if served.embedder is not None and served.embedder.name == ref:
+        capabilities.append("embedding")
+    arch = info.architecture
+    model_info = {
+        "general.architecture": arch,
+        "general.parameter_count": info.n_params,
+        f"{arch}.context_length": info.context_length,
+        f"{arch}.embedding_length": info.embedding_length,
+        f"{arch}.block_count": info.n_layers,
+    }
+    return {
+        "modelfile": "",
+        "parameters": "",
+        "template": info.chat_template or "",
+        "details": _details(info.quant, arch, info.n_params),
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": datetime.fromtimestamp(info.path.stat().st_mtime, UTC).isoformat(),
+    }
+
+
+def _pull_lines(ref: str) -> Iterator[str]:
+    """`selfhost pull` as Ollama's NDJSON progress (run in a thread by the streaming response)."""
+    from selfhost.errors import SelfhostError
+    from selfhost.events import Notice, Progress, Result
+    from selfhost.models.pull import pull
+
+    try:
+        for event in pull(ref):
+            if isinstance(event, Notice):
+                yield json.dumps({"status": event.message}) + "\n"
+            elif isinstance(event, Progress):
+                line = {
+                    "status": f"pulling {event.task}",
+                    "digest": event.detail or event.task,
+                    "completed": int(event.done),
+                }
+                if event.total is not None:
+                    line["total"] = int(event.total)
+                yield json.dumps(line) + "\n"
+            elif isinstance(event, Result):
+                yield json.dumps({"status": "success"}) + "\n"
+    except SelfhostError as exc:
+        yield json.dumps({"error": str(exc)}) + "\n"

@@ -1,0 +1,120 @@
+"""What every protocol adapter shares: the serving context, and running one planned reply.
+
+Each protocol (OpenAI in app.py, Anthropic, Responses, Ollama) only translates: its request into a
+ChatCompletionRequest (Service.plan_chat, the one generation path), and the text deltas and the
+Completed result below back into its own shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError
+from selfhost.runtime.embed import Embedder
+from selfhost.serve.schemas import ChatCompletionRequest
+from selfhost.serve.service import ApiError, Completed, Planned, Service
+
+# an error body per URL prefix (Anthropic's, Ollama's); OpenAI's error object elsewhere
+ErrorShape = Callable[[ApiError], dict[str, Any]]
+
+
+@dataclass
+class Served:
+    """What a protocol module needs to register its routes."""
+
+    service: Service
+    auth: Any  # a FastAPI dependency checking the API key
+    embedder: Embedder | None = None
+    grace: float = 8.0
+    error_shapes: list[tuple[str, ErrorShape]] = field(default_factory=list)
+
+
+def chat_request(data: dict[str, Any], where: str = "") -> ChatCompletionRequest:
+    """A protocol's request translated to the internal chat request; a bad field is a 400."""
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise ApiError(400, f"{where}{loc}: {first['msg']}", param=loc or None) from exc
+
+
+async def plan(service: Service, req: ChatCompletionRequest) -> Planned:
+    return await run_in_threadpool(service.plan_chat, req)
+
+
+def start(service: Service, planned: Planned) -> Job:
+    """Submit the job now, so a full queue is a 503 before any streaming starts."""
+    try:
+        return service.model.engine.submit(planned.prepared.job)
+    except QueueFullError as exc:
+        raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
+
+
+def holding(planned: Planned) -> bool:
+    """A reply that may be a tool call is read whole before it is sent."""
+    return planned.tools.mode != "none"
+
+
+async def stream(service: Service, planned: Planned, job: Job) -> AsyncIterator[str | Completed]:
+    """Text deltas as they come (none when holding), then the Completed result."""
+    end: JobEnd | None = None
+    hold = holding(planned)
+    try:
+        async for item in job.achunks():
+            if isinstance(item, JobText) and not hold:
+                yield item.text
+            elif isinstance(item, JobEnd):
+                end = item
+    finally:
+        if end is None:  # client disconnected or server shutting down: free the slot at the next step
+            job.cancel()
+    yield await run_in_threadpool(service.finish, planned, end)
+
+
+async def collect(service: Service, planned: Planned, job: Job, request: Request) -> Completed | None:
+    """The whole reply; None when the client hung up (its slot is freed)."""
+    end: JobEnd | None = None
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        async for chunk in job.achunks():
+            if isinstance(chunk, JobEnd):
+                end = chunk
+    finally:
+        watcher.cancel()
+        if end is None:
+            job.cancel()
+    assert end is not None
+    if end.finish_reason == "cancelled" and await request.is_disconnected():
+        return None
+    return await run_in_threadpool(service.finish, planned, end)
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """A non-streaming client that hangs up frees its slot too (checked twice a second)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    job.cancel()
+
+
+def prompt_tokens(planned: Planned) -> int:
+    return len(planned.prepared.job.prompt)
+
+
+def close_log(planned: Planned) -> None:
+    """A planned reply that is never run (count_tokens, apply-template) closes its history store."""
+    store = planned.session.log.store
+    if store is not None:
+        store.close()
+
+
+def reasoning(result: Completed) -> str | None:
+    """The reply's reasoning text, where the model and the server separate it (thinking models)."""
+    return getattr(result, "reasoning_content", None) or None
