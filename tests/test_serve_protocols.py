@@ -220,7 +220,12 @@ def test_responses_function_call_round_trip(openai) -> None:
         model="smollm2",
         input=[
             {"role": "user", "content": "What is the weather in Paris?"},
-            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
             {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"},
         ],
         tools=tools,
@@ -228,7 +233,9 @@ def test_responses_function_call_round_trip(openai) -> None:
         max_output_tokens=30,
         temperature=0,
     )
-    alone = openai.responses.create(model="smollm2", input="What is the weather in Paris?", max_output_tokens=1)
+    alone = openai.responses.create(
+        model="smollm2", input="What is the weather in Paris?", max_output_tokens=1
+    )
     assert follow.output_text and follow.usage.input_tokens > alone.usage.input_tokens + 5  # the result
 
 
@@ -247,3 +254,197 @@ def test_responses_malformed_bodies_get_openai_errors(server: Server, name: str,
     response = post(server, "/v1/responses", body)
     assert response.status_code == 400, (name, response.text)
     assert response.json()["error"]["message"] and "Traceback" not in response.text
+
+
+# ---------------------------------------------------------------- Ollama API
+@pytest.fixture(scope="module")
+def ollama(server: Server):
+    from ollama import Client
+
+    return Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
+def test_ollama_list_show_ps_version(server: Server, ollama) -> None:
+    name = "SmolLM2-135M-Instruct.Q4_1"
+    listed = ollama.list().models
+    assert listed[0].model == name and listed[0].size > 50_000_000
+    assert listed[0].details.quantization_level == "Q4_1" and listed[0].details.family == "llama"
+    shown = ollama.show(name)
+    assert "im_start" in shown.template and shown.modelinfo["llama.context_length"] == 8192
+    assert "completion" in shown.capabilities
+    running = ollama.ps().models
+    assert [m.model for m in running] == [name] and running[0].context_length == 1024
+    assert httpx.get(f"{server.url}/api/version", headers=server.headers()).json()["version"]
+    from ollama import ResponseError
+
+    with pytest.raises(ResponseError) as missing:
+        ollama.show("no-such-model")
+    assert missing.value.status_code == 404 and "no-such-model" in missing.value.error
+
+
+def test_ollama_chat_generate_and_json_format(ollama) -> None:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    options = {"temperature": 0, "num_predict": 24}
+    reply = ollama.chat(model="smollm2", messages=messages, options=options)
+    text = reply.message.content
+    assert "Paris" in text and reply.done and reply.done_reason in ("stop", "length")
+    assert reply.eval_count > 0 and reply.prompt_eval_count > 10 and reply.total_duration > 0
+    parts = list(ollama.chat(model="smollm2", messages=messages, options=options, stream=True))
+    assert "".join(p.message.content for p in parts) == text and len(parts) > 2
+    assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count == reply.eval_count
+
+    made = ollama.generate(model="smollm2", prompt=QUESTION, system=SYSTEM, options=options)
+    assert made.response == text  # the same chat prompt, greedy
+    raw = ollama.generate(
+        model="smollm2", prompt="1, 2, 3, 4,", raw=True, options={"temperature": 0, "num_predict": 6}
+    )
+    assert raw.response.strip().startswith("5") and raw.eval_count <= 6
+
+    schema = Place.model_json_schema()
+    place = ollama.chat(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Name a city in Italy and its country as JSON."}],
+        format=schema,
+        options={"temperature": 0, "num_predict": 80},
+    )
+    assert Place.model_validate_json(place.message.content).city
+    plain = ollama.generate(
+        model="smollm2",
+        prompt='Reply with {"name": NAME} for a cat.',
+        format="json",
+        options={"temperature": 0},
+    )
+    assert isinstance(json.loads(plain.response), dict)
+    loaded = ollama.generate(model="smollm2", prompt="", keep_alive="5m")  # Ollama's way to preload
+    assert loaded.done and loaded.done_reason == "load"
+
+
+def test_ollama_embed_and_unsupported(server: Server, ollama) -> None:
+    result = ollama.embed(model="smollm2", input=["a cat sat on the mat", "stocks fell"])
+    assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 576
+    assert result.prompt_eval_count > 0
+    for path in ("/api/create", "/api/push", "/api/copy"):
+        response = post(server, path, {"model": "x"})
+        assert response.status_code == 501 and "not supported" in response.json()["error"]
+    failed = post(server, "/api/pull", {"model": "no-such-alias-xyz"})
+    last = json.loads(failed.text.strip().splitlines()[-1])
+    assert failed.status_code == 200 and "no-such-alias-xyz" in last["error"]  # NDJSON: the error is a line
+
+
+OLLAMA_MALFORMED = [
+    ("/api/chat", "not json", "{model: "),
+    ("/api/chat", "no model", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/api/chat", "bad role", {"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}),
+    ("/api/chat", "options a list", {"model": "m", "messages": [], "options": [1]}),
+    ("/api/chat", "bad format", {"model": "m", "messages": [], "format": "yaml"}),
+    ("/api/generate", "temperature a word", {"model": "m", "prompt": "x", "options": {"temperature": "hot"}}),
+    ("/api/generate", "images", {"model": "m", "prompt": "x", "images": ["aGk="]}),
+    ("/api/embed", "no input", {"model": "m"}),
+    ("/api/show", "no name", {}),
+]
+
+
+@pytest.mark.parametrize("path,name,body", OLLAMA_MALFORMED, ids=[f"{m[0]} {m[1]}" for m in OLLAMA_MALFORMED])
+def test_ollama_malformed_bodies_get_ollama_errors(
+    server: Server, path: str, name: str, body: object
+) -> None:
+    response = post(server, path, body)
+    assert response.status_code == 400, (name, response.text)
+    assert isinstance(response.json()["error"], str) and "Traceback" not in response.text
+
+
+# ------------------------------------------------ llama-server's helper endpoints
+def test_tokenize_detokenize_and_apply_template(server: Server) -> None:
+    tokens = post(server, "/tokenize", {"content": "Hello world"}).json()["tokens"]
+    assert len(tokens) == 2 and all(isinstance(t, int) for t in tokens)
+    pieces = post(server, "/tokenize", {"content": "Hello world", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == tokens and "".join(p["piece"] for p in pieces) == "Hello world"
+    special = post(server, "/tokenize", {"content": "<|im_start|>"}).json()["tokens"]
+    literal = post(server, "/tokenize", {"content": "<|im_start|>", "parse_special": False}).json()["tokens"]
+    assert len(special) == 1 and len(literal) > 1
+    assert post(server, "/detokenize", {"tokens": tokens}).json() == {"content": "Hello world"}
+    bad = post(server, "/detokenize", {"tokens": [10**9]})
+    assert bad.status_code == 400 and "token id" in bad.json()["error"]["message"]
+
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 degrees and sunny"},
+    ]  # fmt: skip
+    prompt = post(server, "/apply-template", {"messages": messages}).json()["prompt"]
+    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and "18 degrees and sunny" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------------- metrics
+def _metrics(server: Server) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers()).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_parse_and_move_as_requests_are_served(server: Server) -> None:
+    before = _metrics(server)
+    assert before[("selfhost_slots", ())] == 2 and before[("selfhost_models_loaded", ())] == 1
+    assert before[("selfhost_model_load_seconds", (("model", "SmolLM2-135M-Instruct.Q4_1"),))] > 0
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": QUESTION}]}
+    assert post(server, "/v1/messages", body).status_code == 200
+    assert (
+        post(server, "/api/chat", {"model": "m", "messages": body["messages"], "stream": False}).status_code
+        == 200
+    )
+    assert post(server, "/v1/messages", {"messages": []}).status_code == 400
+    after = _metrics(server)
+
+    def moved(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert moved("selfhost_requests_total", (("endpoint", "/v1/messages"), ("status", "200"))) == 1
+    assert moved("selfhost_requests_total", (("endpoint", "/v1/messages"), ("status", "400"))) == 1
+    assert moved("selfhost_requests_total", (("endpoint", "/api/chat"), ("status", "200"))) == 1
+    assert moved("selfhost_time_to_first_token_seconds_count") == 2
+    assert moved("selfhost_time_per_output_token_seconds_count") == 2
+    assert moved("selfhost_generated_tokens_total") >= 2 and moved("selfhost_prompt_tokens_total") > 20
+    assert after[("selfhost_slots_busy", ())] == 0 and after[("selfhost_queue_length", ())] == 0
+
+
+# ------------------------------------------------------------------- API key
+GUARDED = [
+    ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"),
+    ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show"), ("POST", "/api/chat"),
+    ("POST", "/api/generate"), ("POST", "/api/embed"), ("GET", "/api/version"), ("POST", "/api/pull"),
+    ("POST", "/api/create"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/apply-template"),
+    ("GET", "/metrics"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,path", GUARDED, ids=[f"{m} {p}" for m, p in GUARDED])
+def test_the_api_key_guards_every_endpoint(server: Server, method: str, path: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
+        response = httpx.request(method, f"{server.url}{path}", json={}, headers=headers)
+        assert response.status_code == 401, (headers, response.text)
+    if path.startswith("/api/"):
+        assert "API key" in response.json()["error"]
+    if path.startswith("/v1/messages"):
+        assert response.json()["error"]["type"] == "authentication_error"
+    # x-api-key is accepted as well as Bearer
+    assert (
+        httpx.request(method, f"{server.url}{path}", json={}, headers={"x-api-key": KEY}).status_code != 401
+    )
+
+
+def test_metrics_public_needs_no_key(smollm2_gguf: Path, tmp_path: Path) -> None:
+    srv = Server(smollm2_gguf, tmp_path / "home", "--parallel", "1", "--ctx", "256", "--threads", "1",
+                 "--metrics-public", api_key=KEY)  # fmt: skip
+    try:
+        assert "selfhost_slots 1.0" in httpx.get(f"{srv.url}/metrics").text
+        assert httpx.get(f"{srv.url}/api/tags").status_code == 401  # only /metrics is public
+    finally:
+        assert srv.stop() == 0
