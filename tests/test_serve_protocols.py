@@ -131,17 +131,17 @@ def test_anthropic_forced_tool_call_answered_with_tool_result(claude) -> None:
     assert streamed.input == use.input and final.stop_reason == "tool_use"
 
 
+HI = [{"role": "user", "content": "x"}]
 ANTHROPIC_MALFORMED = [
     ("not json", "{messages: ["),
     ("no max_tokens", {"messages": [{"role": "user", "content": "hi"}]}),
     ("bad role", {"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}),
     ("empty messages", {"max_tokens": 5, "messages": []}),
     ("image block", {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}),
-    ("temperature 1.5", {"max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]}),
-    ("tool choice unnamed", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-                             "tools": [{"name": "f"}], "tool_choice": {"type": "tool"}}),
-    ("auto tools on SmolLM2", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-                               "tools": [{"name": "f"}]}),
+    ("temperature 1.5", {"max_tokens": 5, "temperature": 1.5, "messages": HI}),
+    ("tool choice unnamed", {"max_tokens": 5, "messages": HI, "tools": [{"name": "f"}],
+                             "tool_choice": {"type": "tool"}}),
+    ("auto tools on SmolLM2", {"max_tokens": 5, "messages": HI, "tools": [{"name": "f"}]}),
 ]  # fmt: skip
 
 

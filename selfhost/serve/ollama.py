@@ -109,29 +109,6 @@ def register(app: FastAPI, served: Served) -> None:
     served.error_shapes.append(("/api/", error_body))
     auth = [served.auth]
 
-    @app.get("/api/version", dependencies=auth)
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
-
-    @app.get("/api/tags", dependencies=auth)
-    async def tags() -> dict[str, Any]:
-        return {"models": await run_in_threadpool(_tags, served)}
-
-    @app.get("/api/ps", dependencies=auth)
-    async def ps() -> dict[str, Any]:
-        expires = (datetime.now(UTC) + timedelta(days=365)).isoformat()  # loaded until the server stops
-        loaded = _loaded(served)
-        vram = loaded["size"] if service.model.summary.layers_offloaded else 0
-        return {
-            "models": [
-                {**loaded, "expires_at": expires, "size_vram": vram, "context_length": service.model.n_ctx}
-            ]
-        }
-
-    @app.post("/api/show", dependencies=auth)
-    async def show(req: NameRequest) -> dict[str, Any]:
-        return await run_in_threadpool(_show, served, req.ref())
-
     @app.post("/api/chat", dependencies=auth)
     async def chat(req: ChatRequest, request: Request) -> Any:
         if not req.messages:  # Ollama's way to load a model: nothing to generate
@@ -174,6 +151,37 @@ def register(app: FastAPI, served: Served) -> None:
             "load_duration": 0,
             "prompt_eval_count": done["usage"]["prompt_tokens"],
         }
+
+    _register_models(app, served)
+
+
+def _register_models(app: FastAPI, served: Served) -> None:
+    """The model endpoints: version, tags, ps, show, pull; what selfhost cannot do answers 501."""
+    service = served.service
+    auth = [served.auth]
+
+    @app.get("/api/version", dependencies=auth)
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/api/tags", dependencies=auth)
+    async def tags() -> dict[str, Any]:
+        return {"models": await run_in_threadpool(_tags, served)}
+
+    @app.get("/api/ps", dependencies=auth)
+    async def ps() -> dict[str, Any]:
+        expires = (datetime.now(UTC) + timedelta(days=365)).isoformat()  # loaded until the server stops
+        loaded = _loaded(served)
+        vram = loaded["size"] if service.model.summary.layers_offloaded else 0
+        return {
+            "models": [
+                {**loaded, "expires_at": expires, "size_vram": vram, "context_length": service.model.n_ctx}
+            ]
+        }
+
+    @app.post("/api/show", dependencies=auth)
+    async def show(req: NameRequest) -> dict[str, Any]:
+        return await run_in_threadpool(_show, served, req.ref())
 
     @app.post("/api/pull", dependencies=auth)
     async def pull(req: NameRequest) -> Any:
