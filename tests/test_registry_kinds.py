@@ -136,6 +136,18 @@ def test_every_embedding_entry_is_refused_by_chat(tiny_gguf, runner):
     assert show.exit_code == 0 and json.loads(show.stdout)["kind"] == "embedding"
 
 
+def test_every_rerank_entry_is_refused_by_chat_and_taken_by_serve(tiny_gguf):
+    rerankers = {a: e for a, e in load_registry().models.items() if e.kind == "rerank"}
+    assert {"bge-reranker-v2-m3", "qwen3-reranker-0.6b"} <= set(rerankers)
+    for alias, entry in rerankers.items():
+        with pytest.raises(UsageError, match="is a reranker"):
+            resolve_model(alias)
+        register_as(f"{alias}:{entry.default_quant}", tiny_gguf, entry.repo)
+        with pytest.raises(UsageError, match="cannot chat"):
+            resolve_model(alias)
+        assert resolve_model(alias, purpose="rerank").kind == "rerank"  # serve --rerank-model
+
+
 def test_chat_subprocess_refuses_an_embedding_model(tiny_gguf):
     entry = load_registry().get("nomic-embed-text-v1.5")
     register_as("nomic-embed-text-v1.5:Q8_0", tiny_gguf, entry.repo)

@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.servehelp import Server
+from tests.tinygguf import write_tiny_reranker
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,9 @@ WEATHER = {
 @pytest.fixture(scope="module")
 def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("proto") / "home"
-    srv = Server(smollm2_gguf, home, "--parallel", "2", "--ctx", "1024", "--threads", "2", api_key=KEY)
+    reranker = write_tiny_reranker(home.parent / "tiny-reranker.gguf")
+    srv = Server(smollm2_gguf, home, "--parallel", "2", "--ctx", "1024", "--threads", "2",
+                 "--rerank-model", str(reranker), api_key=KEY)  # fmt: skip
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -421,7 +424,7 @@ GUARDED = [
     ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show"), ("POST", "/api/chat"),
     ("POST", "/api/generate"), ("POST", "/api/embed"), ("GET", "/api/version"), ("POST", "/api/pull"),
     ("POST", "/api/create"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/apply-template"),
-    ("GET", "/metrics"),
+    ("GET", "/metrics"), ("POST", "/v1/rerank"), ("POST", "/rerank"),
 ]  # fmt: skip
 
 
@@ -446,5 +449,57 @@ def test_metrics_public_needs_no_key(smollm2_gguf: Path, tmp_path: Path) -> None
     try:
         assert "selfhost_slots 1.0" in httpx.get(f"{srv.url}/metrics").text
         assert httpx.get(f"{srv.url}/api/tags").status_code == 401  # only /metrics is public
+        headers = {"x-api-key": KEY}
+        none = httpx.post(f"{srv.url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers)
+        assert none.status_code == 400 and "--rerank-model" in none.json()["error"]["message"]
     finally:
         assert srv.stop() == 0
+
+
+# -------------------------------------------------------------------- rerank
+WAR = "When did the Second World War end?"
+DOCUMENTS = [
+    "The sky is blue and the grass is green.",
+    "The Second World War ended in 1945.",
+    "Cats sleep for most of the day.",
+]
+
+
+def test_rerank_puts_the_answer_first(server: Server) -> None:
+    body = {
+        "model": "tiny-reranker",
+        "query": WAR,
+        "documents": DOCUMENTS,
+        "top_n": 2,
+        "return_documents": True,
+    }
+    done = post(server, "/v1/rerank", body)
+    assert done.status_code == 200, done.text
+    data = done.json()
+    results = data["results"]
+    assert [r["index"] for r in results][:1] == [1] and len(results) == 2  # the answer first, top_n kept
+    assert results[0]["document"] == {"text": DOCUMENTS[1]}
+    assert results[0]["relevance_score"] > results[1]["relevance_score"]
+    assert data["model"] == "tiny-reranker" and data["usage"]["total_tokens"] > 3 * len(WAR)
+    # Jina's {"text": ...} documents, the /rerank alias, every document when there is no top_n
+    alias = post(server, "/rerank", {"query": WAR, "documents": [{"text": d} for d in reversed(DOCUMENTS)]})
+    ranked = alias.json()["results"]
+    assert len(ranked) == 3 and ranked[0]["index"] == 1 and "document" not in ranked[0]
+    scores = [r["relevance_score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+
+
+RERANK_MALFORMED = [
+    ("no query", {"documents": ["a"]}),
+    ("no documents", {"query": "q", "documents": []}),
+    ("document a number", {"query": "q", "documents": [5]}),
+    ("top_n 0", {"query": "q", "documents": ["a"], "top_n": 0}),
+    ("too long", {"query": "q", "documents": ["9" * 5000]}),
+]
+
+
+@pytest.mark.parametrize("name,body", RERANK_MALFORMED, ids=[m[0] for m in RERANK_MALFORMED])
+def test_rerank_malformed_bodies_are_400(server: Server, name: str, body: object) -> None:
+    response = post(server, "/v1/rerank", body)
+    assert response.status_code == 400, (name, response.text)
+    assert response.json()["error"]["message"] and "Traceback" not in response.text

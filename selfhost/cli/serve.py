@@ -47,6 +47,9 @@ def serve(
         min=16,
         help="Prompt tokens read per step, so new prompts do not stall replies.",
     ),
+    rerank_model: str | None = typer.Option(
+        None, "--rerank-model", help="A reranker (kind rerank, e.g. bge-reranker-v2-m3) for /v1/rerank."
+    ),
     metrics_public: bool = typer.Option(
         False, "--metrics-public", help="Serve /metrics (Prometheus) without the API key."
     ),
@@ -66,6 +69,8 @@ def serve(
     model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
     if embedding_model is not None:
         embedding_model = ensure_model(embedding_model, pull, purpose="embedding")
+    if rerank_model is not None:
+        rerank_model = ensure_model(rerank_model, pull, purpose="rerank")
     options = ServeOptions(
         model=model,
         host=host,
@@ -81,6 +86,7 @@ def serve(
         embedding_model=embedding_model,
         prefill_chunk=prefill_chunk,
         metrics_public=metrics_public,
+        rerank_model=rerank_model,
     )
 
     def ready(line: str, url: str) -> None:

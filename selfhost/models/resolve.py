@@ -3,8 +3,9 @@ owner/repo[:QUANT|:file.gguf] in the store or the HF cache, a path) into a GGUF 
 refuse early what the caller cannot use.
 
 `resolve_model(ref, purpose=...)` is the one call chat, serve and quantize make before loading:
-- purpose "chat" (the default) refuses a `kind = "embedding"` model with one clear line;
-- "embedding" (serve's /v1/embeddings), "rerank" (serve's /v1/rerank) and "load" (quantize, perplexity) accept every kind;
+- purpose "chat" (the default) refuses a `kind = "embedding"` or `"rerank"` model with one clear line;
+- "embedding" (serve's /v1/embeddings), "rerank" (serve's /v1/rerank) and "load" (quantize,
+  perplexity) accept every kind;
 - every purpose but "inspect" refuses a model whose registry entry needs a newer llama-cpp-python
   (`min_llama_cpp`) and a split GGUF with a missing part, before llama.cpp touches a file.
 

@@ -39,8 +39,9 @@ def create_app(
     embedder: Embedder | None = None,
     shutdown_grace: float = 8.0,
     metrics_public: bool = False,
+    reranker: Embedder | None = None,
 ) -> FastAPI:
-    from selfhost.serve import anthropic, metrics, ollama, responses, tools
+    from selfhost.serve import anthropic, metrics, ollama, rerank, responses, tools
 
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
@@ -82,6 +83,7 @@ def create_app(
     # the other protocols: thin translations over the same Service (one module each)
     for protocol in (anthropic, responses, ollama, tools):
         protocol.register(app, served)
+    rerank.register(app, served, reranker)
     metrics.register(app, served, public=metrics_public)
     return app
 

@@ -40,6 +40,7 @@ class ServeOptions(BaseModel):
     prefill_chunk: int = 256
     graceful_seconds: int = 10
     metrics_public: bool = False  # /metrics without the API key
+    rerank_model: str | None = None  # a reranker GGUF for /v1/rerank
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -92,9 +93,10 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
         prefill_chunk=options.prefill_chunk,
         max_queue=options.max_queue,
     )
-    embedder = None
+    embedder = reranker = None
     try:
         embedder = _embedder(model, options)
+        reranker = _reranker(options) if options.rerank_model else None
         model.engine.start()
         service = Service(model, log=options.log)
         service.load_seconds = time.perf_counter() - started
@@ -105,6 +107,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
             embedder=embedder,
             shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
             metrics_public=options.metrics_public,
+            reranker=reranker,
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
         on_ready(model.summary.line(), f"http://{shown}:{port}/v1")
@@ -118,8 +121,9 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
         _run_until_signal(uvicorn.Server(config), sock)
     finally:
         model.close()
-        if embedder is not None:
-            embedder.close()
+        for second in (embedder, reranker):
+            if second is not None:
+                second.close()
         sock.close()
 
 
@@ -155,3 +159,19 @@ def _embedder(model: ChatModel, options: ServeOptions) -> Embedder:
     )
     n_ctx = min(info.context_length or 2048, 8192)
     return Embedder(llm, resolved.name, n_ctx=n_ctx, threads=report.n_threads)
+
+
+def _reranker(options: ServeOptions) -> Embedder:
+    """The --rerank-model reranker: a second model read with llama.cpp's rank pooling."""
+    from selfhost.models.resolve import resolve_model
+    from selfhost.runtime import gguf_info
+    from selfhost.runtime.embed import Embedder
+    from selfhost.runtime.llama_backend import load_model
+
+    resolved = resolve_model(options.rerank_model, purpose="rerank")
+    info = gguf_info.inspect(Path(resolved.path))
+    llm, report = load_model(
+        resolved.path, n_ctx=64, n_gpu_layers=options.gpu_layers or 0, n_threads=options.threads, info=info
+    )
+    n_ctx = min(info.context_length or 2048, 8192)
+    return Embedder(llm, resolved.name, n_ctx=n_ctx, threads=report.n_threads, rank=True)
