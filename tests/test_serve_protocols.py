@@ -443,17 +443,38 @@ def test_the_api_key_guards_every_endpoint(server: Server, method: str, path: st
     )
 
 
-def test_metrics_public_needs_no_key(smollm2_gguf: Path, tmp_path: Path) -> None:
-    srv = Server(smollm2_gguf, tmp_path / "home", "--parallel", "1", "--ctx", "256", "--threads", "1",
-                 "--metrics-public", api_key=KEY)  # fmt: skip
-    try:
-        assert "selfhost_slots 1.0" in httpx.get(f"{srv.url}/metrics").text
-        assert httpx.get(f"{srv.url}/api/tags").status_code == 401  # only /metrics is public
-        headers = {"x-api-key": KEY}
-        none = httpx.post(f"{srv.url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers)
-        assert none.status_code == 400 and "--rerank-model" in none.json()["error"]["message"]
-    finally:
-        assert srv.stop() == 0
+def test_metrics_public_and_api_pull_through_selfhost_pull(
+    smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.hubserver import FakeHub
+    from tests.tinygguf import write_tiny_llama
+
+    tiny = write_tiny_llama(tmp_path / "tiny.gguf").read_bytes()
+    with FakeHub() as hub:
+        hub.add_file("someone/tiny-GGUF", "tiny-F32.gguf", tiny)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the server's `selfhost pull` talks to the fake Hub
+        srv = Server(smollm2_gguf, tmp_path / "home", "--parallel", "1", "--ctx", "256", "--threads", "1",
+                     "--metrics-public", api_key=KEY)  # fmt: skip
+        try:
+            assert "selfhost_slots 1.0" in httpx.get(f"{srv.url}/metrics").text
+            assert httpx.get(f"{srv.url}/api/tags").status_code == 401  # only /metrics is public
+            headers = {"x-api-key": KEY}
+            none = httpx.post(
+                f"{srv.url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers
+            )
+            assert none.status_code == 400 and "--rerank-model" in none.json()["error"]["message"]
+
+            from ollama import Client
+
+            ollama = Client(host=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            progress = list(ollama.pull("someone/tiny-GGUF:F32", stream=True))
+            assert progress[-1].status == "success"
+            sizes = [p.total for p in progress if p.total]
+            assert sizes and max(sizes) == len(tiny)
+            assert [p.completed for p in progress if p.total][-1] == len(tiny)
+            assert "someone/tiny-GGUF:F32" in [m.model for m in ollama.list().models]
+        finally:
+            assert srv.stop() == 0
 
 
 # -------------------------------------------------------------------- rerank
