@@ -291,7 +291,7 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
     import shutil
     from collections import namedtuple
 
-    from selfhost.quantize import run
+    from selfhost.quantize import plan
 
     outdir = tmp_path / "out"
     outdir.mkdir()
@@ -300,7 +300,7 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
     result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
     assert "not enough disk space" in one_error_line(result)
     monkeypatch.undo()
-    monkeypatch.setattr(run, "available_memory", lambda: 1024)
+    monkeypatch.setattr(plan, "available_memory", lambda: 1024)
     result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
     assert "not enough memory" in one_error_line(result)
     assert list(outdir.iterdir()) == []

@@ -121,7 +121,7 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
 
     listed = runner.invoke(app, ["models", "list"])
     assert "3 parts" in listed.output and "tinysplit:F32" in listed.output
-    from selfhost.atomic import human_bytes
+    from selfhost.units import human_bytes
 
     assert f"1 model(s), {human_bytes(record.size)} on disk" in listed.output  # every part counted
     shown = json.loads(runner.invoke(app, ["models", "show", "tinysplit", "--json"]).stdout)

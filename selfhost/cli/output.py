@@ -20,10 +20,10 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from selfhost.atomic import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import SelfhostError, UsageError
 from selfhost.events import Event, Notice, Progress, run_to_end
+from selfhost.units import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 
 # -- formatting (human output only; JSON carries raw numbers) ------------------------------------
 
