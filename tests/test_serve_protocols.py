@@ -4,6 +4,7 @@ llama-server's tokenize endpoints and Prometheus metrics; one uvicorn + SmolLM2,
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -524,3 +525,28 @@ def test_rerank_malformed_bodies_are_400(server: Server, name: str, body: object
     response = post(server, "/v1/rerank", body)
     assert response.status_code == 400, (name, response.text)
     assert response.json()["error"]["message"] and "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/messages", {"max_tokens": 800, "stream": True}),
+        ("/api/chat", {"model": "m", "options": {"num_predict": 800}}),
+        ("/v1/responses", {"input": "Tell me a very long story about a dragon.", "stream": True}),
+    ],
+    ids=["anthropic", "ollama", "responses"],
+)
+def test_a_client_that_leaves_a_stream_frees_its_slot(server: Server, path: str, body: dict) -> None:
+    story = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
+    body = {"messages": story, **body} if "input" not in body else body
+    with httpx.stream(
+        "POST", f"{server.url}{path}", json=body, headers=server.headers(), timeout=60
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        [next(lines) for _ in range(8)]
+        assert server.health()["slots_busy"] == 1
+    deadline = time.monotonic() + 10
+    while server.health()["slots_busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["slots_busy"] == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -241,7 +241,7 @@ def _event(kind: str, **data: Any) -> dict[str, str]:
 
 
 async def _events(
-    served: Served, planned: Planned, parts: AsyncIterator[str | Completed]
+    served: Served, planned: Planned, parts: AsyncGenerator[str | Completed, None]
 ) -> AsyncIterator[dict[str, str]]:
     """message_start, text block deltas as they come, whole tool_use blocks at the end, message_stop."""
     usage = {"input_tokens": runner.prompt_tokens(planned), "output_tokens": 0}
@@ -269,6 +269,8 @@ async def _events(
     except ApiError as exc:
         yield _event("error", error=error_body(exc)["error"])
         return
+    finally:
+        await parts.aclose()  # a client that went away frees its slot now
     assert result is not None
     if open_text:
         yield _event("content_block_stop", index=index)

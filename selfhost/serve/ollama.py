@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -309,7 +309,7 @@ def _final(planned: Planned, result: Completed) -> dict[str, Any]:
 
 
 async def _lines(
-    served: Served, planned: Planned, req: Common, parts: AsyncIterator[str | Completed], key: str
+    served: Served, planned: Planned, req: Common, parts: AsyncGenerator[str | Completed, None], key: str
 ) -> AsyncIterator[str]:
     try:
         async for part in parts:
@@ -324,6 +324,8 @@ async def _lines(
                 yield json.dumps(_stamp(req.model, **{key: piece}, done=False)) + "\n"
     except ApiError as exc:
         yield json.dumps(error_body(exc)) + "\n"
+    finally:
+        await parts.aclose()  # a client that went away frees its slot now
 
 
 def _details(quant: str | None, family: str = "", parameters: int = 0) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -278,7 +278,7 @@ def _done(head: dict[str, Any], result: Completed, output: list[dict[str, Any]])
 
 
 async def _events(
-    head: dict[str, Any], planned: Planned, parts: AsyncIterator[str | Completed]
+    head: dict[str, Any], planned: Planned, parts: AsyncGenerator[str | Completed, None]
 ) -> AsyncIterator[dict[str, str]]:
     """The typed event sequence; text as it comes, items read whole (tool calls) at the end."""
     seq = iter(range(1 << 62))
@@ -311,6 +311,8 @@ async def _events(
     except ApiError as exc:
         yield event("error", code=exc.code, message=str(exc), param=exc.param)
         return
+    finally:
+        await parts.aclose()  # a client that went away frees its slot now
     output = _output(result, msg_id)
     for index, item in enumerate(output):
         if item["type"] == "message" and opened:

@@ -8,7 +8,7 @@ Completed result below back into its own shapes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,7 @@ def holding(planned: Planned) -> bool:
     return planned.tools.mode != "none"
 
 
-async def stream(service: Service, planned: Planned, job: Job) -> AsyncIterator[str | Completed]:
+async def stream(service: Service, planned: Planned, job: Job) -> AsyncGenerator[str | Completed, None]:
     """Text deltas as they come (none when holding), then the Completed result."""
     end: JobEnd | None = None
     hold = holding(planned)
