@@ -241,9 +241,10 @@ def _event(kind: str, **data: Any) -> dict[str, str]:
 
 
 async def _events(
-    served: Served, planned: Planned, parts: AsyncGenerator[str | Completed, None]
+    served: Served, planned: Planned, parts: AsyncGenerator[runner.Part, None]
 ) -> AsyncIterator[dict[str, str]]:
-    """message_start, text block deltas as they come, whole tool_use blocks at the end, message_stop."""
+    """message_start; thinking and text blocks streamed as they come; tool_use blocks whole at the end;
+    message_delta (stop_reason, usage) and message_stop."""
     usage = {"input_tokens": runner.prompt_tokens(planned), "output_tokens": 0}
     start = {
         **_head(served, planned),
@@ -253,30 +254,35 @@ async def _events(
         "usage": usage,
     }
     yield _event("message_start", message=start)
-    index, open_text = 0, False
+    index, open_kind, streamed = 0, None, set()
     result: Completed | None = None
     try:
         async for part in parts:
             if isinstance(part, Completed):
                 result = part
-            elif part:
-                if not open_text:
-                    yield _event(
-                        "content_block_start", index=index, content_block={"type": "text", "text": ""}
-                    )
-                    open_text = True
-                yield _event("content_block_delta", index=index, delta={"type": "text_delta", "text": part})
+                continue
+            kind = {"text": "text", "reasoning": "thinking"}.get(part.kind)
+            if kind is None:
+                continue  # tool calls come whole from the result
+            if kind != open_kind:
+                if open_kind is not None:
+                    yield _event("content_block_stop", index=index)
+                    index += 1
+                block = {"type": kind, kind: "", **({"signature": ""} if kind == "thinking" else {})}
+                yield _event("content_block_start", index=index, content_block=block)
+                open_kind = kind
+                streamed.add(kind)
+            yield _event("content_block_delta", index=index, delta=_delta({"type": kind, kind: part.text}))
     except ApiError as exc:
         yield _event("error", error=error_body(exc)["error"])
         return
     finally:
         await parts.aclose()  # a client that went away frees its slot now
     assert result is not None
-    if open_text:
+    if open_kind is not None:
         yield _event("content_block_stop", index=index)
         index += 1
-    held = [b for b in _blocks(result) if not (open_text and b["type"] == "text")]
-    for block in held:  # a reply read whole (tool calls, thinking): each block in one delta
+    for block in [b for b in _blocks(result) if b["type"] not in streamed]:  # read whole: one delta each
         yield _event("content_block_start", index=index, content_block={**block, **_empty(block)})
         yield _event("content_block_delta", index=index, delta=_delta(block))
         yield _event("content_block_stop", index=index)

@@ -265,7 +265,8 @@ async def _answer(served: Served, planned: Planned, req: Common, request: Reques
     result = await runner.collect(service, planned, job, request)
     if result is None:
         return None
-    return _stamp(req.model, **{key: _payload(result, key)}, **_final(planned, result))
+    extra = {"thinking": runner.reasoning(result)} if key == "response" and runner.reasoning(result) else {}
+    return _stamp(req.model, **{key: _payload(result, key)}, **extra, **_final(planned, result))
 
 
 def _payload(result: Completed, key: str) -> Any:
@@ -309,23 +310,35 @@ def _final(planned: Planned, result: Completed) -> dict[str, Any]:
 
 
 async def _lines(
-    served: Served, planned: Planned, req: Common, parts: AsyncGenerator[str | Completed, None], key: str
+    served: Served, planned: Planned, req: Common, parts: AsyncGenerator[runner.Part, None], key: str
 ) -> AsyncIterator[str]:
+    """NDJSON: answer (and thinking) pieces as they come, tool calls in one line, the final line."""
     try:
         async for part in parts:
             if isinstance(part, Completed):
-                held = _payload(part, key)
-                if runner.holding(planned):  # a reply read whole (tool calls) goes in one line
-                    yield json.dumps(_stamp(req.model, **{key: held}, done=False)) + "\n"
+                whole = _payload(part, key)
+                if not runner.holding(planned) and key == "message":  # the text went out already
+                    whole = {**whole, "content": ""}
+                    whole.pop("thinking", None)
+                if runner.holding(planned) or (key == "message" and part.tool_calls):
+                    yield json.dumps(_stamp(req.model, **{key: whole}, done=False)) + "\n"
                 last = {"role": "assistant", "content": ""} if key == "message" else ""
                 yield json.dumps(_stamp(req.model, **{key: last}, **_final(planned, part))) + "\n"
-            elif part:
-                piece = {"role": "assistant", "content": part} if key == "message" else part
-                yield json.dumps(_stamp(req.model, **{key: piece}, done=False)) + "\n"
+            elif part.kind in ("text", "reasoning"):
+                yield json.dumps(_stamp(req.model, **_piece(part.kind, part.text, key), done=False)) + "\n"
     except ApiError as exc:
         yield json.dumps(error_body(exc)) + "\n"
     finally:
         await parts.aclose()  # a client that went away frees its slot now
+
+
+def _piece(kind: str, text: str, key: str) -> dict[str, Any]:
+    """One streamed piece: answer text in `content` / `response`, reasoning in `thinking`."""
+    answer, thinking = (text, None) if kind == "text" else ("", text)
+    if key == "message":
+        message = {"role": "assistant", "content": answer}
+        return {"message": {**message, "thinking": thinking} if thinking else message}
+    return {"response": answer, "thinking": thinking} if thinking else {"response": answer}
 
 
 def _details(quant: str | None, family: str = "", parameters: int = 0) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def register(app: FastAPI, served: Served) -> None:
             events = _events(head, planned, runner.stream(service, planned, job))
             return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=served.grace)
         result = await runner.collect(service, planned, job, request)
-        return None if result is None else _done(head, result, _output(result, _id("msg")))
+        return None if result is None else _done(head, result, _output(result, _id("msg"), _id("rs")))
 
 
 # ----------------------------------------------------------------- requests
@@ -230,18 +230,21 @@ def _message(msg_id: str, text: str, status: str = "completed") -> dict[str, Any
     return {"type": "message", "id": msg_id, "status": status, "role": "assistant", "content": [part]}
 
 
-def _output(result: Completed, msg_id: str) -> list[dict[str, Any]]:
+def _reasoning(rs_id: str, text: str) -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": rs_id,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
+def _output(result: Completed, msg_id: str, rs_id: str) -> list[dict[str, Any]]:
+    """Output items in order: reasoning (thinking models), the message, function calls."""
     items: list[dict[str, Any]] = []
     thinking = runner.reasoning(result)
     if thinking:
-        items.append(
-            {
-                "type": "reasoning",
-                "id": _id("rs"),
-                "summary": [],
-                "content": [{"type": "reasoning_text", "text": thinking}],
-            }
-        )
+        items.append(_reasoning(rs_id, thinking))
     if result.content or not result.tool_calls:
         items.append(_message(msg_id, result.content or ""))
     for call in result.tool_calls or []:
@@ -278,9 +281,10 @@ def _done(head: dict[str, Any], result: Completed, output: list[dict[str, Any]])
 
 
 async def _events(
-    head: dict[str, Any], planned: Planned, parts: AsyncGenerator[str | Completed, None]
+    head: dict[str, Any], planned: Planned, parts: AsyncGenerator[runner.Part, None]
 ) -> AsyncIterator[dict[str, str]]:
-    """The typed event sequence; text as it comes, items read whole (tool calls) at the end."""
+    """The typed event sequence: reasoning and text items streamed as they come, items read whole
+    (function calls) at the end, then response.completed (or response.incomplete)."""
     seq = iter(range(1 << 62))
 
     def event(kind: str, **data: Any) -> dict[str, str]:
@@ -289,35 +293,42 @@ async def _events(
     started = {**head, "status": "in_progress", "output": []}
     yield event("response.created", response=started)
     yield event("response.in_progress", response=started)
-    msg_id, text, opened = _id("msg"), [], False
-    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    ids = {"message": _id("msg"), "reasoning": _id("rs")}
+    opened: list[str] = []  # item types streamed, in output order
     try:
         async for part in parts:
             if isinstance(part, Completed):
                 result = part
-            elif part:
-                if not opened:
-                    opened = True
-                    yield event(
-                        "response.output_item.added",
-                        output_index=0,
-                        item={**_message(msg_id, "", "in_progress"), "content": []},
-                    )
-                    yield event(
-                        "response.content_part.added", **where, part=_message(msg_id, "")["content"][0]
-                    )
-                text.append(part)
-                yield event("response.output_text.delta", **where, delta=part, logprobs=[])
+                continue
+            kind = {"text": "message", "reasoning": "reasoning"}.get(part.kind)
+            if kind is None:
+                continue  # function calls come whole from the result
+            if kind not in opened:
+                opened.append(kind)
+                empty = (
+                    _message(ids[kind], "", "in_progress") if kind == "message" else _reasoning(ids[kind], "")
+                )
+                index = len(opened) - 1
+                yield event("response.output_item.added", output_index=index, item={**empty, "content": []})
+                where = {"item_id": ids[kind], "output_index": index, "content_index": 0}
+                yield event("response.content_part.added", **where, part=empty["content"][0])
+            where = {"item_id": ids[kind], "output_index": opened.index(kind), "content_index": 0}
+            delta = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+            yield event(delta, **where, delta=part.text, **({"logprobs": []} if kind == "message" else {}))
     except ApiError as exc:
         yield event("error", code=exc.code, message=str(exc), param=exc.param)
         return
     finally:
         await parts.aclose()  # a client that went away frees its slot now
-    output = _output(result, msg_id)
+    output = _output(result, ids["message"], ids["reasoning"])
     for index, item in enumerate(output):
-        if item["type"] == "message" and opened:
+        if item["type"] in opened:
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
             whole = item["content"][0]
-            yield event("response.output_text.done", **where, text=whole["text"], logprobs=[])
+            if item["type"] == "message":
+                yield event("response.output_text.done", **where, text=whole["text"], logprobs=[])
+            else:
+                yield event("response.reasoning_text.done", **where, text=whole["text"])
             yield event("response.content_part.done", **where, part=whole)
         else:
             async for e in _whole_item(event, index, item):

@@ -1,8 +1,10 @@
 """What every protocol adapter shares: the serving context, and running one planned reply.
 
 Each protocol (OpenAI in app.py, Anthropic, Responses, Ollama) only translates: its request into a
-ChatCompletionRequest (Service.plan_chat, the one generation path), and the text deltas and the
-Completed result below back into its own shapes.
+ChatCompletionRequest (Service.plan_chat, the one generation path), and the stream below back into
+its own shapes: typed reply chunks as they come (`kind` "text": the answer; "reasoning": a thinking
+model's reasoning, where the chat session separates it), then the Completed result (answer,
+reasoning, tool calls, usage). Tool calls are taken from the result, whole.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from selfhost.chat.messages import TextChunk
 from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError
 from selfhost.runtime.embed import Embedder
 from selfhost.serve.schemas import ChatCompletionRequest
@@ -63,14 +66,17 @@ def holding(planned: Planned) -> bool:
     return planned.tools.mode != "none"
 
 
-async def stream(service: Service, planned: Planned, job: Job) -> AsyncGenerator[str | Completed, None]:
-    """Text deltas as they come (none when holding), then the Completed result."""
+Part = TextChunk | Completed  # what `stream` yields; adapters read a chunk's `kind`
+
+
+async def stream(service: Service, planned: Planned, job: Job) -> AsyncGenerator[Part, None]:
+    """Reply chunks as they come (none when holding), then the Completed result."""
     end: JobEnd | None = None
     hold = holding(planned)
     try:
         async for item in job.achunks():
-            if isinstance(item, JobText) and not hold:
-                yield item.text
+            if isinstance(item, JobText) and not hold and item.text:
+                yield TextChunk(text=item.text)
             elif isinstance(item, JobEnd):
                 end = item
     finally:
@@ -117,4 +123,4 @@ def close_log(planned: Planned) -> None:
 
 def reasoning(result: Completed) -> str | None:
     """The reply's reasoning text, where the model and the server separate it (thinking models)."""
-    return getattr(result, "reasoning_content", None) or None
+    return getattr(result, "reasoning", None) or None
