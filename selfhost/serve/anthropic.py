@@ -19,7 +19,7 @@ from sse_starlette import EventSourceResponse
 from selfhost.serve import runner
 from selfhost.serve.runner import Served
 from selfhost.serve.schemas import MAX_MESSAGES, MAX_TEXT, Lenient
-from selfhost.serve.service import ApiError, Completed, Planned
+from selfhost.serve.service import ApiError, Completed
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
@@ -92,24 +92,22 @@ class MessagesRequest(CountTokensRequest):
 
 
 def register(app: FastAPI, served: Served) -> None:
-    service = served.service
     served.error_shapes.append(("/v1/messages", error_body))
 
     @app.post("/v1/messages", dependencies=[served.auth])
     async def messages(req: MessagesRequest, request: Request) -> Any:
-        planned = await runner.plan(service, runner.chat_request(_translate(req)))
-        job = runner.start(service, planned)
+        reply = runner.start(await runner.plan(served, runner.chat_request(_translate(req))))
         if req.stream:
-            events = _events(served, planned, runner.stream(service, planned, job))
+            events = _events(reply, runner.stream(reply))
             return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=served.grace)
-        result = await runner.collect(service, planned, job, request)
-        return None if result is None else _message(served, planned, result)
+        result = await runner.collect(reply, request)
+        return None if result is None else _message(reply, result)
 
     @app.post("/v1/messages/count_tokens", dependencies=[served.auth])
     async def count_tokens(req: CountTokensRequest) -> dict[str, int]:
-        planned = await runner.plan(service, runner.chat_request({**_translate(req), "max_tokens": 1}))
-        runner.close_log(planned)
-        return {"input_tokens": runner.prompt_tokens(planned)}
+        reply = await runner.plan(served, runner.chat_request({**_translate(req), "max_tokens": 1}))
+        runner.discard(reply)
+        return {"input_tokens": reply.prompt_tokens}
 
 
 _ERROR_TYPES = {
@@ -213,22 +211,17 @@ def _blocks(result: Completed) -> list[dict[str, Any]]:
     return blocks
 
 
-def _head(served: Served, planned: Planned) -> dict[str, Any]:
-    return {
-        "id": f"msg_{uuid.uuid4().hex}",
-        "type": "message",
-        "role": "assistant",
-        "model": served.service.model_id,
-    }
+def _head(reply: runner.Reply) -> dict[str, Any]:
+    return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": reply.model_id}
 
 
 def _usage(result: Completed) -> dict[str, int]:
     return {"input_tokens": result.usage["prompt_tokens"], "output_tokens": result.usage["completion_tokens"]}
 
 
-def _message(served: Served, planned: Planned, result: Completed) -> dict[str, Any]:
+def _message(reply: runner.Reply, result: Completed) -> dict[str, Any]:
     return {
-        **_head(served, planned),
+        **_head(reply),
         "content": _blocks(result),
         "stop_reason": _STOP.get(result.finish_reason, "end_turn"),
         "stop_sequence": None,
@@ -241,13 +234,13 @@ def _event(kind: str, **data: Any) -> dict[str, str]:
 
 
 async def _events(
-    served: Served, planned: Planned, parts: AsyncGenerator[runner.Part, None]
+    reply: runner.Reply, parts: AsyncGenerator[runner.Part, None]
 ) -> AsyncIterator[dict[str, str]]:
     """message_start; thinking and text blocks streamed as they come; tool_use blocks whole at the end;
     message_delta (stop_reason, usage) and message_stop."""
-    usage = {"input_tokens": runner.prompt_tokens(planned), "output_tokens": 0}
+    usage = {"input_tokens": reply.prompt_tokens, "output_tokens": 0}
     start = {
-        **_head(served, planned),
+        **_head(reply),
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,

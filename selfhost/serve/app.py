@@ -92,12 +92,12 @@ def create_app(
 async def _respond(
     service: Service, planned: Planned, request: Request, stream: bool, include_usage: bool, grace: float
 ) -> Any:
-    job = runner.start(service, planned)
+    reply = runner.start(runner.Reply(service, planned))
     if stream:
         # on SIGINT/SIGTERM a reply in flight gets `grace` seconds to finish, then it is cancelled
-        events = _events(service, planned, job, include_usage)
+        events = _events(service, planned, reply.job, include_usage)
         return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=grace)
-    result = await runner.collect(service, planned, job, request)
+    result = await runner.collect(reply, request)
     if result is None:
         return None  # nobody to answer
     return _completion(service, planned, result)

@@ -22,7 +22,7 @@ from selfhost import __version__
 from selfhost.serve import runner
 from selfhost.serve.runner import Served
 from selfhost.serve.schemas import MAX_MESSAGES, MAX_TEXT, CompletionRequest, EmbeddingRequest, Lenient
-from selfhost.serve.service import ApiError, Completed, Planned
+from selfhost.serve.service import ApiError, Completed
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 NDJSON = "application/x-ndjson"
@@ -105,7 +105,6 @@ def error_body(exc: ApiError) -> dict[str, Any]:
 
 
 def register(app: FastAPI, served: Served) -> None:
-    service = served.service
     served.error_shapes.append(("/api/", error_body))
     auth = [served.auth]
 
@@ -115,8 +114,8 @@ def register(app: FastAPI, served: Served) -> None:
             return _stamp(
                 req.model, message={"role": "assistant", "content": ""}, done=True, done_reason="load"
             )
-        planned = await runner.plan(service, runner.chat_request(_chat(req)))
-        return await _answer(served, planned, req, request, "message")
+        reply = await runner.plan(served, runner.chat_request(_chat(req)))
+        return await _answer(served, reply, req, request, "message")
 
     @app.post("/api/generate", dependencies=auth)
     async def generate(req: GenerateRequest, request: Request) -> Any:
@@ -128,12 +127,12 @@ def register(app: FastAPI, served: Served) -> None:
             return _stamp(req.model, response="", done=True, done_reason="load")
         if req.raw:
             text = CompletionRequest(prompt=req.prompt, **_sampling(req.options), stream=req.stream)
-            planned = await run_in_threadpool(service.plan_text, text)
+            reply = await runner.plan(served, text)
         else:
             messages = [{"role": "system", "content": req.system}] if req.system else []
             data = {**_common(req), "messages": [*messages, {"role": "user", "content": req.prompt}]}
-            planned = await runner.plan(service, runner.chat_request(data))
-        return await _answer(served, planned, req, request, "response")
+            reply = await runner.plan(served, runner.chat_request(data))
+        return await _answer(served, reply, req, request, "response")
 
     @app.post("/api/embed", dependencies=auth)
     async def embed(req: EmbedRequest) -> dict[str, Any]:
@@ -255,18 +254,15 @@ def _stamp(model: str, **fields: Any) -> dict[str, Any]:
     return {"model": model, "created_at": datetime.now(UTC).isoformat(), **fields}
 
 
-async def _answer(served: Served, planned: Planned, req: Common, request: Request, key: str) -> Any:
-    service = served.service
-    job = runner.start(service, planned)
+async def _answer(served: Served, reply: runner.Reply, req: Common, request: Request, key: str) -> Any:
+    runner.start(reply)
     if req.stream:
-        return StreamingResponse(
-            _lines(served, planned, req, runner.stream(service, planned, job), key), media_type=NDJSON
-        )
-    result = await runner.collect(service, planned, job, request)
+        return StreamingResponse(_lines(reply, req, runner.stream(reply), key), media_type=NDJSON)
+    result = await runner.collect(reply, request)
     if result is None:
         return None
     extra = {"thinking": runner.reasoning(result)} if key == "response" and runner.reasoning(result) else {}
-    return _stamp(req.model, **{key: _payload(result, key)}, **extra, **_final(planned, result))
+    return _stamp(req.model, **{key: _payload(result, key)}, **extra, **_final(reply, result))
 
 
 def _payload(result: Completed, key: str) -> Any:
@@ -292,9 +288,9 @@ def _arguments(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _final(planned: Planned, result: Completed) -> dict[str, Any]:
+def _final(reply: runner.Reply, result: Completed) -> dict[str, Any]:
     """The last object's fields: why it stopped and what it cost (durations in nanoseconds)."""
-    usage = planned.session.last_usage
+    usage = reply.planned.session.last_usage
     ttft = usage.time_to_first_token_s if usage else 0.0
     total = usage.total_s if usage else 0.0
     return {
@@ -310,20 +306,20 @@ def _final(planned: Planned, result: Completed) -> dict[str, Any]:
 
 
 async def _lines(
-    served: Served, planned: Planned, req: Common, parts: AsyncGenerator[runner.Part, None], key: str
+    reply: runner.Reply, req: Common, parts: AsyncGenerator[runner.Part, None], key: str
 ) -> AsyncIterator[str]:
     """NDJSON: answer (and thinking) pieces as they come, tool calls in one line, the final line."""
     try:
         async for part in parts:
             if isinstance(part, Completed):
                 whole = _payload(part, key)
-                if not runner.holding(planned) and key == "message":  # the text went out already
+                if not reply.holding and key == "message":  # the text went out already
                     whole = {**whole, "content": ""}
                     whole.pop("thinking", None)
-                if runner.holding(planned) or (key == "message" and part.tool_calls):
+                if reply.holding or (key == "message" and part.tool_calls):
                     yield json.dumps(_stamp(req.model, **{key: whole}, done=False)) + "\n"
                 last = {"role": "assistant", "content": ""} if key == "message" else ""
-                yield json.dumps(_stamp(req.model, **{key: last}, **_final(planned, part))) + "\n"
+                yield json.dumps(_stamp(req.model, **{key: last}, **_final(reply, part))) + "\n"
             elif part.kind in ("text", "reasoning"):
                 yield json.dumps(_stamp(req.model, **_piece(part.kind, part.text, key), done=False)) + "\n"
     except ApiError as exc:

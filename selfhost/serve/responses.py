@@ -21,7 +21,7 @@ from sse_starlette import EventSourceResponse
 from selfhost.serve import runner
 from selfhost.serve.runner import Served
 from selfhost.serve.schemas import MAX_MESSAGES, MAX_TEXT, Lenient
-from selfhost.serve.service import ApiError, Completed, Planned
+from selfhost.serve.service import ApiError, Completed
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
@@ -115,8 +115,6 @@ class ResponsesRequest(Lenient):
 
 
 def register(app: FastAPI, served: Served) -> None:
-    service = served.service
-
     @app.post("/v1/responses", dependencies=[served.auth])
     async def responses(req: ResponsesRequest, request: Request) -> Any:
         if req.previous_response_id:
@@ -125,13 +123,12 @@ def register(app: FastAPI, served: Served) -> None:
                 "previous_response_id: this server stores no responses; send the conversation as `input`",
                 param="previous_response_id",
             )
-        planned = await runner.plan(service, runner.chat_request(_translate(req)))
-        job = runner.start(service, planned)
-        head = _head(served, req)
+        reply = runner.start(await runner.plan(served, runner.chat_request(_translate(req))))
+        head = _head(reply, req)
         if req.stream:
-            events = _events(head, planned, runner.stream(service, planned, job))
+            events = _events(head, runner.stream(reply))
             return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=served.grace)
-        result = await runner.collect(service, planned, job, request)
+        result = await runner.collect(reply, request)
         return None if result is None else _done(head, result, _output(result, _id("msg"), _id("rs")))
 
 
@@ -192,7 +189,7 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _head(served: Served, req: ResponsesRequest) -> dict[str, Any]:
+def _head(reply: runner.Reply, req: ResponsesRequest) -> dict[str, Any]:
     """The response object's fields that echo the request."""
     fmt = (
         req.text.format.model_dump(by_alias=True, exclude_none=True)
@@ -203,7 +200,7 @@ def _head(served: Served, req: ResponsesRequest) -> dict[str, Any]:
         "id": _id("resp"),
         "object": "response",
         "created_at": int(time.time()),
-        "model": served.service.model_id,
+        "model": reply.model_id,
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
         "temperature": req.temperature,
@@ -281,7 +278,7 @@ def _done(head: dict[str, Any], result: Completed, output: list[dict[str, Any]])
 
 
 async def _events(
-    head: dict[str, Any], planned: Planned, parts: AsyncGenerator[runner.Part, None]
+    head: dict[str, Any], parts: AsyncGenerator[runner.Part, None]
 ) -> AsyncIterator[dict[str, str]]:
     """The typed event sequence: reasoning and text items streamed as they come, items read whole
     (function calls) at the end, then response.completed (or response.incomplete)."""

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from selfhost.chat.messages import TextChunk
 from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError
 from selfhost.runtime.embed import Embedder
-from selfhost.serve.schemas import ChatCompletionRequest
+from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service
 
 # an error body per URL prefix (Anthropic's, Ollama's); OpenAI's error object elsewhere
@@ -49,45 +49,74 @@ def chat_request(data: dict[str, Any], where: str = "") -> ChatCompletionRequest
         raise ApiError(400, f"{where}{loc}: {first['msg']}", param=loc or None) from exc
 
 
-async def plan(service: Service, req: ChatCompletionRequest) -> Planned:
-    return await run_in_threadpool(service.plan_chat, req)
+@dataclass
+class Reply:
+    """One request's reply: the service (loaded model) that runs it, its plan, and its job once started."""
+
+    service: Service
+    planned: Planned
+    job: Job | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.service.model_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.planned.prepared.job.prompt)
+
+    @property
+    def holding(self) -> bool:
+        """A reply that may be a tool call is read whole before it is sent."""
+        return self.planned.tools.mode != "none"
 
 
-def start(service: Service, planned: Planned) -> Job:
+async def plan(served: Served, req: ChatCompletionRequest | CompletionRequest) -> Reply:
+    """Plan a request on the service of its model (one loaded model: the server's)."""
+    service = served.service
+    planner = service.plan_chat if isinstance(req, ChatCompletionRequest) else service.plan_text
+    return Reply(service, await run_in_threadpool(planner, req))
+
+
+def start(reply: Reply) -> Reply:
     """Submit the job now, so a full queue is a 503 before any streaming starts."""
     try:
-        return service.model.engine.submit(planned.prepared.job)
+        reply.job = reply.service.model.engine.submit(reply.planned.prepared.job)
     except QueueFullError as exc:
         raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
+    return reply
 
 
-def holding(planned: Planned) -> bool:
-    """A reply that may be a tool call is read whole before it is sent."""
-    return planned.tools.mode != "none"
+def discard(reply: Reply) -> None:
+    """A planned reply that is never run (count_tokens, apply-template) closes its history store."""
+    store = reply.planned.session.log.store
+    if store is not None:
+        store.close()
 
 
 Part = TextChunk | Completed  # what `stream` yields; adapters read a chunk's `kind`
 
 
-async def stream(service: Service, planned: Planned, job: Job) -> AsyncGenerator[Part, None]:
+async def stream(reply: Reply) -> AsyncGenerator[Part, None]:
     """Reply chunks as they come (none when holding), then the Completed result."""
-    end: JobEnd | None = None
-    hold = holding(planned)
+    job, end = reply.job, None
+    assert job is not None, "start the reply first"
     try:
         async for item in job.achunks():
-            if isinstance(item, JobText) and not hold and item.text:
+            if isinstance(item, JobText) and not reply.holding and item.text:
                 yield TextChunk(text=item.text)
             elif isinstance(item, JobEnd):
                 end = item
     finally:
         if end is None:  # client disconnected or server shutting down: free the slot at the next step
             job.cancel()
-    yield await run_in_threadpool(service.finish, planned, end)
+    yield await run_in_threadpool(reply.service.finish, reply.planned, end)
 
 
-async def collect(service: Service, planned: Planned, job: Job, request: Request) -> Completed | None:
+async def collect(reply: Reply, request: Request) -> Completed | None:
     """The whole reply; None when the client hung up (its slot is freed)."""
-    end: JobEnd | None = None
+    job, end = reply.job, None
+    assert job is not None, "start the reply first"
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         async for chunk in job.achunks():
@@ -100,7 +129,7 @@ async def collect(service: Service, planned: Planned, job: Job, request: Request
     assert end is not None
     if end.finish_reason == "cancelled" and await request.is_disconnected():
         return None
-    return await run_in_threadpool(service.finish, planned, end)
+    return await run_in_threadpool(reply.service.finish, reply.planned, end)
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -108,17 +137,6 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.5)
     job.cancel()
-
-
-def prompt_tokens(planned: Planned) -> int:
-    return len(planned.prepared.job.prompt)
-
-
-def close_log(planned: Planned) -> None:
-    """A planned reply that is never run (count_tokens, apply-template) closes its history store."""
-    store = planned.session.log.store
-    if store is not None:
-        store.close()
 
 
 def reasoning(result: Completed) -> str | None:

@@ -49,12 +49,10 @@ def register(app: FastAPI, served: Served) -> None:
 
     @app.post("/apply-template", dependencies=[served.auth])
     async def apply_template(req: ChatCompletionRequest) -> dict[str, str]:
-        planned = await runner.plan(served.service, req)
-        runner.close_log(planned)
-        session = planned.session
-        return {
-            "prompt": await run_in_threadpool(session.render, session.messages, planned.tools.template_tools)
-        }
+        reply = await runner.plan(served, req)
+        runner.discard(reply)
+        session, tools = reply.planned.session, reply.planned.tools.template_tools
+        return {"prompt": await run_in_threadpool(session.render, session.messages, tools)}
 
 
 def _piece(model: Any, token: int) -> str | list[int]:
