@@ -17,6 +17,7 @@ from tests.tinygguf import write_tiny_reranker
 pytestmark = pytest.mark.slow
 
 KEY = "proto-key-456"
+MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the served file's name (selfhost's name for a .gguf path)
 GREEDY = {"temperature": 0}  # anthropic 2.x dropped sampling arguments: sent as extra fields
 SYSTEM = "Answer in one short sentence."
 QUESTION = "What is the capital of France?"
@@ -58,16 +59,16 @@ def claude(server: Server):
 def test_anthropic_reply_stream_and_count_tokens(server: Server, claude) -> None:
     messages = [{"role": "user", "content": QUESTION}]
     reply = claude.messages.create(
-        model="smollm2", system=SYSTEM, messages=messages, max_tokens=24, extra_body=GREEDY
+        model=MODEL, system=SYSTEM, messages=messages, max_tokens=24, extra_body=GREEDY
     )
     assert reply.type == "message" and reply.role == "assistant" and reply.id.startswith("msg_")
     text = reply.content[0].text
     assert "Paris" in text and reply.stop_reason in ("end_turn", "max_tokens")
-    counted = claude.messages.count_tokens(model="smollm2", system=SYSTEM, messages=messages)
+    counted = claude.messages.count_tokens(model=MODEL, system=SYSTEM, messages=messages)
     assert counted.input_tokens == reply.usage.input_tokens > 10  # the same rendered prompt
 
     with claude.messages.stream(
-        model="smollm2", system=SYSTEM, messages=messages, max_tokens=24, extra_body=GREEDY
+        model=MODEL, system=SYSTEM, messages=messages, max_tokens=24, extra_body=GREEDY
     ) as stream:
         deltas = list(stream.text_stream)
         final = stream.get_final_message()
@@ -75,7 +76,7 @@ def test_anthropic_reply_stream_and_count_tokens(server: Server, claude) -> None
     assert final.stop_reason == reply.stop_reason and final.usage.output_tokens == reply.usage.output_tokens
 
     # the raw event sequence, in Anthropic's order
-    body = {"model": "m", "messages": messages, "max_tokens": 8, "stream": True}
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": True}
     with httpx.stream(
         "POST", f"{server.url}/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60
     ) as response:
@@ -91,7 +92,7 @@ def test_anthropic_forced_tool_call_answered_with_tool_result(claude) -> None:
     tools = [{"name": "get_weather", "description": "Weather now", "input_schema": WEATHER}]
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     reply = claude.messages.create(
-        model="smollm2",
+        model=MODEL,
         messages=messages,
         max_tokens=60,
         extra_body=GREEDY,
@@ -111,7 +112,7 @@ def test_anthropic_forced_tool_call_answered_with_tool_result(claude) -> None:
         },
     ]
     answer = claude.messages.create(
-        model="smollm2",
+        model=MODEL,
         messages=messages,
         max_tokens=30,
         extra_body=GREEDY,
@@ -119,11 +120,11 @@ def test_anthropic_forced_tool_call_answered_with_tool_result(claude) -> None:
         tool_choice={"type": "none"},
     )
     assert answer.content[0].type == "text" and answer.content[0].text
-    alone = claude.messages.count_tokens(model="smollm2", messages=messages[:1]).input_tokens
+    alone = claude.messages.count_tokens(model=MODEL, messages=messages[:1]).input_tokens
     assert answer.usage.input_tokens > alone + 15  # the call and its result are in the prompt
     # a tool use streamed: one tool_use block with its JSON in an input_json_delta
     with claude.messages.stream(
-        model="smollm2",
+        model=MODEL,
         messages=messages[:1],
         max_tokens=60,
         extra_body=GREEDY,
@@ -173,7 +174,7 @@ class Place(BaseModel):
 
 def test_responses_create_stream_and_parse(openai) -> None:
     done = openai.responses.create(
-        model="smollm2", instructions=SYSTEM, input=QUESTION, max_output_tokens=24, temperature=0
+        model=MODEL, instructions=SYSTEM, input=QUESTION, max_output_tokens=24, temperature=0
     )
     assert done.object == "response" and done.status in ("completed", "incomplete")
     assert "Paris" in done.output_text and done.store is False
@@ -181,7 +182,7 @@ def test_responses_create_stream_and_parse(openai) -> None:
 
     events = list(
         openai.responses.create(
-            model="smollm2",
+            model=MODEL,
             instructions=SYSTEM,
             input=[{"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}],
             max_output_tokens=24,
@@ -197,7 +198,7 @@ def test_responses_create_stream_and_parse(openai) -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
     parsed = openai.responses.parse(
-        model="smollm2",
+        model=MODEL,
         input="Name a city in Italy and its country as JSON.",
         text_format=Place,
         max_output_tokens=80,
@@ -211,7 +212,7 @@ def test_responses_function_call_round_trip(openai) -> None:
 
     tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
     first = openai.responses.create(
-        model="smollm2",
+        model=MODEL,
         input="What is the weather in Paris?",
         tools=tools,
         tool_choice={"type": "function", "name": "get_weather"},
@@ -221,7 +222,7 @@ def test_responses_function_call_round_trip(openai) -> None:
     call = next(item for item in first.output if item.type == "function_call")
     validate(json.loads(call.arguments), WEATHER)
     follow = openai.responses.create(
-        model="smollm2",
+        model=MODEL,
         input=[
             {"role": "user", "content": "What is the weather in Paris?"},
             {
@@ -238,7 +239,7 @@ def test_responses_function_call_round_trip(openai) -> None:
         temperature=0,
     )
     alone = openai.responses.create(
-        model="smollm2", input="What is the weather in Paris?", max_output_tokens=1
+        model=MODEL, input="What is the weather in Paris?", max_output_tokens=1
     )
     assert follow.output_text and follow.usage.input_tokens > alone.usage.input_tokens + 5  # the result
 
@@ -269,7 +270,7 @@ def ollama(server: Server):
 
 
 def test_ollama_list_show_ps_version(server: Server, ollama) -> None:
-    name = "SmolLM2-135M-Instruct.Q4_1"
+    name = MODEL
     listed = ollama.list().models
     assert listed[0].model == name and listed[0].size > 50_000_000
     assert listed[0].details.quantization_level == "Q4_1" and listed[0].details.family == "llama"
@@ -289,42 +290,42 @@ def test_ollama_list_show_ps_version(server: Server, ollama) -> None:
 def test_ollama_chat_generate_and_json_format(ollama) -> None:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
     options = {"temperature": 0, "num_predict": 24}
-    reply = ollama.chat(model="smollm2", messages=messages, options=options)
+    reply = ollama.chat(model=MODEL, messages=messages, options=options)
     text = reply.message.content
     assert "Paris" in text and reply.done and reply.done_reason in ("stop", "length")
     assert reply.eval_count > 0 and reply.prompt_eval_count > 10 and reply.total_duration > 0
-    parts = list(ollama.chat(model="smollm2", messages=messages, options=options, stream=True))
+    parts = list(ollama.chat(model=MODEL, messages=messages, options=options, stream=True))
     assert "".join(p.message.content for p in parts) == text and len(parts) > 2
     assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count == reply.eval_count
 
-    made = ollama.generate(model="smollm2", prompt=QUESTION, system=SYSTEM, options=options)
+    made = ollama.generate(model=MODEL, prompt=QUESTION, system=SYSTEM, options=options)
     assert made.response == text  # the same chat prompt, greedy
     raw = ollama.generate(
-        model="smollm2", prompt="1, 2, 3, 4,", raw=True, options={"temperature": 0, "num_predict": 6}
+        model=MODEL, prompt="1, 2, 3, 4,", raw=True, options={"temperature": 0, "num_predict": 6}
     )
     assert raw.response.strip().startswith("5") and raw.eval_count <= 6
 
     schema = Place.model_json_schema()
     place = ollama.chat(
-        model="smollm2",
+        model=MODEL,
         messages=[{"role": "user", "content": "Name a city in Italy and its country as JSON."}],
         format=schema,
         options={"temperature": 0, "num_predict": 80},
     )
     assert Place.model_validate_json(place.message.content).city
     plain = ollama.generate(
-        model="smollm2",
+        model=MODEL,
         prompt='Reply with {"name": NAME} for a cat.',
         format="json",
         options={"temperature": 0},
     )
     assert isinstance(json.loads(plain.response), dict)
-    loaded = ollama.generate(model="smollm2", prompt="", keep_alive="5m")  # Ollama's way to preload
+    loaded = ollama.generate(model=MODEL, prompt="", keep_alive="5m")  # Ollama's way to preload
     assert loaded.done and loaded.done_reason == "load"
 
 
 def test_ollama_embed_and_unsupported(server: Server, ollama) -> None:
-    result = ollama.embed(model="smollm2", input=["a cat sat on the mat", "stocks fell"])
+    result = ollama.embed(model=MODEL, input=["a cat sat on the mat", "stocks fell"])
     assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 576
     assert result.prompt_eval_count > 0
     for path in ("/api/create", "/api/push", "/api/copy"):
@@ -398,10 +399,10 @@ def test_metrics_parse_and_move_as_requests_are_served(server: Server) -> None:
     before = _metrics(server)
     assert before[("selfhost_slots", ())] == 2 and before[("selfhost_models_loaded", ())] == 1
     assert before[("selfhost_model_load_seconds", (("model", "SmolLM2-135M-Instruct.Q4_1"),))] > 0
-    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": QUESTION}]}
+    body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": QUESTION}]}
     assert post(server, "/v1/messages", body).status_code == 200
     assert (
-        post(server, "/api/chat", {"model": "m", "messages": body["messages"], "stream": False}).status_code
+        post(server, "/api/chat", {"model": MODEL, "messages": body["messages"], "stream": False}).status_code
         == 200
     )
     assert post(server, "/v1/messages", {"messages": []}).status_code == 400
@@ -531,7 +532,7 @@ def test_rerank_malformed_bodies_are_400(server: Server, name: str, body: object
     "path,body",
     [
         ("/v1/messages", {"max_tokens": 800, "stream": True}),
-        ("/api/chat", {"model": "m", "options": {"num_predict": 800}}),
+        ("/api/chat", {"model": MODEL, "options": {"num_predict": 800}}),
         ("/v1/responses", {"input": "Tell me a very long story about a dragon.", "stream": True}),
     ],
     ids=["anthropic", "ollama", "responses"],

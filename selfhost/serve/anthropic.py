@@ -135,7 +135,10 @@ def _translate(req: CountTokensRequest) -> dict[str, Any]:
         messages.append({"role": "system", "content": system})
     for m in req.messages:
         messages += _messages(m)
-    data: dict[str, Any] = {"messages": messages}
+    data: dict[str, Any] = {"model": req.model, "messages": messages}
+    kind = (req.thinking or {}).get("type")
+    if kind in ("enabled", "disabled"):  # the model's own think switch, where its template has one
+        data["think"] = kind == "enabled"
     if isinstance(req, MessagesRequest):
         data.update(
             max_tokens=req.max_tokens,

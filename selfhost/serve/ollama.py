@@ -126,7 +126,8 @@ def register(app: FastAPI, served: Served) -> None:
         if not req.prompt:
             return _stamp(req.model, response="", done=True, done_reason="load")
         if req.raw:
-            text = CompletionRequest(prompt=req.prompt, **_sampling(req.options), stream=req.stream)
+            fields = {**_sampling(req.options), "model": req.model, "keep_alive": req.keep_alive}
+            text = CompletionRequest(prompt=req.prompt, stream=req.stream, **fields)
             reply = await runner.plan(served, text)
         else:
             messages = [{"role": "system", "content": req.system}] if req.system else []
@@ -214,7 +215,11 @@ def _sampling(options: Options) -> dict[str, Any]:
 
 
 def _common(req: Common) -> dict[str, Any]:
-    data = _sampling(req.options)
+    data = {**_sampling(req.options), "model": req.model, "keep_alive": req.keep_alive}
+    if isinstance(req.think, bool):  # the model's think switch, where its template has one
+        data["think"] = req.think
+    elif req.think is not None:  # gpt-oss's levels
+        data.update(think=True, reasoning_effort=req.think)
     if req.format == "json":
         data["response_format"] = {"type": "json_object"}
     elif isinstance(req.format, dict):

@@ -156,11 +156,14 @@ def _translate(req: ResponsesRequest) -> dict[str, Any]:
             output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
     data: dict[str, Any] = {
+        "model": req.model,
         "messages": messages,
         "max_tokens": req.max_output_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
     }
+    if req.reasoning and req.reasoning.get("effort"):  # thinking models: the template's reasoning switch
+        data["reasoning_effort"] = req.reasoning["effort"]
     if req.tools:
         data["tools"] = [
             {
