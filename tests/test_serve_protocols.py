@@ -238,9 +238,7 @@ def test_responses_function_call_round_trip(openai) -> None:
         max_output_tokens=30,
         temperature=0,
     )
-    alone = openai.responses.create(
-        model=MODEL, input="What is the weather in Paris?", max_output_tokens=1
-    )
+    alone = openai.responses.create(model=MODEL, input="What is the weather in Paris?", max_output_tokens=1)
     assert follow.output_text and follow.usage.input_tokens > alone.usage.input_tokens + 5  # the result
 
 
@@ -328,6 +326,8 @@ def test_ollama_embed_and_unsupported(server: Server, ollama) -> None:
     result = ollama.embed(model=MODEL, input=["a cat sat on the mat", "stocks fell"])
     assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 576
     assert result.prompt_eval_count > 0
+    legacy = ollama.embeddings(model=MODEL, prompt="a cat sat on the mat")  # the older endpoint
+    assert legacy.embedding == pytest.approx(result.embeddings[0], abs=1e-5)
     for path in ("/api/create", "/api/push", "/api/copy"):
         response = post(server, path, {"model": "x"})
         assert response.status_code == 501 and "not supported" in response.json()["error"]
@@ -551,3 +551,15 @@ def test_a_client_that_leaves_a_stream_frees_its_slot(server: Server, path: str,
     while server.health()["slots_busy"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.health()["slots_busy"] == 0
+
+
+def test_an_oversized_body_is_413_in_each_protocols_shape(server: Server) -> None:
+    huge = "x" * (9 * 2**20)
+    anthropic = post(
+        server, "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": huge}]}
+    )
+    assert anthropic.status_code == 413 and anthropic.json()["error"]["type"] == "request_too_large"
+    ollama = post(server, "/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": huge}]})
+    assert ollama.status_code == 413 and "over" in ollama.json()["error"]
+    responses = post(server, "/v1/responses", {"input": huge})
+    assert responses.status_code == 413 and "over" in responses.json()["error"]["message"]

@@ -44,9 +44,9 @@ def create_app(
     from selfhost.serve import anthropic, metrics, ollama, rerank, responses, tools
 
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=max_body)
     auth = Depends(_auth_check(api_key))
     served = Served(service, auth, embedder, shutdown_grace)
+    app.add_middleware(BodyLimit, limit=max_body, shapes=served.error_shapes)
     _error_handlers(app, served)
 
     @app.get("/health")
@@ -224,8 +224,8 @@ def _auth_check(api_key: str | None) -> Any:
 class BodyLimit:
     """Refuse request bodies over `limit` bytes (413), declared or streamed."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, shapes: list | None = None) -> None:
+        self.app, self.limit, self.shapes = app, limit, shapes or []
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -233,7 +233,9 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, ApiError(413, f"the request body is over {self.limit} bytes"))
+            error = ApiError(413, f"the request body is over {self.limit} bytes")
+            shape = next((s for prefix, s in self.shapes if scope["path"].startswith(prefix)), ApiError.body)
+            await _send_error(send, error, shape)
             return
         seen = 0
 
@@ -248,8 +250,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-async def _send_error(send: Any, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode()
+async def _send_error(send: Any, error: ApiError, shape: Any = ApiError.body) -> None:
+    body = json.dumps(shape(error)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -19,6 +19,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from selfhost import __version__
+from selfhost.errors import SelfhostError
 from selfhost.serve import runner
 from selfhost.serve.runner import Served
 from selfhost.serve.schemas import MAX_MESSAGES, MAX_TEXT, CompletionRequest, EmbeddingRequest, Lenient
@@ -86,6 +87,11 @@ class EmbedRequest(Lenient):
     model: str
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=256)]
     dimensions: Annotated[int, Field(ge=1)] | None = None
+
+
+class LegacyEmbedRequest(Lenient):
+    model: str
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
 class NameRequest(Lenient):
@@ -182,6 +188,18 @@ def _register_models(app: FastAPI, served: Served) -> None:
     @app.post("/api/show", dependencies=auth)
     async def show(req: NameRequest) -> dict[str, Any]:
         return await run_in_threadpool(_show, served, req.ref())
+
+    @app.post("/api/embeddings", dependencies=auth)
+    async def embeddings(req: LegacyEmbedRequest) -> dict[str, Any]:
+        """The older single-text endpoint some clients still call."""
+        if served.embedder is None:
+            raise ApiError(400, "this server has no embedding model")
+        embedder = served.embedder
+        try:
+            vector = await run_in_threadpool(lambda: embedder.embed(embedder.tokens(req.prompt)))
+        except SelfhostError as exc:
+            raise ApiError(400, f"prompt: {exc}", param="prompt") from exc
+        return {"embedding": vector}
 
     @app.post("/api/pull", dependencies=auth)
     async def pull(req: NameRequest) -> Any:
@@ -395,7 +413,6 @@ def _tags(served: Served) -> list[dict[str, Any]]:
 
 
 def _show(served: Served, ref: str) -> dict[str, Any]:
-    from selfhost.errors import SelfhostError
     from selfhost.models.resolve import resolve_model
     from selfhost.runtime import gguf_info
     from selfhost.runtime.template import ChatTemplate
@@ -434,7 +451,6 @@ def _show(served: Served, ref: str) -> dict[str, Any]:
 
 def _pull_lines(ref: str) -> Iterator[str]:
     """`selfhost pull` as Ollama's NDJSON progress (run in a thread by the streaming response)."""
-    from selfhost.errors import SelfhostError
     from selfhost.events import Notice, Progress, Result
     from selfhost.models.pull import pull
 
