@@ -71,6 +71,7 @@ class AnthropicTool(Lenient):
 class ToolChoice(Lenient):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class CountTokensRequest(Lenient):
@@ -159,6 +160,8 @@ def _translate(req: CountTokensRequest) -> dict[str, Any]:
     if choice is not None:
         if choice.type == "tool" and not choice.name:
             raise ApiError(400, "tool_choice.name: a tool choice of type `tool` names the tool")
+        if choice.disable_parallel_tool_use:
+            data["parallel_tool_calls"] = False
         data["tool_choice"] = {
             "auto": "auto",
             "any": "required",

@@ -107,6 +107,7 @@ class ResponsesRequest(Lenient):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     stream: bool = False
+    parallel_tool_calls: bool | None = None
     store: bool | None = None  # nothing is stored: answered `false`
     previous_response_id: str | None = None
     background: Literal[False] | None = None
@@ -161,6 +162,7 @@ def _translate(req: ResponsesRequest) -> dict[str, Any]:
         "max_tokens": req.max_output_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
+        "parallel_tool_calls": req.parallel_tool_calls,
     }
     if req.reasoning and req.reasoning.get("effort"):  # thinking models: the template's reasoning switch
         data["reasoning_effort"] = req.reasoning["effort"]
@@ -212,7 +214,7 @@ def _head(reply: runner.Reply, req: ResponsesRequest) -> dict[str, Any]:
         "tool_choice": req.tool_choice.model_dump()
         if isinstance(req.tool_choice, NamedFunction)
         else req.tool_choice or "auto",
-        "parallel_tool_calls": True,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
         "text": {"format": fmt},
         "store": False,
         "previous_response_id": None,
