@@ -85,6 +85,7 @@ class GenerateRequest(Common):
 
 class EmbedRequest(Lenient):
     model: str
+    keep_alive: str | int | float | None = None
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=256)]
     dimensions: Annotated[int, Field(ge=1)] | None = None
 

@@ -10,7 +10,8 @@ reasoning, tool calls, usage). Tool calls are taken from the result, whole.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from selfhost.chat.messages import TextChunk
+from selfhost.chat.model import ChatModel
 from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError
 from selfhost.runtime.embed import Embedder
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -76,6 +78,12 @@ async def plan(served: Served, req: ChatCompletionRequest | CompletionRequest) -
     service = served.service
     planner = service.plan_chat if isinstance(req, ChatCompletionRequest) else service.plan_text
     return Reply(service, await run_in_threadpool(planner, req))
+
+
+@contextlib.asynccontextmanager
+async def chat_model(served: Served, name: str | None) -> AsyncIterator[ChatModel]:
+    """The chat model a request names (here: the server's one model), held while it is used."""
+    yield served.service.model
 
 
 def start(reply: Reply) -> Reply:

@@ -15,6 +15,7 @@ from selfhost.serve.service import ApiError
 
 
 class TokenizeRequest(Lenient):
+    model: str | None = None  # the server's default model when none is named
     content: Annotated[str, Field(max_length=MAX_TEXT)]
     add_special: bool = False
     parse_special: bool = True
@@ -22,30 +23,29 @@ class TokenizeRequest(Lenient):
 
 
 class DetokenizeRequest(Lenient):
+    model: str | None = None
     tokens: Annotated[list[int], Field(max_length=1_000_000)]
 
 
 def register(app: FastAPI, served: Served) -> None:
-    model = served.service.model
-
     @app.post("/tokenize", dependencies=[served.auth])
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        ids = model.llm.tokenize(
-            req.content.encode("utf-8"), add_bos=req.add_special, special=req.parse_special
-        )
-        if not req.with_pieces:
-            return {"tokens": ids}
-        return {"tokens": [{"id": i, "piece": _piece(model, i)} for i in ids]}
+        async with runner.chat_model(served, req.model) as model:
+            data = req.content.encode("utf-8")
+            ids = model.llm.tokenize(data, add_bos=req.add_special, special=req.parse_special)
+            if not req.with_pieces:
+                return {"tokens": ids}
+            return {"tokens": [{"id": i, "piece": _piece(model, i)} for i in ids]}
 
     @app.post("/detokenize", dependencies=[served.auth])
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
-        n_vocab = model.lib.llama_vocab_n_tokens(model.vocab)
-        bad = next((t for t in req.tokens if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise ApiError(
-                400, f"tokens: {bad} is not a token id of this model (0..{n_vocab - 1})", param="tokens"
-            )
-        return {"content": model.llm.detokenize(req.tokens).decode("utf-8", errors="replace")}
+        async with runner.chat_model(served, req.model) as model:
+            n_vocab = model.lib.llama_vocab_n_tokens(model.vocab)
+            bad = next((t for t in req.tokens if not 0 <= t < n_vocab), None)
+            if bad is not None:
+                message = f"tokens: {bad} is not a token id of this model (0..{n_vocab - 1})"
+                raise ApiError(400, message, param="tokens")
+            return {"content": model.llm.detokenize(req.tokens).decode("utf-8", errors="replace")}
 
     @app.post("/apply-template", dependencies=[served.auth])
     async def apply_template(req: ChatCompletionRequest) -> dict[str, str]:
