@@ -563,3 +563,18 @@ def test_an_oversized_body_is_413_in_each_protocols_shape(server: Server) -> Non
     assert ollama.status_code == 413 and "over" in ollama.json()["error"]
     responses = post(server, "/v1/responses", {"input": huge})
     assert responses.status_code == 413 and "over" in responses.json()["error"]["message"]
+
+
+def test_ollama_keep_alive_unloads_and_ps_shows_it(server: Server, ollama) -> None:
+    """Last in the module: it unloads the served model, which the next request loads again."""
+    running = ollama.ps().models
+    assert [m.model for m in running] == [MODEL] and running[0].expires_at is not None
+    ollama.generate(model=MODEL, prompt="", keep_alive=0)  # Ollama's way to unload a model now
+    deadline = time.monotonic() + 20
+    while ollama.ps().models and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ollama.ps().models == []
+    again = ollama.chat(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], options={"num_predict": 4}
+    )
+    assert again.done and [m.model for m in ollama.ps().models] == [MODEL]

@@ -15,6 +15,7 @@ from selfhost.cli.output import Output, fmt_bytes
 
 if TYPE_CHECKING:
     from selfhost.models.names import ModelName
+    from selfhost.models.resolve import ResolvedModel
 
 PULL_HELP = "Download the model first if it is not here yet (alias or owner/repo), without asking."
 
@@ -99,23 +100,25 @@ def render_result(value: object, out: Output) -> None:
 
 def ensure_model(
     name: str | None, pull: bool, purpose: str = "chat", out: Output | None = None
-) -> str | None:
-    """The auto-pull of `chat`, `serve` and `quantize` (like `ollama run`): `name` as given when it is
-    here; an alias or owner/repo not downloaded yet is pulled (`--pull`, or a 'y' on a terminal) and
-    its store name returned. Without `--pull` and without a terminal: one line naming the fix, and
-    nothing is downloaded."""
+) -> ResolvedModel:
+    """The one place a command turns its model name into a model (resolved once, handed down to the
+    loader), with the auto-pull of `chat`, `serve` and `quantize` (like `ollama run`): an alias or
+    owner/repo not downloaded yet is pulled (`--pull`, or a 'y' on a terminal). Without `--pull` and
+    without a terminal: one line naming the fix, and nothing is downloaded."""
     from selfhost.models.pull import pull as pull_model
-    from selfhost.models.resolve import NotDownloaded, missing_download
+    from selfhost.models.resolve import NotDownloaded, resolve_model
 
-    missing = missing_download(name, purpose=purpose)  # type: ignore[arg-type]
-    if missing is None:
-        return name
-    out = out or Output()
-    if not pull:
-        if not output.is_interactive():
-            raise NotDownloaded(missing.name, hint=f"pass --pull to download it now, or {missing.hint}")
-        out.confirm(f"{missing.name} is not downloaded{_about(missing.name)}. Pull it now?", yes=False)
-    return out.run(pull_model(str(missing.name))).record.name
+    try:
+        return resolve_model(name, purpose=purpose)  # type: ignore[arg-type]
+    except NotDownloaded as missing:
+        out = out or Output()
+        if not pull:
+            if not output.is_interactive():
+                hint = f"pass --pull to download it now, or {missing.hint}"
+                raise NotDownloaded(missing.name, hint=hint) from None
+            out.confirm(f"{missing.name} is not downloaded{_about(missing.name)}. Pull it now?", yes=False)
+        record = out.run(pull_model(str(missing.name))).record
+    return resolve_model(record.name, purpose=purpose)  # type: ignore[arg-type]  # the new store entry
 
 
 def _about(name: ModelName) -> str:

@@ -1,8 +1,9 @@
 """`GET /metrics`: Prometheus metrics through prometheus-client (its own registry per app).
 
 Requests by endpoint and status (an ASGI middleware), prompt and generated tokens, time to first
-token and time per output token (observed as each reply is finished by the Service, whatever its
-protocol), slots busy, queue length, models loaded and load time (read when scraped).
+token and time per output token (observed as each reply is finished by a Service, whatever its
+protocol or model), slots, slots busy, queue length, models loaded and their load time (read from
+the model manager when scraped).
 """
 
 from __future__ import annotations
@@ -10,14 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from selfhost.runtime.batch import JobEnd
 from selfhost.serve.runner import Served
@@ -29,7 +25,6 @@ _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 class Metrics:
     def __init__(self, served: Served) -> None:
         self.registry = reg = CollectorRegistry()
-        service = served.service
         self.requests = Counter(
             "selfhost_requests", "HTTP requests answered", ["endpoint", "status"], registry=reg
         )
@@ -46,18 +41,8 @@ class Metrics:
             buckets=_PER_TOKEN,
             registry=reg,
         )
-        engine = service.model.engine
-        Gauge("selfhost_slots", "Slots decoded together", registry=reg).set(service.model.summary.slots)
-        Gauge("selfhost_slots_busy", "Slots generating now", registry=reg).set_function(
-            lambda: engine.busy()[0]
-        )
-        Gauge("selfhost_queue_length", "Requests waiting for a slot", registry=reg).set_function(
-            lambda: engine.busy()[1]
-        )
-        Gauge("selfhost_models_loaded", "Models loaded", registry=reg).set(1)
-        load = Gauge("selfhost_model_load_seconds", "Seconds the model took to load", ["model"], registry=reg)
-        load.labels(service.model_id).set(getattr(service, "load_seconds", 0.0))
-        service.observers.append(self.observe)
+        reg.register(ModelGauges(served.manager))
+        served.manager.observers.append(self.observe)
 
     def observe(self, end: JobEnd) -> None:
         """One finished reply (called by Service.finish, for every protocol)."""
@@ -67,6 +52,29 @@ class Metrics:
             self.ttft.observe(end.time_to_first_token_s)
         if end.generated_tokens > 1:
             self.per_token.observe((end.total_s - end.time_to_first_token_s) / (end.generated_tokens - 1))
+
+
+class ModelGauges(Collector):
+    """Slots, queue and loaded models, read from the model manager when scraped."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    def collect(self) -> Any:
+        models = self.manager.status()["models"]
+        for name, doc, key in (
+            ("selfhost_slots", "Slots decoded together", "slots"),
+            ("selfhost_slots_busy", "Slots generating now", "slots_busy"),
+            ("selfhost_queue_length", "Requests waiting for a slot", "queued"),
+        ):
+            yield GaugeMetricFamily(name, doc, value=sum(m[key] for m in models))
+        yield GaugeMetricFamily("selfhost_models_loaded", "Models loaded", value=len(models))
+        load = GaugeMetricFamily(
+            "selfhost_model_load_seconds", "Seconds each loaded model took to load", labels=["model"]
+        )
+        for managed in list(self.manager.loaded.values()):
+            load.add_metric([managed.name], managed.load_seconds)
+        yield load
 
 
 class CountRequests:

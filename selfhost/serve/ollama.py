@@ -7,10 +7,12 @@ are named as selfhost names them (`selfhost models list`). Errors are Ollama's `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -20,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from selfhost import __version__
 from selfhost.errors import SelfhostError
+from selfhost.runtime.embed import Embedder
 from selfhost.serve import runner
 from selfhost.serve.runner import Served
 from selfhost.serve.schemas import MAX_MESSAGES, MAX_TEXT, CompletionRequest, EmbeddingRequest, Lenient
@@ -117,10 +120,10 @@ def register(app: FastAPI, served: Served) -> None:
 
     @app.post("/api/chat", dependencies=auth)
     async def chat(req: ChatRequest, request: Request) -> Any:
-        if not req.messages:  # Ollama's way to load a model: nothing to generate
-            return _stamp(
-                req.model, message={"role": "assistant", "content": ""}, done=True, done_reason="load"
-            )
+        if not req.messages:  # Ollama's way to load (or, keep_alive 0, unload) a model
+            await _load(served, req)
+            message = {"role": "assistant", "content": ""}
+            return _stamp(req.model, message=message, done=True, done_reason="load")
         reply = await runner.plan(served, runner.chat_request(_chat(req)))
         return await _answer(served, reply, req, request, "message")
 
@@ -131,6 +134,7 @@ def register(app: FastAPI, served: Served) -> None:
         if req.suffix:
             raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this server")
         if not req.prompt:
+            await _load(served, req)
             return _stamp(req.model, response="", done=True, done_reason="load")
         if req.raw:
             fields = {**_sampling(req.options), "model": req.model, "keep_alive": req.keep_alive}
@@ -146,11 +150,10 @@ def register(app: FastAPI, served: Served) -> None:
     async def embed(req: EmbedRequest) -> dict[str, Any]:
         from selfhost.serve.app import _embed
 
-        if served.embedder is None:
-            raise ApiError(400, "this server has no embedding model")
         started = time.perf_counter()
         openai = EmbeddingRequest(input=req.input, dimensions=req.dimensions)
-        done = await run_in_threadpool(_embed, served.embedder, openai)
+        async with _embedder(served, req.model, req.keep_alive) as embedder:
+            done = await run_in_threadpool(_embed, embedder, openai)
         return {
             "model": done["model"],
             "embeddings": [d["embedding"] for d in done["data"]],
@@ -162,9 +165,28 @@ def register(app: FastAPI, served: Served) -> None:
     _register_models(app, served)
 
 
+async def _load(served: Served, req: Common) -> None:
+    """Load the named model and hand it back at once: its keep_alive (0: unload now) starts."""
+    manager = served.manager
+    manager.check_keep_alive(req.keep_alive)
+    manager.release(await manager.acquire(req.model, "chat"), req.keep_alive)
+
+
+@contextlib.asynccontextmanager
+async def _embedder(served: Served, model: str | None, keep_alive: Any) -> AsyncIterator[Embedder]:
+    """The embedder of the model a request names, held while it is used."""
+    manager = served.manager
+    manager.check_keep_alive(keep_alive)
+    managed = await manager.acquire(model, "embedding")
+    try:
+        yield managed.embedder_for()
+    finally:
+        manager.release(managed, keep_alive)
+
+
 def _register_models(app: FastAPI, served: Served) -> None:
     """The model endpoints: version, tags, ps, show, pull; what selfhost cannot do answers 501."""
-    service = served.service
+    manager = served.manager
     auth = [served.auth]
 
     @app.get("/api/version", dependencies=auth)
@@ -177,29 +199,25 @@ def _register_models(app: FastAPI, served: Served) -> None:
 
     @app.get("/api/ps", dependencies=auth)
     async def ps() -> dict[str, Any]:
-        expires = (datetime.now(UTC) + timedelta(days=365)).isoformat()  # loaded until the server stops
-        loaded = _loaded(served)
-        vram = loaded["size"] if service.model.summary.layers_offloaded else 0
-        return {
-            "models": [
-                {**loaded, "expires_at": expires, "size_vram": vram, "context_length": service.model.n_ctx}
-            ]
-        }
+        return {"models": [_running(m) for m in list(manager.loaded.values())]}
 
     @app.post("/api/show", dependencies=auth)
     async def show(req: NameRequest) -> dict[str, Any]:
-        return await run_in_threadpool(_show, served, req.ref())
+        ref = req.ref()
+        managed = manager.loaded.get(ref)
+        if managed is not None:
+            return await run_in_threadpool(_show, managed.info, managed.kind)
+        resolved = await run_in_threadpool(manager.resolve, ref, "embedding")  # 404 when unknown
+        return await run_in_threadpool(_show, resolved.path, None)
 
     @app.post("/api/embeddings", dependencies=auth)
     async def embeddings(req: LegacyEmbedRequest) -> dict[str, Any]:
         """The older single-text endpoint some clients still call."""
-        if served.embedder is None:
-            raise ApiError(400, "this server has no embedding model")
-        embedder = served.embedder
-        try:
-            vector = await run_in_threadpool(lambda: embedder.embed(embedder.tokens(req.prompt)))
-        except SelfhostError as exc:
-            raise ApiError(400, f"prompt: {exc}", param="prompt") from exc
+        async with _embedder(served, req.model, None) as embedder:
+            try:
+                vector = await run_in_threadpool(lambda: embedder.embed(embedder.tokens(req.prompt)))
+            except SelfhostError as exc:
+                raise ApiError(400, f"prompt: {exc}", param="prompt") from exc
         return {"embedding": vector}
 
     @app.post("/api/pull", dependencies=auth)
@@ -376,61 +394,53 @@ def _size_label(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
-def _loaded(served: Served) -> dict[str, Any]:
-    model = served.service.model
-    info = model.info
-    modified = datetime.fromtimestamp(info.path.stat().st_mtime, UTC).isoformat()
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _running(managed: Any) -> dict[str, Any]:
+    """One loaded model as /api/ps shows it: when it unloads, its memory, its context."""
+    status, info = managed.status(), managed.info
+    expires = status["expires_at"]  # None: in use or kept forever
     return {
-        "name": model.summary.name,
-        "model": model.summary.name,
-        "modified_at": modified,
-        "size": info.size,
+        "name": managed.name,
+        "model": managed.name,
+        "size": status["memory"],
         "digest": "",
         "details": _details(info.quant, info.architecture, info.n_params),
+        "expires_at": _iso(expires) if expires else (datetime.now(UTC) + timedelta(days=365)).isoformat(),
+        "size_vram": status["memory"] if status["layers_offloaded"] else 0,
+        "context_length": status["context"],
     }
 
 
 def _tags(served: Served) -> list[dict[str, Any]]:
-    from selfhost.models.store import Store
+    """Every model the server can serve (loaded or not), as the model manager lists them."""
+    from selfhost.models.names import split_tag
 
-    models = [_loaded(served)]
-    try:
-        records = Store().list()
-    except Exception:  # a broken store must not break the API: the loaded model still answers
-        records = []
-    for r in records:
-        if r.name != models[0]["name"]:
-            models.append(
-                {
-                    "name": r.name,
-                    "model": r.name,
-                    "modified_at": r.pulled_at.isoformat(),
-                    "size": r.size,
-                    "digest": r.sha256 or "",
-                    "details": _details(r.quant),
-                }
-            )
+    loaded = served.manager.loaded
+    models = []
+    for row in served.manager.listing():
+        managed = loaded.get(row["id"])
+        info = managed.info if managed is not None else None
+        quant = split_tag(row["id"])[1]  # unloaded: what its name says
+        details = _details(info.quant, info.architecture, info.n_params) if info else _details(quant)
+        modified = _iso(info.path.stat().st_mtime) if info else datetime.now(UTC).isoformat()
+        models.append({"name": row["id"], "model": row["id"], "modified_at": modified,
+                       "size": row.get("size") or 0, "digest": "", "details": details})  # fmt: skip
     return models
 
 
-def _show(served: Served, ref: str) -> dict[str, Any]:
-    from selfhost.models.resolve import resolve_model
+def _show(source: Any, kind: str | None) -> dict[str, Any]:
+    """/api/show of a GGUF (its info when loaded, else its path): template, details, capabilities."""
     from selfhost.runtime import gguf_info
     from selfhost.runtime.template import ChatTemplate
 
-    model = served.service.model
-    if ref in (model.summary.name, str(model.summary.path)):
-        info = model.info
-    else:
-        try:
-            info = gguf_info.inspect(resolve_model(ref).path)
-        except SelfhostError as exc:
-            raise ApiError(404, f"model '{ref}' not found: {exc}") from exc
-    capabilities = ["completion"]
+    info = source if not isinstance(source, Path) else gguf_info.inspect(source)
+    embedding = kind == "embedding" or not info.chat_template
+    capabilities = ["embedding"] if embedding else ["completion"]
     if info.chat_template and ChatTemplate(info.chat_template).supports_tools:
         capabilities.append("tools")
-    if served.embedder is not None and served.embedder.name == ref:
-        capabilities.append("embedding")
     arch = info.architecture
     model_info = {
         "general.architecture": arch,
@@ -446,7 +456,7 @@ def _show(served: Served, ref: str) -> dict[str, Any]:
         "details": _details(info.quant, arch, info.n_params),
         "model_info": model_info,
         "capabilities": capabilities,
-        "modified_at": datetime.fromtimestamp(info.path.stat().st_mtime, UTC).isoformat(),
+        "modified_at": _iso(info.path.stat().st_mtime),
     }
 
 

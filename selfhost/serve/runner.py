@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from selfhost.chat.messages import TextChunk
 from selfhost.chat.model import ChatModel
 from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError
-from selfhost.runtime.embed import Embedder
+from selfhost.serve.manager import Managed, ModelManager
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service
 
@@ -34,9 +34,8 @@ ErrorShape = Callable[[ApiError], dict[str, Any]]
 class Served:
     """What a protocol module needs to register its routes."""
 
-    service: Service
+    manager: ModelManager  # every local model, loaded on demand
     auth: Any  # a FastAPI dependency checking the API key
-    embedder: Embedder | None = None
     grace: float = 8.0
     error_shapes: list[tuple[str, ErrorShape]] = field(default_factory=list)
 
@@ -57,6 +56,7 @@ class Reply:
 
     service: Service
     planned: Planned
+    release: Callable[[], None]  # hands the model back to the manager (keep_alive starts); once
     job: Job | None = None
 
     @property
@@ -74,16 +74,43 @@ class Reply:
 
 
 async def plan(served: Served, req: ChatCompletionRequest | CompletionRequest) -> Reply:
-    """Plan a request on the service of its model (one loaded model: the server's)."""
-    service = served.service
-    planner = service.plan_chat if isinstance(req, ChatCompletionRequest) else service.plan_text
-    return Reply(service, await run_in_threadpool(planner, req))
+    """Plan a request on the service of the model it names (loaded if needed, held until released)."""
+    manager = served.manager
+    manager.check_keep_alive(req.keep_alive)
+    managed = await manager.acquire(req.model, "chat")
+    release = _once(manager, managed, req.keep_alive)
+    try:
+        service = managed.service
+        assert service is not None
+        planner = service.plan_chat if isinstance(req, ChatCompletionRequest) else service.plan_text
+        return Reply(service, await run_in_threadpool(planner, req), release)
+    except BaseException:
+        release()
+        raise
 
 
 @contextlib.asynccontextmanager
 async def chat_model(served: Served, name: str | None) -> AsyncIterator[ChatModel]:
-    """The chat model a request names (here: the server's one model), held while it is used."""
-    yield served.service.model
+    """The chat model a request names (loaded if needed), held while it is used."""
+    manager = served.manager
+    managed = await manager.acquire(name, "chat")
+    try:
+        assert managed.chat is not None
+        yield managed.chat
+    finally:
+        manager.release(managed)
+
+
+def _once(manager: ModelManager, managed: Managed, keep_alive: str | float | None) -> Callable[[], None]:
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            manager.release(managed, keep_alive)
+
+    return release
 
 
 def start(reply: Reply) -> Reply:
@@ -91,15 +118,17 @@ def start(reply: Reply) -> Reply:
     try:
         reply.job = reply.service.model.engine.submit(reply.planned.prepared.job)
     except QueueFullError as exc:
+        reply.release()
         raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
     return reply
 
 
 def discard(reply: Reply) -> None:
-    """A planned reply that is never run (count_tokens, apply-template) closes its history store."""
+    """A planned reply that is never run (count_tokens, apply-template): close its history, release."""
     store = reply.planned.session.log.store
     if store is not None:
         store.close()
+    reply.release()
 
 
 Part = TextChunk | Completed  # what `stream` yields; adapters read a chunk's `kind`
@@ -115,10 +144,12 @@ async def stream(reply: Reply) -> AsyncGenerator[Part, None]:
                 yield TextChunk(text=item.text)
             elif isinstance(item, JobEnd):
                 end = item
+        result = await run_in_threadpool(reply.service.finish, reply.planned, end)
     finally:
         if end is None:  # client disconnected or server shutting down: free the slot at the next step
             job.cancel()
-    yield await run_in_threadpool(reply.service.finish, reply.planned, end)
+        reply.release()  # the model may unload (keep_alive) only once the reply is over
+    yield result
 
 
 async def collect(reply: Reply, request: Request) -> Completed | None:
@@ -130,14 +161,15 @@ async def collect(reply: Reply, request: Request) -> Completed | None:
         async for chunk in job.achunks():
             if isinstance(chunk, JobEnd):
                 end = chunk
+        assert end is not None
+        if end.finish_reason == "cancelled" and await request.is_disconnected():
+            return None
+        return await run_in_threadpool(reply.service.finish, reply.planned, end)
     finally:
         watcher.cancel()
         if end is None:
             job.cancel()
-    assert end is not None
-    if end.finish_reason == "cancelled" and await request.is_disconnected():
-        return None
-    return await run_in_threadpool(reply.service.finish, reply.planned, end)
+        reply.release()
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
