@@ -9,9 +9,9 @@ from typing import Any
 import typer
 
 from selfhost import env
+from selfhost.cli.common import PULL_HELP, ensure_model
 from selfhost.cli.console import err_console
 from selfhost.cli.output import Output, fmt_bytes, fmt_duration
-from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.serve.defaults import SERVE
 
 
