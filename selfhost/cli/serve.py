@@ -37,7 +37,9 @@ def serve(
     gpu_layers: int | None = option("gpu_layers", "--gpu-layers"),
     threads: int | None = option("threads", "--threads"),
     api_key: str | None = typer.Option(
-        None, "--api-key", help="Require `Authorization: Bearer KEY` (or set SELFHOST_API_KEY)."
+        None,
+        "--api-key",
+        help="Require `Authorization: Bearer KEY` or `x-api-key: KEY` (or set SELFHOST_API_KEY).",
     ),
     log: bool = typer.Option(False, "--log", help="Write served conversations to the chat history."),
     max_queue: int | None = option("max_queue", "--max-queue"),
@@ -50,6 +52,12 @@ def serve(
     max_models: int | None = option("max_models", "--max-models"),
     config: str | None = typer.Option(
         None, "--config", help="TOML file: [serve] flags and [serve.models.\"NAME\"] per-model settings."
+    ),
+    rerank_model: str | None = typer.Option(
+        None, "--rerank-model", help="A reranker (kind rerank, e.g. bge-reranker-v2-m3) for /v1/rerank."
+    ),
+    metrics_public: bool = typer.Option(
+        False, "--metrics-public", help="Serve /metrics (Prometheus) without the API key."
     ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP + " Requests for such models pull too."),
 ) -> None:
@@ -77,6 +85,8 @@ def serve(
     options = _options(ServeOptions, values, models or [], key, log, embedding_model, pull)
     preload = [ensure_model(m, pull) for m in options.models]  # each name resolved once, handed down
     embedding = ensure_model(embedding_model, pull, purpose="embedding") if embedding_model else None
+    reranker = ensure_model(rerank_model, pull, purpose="rerank") if rerank_model else None
+    options = options.model_copy(update={"metrics_public": metrics_public})
 
     def ready(lines: list[str], url: str) -> None:
         for line in lines:
@@ -86,7 +96,7 @@ def serve(
             f"serving on {url}{auth} · Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True
         )
 
-    run(options, ready, preload=preload, embedding=embedding, settings=settings)
+    run(options, ready, preload=preload, embedding=embedding, settings=settings, reranker=reranker)
     err_console.print("stopped", markup=False, highlight=False, style="dim")
 
 

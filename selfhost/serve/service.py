@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,8 @@ class Service:
         self.model = model
         self.log = log  # write each served conversation to the chat history
         self.started = int(time.time())
+        self.load_seconds = 0.0  # how long the model took to load (serve measures it)
+        self.observers: list[Callable[[JobEnd], None]] = []  # told of every finished job (metrics)
 
     @property
     def model_id(self) -> str:
@@ -244,6 +247,8 @@ class Service:
 
     def finish(self, planned: Planned, end: JobEnd) -> Completed:
         """Record the reply in the session (and the history), in OpenAI's terms."""
+        for observe in self.observers:
+            observe(end)
         if end.finish_reason == "error":
             raise ApiError(500, end.error or "generation failed", type="server_error")
         if not planned.fed:
