@@ -19,7 +19,9 @@ _TRAIN_FLAGS = (
     "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd", "block_size", "dropout",
     "batch_size", "grad_accum", "max_iters", "learning_rate", "decay_lr", "warmup_iters", "lr_decay_iters",
     "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters", "log_interval",
-    "sample_tokens", "device", "dtype", "compile", "seed", "threads",
+    "sample_tokens", "device", "dtype", "compile", "seed", "threads", "arch", "n_kv_head", "n_ff", "qk_norm",
+    "tie_embeddings", "rope_theta", "optimizer", "muon_lr", "muon_momentum", "lr_schedule", "cooldown",
+    "lora_rank", "lora_alpha",
 )  # fmt: skip
 JSON_OPTION = typer.Option("--json", help="Print the result as JSON (progress stays on stderr).")
 gpt_app = typer.Typer(
@@ -63,6 +65,18 @@ def gpt(
     val_fraction: Annotated[
         float | None, typer.Option(help="Share of tokens held out for validation.")
     ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="gpt2, or llama (rotary, RMSNorm, SwiGLU; exported as GGUF llama/qwen3).")
+    ] = None,
+    n_kv_head: Annotated[int | None, typer.Option(help="llama: key/value heads (GQA; 0: n_head).")] = None,
+    n_ff: Annotated[int | None, typer.Option(help="llama: SwiGLU width (0: 8/3 n_embd).")] = None,
+    qk_norm: Annotated[
+        bool | None, typer.Option("--qk-norm/--no-qk-norm", help="llama: RMSNorm of query/key heads (GGUF qwen3).")
+    ] = None,
+    tie_embeddings: Annotated[
+        bool | None, typer.Option("--tie-embeddings/--untie-embeddings", help="llama: output = embedding.")
+    ] = None,
+    rope_theta: Annotated[float | None, typer.Option(help="llama: rotary base.")] = None,
     n_layer: Annotated[int | None, typer.Option(help="Transformer blocks.")] = None,
     n_head: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
     n_embd: Annotated[int | None, typer.Option(help="Embedding width (a multiple of 32 for Q8_0).")] = None,
@@ -84,6 +98,23 @@ def gpt(
     beta1: Annotated[float | None, typer.Option()] = None,
     beta2: Annotated[float | None, typer.Option()] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0: off).")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest).")
+    ] = None,
+    muon_lr: Annotated[float | None, typer.Option(help="Muon's peak learning rate.")] = None,
+    muon_momentum: Annotated[float | None, typer.Option(help="Muon's momentum.")] = None,
+    lr_schedule: Annotated[
+        str | None, typer.Option(help="cosine, or wsd (warm-up, stable, linear decay at the end).")
+    ] = None,
+    cooldown: Annotated[float | None, typer.Option(help="wsd: share of the steps spent decaying.")] = None,
+    chat: Annotated[
+        Path | None, typer.Option("--chat", help="Chat fine-tuning data: JSONL of {\"messages\": [...]}.")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from a trained run, or a llama GGUF model (store name).")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank for --init fine-tuning (0: full).")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (alpha / rank).")] = None,
     eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
     eval_iters: Annotated[int | None, typer.Option(help="Batches per eval.")] = None,
     log_interval: Annotated[int | None, typer.Option(help="Steps between progress updates.")] = None,

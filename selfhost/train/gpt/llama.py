@@ -37,6 +37,7 @@ class Llama(CausalLM):
         cos, sin = rotary_tables(config.block_size, config.head_dim, config.rope_theta)
         self.register_buffer("cos", cos, persistent=False)  # (block_size, hs/2)
         self.register_buffer("sin", sin, persistent=False)
+        self.score_only_targets = False  # chat fine-tuning: most positions have no target
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,9 +63,14 @@ class Llama(CausalLM):
             x = block(x, rope, cache.layer(i) if cache is not None else None)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
         if targets is None:
-            return logits, None
+            return self.lm_head(x), None  # (B, T, V)
+        if self.training and self.score_only_targets:  # the head's matmul only where a loss is taken
+            keep = targets.view(-1) >= 0
+            logits = self.lm_head(x.view(-1, x.size(-1))[keep])  # (N, V)
+            return logits, F.cross_entropy(logits.float(), targets.view(-1)[keep])
+        logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
