@@ -146,17 +146,46 @@ def gpt(
     out_ = Output(as_json)
     given = locals()
     overrides = {k: given[k] for k in _TRAIN_FLAGS if given[k] is not None}
+    if init is not None and preset is None and config is None:
+        preset = "finetune"
     cfg = build_config(preset, config, overrides)
     if name is None:
-        name = (out.name if out else f"{data.stem}-gpt" if data else "my-gpt").lower()
+        source = chat or data
+        name = (out.name if out else f"{source.stem}-gpt" if source else "my-gpt").lower()
     check_name(name)
     run_dir = out or paths.runs_dir() / name
+    if init is not None or chat is not None:
+        _finetune(out_, cfg, init, chat, data, name, run_dir, export_type)
+        return
     req = trainer.TrainRequest(config=cfg, run_dir=run_dir, data=data, resume=resume, overrides=overrides,
                                tensorboard=tensorboard)  # fmt: skip
     if estimate:
         _estimate(out_, req)
     else:
         _train_and_export(out_, req, name, export, export_type)
+
+
+def _finetune(out: Output, cfg: Any, init: str | None, chat: Path | None, data: Path | None, name: str,
+              run_dir: Path, export_type: str) -> None:  # fmt: skip
+    from selfhost.errors import UsageError
+    from selfhost.train.gpt import finetune
+
+    if init is None:
+        raise UsageError("--chat fine-tunes a model you have", hint="add --init RUN_OR_MODEL")
+    if (chat is None) == (data is None):
+        raise UsageError("fine-tuning needs one of --chat FILE.jsonl or --data TEXT")
+    req = finetune.FinetuneRequest(cfg, init, chat, name, run_dir, export_type.lower(), data=data)
+    done = out.run(_with_step_details(finetune.train(req)))
+    out.result(done, lambda d: _print_finetuned(out, d))
+
+
+def _print_finetuned(out: Output, done: Any) -> None:
+    took = fmt_duration(done.elapsed_s)
+    out.console.print(f"done: {done.step} steps in {took}, loss {done.train_loss:.4f}, "
+                      f"{fmt_count(done.trainable)} parameters trained", markup=False)  # fmt: skip
+    out.console.print(f"exported {done.gguf} ({fmt_bytes(done.size)})", markup=False)
+    if done.name:
+        out.console.print(f"registered as '{done.name}': selfhost chat {done.name}", markup=False)
 
 
 def _estimate(out: Output, req: Any) -> None:

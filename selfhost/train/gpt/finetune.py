@@ -97,6 +97,21 @@ def chat_examples(convs: list[list[dict[str, str]]], base: BaseModel, block_size
     return out
 
 
+def text_examples(path: Path | None, base: BaseModel, block_size: int) -> list[Example]:
+    """Plain text (a file or a folder of documents): consecutive windows of block_size tokens, all scored."""
+    from selfhost.train.gpt import data
+
+    if path is None:
+        raise UsageError("no training data given", hint="pass --chat FILE.jsonl or --data TEXT")
+    ids: list[int] = []
+    for text in data.stream_text(path):
+        ids.extend(base.encode(text))
+    if len(ids) < 2:
+        raise UsageError(f"{path} holds no text to train on")
+    spans = [(k, min(block_size, len(ids) - 1 - k)) for k in range(0, len(ids) - 1, block_size)]
+    return [Example(ids[k : k + n], ids[k + 1 : k + 1 + n]) for k, n in spans]
+
+
 def batches(examples: list[Example], batch_size: int, seed: int) -> Any:
     """Shuffled batches, padded to their longest example (padding has target -1); endless."""
     rng = np.random.default_rng(seed)
@@ -158,10 +173,11 @@ def merge_lora(model: CausalLM) -> None:
 class FinetuneRequest:
     config: TrainConfig
     init: str
-    chat: Path
+    chat: Path | None
     name: str
     run_dir: Path
     export_type: str = "f16"
+    data: Path | None = None  # plain text instead of conversations
     register: bool = True
 
 
@@ -184,8 +200,12 @@ def train(req: FinetuneRequest) -> Events:
     cfg = req.config
     resolve_threads(cfg.threads, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
+    convs = read_conversations(req.chat) if req.chat is not None else None  # bad data fails first
     base = load_base(req.init)
-    examples = chat_examples(read_conversations(req.chat), base, cfg.block_size)
+    if convs is not None:
+        examples = chat_examples(convs, base, cfg.block_size)
+    else:
+        examples = text_examples(req.data, base, cfg.block_size)
     model = build_model(GPTConfig(**base.model_args))
     model.load_state_dict(base.state)
     if cfg.lora_rank:

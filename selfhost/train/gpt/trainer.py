@@ -217,9 +217,17 @@ class Stepper:
         for opt, part in zip(self.optimizers, parts, strict=True):
             opt.load_state_dict(part)
 
+    def scheduler_state(self) -> dict[str, Any]:
+        if len(self.schedulers) == 1:
+            return self.schedulers[0].state_dict()
+        return {"parts": [s.state_dict() for s in self.schedulers]}
+
     def load_scheduler_state(self, state: dict[str, Any]) -> None:
-        for sched in self.schedulers:
-            sched.load_state_dict(state)
+        parts = state.get("parts", [state])
+        if len(parts) != len(self.schedulers):
+            raise ValueError(f"{len(parts)} schedule states for {len(self.schedulers)} optimizers")
+        for sched, part in zip(self.schedulers, parts, strict=True):
+            sched.load_state_dict(part)
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -617,7 +625,7 @@ class Run:
         }  # fmt: skip
         if rng is not None:
             state.update(optimizer=self.stepper.optimizer_state(),
-                         scheduler=self.stepper.scheduler.state_dict(),
+                         scheduler=self.stepper.scheduler_state(),
                          scaler=self.stepper.scaler.state_dict(), rng=rng,
                          world_size=self.dist.world_size)  # fmt: skip
         return state
