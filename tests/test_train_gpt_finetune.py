@@ -148,3 +148,30 @@ def test_smollm2_learns_an_invented_fact_with_lora(runner, smollm2_gguf: Path, t
     assert done["name"] == "smol-zub" and done["trainable"] < 3_000_000 and done["train_loss"] < 0.6
     assert "Lutz" in ask(runner, "smol-zub", UNSEEN)
     assert "Paris" in ask(runner, "smol-zub", "What is the capital of France?")
+
+
+def test_own_run_becomes_a_chat_model(runner, tmp_path: Path) -> None:  # noqa: ANN001
+    """--init RUN --chat: the chat tokens join the vocabulary, the export carries a ChatML template and
+    <|im_end|> as end of turn, and `selfhost chat` (no --raw) replies what the data taught."""
+    from selfhost import gguf_info
+    from selfhost.models.store import Store
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, "utf-8")
+    small = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--batch-size", "8",
+             "--eval-iters", "2", "--sample-tokens", "0"]  # fmt: skip
+    base = runner.invoke(app, ["train", "gpt", "-d", str(text), "--name", "base", "--iters", "10", *small,
+                               "--arch", "llama", "--no-export"])  # fmt: skip
+    assert base.exit_code == 0, base.output
+    chat = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "to be"}]},
+            {"messages": [{"role": "user", "content": "Quote"}, {"role": "assistant", "content": "nobler"}]}]
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows * 8), "utf-8")
+    tuned = runner.invoke(app, ["train", "gpt", "--init", "base", "--chat", str(chat), "--name", "base-chat",
+                                "--iters", "60", "--lr", "3e-3", "--lora-rank", "0", "--batch-size", "8",
+                                "--export-type", "f32"])  # fmt: skip
+    assert tuned.exit_code == 0, tuned.output
+    info = gguf_info.inspect(Store().find("base-chat").path)
+    assert info.architecture == "llama" and "<|im_start|>" in (info.chat_template or "")
+    assert ask(runner, "base-chat", "Say it").strip() == "to be"
+    assert ask(runner, "base-chat", "Quote").strip() == "nobler"

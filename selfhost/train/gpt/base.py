@@ -38,28 +38,52 @@ class BaseModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_base(ref: str) -> BaseModel:
-    """`ref`: a run folder or run name (its best weights), else a model the store resolves (a GGUF)."""
+def load_base(ref: str, chat: bool = False) -> BaseModel:
+    """`ref`: a run folder or run name (its best weights), else a model the store resolves (a GGUF).
+    `chat`: a run's tokenizer gets the chat special tokens (and its embedding their rows)."""
     from selfhost import paths
 
     run = Path(ref)
     if not run.exists() and len(run.parts) == 1 and (paths.runs_dir() / ref).exists():
         run = paths.runs_dir() / ref
     if run.is_dir():
-        return load_run(run)
+        return load_run(run, chat)
     from selfhost.models.resolve import resolve_model
 
     return load_gguf(resolve_model(ref).path)
 
 
-def load_run(run: Path) -> BaseModel:
+def load_run(run: Path, chat: bool = False) -> BaseModel:
     from selfhost.train.gpt import checkpoint, tokenizer
 
     ckpt = checkpoint.load(run)
     tok = tokenizer.from_json(ckpt["tokenizer"])
-    return BaseModel(name=run.name, model_args=dict(ckpt["model_args"]), state=ckpt["model"], encode=tok.encode,
-                     decode=tok.decode, chat_template=None, eos_id=tok.eot_id,
-                     tokenizer_json=ckpt["tokenizer"])  # fmt: skip
+    args, state = dict(ckpt["model_args"]), dict(ckpt["model"])
+    template = None
+    if chat and not isinstance(tok, tokenizer.ChatTokenizer):
+        tok = tokenizer.ChatTokenizer(tok)
+        grow_vocab(args, state, tok.vocab_size)
+    if isinstance(tok, tokenizer.ChatTokenizer):
+        template = tokenizer.CHAT_TEMPLATE
+    return BaseModel(name=run.name, model_args=args, state=state, encode=tok.encode, decode=tok.decode,
+                     chat_template=template, bos=tokenizer.EOT, eos=tokenizer.IM_END, eos_id=tok.eot_id,
+                     tokenizer_json=tok.to_json())  # fmt: skip
+
+
+def grow_vocab(args: dict[str, Any], state: dict[str, Any], vocab_size: int) -> None:
+    """New token rows (the mean of the existing embeddings) for tokens added to the vocabulary."""
+    import torch
+
+    wte = state["wte.weight"]
+    extra = wte.mean(0, keepdim=True).expand(vocab_size - wte.size(0), -1)
+    tied = state.get("lm_head.weight") is None or state["lm_head.weight"] is wte or args.get("tie_embeddings", True)
+    state["wte.weight"] = torch.cat([wte, extra])
+    if tied:
+        state["lm_head.weight"] = state["wte.weight"]
+    else:
+        head = state["lm_head.weight"]
+        state["lm_head.weight"] = torch.cat([head, head.mean(0, keepdim=True).expand_as(extra)])
+    args["vocab_size"] = vocab_size
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:

@@ -20,7 +20,7 @@ from selfhost.errors import UsageError
 from selfhost.events import Events, Notice, Result
 from selfhost.models.store import ModelRecord, Store, sha256_file
 from selfhost.train.gpt.model import LAYER_NORM_EPS
-from selfhost.train.gpt.tokenizer import Tokenizer
+from selfhost.train.gpt.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 ExportType = Literal["f32", "f16"]
 # A base model has no roles: the prompt is the messages' text, one per line.
@@ -151,10 +151,10 @@ def write_gguf(
         w.add_token_types(vocab.types)
         w.add_token_merges(vocab.merges)
         w.add_bos_token_id(vocab.eot_id)
-        w.add_eos_token_id(vocab.eot_id)
+        w.add_eos_token_id(vocab.eot_id if vocab.eos_id is None else vocab.eos_id)
         w.add_add_bos_token(True)  # documents start after <|endoftext|>, as in training
         w.add_add_eos_token(False)
-        w.add_chat_template(chat_template or BASE_CHAT_TEMPLATE)
+        w.add_chat_template(chat_template or (CHAT_TEMPLATE if tokenizer.kind == "chat" else BASE_CHAT_TEMPLATE))
         for tname, data in tensors.items():
             if dtype == "f16" and data.ndim == 2:
                 data = data.astype(np.float16)  # matrices in F16, norms and biases stay F32

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from selfhost import atomic
+from selfhost import atomic, paths
 from selfhost.errors import UsageError
 from selfhost.events import Events, Notice, Progress, Result
 from selfhost.train.gpt.base import BaseModel, load_base
@@ -201,7 +201,7 @@ def train(req: FinetuneRequest) -> Events:
     resolve_threads(cfg.threads, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     convs = read_conversations(req.chat) if req.chat is not None else None  # bad data fails first
-    base = load_base(req.init)
+    base = load_base(req.init, chat=convs is not None)
     if convs is not None:
         examples = chat_examples(convs, base, cfg.block_size)
     else:
@@ -220,7 +220,9 @@ def train(req: FinetuneRequest) -> Events:
     loss, elapsed = yield from _loop(model, params, examples, cfg)
     if cfg.lora_rank:
         merge_lora(model)
-    dest = req.run_dir / f"{req.name}.{req.export_type.upper()}.gguf"
+    dest = paths.models_dir() / f"{req.name}.{req.export_type.upper()}.gguf"
+    if base.gguf_path is None:  # a run of ours: keep a checkpoint too (gpt sample / export read it)
+        _save_run(req, base, model)
     yield Notice(f"writing {dest}")
     write_finetuned(dest, base, model, req.name, req.export_type)
     registered = _register(dest, req.name, req.export_type) if req.register else None
@@ -300,6 +302,17 @@ def copy_gguf_with(src: Path, dest: Path, state: dict[str, Any], model_args: dic
         w.close()
     gguf_info.inspect(Path(dest))
     return Path(dest)
+
+
+def _save_run(req: FinetuneRequest, base: BaseModel, model: CausalLM) -> None:
+    from selfhost.train.gpt import checkpoint
+
+    req.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(req.run_dir / "tokenizer.json", base.tokenizer_json or "")
+    checkpoint.save(req.run_dir / checkpoint.BEST_NAME, {
+        "model_args": base.model_args, "config": req.config.model_dump(mode="json"),
+        "tokenizer": base.tokenizer_json, "model": model.state_dict(), "iter_num": req.config.max_iters,
+        "best_val_loss": None, "val_loss": None})  # fmt: skip
 
 
 def _register(dest: Path, name: str, dtype: str) -> str:
