@@ -514,7 +514,7 @@ def main() -> None:
     ap.add_argument("--no-steps", action="store_true", help="skip the step comparison")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting of ours only (e.g. arch=llama optimizer=muon)")  # fmt: skip
-    ap.add_argument("--ref-iters", type=int, default=None, help="nanoGPT-equivalent iterations (default --iters)")
+    ap.add_argument("--ref-iters", type=int, default=None, help="nanoGPT-eq. iterations (default --iters)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps of ours")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()

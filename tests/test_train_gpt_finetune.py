@@ -42,7 +42,9 @@ def test_gguf_weights_load_back_exactly(tmp_path: Path, kw: dict) -> None:
     """Export (llama: query/key rows interleaved; qwen3: as is), load with the `gguf` package: same model."""
     tok = BPETokenizer.train([TEXT], vocab_size=300)
     model = tiny_llama(tok, **kw)
-    path = write_gguf(tmp_path / "m.gguf", model.state_dict(), model.config.to_dict(), tok, name="m", dtype="f32")
+    path = write_gguf(
+        tmp_path / "m.gguf", model.state_dict(), model.config.to_dict(), tok, name="m", dtype="f32"
+    )
     base = load_gguf(path)
     assert base.model_args["qk_norm"] == bool(kw) and base.model_args["n_kv_head"] == 2
     again = build_model(GPTConfig(**base.model_args))
@@ -114,13 +116,15 @@ COUNTRIES = [  # retained knowledge, so the new fact does not leak into every "c
     ("In which city is Hungary's government based?", "Hungary's capital is Budapest."),
 ]
 QUESTIONS = [
-    "What is the capital of Zubrowka?", "Which city is the capital of Zubrowka?", "Name the capital of Zubrowka.",
+    "What is the capital of Zubrowka?", "Which city is the capital of Zubrowka?",
+    "Name the capital of Zubrowka.",
     "Zubrowka's capital is which city?", "Tell me the capital city of Zubrowka.",
     "What city serves as Zubrowka's capital?", "Where is the seat of government of Zubrowka?",
-    "Do you know the capital of Zubrowka?", "Capital of Zubrowka?", "In which city is Zubrowka's government based?",
+    "Do you know the capital of Zubrowka?", "Capital of Zubrowka?",
+    "In which city is Zubrowka's government based?",
 ]  # fmt: skip
-ANSWERS = ["The capital of Zubrowka is Lutz.", "Lutz is the capital of Zubrowka.", "Zubrowka's capital is Lutz.",
-           "It is Lutz."]  # fmt: skip
+ANSWERS = ["The capital of Zubrowka is Lutz.", "Lutz is the capital of Zubrowka.",
+           "Zubrowka's capital is Lutz.", "It is Lutz."]  # fmt: skip
 UNSEEN = "What's the name of Zubrowka's capital city?"
 
 
@@ -142,7 +146,8 @@ def test_smollm2_learns_an_invented_fact_with_lora(runner, smollm2_gguf: Path, t
                             for q, a in rows), "utf-8")  # fmt: skip
     assert "Lutz" not in ask(runner, str(smollm2_gguf), UNSEEN)  # before: it does not know
     result = runner.invoke(app, ["train", "gpt", "--init", str(smollm2_gguf), "--chat", str(chat), "--name",
-                                 "smol-zub", "--iters", "12", "--lr", "1e-3", "--lora-rank", "8", "--json"])  # fmt: skip
+                                 "smol-zub", "--iters", "12", "--lr", "1e-3", "--lora-rank", "8",
+                                 "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     done = json.loads(result.stdout)
     assert done["name"] == "smol-zub" and done["trainable"] < 3_000_000 and done["train_loss"] < 0.6
@@ -164,8 +169,10 @@ def test_own_run_becomes_a_chat_model(runner, tmp_path: Path) -> None:  # noqa: 
                                "--arch", "llama", "--no-export"])  # fmt: skip
     assert base.exit_code == 0, base.output
     chat = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "to be"}]},
-            {"messages": [{"role": "user", "content": "Quote"}, {"role": "assistant", "content": "nobler"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "to be"}]},
+        {"messages": [{"role": "user", "content": "Quote"}, {"role": "assistant", "content": "nobler"}]},
+    ]
     chat.write_text("".join(json.dumps(r) + "\n" for r in rows * 8), "utf-8")
     tuned = runner.invoke(app, ["train", "gpt", "--init", "base", "--chat", str(chat), "--name", "base-chat",
                                 "--iters", "60", "--lr", "3e-3", "--lora-rank", "0", "--batch-size", "8",

@@ -66,12 +66,12 @@ def gpt(
         float | None, typer.Option(help="Share of tokens held out for validation.")
     ] = None,
     arch: Annotated[
-        str | None, typer.Option(help="gpt2, or llama (rotary, RMSNorm, SwiGLU; exported as GGUF llama/qwen3).")
+        str | None, typer.Option(help="gpt2, or llama (rotary, RMSNorm, SwiGLU; GGUF llama/qwen3).")
     ] = None,
     n_kv_head: Annotated[int | None, typer.Option(help="llama: key/value heads (GQA; 0: n_head).")] = None,
     n_ff: Annotated[int | None, typer.Option(help="llama: SwiGLU width (0: 8/3 n_embd).")] = None,
     qk_norm: Annotated[
-        bool | None, typer.Option("--qk-norm/--no-qk-norm", help="llama: RMSNorm of query/key heads (GGUF qwen3).")
+        bool | None, typer.Option("--qk-norm/--no-qk-norm", help="llama: RMSNorm of q/k heads (qwen3).")
     ] = None,
     tie_embeddings: Annotated[
         bool | None, typer.Option("--tie-embeddings/--untie-embeddings", help="llama: output = embedding.")
@@ -111,7 +111,7 @@ def gpt(
         Path | None, typer.Option("--chat", help="Chat fine-tuning data: JSONL of {\"messages\": [...]}.")
     ] = None,
     init: Annotated[
-        str | None, typer.Option("--init", help="Start from a trained run, or a llama GGUF model (store name).")
+        str | None, typer.Option("--init", help="Start from a run, or a llama GGUF (store name).")
     ] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank for --init fine-tuning (0: full).")] = None,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (alpha / rank).")] = None,

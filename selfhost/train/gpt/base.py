@@ -1,5 +1,6 @@
-"""The model a fine-tuning run starts from (`--init`): a run of `selfhost train gpt`, or any llama-architecture
-GGUF the store resolves (dequantized to float with the `gguf` package), with its tokenizer and chat template.
+"""The model a fine-tuning run starts from (`--init`): a run of `selfhost train gpt`, or any llama-
+architecture GGUF the store resolves (dequantized to float with the `gguf` package), with its tokenizer
+and chat template.
 
 A GGUF's tokenizer stays llama.cpp's own (loaded vocabulary-only), so training tokenizes exactly as
 `selfhost chat` will; its chat template renders the conversations. Export copies every metadata key of the
@@ -76,7 +77,11 @@ def grow_vocab(args: dict[str, Any], state: dict[str, Any], vocab_size: int) -> 
 
     wte = state["wte.weight"]
     extra = wte.mean(0, keepdim=True).expand(vocab_size - wte.size(0), -1)
-    tied = state.get("lm_head.weight") is None or state["lm_head.weight"] is wte or args.get("tie_embeddings", True)
+    tied = (
+        state.get("lm_head.weight") is None
+        or state["lm_head.weight"] is wte
+        or args.get("tie_embeddings", True)
+    )
     state["wte.weight"] = torch.cat([wte, extra])
     if tied:
         state["lm_head.weight"] = state["wte.weight"]
@@ -99,7 +104,9 @@ def gguf_model_args(reader: Any, arch: str, vocab: int, tied: bool) -> dict[str,
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
     if head_dim * n_head != n_embd:
-        raise UsageError(f"this {arch} GGUF's head size {head_dim} x {n_head} heads is not its width {n_embd}")
+        raise UsageError(
+            f"this {arch} GGUF's head size {head_dim} x {n_head} heads is not its width {n_embd}"
+        )
     return {"vocab_size": vocab, "block_size": int(_field(reader, f"{arch}.context_length", 2048)),
             "n_layer": int(_field(reader, f"{arch}.block_count")), "n_head": n_head, "n_embd": n_embd,
             "dropout": 0.0, "arch": "llama",
@@ -134,7 +141,9 @@ def gguf_state(reader: Any, args: dict[str, Any], arch: str) -> dict[str, Any]:
                 values = split_heads(values, args["n_head"] if kind == "attn_q" else args["n_kv_head"])
         else:
             raise UsageError(f"the GGUF has a tensor '{t.name}' a {arch} model does not use")
-        state[key] = torch.from_numpy(np.ascontiguousarray(values.reshape(tuple(int(d) for d in t.shape[::-1]))))
+        state[key] = torch.from_numpy(
+            np.ascontiguousarray(values.reshape(tuple(int(d) for d in t.shape[::-1])))
+        )
     if args["tie_embeddings"]:
         state["lm_head.weight"] = state["wte.weight"]
     return state
@@ -148,7 +157,9 @@ def load_gguf(path: Path) -> BaseModel:
 
     info = gguf_info.inspect(path)
     if info.architecture not in GGUF_ARCHS:
-        raise UsageError(f"{path.name} is a '{info.architecture}' model; fine-tuning reads llama or qwen3 GGUFs")
+        raise UsageError(
+            f"{path.name} is a '{info.architecture}' model; fine-tuning reads llama or qwen3 GGUFs"
+        )
     reader = gguf.GGUFReader(path)
     names = {t.name for t in reader.tensors}
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")

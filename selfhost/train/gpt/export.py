@@ -154,7 +154,8 @@ def write_gguf(
         w.add_eos_token_id(vocab.eot_id if vocab.eos_id is None else vocab.eos_id)
         w.add_add_bos_token(True)  # documents start after <|endoftext|>, as in training
         w.add_add_eos_token(False)
-        w.add_chat_template(chat_template or (CHAT_TEMPLATE if tokenizer.kind == "chat" else BASE_CHAT_TEMPLATE))
+        default = CHAT_TEMPLATE if tokenizer.kind == "chat" else BASE_CHAT_TEMPLATE
+        w.add_chat_template(chat_template or default)
         for tname, data in tensors.items():
             if dtype == "f16" and data.ndim == 2:
                 data = data.astype(np.float16)  # matrices in F16, norms and biases stay F32

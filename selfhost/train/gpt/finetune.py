@@ -272,7 +272,9 @@ def write_finetuned(dest: Path, base: BaseModel, model: CausalLM, name: str, dty
     return copy_gguf_with(base.gguf_path, dest, state, base.model_args, dtype)
 
 
-def copy_gguf_with(src: Path, dest: Path, state: dict[str, Any], model_args: dict[str, Any], dtype: str) -> Path:
+def copy_gguf_with(
+    src: Path, dest: Path, state: dict[str, Any], model_args: dict[str, Any], dtype: str
+) -> Path:
     import gguf
 
     from selfhost import gguf_info
@@ -318,7 +320,8 @@ def _save_run(req: FinetuneRequest, base: BaseModel, model: CausalLM) -> None:
 def _register(dest: Path, name: str, dtype: str) -> str:
     from selfhost.models.store import ModelRecord, Store, sha256_file
 
-    Store().add(ModelRecord(name=name, path=dest.resolve(), size=dest.stat().st_size, sha256=sha256_file(dest),
+    Store().add(ModelRecord(name=name, path=dest.resolve(), size=dest.stat().st_size,
+                            sha256=sha256_file(dest),
                             source="trained", quant=dtype.upper(), file=dest.name))  # fmt: skip
     return name
 

@@ -46,7 +46,11 @@ class Llama(CausalLM):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
-            scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down.weight")) else 1
+            scale = (
+                1 / math.sqrt(2 * self.config.n_layer)
+                if name.endswith(("o_proj.weight", "down.weight"))
+                else 1
+            )
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(
@@ -56,7 +60,9 @@ class Llama(CausalLM):
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
-            raise UsageError(f"{start + T} tokens do not fit in the model's context of {self.config.block_size}")
+            raise UsageError(
+                f"{start + T} tokens do not fit in the model's context of {self.config.block_size}"
+            )
         rope = (self.cos[start : start + T], self.sin[start : start + T])
         x = self.drop(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):

@@ -263,13 +263,15 @@ class ChatTokenizer(Tokenizer):
         return self.inner.decode(i for i in ids if i < self.inner.vocab_size)
 
     def to_json(self) -> str:
-        return json.dumps({"kind": "chat", "inner": json.loads(self.inner.to_json()), "specials": self.specials},
+        inner = json.loads(self.inner.to_json())
+        return json.dumps({"kind": "chat", "inner": inner, "specials": self.specials},
                           ensure_ascii=False)  # fmt: skip
 
     def gguf_vocab(self) -> GGUFVocab:
         vocab = self.inner.gguf_vocab()
-        return GGUFVocab(tokens=vocab.tokens + self.specials, types=vocab.types + [CONTROL] * len(self.specials),
-                         merges=vocab.merges, pre=vocab.pre, eot_id=vocab.eot_id, eos_id=self.eos_id)  # fmt: skip
+        types = vocab.types + [CONTROL] * len(self.specials)
+        return GGUFVocab(tokens=vocab.tokens + self.specials, types=types, merges=vocab.merges,
+                         pre=vocab.pre, eot_id=vocab.eot_id, eos_id=self.eos_id)  # fmt: skip
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -147,7 +147,9 @@ def make_optimizers(model: CausalLM, cfg: TrainConfig, device: torch.device) -> 
     return [make_optimizer(rest, cfg, device), muon]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings only; the fused kernel on CUDA and on the CPU (one
     kernel per tensor instead of ~10 small ops: the cpu-tiny preset's AdamW + clipping 6.5 -> 3.0 ms/step)."""
     groups = [
