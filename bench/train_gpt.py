@@ -300,6 +300,36 @@ def nanogpt_step(cfg: TrainConfig, vocab: int, batch: Any) -> Any:
     return step
 
 
+def step_vs_nanogpt(cfg: TrainConfig, ref_cfg: TrainConfig, vocab: int, ds: data.Dataset, steps: int) -> None:
+    """Seconds per training step of ours (cfg, with its optimizer) and of the nanoGPT-equivalent (ref_cfg),
+    timed in turns A B B A of `steps` steps each (CPU): with a run's loss-per-step curve, what its time to
+    a loss would be where the machine is too busy for whole runs side by side."""
+    sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
+    batch = lambda: trainer.to_device(*sampler.next(), torch.device("cpu"))  # noqa: E731
+    model = build_model(trainer.gpt_config(cfg, vocab))
+    ours = trainer.Stepper(model, cfg, torch.device("cpu"), torch.float32, batch, ddp=False).step
+    steps_of = {"ours": lambda: ours().item(), "nanoGPT": nanogpt_step(ref_cfg, vocab, batch)}
+    for step in steps_of.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {"ours": [], "nanoGPT": []}
+    for name in ("ours", "nanoGPT", "nanoGPT", "ours"):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            steps_of[name]()
+        times[name].append((time.perf_counter() - t0) / steps)
+    ours_s, ref_s = (sum(times[k]) / 2 for k in ("ours", "nanoGPT"))
+    print()
+    print(f"| step time, A B B A x {steps} steps, {torch.get_num_threads()} threads | ms/step "
+          "| vs nanoGPT-eq. |")
+    print("|---|---|---|")
+    print(f"| nanoGPT-equivalent | {1000 * ref_s:.1f} | 1.00x |")
+    print(f"| ours ({' '.join(_OURS_SETTINGS) or 'preset'}) | {1000 * ours_s:.1f} | {ours_s / ref_s:.2f}x |")
+
+
+_OURS_SETTINGS: list[str] = []
+
+
 def profile_step(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.device, steps: int) -> None:
     """Where a training step's time goes: torch.profiler's self CPU time of `steps` steps of ours and of
     the nanoGPT-equivalent (CPU only), summed by kind of work."""
@@ -515,6 +545,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting of ours only (e.g. arch=llama optimizer=muon)")  # fmt: skip
     ap.add_argument("--ref-iters", type=int, default=None, help="nanoGPT-eq. iterations (default --iters)")
+    ap.add_argument("--step-ratio", type=int, default=0, metavar="N",
+                    help="also time N steps of ours vs the nanoGPT-equivalent, A B B A")  # fmt: skip
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps of ours")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
@@ -529,7 +561,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}", flush=True)  # fmt: skip
     if not args.skip_run:
         full_runs(cfg, args, default_threads)
-    if args.no_steps and not args.profile:
+    if args.no_steps and not args.profile and not args.step_ratio:
         return
     tok, docs = _tok_docs(cfg, args.data)
     ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
@@ -537,6 +569,10 @@ def main() -> None:
     if not args.no_steps:
         step_table(cfg, tok.vocab_size, ds, device, args.step_iters or (20 if device.type == "cpu" else 50),
                    threads)  # fmt: skip
+    if args.step_ratio:
+        _OURS_SETTINGS.extend(args.set)
+        ref_cfg = build_config(args.preset, overrides={"max_iters": args.ref_iters or args.iters})
+        step_vs_nanogpt(cfg, ref_cfg, tok.vocab_size, ds, args.step_ratio)
     if args.profile:
         profile_step(cfg, tok.vocab_size, ds, device, args.profile)
 
