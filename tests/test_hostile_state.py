@@ -4,6 +4,7 @@ untrusted text, temp files of killed writers."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -174,9 +175,15 @@ def test_temp_files_of_killed_writers_are_counted_then_swept(runner) -> None:  #
         os.utime(old, (time.time() - 2 * 86400,) * 2)
         result = runner.invoke(app, ["models", "list"])
         assert result.exit_code == 0, result.output
-        assert "removed 2 temp file(s)" in result.output
-        assert not orphan.exists() and not old.exists() and live.exists()
+        assert "2 temp file(s) left by interrupted runs" in result.output and "models prune" in result.output
+        assert orphan.exists() and old.exists() and live.exists()  # listing changes nothing
         assert "2.0 MB being written" in result.output  # counted in disk use while it exists
+        result = runner.invoke(app, ["models", "prune", "--json"])
+        assert result.exit_code == 0, result.output
+        pruned = json.loads(result.stdout)
+        assert sorted(pruned["removed"]) == sorted([str(orphan), str(old)])
+        assert pruned["freed_bytes"] == 1_000_010 and pruned["in_progress_bytes"] == 2_000_000
+        assert not orphan.exists() and not old.exists() and live.exists()
     assert not live.exists()
 
 

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 Image = pytest.importorskip("PIL.Image")
 
-from selfhost import plots  # noqa: E402
+from selfhost.cli import plots  # noqa: E402
 from selfhost.cli.app import app  # noqa: E402
 from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import runs  # noqa: E402

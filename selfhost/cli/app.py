@@ -8,7 +8,6 @@ non-zero, in the installed executable and under `typer.testing.CliRunner` alike.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import typing
 from collections.abc import Callable
@@ -64,7 +63,9 @@ def _root(
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("SELFHOST_DEBUG", "") not in ("", "0", "false")
+    from selfhost import env
+
+    return env.debug()
 
 
 def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -67,10 +67,10 @@ def _print_local(records: list[ModelRecord], store: Store, out: Output) -> None:
             r.pulled_at.strftime("%Y-%m-%d %H:%M"),
         )  # fmt: skip
     out.console.print(table)
-    removed, in_progress = store.sweep_temp_files()
-    if removed:
-        freed = fmt_bytes(sum(size for _, size in removed))
-        out.console.print(plain(f"removed {len(removed)} temp file(s) left by interrupted runs ({freed})"))
+    stale, stale_bytes, in_progress = store.temp_usage()
+    if stale:
+        out.console.print(plain(f"{stale} temp file(s) left by interrupted runs ({fmt_bytes(stale_bytes)}): "
+                                "`selfhost models prune` removes them"))  # fmt: skip
     writing = f" (+ {fmt_bytes(in_progress)} being written)" if in_progress else ""
     out.console.print(
         plain(f"{len(records)} model(s), {fmt_bytes(disk_use(records) + in_progress)} on disk{writing}")
@@ -160,10 +160,10 @@ def show_command(
 
 def _model_facts(resolved: ResolvedModel) -> dict[str, object]:
     """What `models show` reports: the store record, the registry entry and the GGUF's metadata."""
-    from selfhost import gguf_info
     from selfhost.models.names import split_tag
     from selfhost.models.registry import load_registry
     from selfhost.models.store import Store
+    from selfhost.runtime import gguf_info
 
     record = resolved.record
     if record is not None and record.sha256 is None:
@@ -218,6 +218,27 @@ def _print_facts(data: dict[str, object], out: Output) -> None:
         if value is not None:
             table.add_row(key.replace("_", " "), plain(value))
     out.console.print(table)
+
+
+@models_app.command("prune")
+def prune_command(
+    as_json: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
+) -> None:
+    """Remove the temp files that killed pulls, quantizations and conversions left behind."""
+    from selfhost.models.store import Store
+
+    out = Output(as_json)
+    removed, in_progress = Store().sweep_temp_files()
+    freed = sum(size for _, size in removed)
+    data = {"removed": [str(path) for path, _ in removed], "freed_bytes": freed,
+            "in_progress_bytes": in_progress}  # fmt: skip
+
+    def human(_: object) -> None:
+        line = f"removed {len(removed)} temp file(s) left by interrupted runs, freed {fmt_bytes(freed)}"
+        writing = f" ({fmt_bytes(in_progress)} still being written, kept)" if in_progress else ""
+        out.console.print(plain(line + writing))
+
+    out.result(data, human)
 
 
 @models_app.command("rm")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
+from selfhost import env
 from selfhost.cli.console import err_console
 from selfhost.cli.output import Output
 from selfhost.cli.pull import PULL_HELP, ensure_model
@@ -52,7 +51,7 @@ def serve(
     from selfhost.serve.server import ServeOptions
     from selfhost.serve.server import serve as run
 
-    key = api_key or os.environ.get("SELFHOST_API_KEY") or None
+    key = api_key or env.api_key()
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
         Output().notice(
             f"warning: listening on {host} without --api-key: "

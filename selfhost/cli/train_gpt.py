@@ -199,7 +199,7 @@ def _estimate(out: Output, req: Any) -> None:
 
 def _train_and_export(out: Output, req: Any, name: str, export: bool, export_type: str) -> None:
     """Train, then (rank 0 only) write the curves, export the best weights and print the result."""
-    from selfhost.cli.train_runs import curves_png
+    from selfhost.cli.common import curves_png
     from selfhost.train.gpt import trainer
 
     done = out.run(_with_step_details(trainer.train(req)), on_event=lambda ev: _show_eval(out, ev))
@@ -308,7 +308,7 @@ def _print_exported(out: Output, exported: Any) -> None:
 
 def _print_trained(out: Output, summary: dict[str, Any]) -> None:
     """What a finished run leaves on stdout: its summary, where the curves are, the export."""
-    from selfhost.cli.train_runs import draw_curves
+    from selfhost.cli.common import draw_curves
 
     done = summary["run"]
     took = fmt_duration(done.elapsed_s)

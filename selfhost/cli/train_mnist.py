@@ -89,7 +89,7 @@ def train_mnist(
     from selfhost.train.common import require_torch
 
     require_torch(passive_openmp=True)
-    from selfhost.cli.train_runs import curves_png
+    from selfhost.cli.common import curves_png
     from selfhost.train.mnist.train import TrainConfig, train
 
     out_ = Output(as_json)
@@ -103,7 +103,7 @@ def train_mnist(
 
 
 def _print_trained(out: Output, done: Any, curves: Path | None) -> None:
-    from selfhost.cli.train_runs import draw_curves
+    from selfhost.cli.common import draw_curves
 
     draw_curves(out, done.model_path.parent)
     if curves is not None:
@@ -167,7 +167,7 @@ def evaluate(
     from selfhost.train.mnist.predict import evaluate_saved
 
     if errors is not None:
-        from selfhost import plots
+        from selfhost.cli import plots
 
         plots.pyplot()  # a missing matplotlib fails now, not after the evaluation
     out = Output(as_json)
@@ -191,7 +191,7 @@ def _print_report(out: Output, report: Any, errors: Path | None) -> None:
 
 
 def _errors_png(report: Any, path: Path) -> None:
-    from selfhost import plots
+    from selfhost.cli import plots
 
     wrong = report.n - sum(report.confusion[i][i] for i in range(10))
     shown = len(report.errors)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from selfhost.cli.common import draw_curves
 from selfhost.cli.output import Output, fmt_duration
 
 runs_app = typer.Typer(help="Training runs: their metrics, curves and history.", no_args_is_help=True)
@@ -44,36 +45,6 @@ def _steps(run: Any) -> str:
     if run.steps is None:
         return "-"
     return f"{run.steps:,}/{run.max_steps:,}" if run.max_steps else f"{run.steps:,}"
-
-
-# -- the end of a training run ------------------------------------------------------------------
-def draw_curves(out: Output, run_dir: Path) -> None:
-    """The run's loss (and accuracy) curves in the terminal, on stdout."""
-    from rich.text import Text
-
-    from selfhost import plots
-    from selfhost.errors import DependencyError
-    from selfhost.train import runs
-
-    panels = runs.curves(run_dir)
-    width = min(out.console.width, 100) if out.console.is_terminal else 80
-    try:
-        for name, series in panels.items():
-            if max(len(s.x) for s in series) > 1:  # one epoch's accuracy is a number, not a curve
-                out.console.print(Text.from_ansi(plots.terminal_curve(series, width=width, y_label=name)))
-    except DependencyError as exc:
-        out.console.print(f"no curves: {exc}", markup=False, style="dim")
-
-
-def curves_png(run_dir: Path) -> Path | None:
-    """curve.png in the run folder (None: no metrics yet, or matplotlib is not installed)."""
-    from selfhost import plots
-    from selfhost.train import runs
-
-    panels = runs.curves(run_dir)
-    if not panels or not plots.available():
-        return None
-    return plots.curves_png([(run_dir.name, panels)], run_dir / runs.CURVE_FILE, title=run_dir.name)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -202,7 +173,7 @@ def rm_command(
 
 
 def _write_curves(dirs: list[Path], path: Path) -> Path:
-    from selfhost import plots
+    from selfhost.cli import plots
     from selfhost.train import runs
 
     for d in dirs:

@@ -130,6 +130,20 @@ class Store:
                     r.sha256 = digest
         return record.model_copy(update={"sha256": digest})
 
+    def temp_usage(self) -> tuple[int, int, int]:
+        """Temp files in the models folder and beside the manifest, without touching them:
+        (count of stale ones, their bytes, bytes of live writers' temp files)."""
+        stale = stale_bytes = live = 0
+        for folder in {paths.models_dir(), self.manifest.parent}:
+            for path in atomic.temp_files(folder):
+                with contextlib.suppress(OSError):
+                    size = path.stat().st_size
+                    if atomic.is_stale(path):
+                        stale, stale_bytes = stale + 1, stale_bytes + size
+                    else:
+                        live += size
+        return stale, stale_bytes, live
+
     def sweep_temp_files(self) -> tuple[list[tuple[Path, int]], int]:
         """Remove the temp files of writers that died (kill -9 during quantize or pull) from the models
         folder and beside the manifest, under the store lock. Returns (removed with their sizes,

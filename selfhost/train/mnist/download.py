@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Generator
 from pathlib import Path
 
-from selfhost import paths
+from selfhost import env, paths
 from selfhost.atomic import atomic_path, ensure_free_space
 from selfhost.errors import DownloadError, IntegrityError
 from selfhost.events import Event, Notice, Progress
@@ -26,7 +25,7 @@ MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-MIRRORS_ENV = "SELFHOST_MNIST_MIRRORS"  # comma-separated base URLs, used instead of the defaults
+MIRRORS_ENV = env.MNIST_MIRRORS  # comma-separated base URLs, used instead of the defaults
 
 # Decompressed file name -> sha256 of its content.
 SHA256 = {
@@ -44,8 +43,7 @@ def default_dir() -> Path:
 
 
 def mirrors_from_env() -> list[str]:
-    chosen = [m.strip() for m in os.environ.get(MIRRORS_ENV, "").split(",") if m.strip()]
-    return chosen or list(MIRRORS)
+    return env.mnist_mirrors() or list(MIRRORS)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from selfhost import env
 from selfhost.errors import DependencyError, ModelLoadError
 
 LogHandler = Callable[[int, str], None]  # (ggml log level, text)
@@ -51,7 +52,7 @@ def llama() -> Any:
                 handlers = list(_handlers)
             for handler in handlers:
                 handler(level, line)
-            if not handlers and os.environ.get("SELFHOST_DEBUG"):
+            if not handlers and env.debug():
                 sys.stderr.write(line)
 
         _callback = _route
@@ -132,7 +133,7 @@ def load_model(
     """Load a validated GGUF with llama-cpp-python; return (Llama, LoadReport). Raises ModelLoadError.
 
     `info`: the caller's GGUFInfo of `path` when it has validated the file already (not read again)."""
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
 
     if info is None:
         gguf_info.inspect(path)  # llama.cpp aborts the process on some bad files: refuse them first

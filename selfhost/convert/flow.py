@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from selfhost import atomic, gguf_info, paths
+from selfhost import atomic, env, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
 from selfhost.events import Events, Progress, Result, run_to_end
+from selfhost.runtime import gguf_info
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
 OUTTYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "auto")
@@ -73,6 +74,9 @@ def convert(source: str, options: ConvertOptions) -> Events:
     model = inspect_folder(folder)
     base = _base_name(options.name or repo or model.path.resolve().name)
     out_dir = paths.models_dir()
+    from selfhost.models.store import Store
+
+    Store().sweep_temp_files()  # a new write into the models folder: clear what killed ones left
     quants = ("F16", "BF16") if outtype == "auto" else (outtype.upper(),)
     for quant in quants:
         if (out_dir / _file_name(base, quant)).exists() and not options.force:
@@ -111,7 +115,7 @@ def run_convert(source: str, options: ConvertOptions) -> ConvertResult:
 def _converter_python() -> str:
     """SELFHOST_CONVERT_PYTHON (an isolated environment with the converter), else this interpreter,
     which then needs the `convert` extra."""
-    configured = os.environ.get("SELFHOST_CONVERT_PYTHON")
+    configured = env.convert_python()
     if configured:
         if not Path(configured).is_file():
             raise DependencyError(f"SELFHOST_CONVERT_PYTHON={configured} is not a Python interpreter")
