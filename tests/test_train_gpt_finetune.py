@@ -158,8 +158,8 @@ def test_smollm2_learns_an_invented_fact_with_lora(runner, smollm2_gguf: Path, t
 def test_own_run_becomes_a_chat_model(runner, tmp_path: Path) -> None:  # noqa: ANN001
     """--init RUN --chat: the chat tokens join the vocabulary, the export carries a ChatML template and
     <|im_end|> as end of turn, and `selfhost chat` (no --raw) replies what the data taught."""
-    from selfhost import gguf_info
     from selfhost.models.store import Store
+    from selfhost.runtime import gguf_info
 
     text = tmp_path / "text.txt"
     text.write_text(TEXT, "utf-8")

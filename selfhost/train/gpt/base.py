@@ -153,7 +153,7 @@ def load_gguf(path: Path) -> BaseModel:
     """A llama / qwen3 GGUF as a BaseModel; its tokenizer is llama.cpp's (vocabulary only)."""
     import gguf
 
-    from selfhost import gguf_info, llama_backend
+    from selfhost.runtime import gguf_info, llama_backend
 
     info = gguf_info.inspect(path)
     if info.architecture not in GGUF_ARCHS:

@@ -76,7 +76,7 @@ class Example:
 
 def chat_examples(convs: list[list[dict[str, str]]], base: BaseModel, block_size: int) -> list[Example]:
     """Render each conversation with the model's template; targets on the assistant turns' tokens."""
-    from selfhost.chat.template import ChatTemplate
+    from selfhost.runtime.template import ChatTemplate
 
     if not base.chat_template:
         raise UsageError(f"{base.name} has no chat template", hint="fine-tune a chat model (or its GGUF)")
@@ -277,7 +277,7 @@ def copy_gguf_with(
 ) -> Path:
     import gguf
 
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
     from selfhost.train.gpt.export import gguf_arch, llama_tensors
 
     reader = gguf.GGUFReader(src)
