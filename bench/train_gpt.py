@@ -49,6 +49,7 @@ from selfhost.train.gpt import data, estimate, trainer  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config  # noqa: E402
 from selfhost.train.gpt.model import build_model  # noqa: E402
 
+REFERENCE = {"cpu-tiny": "nanogpt-cpu-tiny"}  # the nanoGPT-equivalent run of a preset: nanoGPT's own settings
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -488,8 +489,8 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
         if name == "ours":
             results[name].append(ours_run(cfg, args.data))
             continue
-        ref_cfg = build_config(args.preset, overrides={"max_iters": args.ref_iters or args.iters,
-                                                        "device": "cpu"})  # fmt: skip
+        ref_cfg = build_config(REFERENCE.get(args.preset, args.preset),
+                               overrides={"max_iters": args.ref_iters, "device": "cpu"})  # fmt: skip
         if tok_ds is None:
             tok, docs = _tok_docs(ref_cfg, args.data)
             tok_ds = tok, data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
@@ -571,7 +572,8 @@ def main() -> None:
                    threads)  # fmt: skip
     if args.step_ratio:
         _OURS_SETTINGS.extend(args.set)
-        ref_cfg = build_config(args.preset, overrides={"max_iters": args.ref_iters or args.iters})
+        ref_preset = REFERENCE.get(args.preset, args.preset)
+        ref_cfg = build_config(ref_preset, overrides={"max_iters": args.ref_iters})
         step_vs_nanogpt(cfg, ref_cfg, tok.vocab_size, ds, args.step_ratio)
     if args.profile:
         profile_step(cfg, tok.vocab_size, ds, device, args.profile)
