@@ -135,6 +135,7 @@ def ask(runner, model: str, question: str) -> str:  # noqa: ANN001
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~1 min on a quiet 2-core machine; 10 min and more at load average 15
 def test_smollm2_learns_an_invented_fact_with_lora(runner, smollm2_gguf: Path, tmp_path: Path) -> None:  # noqa: ANN001
     """40 paraphrased Q/A pairs (+16 known capitals), 12 LoRA steps of 8 conversations on the CPU; the
     export chats without --raw: the unseen paraphrase gets "Lutz", France still "Paris"."""
