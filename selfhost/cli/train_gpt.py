@@ -155,6 +155,10 @@ def gpt(
     check_name(name)
     run_dir = out or paths.runs_dir() / name
     if init is not None or chat is not None:
+        if resume or estimate:
+            from selfhost.errors import UsageError
+
+            raise UsageError("--resume and --estimate are for training from scratch, not --init fine-tuning")
         _finetune(out_, cfg, init, chat, data, name, run_dir, export_type)
         return
     req = trainer.TrainRequest(config=cfg, run_dir=run_dir, data=data, resume=resume, overrides=overrides,
