@@ -314,18 +314,23 @@ def step_vs_nanogpt(cfg: TrainConfig, ref_cfg: TrainConfig, vocab: int, ds: data
         for _ in range(3):
             step()
     times: dict[str, list[float]] = {"ours": [], "nanoGPT": []}
+    cpu: dict[str, list[float]] = {"ours": [], "nanoGPT": []}
     for name in ("ours", "nanoGPT", "nanoGPT", "ours"):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             steps_of[name]()
         times[name].append((time.perf_counter() - t0) / steps)
+        cpu[name].append((time.process_time() - c0) / steps)
     ours_s, ref_s = (sum(times[k]) / 2 for k in ("ours", "nanoGPT"))
+    ours_c, ref_c = (sum(cpu[k]) / 2 for k in ("ours", "nanoGPT"))
     print()
-    print(f"| step time, A B B A x {steps} steps, {torch.get_num_threads()} threads | ms/step "
-          "| vs nanoGPT-eq. |")
-    print("|---|---|---|")
-    print(f"| nanoGPT-equivalent | {1000 * ref_s:.1f} | 1.00x |")
-    print(f"| ours ({' '.join(_OURS_SETTINGS) or 'preset'}) | {1000 * ours_s:.1f} | {ours_s / ref_s:.2f}x |")
+    load, threads = os.getloadavg()[0], torch.get_num_threads()
+    print(f"| step, A B B A x {steps} steps, {threads} threads, load {load:.1f} "
+          "| wall ms/step | vs nanoGPT-eq. | CPU ms/step | vs nanoGPT-eq. |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    print(f"| nanoGPT-equivalent | {1000 * ref_s:.1f} | 1.00x | {1000 * ref_c:.1f} | 1.00x |")
+    print(f"| ours ({' '.join(_OURS_SETTINGS) or 'preset'}) | {1000 * ours_s:.1f} | {ours_s / ref_s:.2f}x | "
+          f"{1000 * ours_c:.1f} | {ours_c / ref_c:.2f}x |")  # fmt: skip
 
 
 _OURS_SETTINGS: list[str] = []
