@@ -93,7 +93,10 @@ def chat_examples(convs: list[list[dict[str, str]]], base: BaseModel, block_size
             scored[start:end] = True  # the reply and its end-of-turn token
         ids = ids[: block_size + 1]
         targets = [t if scored[k + 1] else -1 for k, t in enumerate(ids[1:])]
-        out.append(Example(ids[:-1], targets))
+        if any(t >= 0 for t in targets):  # a reply cut off by --block-size teaches nothing
+            out.append(Example(ids[:-1], targets))
+    if not out:
+        raise UsageError(f"no assistant reply fits in --block-size {block_size}", hint="raise --block-size")
     return out
 
 
