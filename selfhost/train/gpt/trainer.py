@@ -143,6 +143,11 @@ def make_optimizers(model: CausalLM, cfg: TrainConfig, device: torch.device) -> 
               if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")]  # fmt: skip
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    if not hasattr(torch.optim, "Muon"):
+        from selfhost.errors import DependencyError
+
+        raise DependencyError(f"--optimizer muon needs PyTorch 2.9 or newer (this is {torch.__version__})",
+                              hint="pip install -U torch, or use --optimizer adamw")  # fmt: skip
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0)
     return [make_optimizer(rest, cfg, device), muon]
 
