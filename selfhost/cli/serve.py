@@ -46,6 +46,10 @@ def serve(
         help="Prompt tokens read per step, so new prompts do not stall replies.",
     ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
+    cors_origin: list[str] | None = typer.Option(  # noqa: B008 (a repeatable option)
+        None, "--cors-origin", help="Let this browser origin (http://host:port) call the API; repeatable."
+    ),
+    open_page: bool = typer.Option(False, "--open", help="Open the chat page in the default web browser."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     from selfhost.serve.server import ServeOptions
@@ -75,6 +79,7 @@ def serve(
         max_body=max_body,
         embedding_model=embedding_model,
         prefill_chunk=prefill_chunk,
+        cors_origins=cors_origin or [],
     )
 
     def ready(line: str, url: str) -> None:
@@ -83,6 +88,20 @@ def serve(
         err_console.print(
             f"serving on {url}{auth} · Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True
         )
+        page = page_url(url)
+        err_console.print(f"chat page: {page}", markup=False, highlight=False, soft_wrap=True)
+        if open_page:
+            import webbrowser
+
+            webbrowser.open(page)
 
     run(options, ready)
     err_console.print("stopped", markup=False, highlight=False, style="dim")
+
+
+def page_url(api_url: str) -> str:
+    """The chat page of a server whose API is at `api_url` (any-address hosts open on the loopback)."""
+    base = api_url.removesuffix("/v1")
+    for anywhere, loopback in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
+        base = base.replace(anywhere, loopback)
+    return base + "/"

@@ -37,11 +37,25 @@ def create_app(
     max_body: int = 8 * 2**20,
     embedder: Embedder | None = None,
     shutdown_grace: float = 8.0,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
+    from selfhost.serve import ui
+
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
+    app.middleware("http")(ui.check_origin(cors_origins or []))
+    if cors_origins:  # closed by default: no CORS headers, so other sites' pages cannot read replies
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(BodyLimit, limit=max_body)
     _error_handlers(app)
     auth = Depends(_auth_check(api_key))
+    ui.register(app, service, _auth_check(api_key))  # the web chat page at / and its /ui/api
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

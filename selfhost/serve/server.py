@@ -38,6 +38,7 @@ class ServeOptions(BaseModel):
     embedding_model: str | None = None
     prefill_chunk: int = 256
     graceful_seconds: int = 10
+    cors_origins: list[str] = []  # --cors-origin: browser origins allowed to call the API
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -99,6 +100,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
             max_body=options.max_body,
             embedder=embedder,
             shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
+            cors_origins=options.cors_origins,
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
         on_ready(model.summary.line(), f"http://{shown}:{port}/v1")
