@@ -70,7 +70,7 @@ def register(app: FastAPI, service: Service, auth: Callable[..., Any]) -> None:
     guarded = [Depends(auth)]
     app.mount("/ui/static", StaticFiles(directory=WEB), name="ui-static")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(WEB / "index.html", headers=PAGE_HEADERS)
 
@@ -179,8 +179,7 @@ def _plan(service: Service, body: UiChatRequest) -> tuple[ChatSession, PreparedR
 
 
 def _session(service: Service, body: UiChatRequest, store: HistoryStore) -> ChatSession:
-    s = body.sampling
-    sampling = Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed, max_tokens=s.max_tokens)
+    sampling = Sampling(**body.sampling.model_dump(exclude_none=True))  # unset: the REPL's defaults
     session = ChatSession(
         service.model, sampling=sampling, schema=body.json_schema, log=ChatLog(store, body.conversation_id)
     )
