@@ -296,6 +296,7 @@ async function runTurn(action, content = null) {
     setBusy(false);
   }
   if (done) state.stats.set(done.message.id, done.usage);
+  if (done) window.__selfhost.marks.usage = done.usage;
   if (done?.schema_valid === false) showError(`The reply does not match the schema: ${done.schema_error}`);
   if (done?.unsaved) showError(done.unsaved);
   if (state.conv === null) { // refused before the conversation existed: the message goes back
@@ -525,4 +526,5 @@ await listConversations();
 const wanted = new URLSearchParams(location.hash.slice(1)).get("c");
 if (wanted) await openConversation(Number(wanted));
 document.body.classList.add("ready");
+window.__selfhost.marks.ready = performance.now();
 $("input").focus();
