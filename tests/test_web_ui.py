@@ -189,6 +189,9 @@ def test_chat_stop_regenerate_switch_history_delete(server: Server, playwright_b
     assert "Paris" in replies(page)[-1]
     assert page.input_value("#system") == ONE_SENTENCE
     page.screenshot(path=str(shots / "chat-light.png"))
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(shots / "chat-dark.png"))
+    page.emulate_media(color_scheme="light")
 
     # delete it from the page (after a confirmation): gone from `selfhost history list`
     page.click("#delete")
@@ -369,7 +372,12 @@ def test_context_full_is_a_readable_error(server: Server, playwright_browser) ->
 
 # ------------------------------------------------------------- safety, auth
 @pytest.fixture
-def keyed(smollm2_gguf: Path, tmp_path: Path):
+def keyed(smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A server with an API key and one CORS origin, started with --open (the "browser" notes the URL)."""
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {tmp_path}/opened\n')
+    browser.chmod(0o755)
+    monkeypatch.setenv("BROWSER", str(browser))  # what Python's webbrowser module runs
     srv = Server(
         smollm2_gguf,
         tmp_path / "home",
@@ -381,13 +389,16 @@ def keyed(smollm2_gguf: Path, tmp_path: Path):
         "2",
         "--cors-origin",
         "http://allowed.example",
+        "--open",
         api_key=KEY,
     )
+    srv.opened = tmp_path / "opened"
     yield srv
     srv.stop()
 
 
 def test_api_key_asked_once_sent_as_bearer_and_server_down(keyed: Server, playwright_browser) -> None:
+    assert keyed.opened.read_text().strip() == f"{keyed.url}/"  # --open opened the page
     page = open_page(playwright_browser, f"{keyed.url}/")
     seen: list[tuple[str, str | None]] = []
     page.on("request", lambda r: seen.append((r.url, r.headers.get("authorization"))))
