@@ -33,7 +33,7 @@ IMATRIX_TYPES = ("Q4_K_M", "IQ4_XS", "Q3_K_M")
 
 
 def bare_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
-    from selfhost.llama_backend import llama
+    from selfhost.runtime.llama_backend import llama
 
     lib = llama()  # logs routed to selfhost's (empty) handler list: dropped, as in the core
     params = lib.llama_model_quantize_default_params()
@@ -79,8 +79,8 @@ def synthetic_f16(path: Path) -> Path:
 
 def plain_eval_seconds(model: Path, chunk_size: int, n_chunks: int, threads: int) -> float:
     """The same chunks evaluated the same way as the imatrix run, with no eval callback."""
-    from selfhost.llama_backend import capture_logs, llama
     from selfhost.quantize import calibrate
+    from selfhost.runtime.llama_backend import capture_logs, llama
 
     lib = llama()
     with capture_logs():

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from selfhost.errors import DiskSpaceError
+from selfhost.units import human_bytes
 
 
 @contextlib.contextmanager
@@ -116,11 +117,3 @@ def ensure_free_space(directory: Path, needed: int, what: str = "this operation"
             f"{human_bytes(free)} free in {directory}",
             hint="free some space or choose another location",
         )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

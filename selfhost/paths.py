@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 from selfhost import env
 
 
 def home() -> Path:
-    """SELFHOST_HOME, else the platform's per-user data directory."""
-    configured = env.home()
-    if configured:
-        root = configured
-    elif sys.platform == "darwin":
-        root = Path.home() / "Library" / "Application Support" / "selfhost"
-    elif sys.platform == "win32":
-        root = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "selfhost"
-    else:
-        root = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "selfhost"
+    """SELFHOST_HOME, else the platform's per-user data directory (platformdirs: ~/.local/share/selfhost
+    or $XDG_DATA_HOME/selfhost on Linux, ~/Library/Application Support/selfhost on macOS,
+    %LOCALAPPDATA%\\selfhost on Windows)."""
+    root = env.home()
+    if root is None:
+        from platformdirs import user_data_dir
+
+        root = Path(user_data_dir("selfhost", appauthor=False))
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import os
 import platform
 
 from pydantic import BaseModel
 
 from selfhost import __version__, paths
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM available to a new allocation now (Linux MemAvailable, else free pages), None if
-    unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
 
 
 class TorchInfo(BaseModel):
@@ -59,8 +44,8 @@ def torch_info() -> TorchInfo:
 
 
 def collect() -> SystemInfo:
-    from selfhost.llama_backend import backend_info
     from selfhost.models.embedded import DEFAULT_MODEL, embedded_path
+    from selfhost.runtime.llama_backend import backend_info
 
     backend = backend_info()
     embedded = embedded_path(DEFAULT_MODEL)

@@ -52,6 +52,28 @@ def test_core_modules_never_import_typer_rich_or_the_cli():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_runtime_imports_nothing_above_it():
+    """selfhost.runtime (the llama.cpp runtime) sits below models/, chat/, serve/ and cli/: it may use
+    only itself, errors, events, atomic writes and env (the SELFHOST_* variables)."""
+    allowed = ("selfhost.runtime", "selfhost.errors", "selfhost.events", "selfhost.atomic", "selfhost.env")
+    offenders = {
+        _module_name(p): sorted(m for m in _imports(p) if m.split(".")[0] == "selfhost"
+                                and m != "selfhost" and not m.startswith(allowed))
+        for p in (PACKAGE / "runtime").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_private_llama_cpp_python_api_is_used_in_one_module():
+    """`llm._model`, `llama_cpp._internals`, `_ggml`: only selfhost/runtime/llama_private.py."""
+    private = re.compile(r"\b(llm|self\.llm)\._model\b|\b_internals\b|\b_ggml\b|llama_cpp\._")
+    users = sorted(
+        _module_name(p) for p in PACKAGE.rglob("*.py")
+        if p.name != "llama_private.py" and private.search(p.read_text("utf-8"))
+    )
+    assert users == []
+
+
 def test_no_import_cycles_between_selfhost_modules_at_import_time():
     """Module-level imports only (lazy ones inside functions cannot form an import-time cycle)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
@@ -146,3 +168,41 @@ def test_env_flags_share_one_boolean_rule(monkeypatch):
     for on in ("1", "true", "yes", "on"):
         monkeypatch.setenv(env.DEBUG, on)
         assert env.debug() is True, on
+
+
+def test_default_home_is_the_platforms_data_directory(monkeypatch, tmp_path: Path):
+    """No SELFHOST_HOME: platformdirs' per-user data directory (XDG_DATA_HOME honoured on Linux)."""
+    from selfhost import paths
+
+    monkeypatch.delenv("SELFHOST_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert paths.home() == tmp_path / "xdg" / "selfhost" and paths.home().is_dir()
+
+
+def test_json_writer_converts_through_pydantic_core_and_keeps_to_json_hooks():
+    import dataclasses
+    import datetime as dt
+    import enum
+
+    from selfhost.cli.output import jsonable
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    class Hooked:
+        def to_json(self) -> dict:
+            return {"hooked": Path("/x")}
+
+    @dataclasses.dataclass
+    class Row:
+        where: Path
+        when: dt.datetime
+        color: Color
+        inner: Hooked
+
+    row = Row(Path("/a/b"), dt.datetime(2026, 1, 2, 3, 4), Color.RED, Hooked())
+    assert jsonable({1: [row], "s": {3}}) == {
+        "1": [{"where": "/a/b", "when": "2026-01-02T03:04:00", "color": "red", "inner": {"hooked": "/x"}}],
+        "s": [3],
+    }

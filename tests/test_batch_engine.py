@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from selfhost.chat.batch import Job, JobEnd, JobText, QueueFullError, SamplingParams, _TextStream
 from selfhost.chat.model import ChatModel
-from selfhost.chat.template import ChatTemplate
 from selfhost.errors import ModelLoadError
+from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError, SamplingParams, _TextStream
+from selfhost.runtime.template import ChatTemplate
 
 GREEDY = SamplingParams(temperature=0)
 QUESTIONS = ["What is the capital of France?", "What do bees make?", "Name a red fruit.", "Say hello."]

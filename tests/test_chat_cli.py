@@ -385,7 +385,7 @@ def test_trim_notice_and_the_system_prompt_survive_trimming_in_the_repl(
 ) -> None:
     from llama_cpp import Llama
 
-    from selfhost.chat.batch import BatchEngine
+    from selfhost.runtime.batch import BatchEngine
 
     model = write_tiny_llama(tmp_path / "ctx128.gguf", n_ctx=128)
     prompts: list[list[int]] = []

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from selfhost.chat.context import default_context, fit_window, kv_bytes_per_token, reply_reserve
+from selfhost.chat.context import fit_window, reply_reserve
 from selfhost.chat.messages import DoneChunk, Message, TextChunk, TrimChunk
 from selfhost.chat.session import ChatSession, Sampling
 from selfhost.errors import UsageError
-from selfhost.gguf_info import GGUFInfo
+from selfhost.runtime.gguf_info import GGUFInfo
+from selfhost.runtime.memory import default_context, kv_bytes_per_token
 from tests.tinygguf import write_tiny_llama
 
 BRIEF = "Answer in one short sentence."
@@ -59,8 +60,8 @@ def test_default_context_is_trained_capped_by_ceiling_and_memory() -> None:
 def test_kv_estimate_counts_grouped_query_heads_and_matches_llama_cpp(smollm2_gguf: Path) -> None:
     import re
 
-    from selfhost import gguf_info
-    from selfhost.llama_backend import capture_logs, load_model
+    from selfhost.runtime import gguf_info
+    from selfhost.runtime.llama_backend import capture_logs, load_model
 
     # Llama-3-8B shape: 8 KV heads of 32 store a quarter of n_embd for K and for V
     gqa = fake_info(head_count=32, head_count_kv=8)

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfhost import gguf_info, paths
+from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.models.store import Store
+from selfhost.runtime import gguf_info
 from tests.hfmodels import save_tiny_llama, smollm2_tokenizer, trained_bpe_tokenizer
 from tests.hubserver import FakeHub
 
@@ -56,7 +57,7 @@ def test_converted_logits_and_tokens_match_transformers(runner, tiny_hf, tokeniz
     import torch
     from transformers import LlamaForCausalLM
 
-    from selfhost.llama_backend import load_model
+    from selfhost.runtime.llama_backend import load_model
 
     result = runner.invoke(app, ["convert", str(tiny_hf), "--outtype", "f16"])
     assert result.exit_code == 0, result.output

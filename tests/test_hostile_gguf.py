@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from selfhost import gguf_info
 from selfhost.errors import GGUFError
+from selfhost.runtime import gguf_info
 from tests.conftest import REPO
 from tests.gguf_fuzz import Variant, corpus
 
@@ -22,7 +22,7 @@ from tests.gguf_fuzz import Variant, corpus
 LOADER = """
 import sys
 from pathlib import Path
-from selfhost.llama_backend import load_model
+from selfhost.runtime.llama_backend import load_model
 for name in sys.argv[1:]:
     print("start", name, flush=True)
     try:
@@ -151,7 +151,7 @@ def _value_offset(data: bytes, key: str) -> int:
 
 
 def test_smollm2_with_one_bad_field_is_refused_by_every_loader(smollm2_gguf: Path, tmp_path: Path) -> None:
-    from selfhost.llama_backend import load_model
+    from selfhost.runtime.llama_backend import load_model
 
     bad = tmp_path / "smollm2-bad.gguf"
     bad.write_bytes(smollm2_gguf.read_bytes())

@@ -22,7 +22,7 @@ except DependencyError:
 PIL = pytest.importorskip("PIL.Image")
 
 from selfhost.train.mnist.predict import evaluate_saved, predict, preprocess  # noqa: E402
-from selfhost.train.mnist.train import TrainConfig, TrainResult, load_model, train  # noqa: E402
+from selfhost.train.mnist.train import TrainConfig, TrainResult, load_classifier, train  # noqa: E402
 
 
 def is_epoch_end(event: object) -> bool:
@@ -91,7 +91,7 @@ def test_short_training_learns(trained: tuple[Path, TrainResult, list]) -> None:
     steps = [e for e in events if isinstance(e, Progress) and e.task.startswith("epoch ")]
     assert steps[-1].task == "epoch 2" and steps[-1].finished and steps[-1].metrics["lr"] > 0
 
-    model, metadata = load_model(out / "model.safetensors")
+    model, metadata = load_classifier(out / "model.safetensors")
     assert metadata["format"] == "selfhost-mnist" and metadata["epochs_done"] == "2"
     assert float(metadata["test_accuracy"]) == pytest.approx(done.test_accuracy, abs=1e-6)
 
@@ -130,7 +130,7 @@ def test_saved_model_predicts_rendered_digits(trained, mnist_dir: Path, tmp_path
 
     predictions = list(predict(images, out / "model.safetensors"))
     assert [p.digit for p in predictions] == labels
-    model = load_model(out / "model.safetensors")[0]
+    model = load_classifier(out / "model.safetensors")[0]
     for path, p in zip(images, predictions, strict=True):
         assert len(p.top) == 3 and p.top[0][1] >= p.top[1][1] >= p.top[2][1]
         # the probabilities are the saved network's softmax on the MNIST-normalised pixels
@@ -184,12 +184,12 @@ def test_resume_continues_an_interrupted_run(small_data: Path, tmp_path: Path) -
         if is_epoch_end(event):
             break
     events.close()
-    first = load_model(tmp_path / "model.safetensors")[1]
+    first = load_classifier(tmp_path / "model.safetensors")[1]
     assert first["epochs_done"] == "1"
     resumed = list(train(tiny(small_data, tmp_path, resume=True)))
     assert isinstance(resumed[0], Notice) and resumed[0].message.endswith("2 epochs, resuming after epoch 1")
     assert [(e.done, e.total) for e in epoch_ends(resumed)] == [(2, 2)]
-    assert load_model(tmp_path / "model.safetensors")[1]["epochs_done"] == "2"
+    assert load_classifier(tmp_path / "model.safetensors")[1]["epochs_done"] == "2"
     with pytest.raises(UsageError, match="already trained 2 epochs"):
         list(train(tiny(small_data, tmp_path, resume=True)))
     with pytest.raises(NotFoundError, match="nothing to resume"):
@@ -204,10 +204,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(small_data: P
         if is_epoch_end(event):
             break
     events.close()
-    after_one = load_model(tmp_path / "b" / "model.safetensors")[0].state_dict()
+    after_one = load_classifier(tmp_path / "b" / "model.safetensors")[0].state_dict()
     resumed = result_of(train(tiny(small_data, tmp_path / "b", resume=True)))
-    wa = load_model(straight.model_path)[0].state_dict()
-    wb = load_model(resumed.model_path)[0].state_dict()
+    wa = load_classifier(straight.model_path)[0].state_dict()
+    wb = load_classifier(resumed.model_path)[0].state_dict()
     assert not all(torch.equal(wa[k], after_one[k]) for k in wa)  # epoch 2 changed the weights
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
@@ -217,7 +217,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(small_data: P
 def test_same_seed_same_model(small_data: Path, tmp_path: Path) -> None:
     a = result_of(train(tiny(small_data, tmp_path / "a", epochs=1)))
     b = result_of(train(tiny(small_data, tmp_path / "b", epochs=1)))
-    wa, wb = (load_model(x.model_path)[0].state_dict() for x in (a, b))
+    wa, wb = (load_classifier(x.model_path)[0].state_dict() for x in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -225,7 +225,7 @@ def test_corrupt_model_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(IntegrityError, match="not a readable safetensors file"):
-        load_model(bad)
+        load_classifier(bad)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------
@@ -355,4 +355,4 @@ def test_model_of_another_layout_is_refused(tmp_path: Path) -> None:
         metadata={"format": "selfhost-mnist", "arch": "old", "channels": "16,32,64"},
     )
     with pytest.raises(IntegrityError, match="another network layout"):
-        load_model(path)
+        load_classifier(path)

@@ -49,7 +49,7 @@ def test_list_table_json_and_disk_use(runner, tiny_gguf, f16_gguf):
     for name in ("tiny:F32", "small:F16"):
         assert name in result.output
     assert "local" in result.output and "2 model(s)" in result.output
-    from selfhost.atomic import human_bytes
+    from selfhost.units import human_bytes
 
     assert f"{human_bytes(a.size + b.size)} on disk" in result.output
     rows = json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)

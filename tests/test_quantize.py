@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfhost import gguf_info, paths
+from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
+from selfhost.runtime import gguf_info
 from tests.tinygguf import write_tiny_llama
 
 
@@ -290,7 +291,7 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
     import shutil
     from collections import namedtuple
 
-    from selfhost.quantize import run
+    from selfhost.quantize import plan
 
     outdir = tmp_path / "out"
     outdir.mkdir()
@@ -299,7 +300,7 @@ def test_full_disk_and_low_memory_are_refused_before_writing(runner, tiny_f32, t
     result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
     assert "not enough disk space" in one_error_line(result)
     monkeypatch.undo()
-    monkeypatch.setattr(run, "available_memory", lambda: 1024)
+    monkeypatch.setattr(plan, "available_memory", lambda: 1024)
     result = runner.invoke(app, ["quantize", str(tiny_f32), "-o", str(outdir)])
     assert "not enough memory" in one_error_line(result)
     assert list(outdir.iterdir()) == []

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfhost import gguf_info
 from selfhost.cli.app import app
 from selfhost.events import Notice, Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.calibrate import compute_imatrix
 from selfhost.quantize.imatrix import load_imatrix
 from selfhost.quantize.run import QuantizeOptions, run_quantize
+from selfhost.runtime import gguf_info
 from tests.tinygguf import write_tiny_llama
 
 CALIBRATION = ["--calibration", "default", "--chunk-size", "128", "--calibration-chunks", "2"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from selfhost import gguf_info
 from selfhost.cli.app import app
 from selfhost.quantize.run import QuantizeOptions, run_quantize
+from selfhost.runtime import gguf_info
 
 pytestmark = pytest.mark.slow
 TYPES = ("Q8_0", "Q4_K_M", "Q4_0")
@@ -41,7 +41,7 @@ def quantized(smol_f16: Path) -> dict[str, Path]:
 
 
 def test_outputs_report_their_type_load_and_generate(quantized):
-    from selfhost.llama_backend import load_model
+    from selfhost.runtime.llama_backend import load_model
 
     for qtype, path in quantized.items():
         assert gguf_info.inspect(path).quant == qtype

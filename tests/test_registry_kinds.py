@@ -194,7 +194,8 @@ def test_a_model_needing_a_newer_llama_cpp_is_refused_with_the_version(tiny_gguf
 
 
 @pytest.mark.parametrize(
-    ("text", "parsed"), [("0.3.16", (0, 3, 16)), ("0.3.17rc1", (0, 3, 17)), ("0.3.36+cu124", (0, 3, 36))]
+    ("text", "parsed"),
+    [("0.3.16", (0, 3, 16)), ("0.3.17rc1", (0, 3, 17)), ("0.3.36+cu124", (0, 3, 36)), ("not-a-version", ())],
 )
 def test_version_parsing(text, parsed):
     assert _version_tuple(text) == parsed

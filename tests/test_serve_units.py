@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from selfhost.chat.template import ChatTemplate
+from selfhost.runtime.template import ChatTemplate
 from selfhost.serve.schemas import FunctionDef, Tool
 from selfhost.serve.service import ToolPlan, _tool_calls
 from tests.servehelp import REPO
@@ -86,8 +86,8 @@ def test_busy_port_is_one_clear_line_and_open_host_warns(tiny_gguf) -> None:
 
 
 def test_default_slots_give_each_a_useful_context_within_memory() -> None:
-    from selfhost.chat.context import default_context, default_slots, kv_bytes_per_token
-    from selfhost.gguf_info import GGUFInfo
+    from selfhost.runtime.gguf_info import GGUFInfo
+    from selfhost.runtime.memory import default_context, default_slots, kv_bytes_per_token
 
     info = GGUFInfo(
         path="x.gguf", size=100 * 2**20, version=3, architecture="llama", n_tensors=1, n_params=1,

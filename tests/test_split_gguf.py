@@ -121,7 +121,7 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
 
     listed = runner.invoke(app, ["models", "list"])
     assert "3 parts" in listed.output and "tinysplit:F32" in listed.output
-    from selfhost.atomic import human_bytes
+    from selfhost.units import human_bytes
 
     assert f"1 model(s), {human_bytes(record.size)} on disk" in listed.output  # every part counted
     shown = json.loads(runner.invoke(app, ["models", "show", "tinysplit", "--json"]).stdout)
@@ -196,7 +196,7 @@ def test_quantize_a_split_input_writes_one_file(split_hub, runner):
     run("tinysplit")
     result = runner.invoke(app, ["quantize", "tinysplit", "--type", "Q8_0", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
 
     out = resolve_model("tinysplit:Q8_0")
     assert out.parts == [] and not hub.is_split(out.path.name)

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from selfhost.errors import GGUFError, NotFoundError
-from selfhost.gguf_info import inspect
 from selfhost.models.names import split_tag as split_name
 from selfhost.models.store import ModelRecord, Store
+from selfhost.runtime.gguf_info import inspect
 
 
 def _record(name: str, path, source: str = "quantized") -> ModelRecord:

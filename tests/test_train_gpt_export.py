@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
-from selfhost import gguf_info, llama_backend  # noqa: E402
+from selfhost.runtime import gguf_info, llama_backend  # noqa: E402
 from selfhost.train.gpt import checkpoint  # noqa: E402
 from selfhost.train.gpt.export import BASE_CHAT_TEMPLATE, write_gguf  # noqa: E402
 from selfhost.train.gpt.model import GPT, GPTConfig  # noqa: E402

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from selfhost.chat.batch import BatchEngine
-from selfhost.chat.template import ChatTemplate
 from selfhost.errors import UsageError
-from selfhost.gguf_info import GGUFInfo
+from selfhost.runtime.batch import BatchEngine
+from selfhost.runtime.gguf_info import GGUFInfo
+from selfhost.runtime.template import ChatTemplate
 
 if TYPE_CHECKING:
     from selfhost.models.resolve import ResolvedModel
@@ -55,14 +55,15 @@ class ChatModel:
     """A loaded model: render messages with its template, tokenize, generate through `engine`."""
 
     def __init__(self, llm: Any, info: GGUFInfo, summary: ModelSummary, engine: BatchEngine) -> None:
-        from selfhost.llama_backend import llama
+        from selfhost.runtime import llama_private
+        from selfhost.runtime.llama_backend import llama
 
         self.lib = llama()
         self.llm = llm
         self.info = info
         self.summary = summary
         self.engine = engine
-        self.vocab = llm._model.vocab
+        self.vocab = llama_private.vocab(llm)
         self.template = self._make_template() if info.chat_template else None
 
     @classmethod
@@ -82,10 +83,10 @@ class ChatModel:
 
         `ref` may be resolved already (serve resolves before it binds its port); parallel=None sizes
         the slots from free memory."""
-        from selfhost import gguf_info
-        from selfhost.chat.context import default_context, default_slots
-        from selfhost.llama_backend import backend_info, load_model
         from selfhost.models.resolve import ResolvedModel, resolve_model
+        from selfhost.runtime import gguf_info
+        from selfhost.runtime.llama_backend import backend_info, load_model
+        from selfhost.runtime.memory import default_context, default_slots
 
         resolved = ref if isinstance(ref, ResolvedModel) else resolve_model(ref)
         info = gguf_info.inspect(resolved.path)  # before llama.cpp ever touches the file
@@ -135,11 +136,13 @@ class ChatModel:
         self.engine.stop()
 
     def _make_template(self) -> ChatTemplate:
+        from selfhost.runtime.llama_private import token_text
+
         eos, bos = self.llm.token_eos(), self.llm.token_bos()
         return ChatTemplate(
             self.info.chat_template or "",
-            eos_token=self.llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=self.llm._model.token_get_text(bos) if bos != -1 else "",
+            eos_token=token_text(self.llm, eos) if eos != -1 else "",
+            bos_token=token_text(self.llm, bos) if bos != -1 else "",
         )
 
     @property

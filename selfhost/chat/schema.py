@@ -38,7 +38,7 @@ def load_schema(path: Path) -> dict[str, Any]:
 
 def grammar_for(schema: dict[str, Any]) -> str:
     """GBNF text (root rule "root") that only admits JSON matching `schema`: llama.cpp's own converter."""
-    from selfhost.llama_backend import llama
+    from selfhost.runtime.llama_backend import llama
 
     llama()
     from llama_cpp.llama_grammar import json_schema_to_gbnf

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from selfhost.chat.batch import Job, JobEnd, JobText, SamplingParams
 from selfhost.chat.context import fit_window, reply_reserve
 from selfhost.chat.history import ChatLog
 from selfhost.chat.messages import (
@@ -30,6 +29,7 @@ from selfhost.chat.messages import (
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.errors import HistoryError, UsageError
+from selfhost.runtime.batch import Job, JobEnd, JobText, SamplingParams
 
 
 class Sampling(SamplingParams):

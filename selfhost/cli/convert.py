@@ -1,4 +1,4 @@
-"""`selfhost convert SOURCE`: flags map onto `selfhost.convert.run.convert()`; this module renders it."""
+"""`selfhost convert SOURCE`: flags map onto `selfhost.convert.flow.convert()`; this module renders it."""
 
 from __future__ import annotations
 
@@ -31,11 +31,10 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Convert Hugging Face safetensors weights to GGUF with llama.cpp's converter and register it."""
-    from selfhost.convert.run import ConvertOptions
-    from selfhost.convert.run import convert as run
+    from selfhost.convert.flow import ConvertOptions, convert
 
     options = ConvertOptions(outtype=outtype, name=name, revision=revision, force=force)
-    render(run(source, options), Output(as_json))
+    render(convert(source, options), Output(as_json))
 
 
 def render(events: Iterable[Event], output: Output | None = None) -> None:

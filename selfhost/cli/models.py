@@ -160,10 +160,10 @@ def show_command(
 
 def _model_facts(resolved: ResolvedModel) -> dict[str, object]:
     """What `models show` reports: the store record, the registry entry and the GGUF's metadata."""
-    from selfhost import gguf_info
     from selfhost.models.names import split_tag
     from selfhost.models.registry import load_registry
     from selfhost.models.store import Store
+    from selfhost.runtime import gguf_info
 
     record = resolved.record
     if record is not None and record.sha256 is None:

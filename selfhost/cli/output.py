@@ -14,19 +14,16 @@ Human number, size and duration formatting lives here once: `fmt_bytes`, `fmt_co
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import enum
 import errno
 import json
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
-from selfhost.atomic import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 from selfhost.cli.console import console, err_console, plain
 from selfhost.errors import SelfhostError, UsageError
 from selfhost.events import Event, Notice, Progress, run_to_end
+from selfhost.units import human_bytes as fmt_bytes  # decimal units, as disks and the Hub count
 
 # -- formatting (human output only; JSON carries raw numbers) ------------------------------------
 
@@ -57,10 +54,12 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def jsonable(value: Any) -> Any:
-    """Plain JSON data from pydantic models, dataclasses, paths, enums, datetimes, sets and mappings."""
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if hasattr(value, "to_json") and callable(value.to_json):
+    """Plain JSON data. Our own hooks first (an object's `to_json`, dataclass fields, containers, so a
+    nested `to_json` is honoured); every other value (pydantic models, paths, enums, datetimes, ...) goes
+    through pydantic-core's own converter."""
+    from pydantic_core import to_jsonable_python
+
+    if hasattr(value, "to_json") and callable(value.to_json) and not isinstance(value, type):
         return jsonable(value.to_json())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -68,13 +67,7 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    return value
+    return to_jsonable_python(value)
 
 
 def write_json(value: Any) -> None:

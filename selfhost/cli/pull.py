@@ -65,7 +65,7 @@ def _offer_convert(exc: BaseException, out: Output, dry_run: bool) -> None:
     except typer.Exit:
         raise exc from None
     from selfhost.cli.convert import render as render_convert
-    from selfhost.convert.run import ConvertOptions, convert
+    from selfhost.convert.flow import ConvertOptions, convert
 
     render_convert(convert(exc.repo, ConvertOptions(revision=exc.revision)))
 

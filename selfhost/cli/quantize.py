@@ -97,8 +97,7 @@ def quantize(
             "name a model to quantize", hint="e.g. `selfhost quantize model-f16.gguf --type Q4_K_M`"
         )
     from selfhost.quantize.perplexity import read_text
-    from selfhost.quantize.run import QuantizeOptions
-    from selfhost.quantize.run import quantize as run_quantize
+    from selfhost.quantize.run import QuantizeOptions, quantize
 
     text = read_text(eval_text) if eval_text else None  # fail on a bad --eval before quantizing
     model = ensure_model(model, pull, purpose="load")  # auto-pull: an alias or owner/repo not here yet
@@ -109,7 +108,7 @@ def quantize(
         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, pure=pure,
         leave_output_tensor=leave_output_tensor, force=force,
     )
-    result = output.run(run_quantize(model, options))
+    result = output.run(quantize(model, options))
     if not output.json_mode:
         _print_summary(output, result, imatrix_out)  # before the slower --eval
     report = None

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from selfhost.models.registry import Kind, RegistryEntry, load_registry
-from selfhost.system_info import available_memory
+from selfhost.runtime.memory import available_memory
 
 Fit = Literal["gpu", "ram", "no", "?"]
 OVERHEAD_BYTES = 500_000_000

@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from selfhost.atomic import human_bytes
 from selfhost.errors import DownloadError, IntegrityError
 from selfhost.events import Notice, Progress
 from selfhost.models import hub
+from selfhost.units import human_bytes
 
 CHUNK = 1 << 20
 PROGRESS_EVERY = 1 << 20  # bytes between Progress events

@@ -26,14 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfhost import atomic, gguf_info, paths
-from selfhost.atomic import human_bytes
+from selfhost import atomic, paths
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
 from selfhost.events import Event, Notice, Progress, Result
 from selfhost.models import download, embedded, hub
 from selfhost.models.names import ModelName, parse_name
 from selfhost.models.registry import RegistryEntry, load_registry
 from selfhost.models.store import ModelRecord, Store, sha256_file
+from selfhost.runtime import gguf_info
+from selfhost.units import human_bytes
 
 __all__ = ["ConvertibleRepo", "PlannedFile", "PullPlan", "PullResult", "pull"]
 

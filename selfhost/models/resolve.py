@@ -14,7 +14,6 @@ says which name a pull would fetch (the CLI's auto-pull: `selfhost chat ALIAS --
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -110,13 +109,13 @@ def check_usable(resolved: ResolvedModel, purpose: Purpose = "chat") -> None:
             hint=f"pull it again: `selfhost pull {resolved.name}`",
         )
     if resolved.parts:
-        from selfhost import gguf_info
+        from selfhost.runtime import gguf_info
 
         for part in resolved.parts[1:]:  # the caller validates the first; llama.cpp reads them all
             gguf_info.inspect(part)
     if resolved.min_llama_cpp:
         have = llama_cpp_version()
-        if have is not None and _version_tuple(have) < _version_tuple(resolved.min_llama_cpp):
+        if have is not None and () < _version_tuple(have) < _version_tuple(resolved.min_llama_cpp):
             raise DependencyError(
                 f"{resolved.name} needs llama-cpp-python >= {resolved.min_llama_cpp} (installed: {have})",
                 hint=f"pip install -U 'llama-cpp-python>={resolved.min_llama_cpp}'",
@@ -142,20 +141,17 @@ def llama_cpp_version() -> str | None:
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
-    """'0.3.16' -> (0, 3, 16); '0.3.17rc1' -> (0, 3, 17)."""
-    numbers = []
-    for piece in text.split("."):
-        digits = re.match(r"\d+", piece)
-        if digits is None:
-            break
-        numbers.append(int(digits.group()))
-        if digits.end() < len(piece):
-            break
-    return tuple(numbers)
+    """'0.3.16' -> (0, 3, 16); '0.3.17rc1' -> (0, 3, 17): the release part (packaging's parser), so a
+    pre-release of the needed version passes; an unparsable version is () and never refuses."""
+    from packaging.version import InvalidVersion, Version
 
+    try:
+        return Version(text).release
+    except InvalidVersion:
+        return ()
 
 def _guess_kind(path: Path) -> Kind | None:
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
 
     # the architecture alone: an embedding model is refused for what it is, before the full checks
     return "embedding" if gguf_info.architecture(path) in EMBEDDING_ARCHITECTURES else None

@@ -20,9 +20,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from selfhost import atomic, gguf_info
+from selfhost import atomic
 from selfhost.errors import DependencyError, ModelLoadError, UsageError
 from selfhost.events import Events, Notice, Progress, Result
+from selfhost.runtime import gguf_info
 
 DEFAULT_CALIBRATION = "default"  # `--calibration default`: the text shipped with selfhost
 MIN_CHUNK = 16  # llama-imatrix ignores multiplications over fewer rows (tokens)
@@ -84,9 +85,9 @@ class _Ggml:
     """The few libggml functions the collector needs, with the op ids of this build."""
 
     def __init__(self) -> None:
-        from llama_cpp import _ggml
+        from selfhost.runtime.llama_private import ggml_library
 
-        lib = _ggml.libggml
+        lib = ggml_library()
         lib.ggml_op_name.restype, lib.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
         lib.ggml_tensor_overhead.restype, lib.ggml_tensor_overhead.argtypes = ctypes.c_size_t, []
         lib.ggml_get_name.restype, lib.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
@@ -219,7 +220,7 @@ def compute_imatrix(
 
     Yields a Notice, one Progress per chunk (metrics: seconds, eta_seconds), a Notice with the summary,
     and ends with Result(ImatrixResult)."""
-    from selfhost.llama_backend import capture_logs, default_threads, llama
+    from selfhost.runtime.llama_backend import capture_logs, default_threads, llama
 
     if chunk_size < MIN_CHUNK:
         raise UsageError(f"--chunk-size must be at least {MIN_CHUNK} tokens")
@@ -279,7 +280,7 @@ def compute_imatrix(
 
 
 def _load(lib: Any, model: Path, n_ctx: int, threads: int, callback: Any) -> tuple[Any, Any]:
-    from llama_cpp import _internals
+    from selfhost.runtime.llama_private import open_model_and_context
 
     model_params = lib.llama_model_default_params()
     model_params.n_gpu_layers = 0
@@ -292,8 +293,7 @@ def _load(lib: Any, model: Path, n_ctx: int, threads: int, callback: Any) -> tup
     ctx_params.cb_eval = callback
     ctx_params.cb_eval_user_data = None
     try:
-        llm_model = _internals.LlamaModel(path_model=str(model), params=model_params, verbose=True)
-        ctx = _internals.LlamaContext(model=llm_model, params=ctx_params, verbose=True)
+        llm_model, ctx = open_model_and_context(str(model), model_params, ctx_params)
     except ValueError as exc:
         raise ModelLoadError(f"llama.cpp could not load {model}: {exc}") from exc
     ctx._selfhost_keep = (callback, ctx_params)  # the callback must outlive the context
@@ -314,15 +314,10 @@ def _tokenize(lib: Any, vocab: Any, text: str) -> list[int]:
 def _eval_chunk(lib: Any, ctx: Any, chunk: list[int]) -> None:
     """Evaluate one chunk from an empty cache. Every position is an output, as in llama-imatrix: otherwise
     llama.cpp prunes the last layer's rows to the last token and its matrices see too few rows."""
-    from llama_cpp import _internals
+    from selfhost.runtime.llama_private import decode_all_logits
 
     lib.llama_memory_clear(ctx.memory, True)
-    batch = _internals.LlamaBatch(n_tokens=len(chunk), embd=0, n_seq_max=1, verbose=False)
-    try:
-        batch.set_batch(chunk, n_past=0, logits_all=True)
-        rc = lib.llama_decode(ctx.ctx, batch.batch)
-    finally:
-        batch.close()
+    rc = decode_all_logits(lib, ctx, chunk)
     if rc != 0:
         raise ModelLoadError(f"llama.cpp failed to evaluate a calibration chunk (llama_decode returned {rc})")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from selfhost import gguf_info
 from selfhost.errors import UsageError
 from selfhost.events import Events, Progress, Result, nested
 from selfhost.quantize.perplexity import perplexity
+from selfhost.runtime import gguf_info
 
 
 class QualityRow(BaseModel):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfhost import atomic, gguf_info
+from selfhost import atomic
+from selfhost.runtime import gguf_info
 
 
 def dequantize_gguf(src: Path, dest: Path, dtype: str = "f16") -> Path:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from selfhost import gguf_info
 from selfhost.errors import UsageError
 from selfhost.events import Events, Progress, Result
+from selfhost.runtime import gguf_info
 
 MIN_TOKENS = 16
 GEN_PROMPT_TOKENS = 16
@@ -60,7 +60,7 @@ def perplexity(
 
     Yields Progress of task "perplexity <label or file name>" per window; ends with
     Result(PerplexityResult)."""
-    from selfhost.llama_backend import load_model
+    from selfhost.runtime.llama_backend import load_model
 
     if window < MIN_TOKENS:
         raise UsageError(f"--window must be at least {MIN_TOKENS} tokens")

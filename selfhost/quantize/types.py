@@ -77,7 +77,7 @@ _PUBLISHED: dict[str, tuple[float | None, float | None, str]] = {
 
 def _ftype_constants() -> dict[str, int]:
     """{'Q4_K_M': 15, 'F32': 0, ...}: every file type the installed llama.cpp can write."""
-    from selfhost.llama_backend import llama
+    from selfhost.runtime.llama_backend import llama
 
     lib = llama()
     found: dict[str, int] = {}

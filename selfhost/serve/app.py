@@ -24,8 +24,8 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfhost.chat.batch import JobEnd, JobText, QueueFullError
-from selfhost.serve.embed import Embedder
+from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
+from selfhost.runtime.embed import Embedder
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service
 

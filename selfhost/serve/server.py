@@ -20,7 +20,7 @@ from selfhost.errors import UsageError
 
 if TYPE_CHECKING:
     from selfhost.chat.model import ChatModel
-    from selfhost.serve.embed import Embedder
+    from selfhost.runtime.embed import Embedder
 
 
 class ServeOptions(BaseModel):
@@ -134,15 +134,15 @@ def _run_until_signal(server: object, sock: socket.socket) -> None:
 
 def _embedder(model: ChatModel, options: ServeOptions) -> Embedder:
     """Embeddings from --embedding-model, else from the chat model itself."""
-    from selfhost.serve.embed import Embedder
+    from selfhost.runtime.embed import Embedder
 
     if options.embedding_model is None:
         return Embedder(
             model.llm, model.summary.name, n_ctx=min(model.n_ctx, 2048), threads=model.summary.threads
         )
-    from selfhost import gguf_info
-    from selfhost.llama_backend import load_model
     from selfhost.models.resolve import resolve_model
+    from selfhost.runtime import gguf_info
+    from selfhost.runtime.llama_backend import load_model
 
     resolved = resolve_model(options.embedding_model, purpose="embedding")
     info = gguf_info.inspect(Path(resolved.path))

@@ -15,13 +15,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfhost.chat.batch import JobEnd
 from selfhost.chat.history import ChatLog, HistoryStore
 from selfhost.chat.messages import Message
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.chat.session import ChatSession, ContextLengthError, PreparedReply, Sampling
 from selfhost.errors import SelfhostError, UsageError
+from selfhost.runtime.batch import JobEnd
 from selfhost.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,

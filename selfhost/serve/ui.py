@@ -22,11 +22,11 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.gzip import GZipMiddleware
 
-from selfhost.chat.batch import JobEnd, JobText, QueueFullError
 from selfhost.chat.history import ChatLog, HistoryStore
 from selfhost.chat.messages import Message
 from selfhost.chat.session import ChatSession, PreparedReply, Sampling
 from selfhost.errors import HistoryBusyError, HistoryError, NotFoundError, UsageError
+from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
 from selfhost.serve.service import ApiError, Service
 
 WEB = Path(__file__).parent / "web"

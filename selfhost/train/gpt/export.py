@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from selfhost import atomic, gguf_info, paths
+from selfhost import atomic, paths
 from selfhost.errors import UsageError
 from selfhost.events import Events, Notice, Result
 from selfhost.models.store import ModelRecord, Store, sha256_file
+from selfhost.runtime import gguf_info
 from selfhost.train.gpt.model import LAYER_NORM_EPS
 from selfhost.train.gpt.tokenizer import Tokenizer
 

@@ -111,9 +111,9 @@ class Prediction:
 def predict(images: list[Path], model_path: Path | None = None, device: str = "cpu") -> Iterator[Prediction]:
     """Classify each image with the saved model (default: the last `selfhost train mnist`)."""
     from selfhost.train.mnist.net import normalise
-    from selfhost.train.mnist.train import default_model, load_model, torch
+    from selfhost.train.mnist.train import default_model, load_classifier, torch
 
-    model, _ = load_model(model_path or default_model(), pick_device(device))
+    model, _ = load_classifier(model_path or default_model(), pick_device(device))
     dev = next(model.parameters()).device
     for path in images:
         pixels = torch.from_numpy(preprocess(path)).to(dev)
@@ -159,11 +159,11 @@ def evaluate_saved(
     """Re-measure a saved model on the MNIST test set: the download's events, then Result(EvalReport)
     (with up to `max_errors` misclassified test images)."""
     from selfhost.train.mnist.download import download_mnist
-    from selfhost.train.mnist.train import default_model, evaluate, load_model, load_tensors
+    from selfhost.train.mnist.train import default_model, evaluate, load_classifier, load_tensors
 
     dev = pick_device(device)
     path = Path(model_path) if model_path else default_model()
-    model, metadata = load_model(path, dev)
+    model, metadata = load_classifier(path, dev)
     data_dir = Path(data) if data else (yield from download_mnist())
     tensors = load_tensors(data_dir, dev, train_limit=0, test_limit=limit)
     result = evaluate(model, tensors.test_x, tensors.test_y)

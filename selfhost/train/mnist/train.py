@@ -163,7 +163,7 @@ def save_model(model: Net, path: Path, metadata: dict[str, str]) -> None:
         st.save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, str]]:
+def load_classifier(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, str]]:
     """A saved model (safetensors: tensors only, no code is unpickled) and its metadata."""
     st = require("safetensors.torch", "safetensors")
     path = Path(path)
@@ -278,7 +278,7 @@ def load_for_resume(config: TrainConfig, out: Path) -> tuple[Net, dict[str, Any]
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise IntegrityError(f"{state_path} is unreadable: {exc}") from None
-    model, metadata = load_model(model_path)
+    model, metadata = load_classifier(model_path)
     start_epoch = int(state["epoch"])
     if int(metadata.get("epochs_done", -1)) != start_epoch:
         raise IntegrityError(f"{model_path} and {state_path} are from different epochs")

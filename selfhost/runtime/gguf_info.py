@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from selfhost import gguf_checks
 from selfhost.errors import GGUFError, NotFoundError
+from selfhost.runtime import gguf_checks
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

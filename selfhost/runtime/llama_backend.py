@@ -133,7 +133,7 @@ def load_model(
     """Load a validated GGUF with llama-cpp-python; return (Llama, LoadReport). Raises ModelLoadError.
 
     `info`: the caller's GGUFInfo of `path` when it has validated the file already (not read again)."""
-    from selfhost import gguf_info
+    from selfhost.runtime import gguf_info
 
     if info is None:
         gguf_info.inspect(path)  # llama.cpp aborts the process on some bad files: refuse them first

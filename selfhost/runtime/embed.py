@@ -15,18 +15,19 @@ from selfhost.errors import ModelLoadError, UsageError
 
 class Embedder:
     def __init__(self, llm: Any, name: str, *, n_ctx: int, threads: int) -> None:
-        from selfhost.llama_backend import llama
+        from selfhost.runtime import llama_private
+        from selfhost.runtime.llama_backend import llama
 
         self.lib = llama()
         self.llm, self.name = llm, name
-        self.vocab = llm._model.vocab
+        self.vocab = llama_private.vocab(llm)
         self.n_embd = self.lib.llama_model_n_embd(llm.model)
         self.n_ctx, self.threads = n_ctx, threads
         self.ctx: Any = None  # made on first use: a chat server that never embeds pays nothing
         self._lock = threading.Lock()
 
     def _open(self) -> None:
-        from selfhost.llama_backend import capture_logs
+        from selfhost.runtime.llama_backend import capture_logs
 
         lib = self.lib
         params = lib.llama_context_default_params()

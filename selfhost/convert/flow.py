@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from selfhost import atomic, env, gguf_info, paths
+from selfhost import atomic, env, paths
 from selfhost.convert.source import ModelFolder, fetch_repo, inspect_folder, is_repo_id
 from selfhost.errors import DependencyError, DiskSpaceError, SelfhostError, UsageError
 from selfhost.events import Events, Progress, Result, run_to_end
+from selfhost.runtime import gguf_info
 
 OutType = Literal["f16", "bf16", "q8_0", "auto"]
 OUTTYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "auto")

@@ -202,11 +202,12 @@ class BatchEngine:
         prefill_chunk: int = 256,
         max_queue: int | None = None,
     ) -> None:
-        from selfhost.llama_backend import llama
+        from selfhost.runtime import llama_private
+        from selfhost.runtime.llama_backend import llama
 
         self.lib = llama()
         self.llm = llm
-        self.vocab = llm._model.vocab
+        self.vocab = llama_private.vocab(llm)
         self.n_slots = slots
         self.ctx_per_slot = ctx_per_slot
         self.n_batch = max(n_batch, slots)
@@ -522,7 +523,7 @@ def token_piece(lib: Any, vocab: Any, token: int) -> bytes:
 def _open_context(lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Any:
     """A llama.cpp context for `n_seq` sequences, each with its own KV stream of n_ctx / n_seq cells."""
     from selfhost.errors import ModelLoadError
-    from selfhost.llama_backend import capture_logs
+    from selfhost.runtime.llama_backend import capture_logs
 
     params = lib.llama_context_default_params()
     params.n_ctx = n_ctx
