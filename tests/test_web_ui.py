@@ -326,7 +326,8 @@ def test_screenshots_light_dark_and_phone(server: Server, playwright_browser, sh
             Message(role="user", content="How do I sum a list in Python?"),
             Message(
                 role="assistant",
-                content="Use the built-in `sum`:\n\n```python\nnumbers = [1, 2, 3]\n"
+                content="<think>The user wants the sum of a list: sum() does it.</think>"
+                "Use the built-in `sum`:\n\n```python\nnumbers = [1, 2, 3]\n"
                 "print(sum(numbers))  # 6\n```",
                 tokens=31,
             ),
@@ -339,6 +340,9 @@ def test_screenshots_light_dark_and_phone(server: Server, playwright_browser, sh
         page = open_page(playwright_browser, f"{server.url}/#c={shown}", color_scheme=scheme)
         ready(page)
         page.locator(".msg.assistant pre .copy").wait_for()
+        thinking = page.locator(".msg.assistant details.thinking")
+        assert thinking.is_visible() and thinking.get_attribute("open") is None  # collapsed
+        assert "sum() does it" not in page.locator(".msg.assistant .content").inner_text()
         page.screenshot(path=str(shots / f"page-{scheme}.png"))
         backgrounds[scheme] = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
         page.context.close()

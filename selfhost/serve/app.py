@@ -55,7 +55,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body)
     _error_handlers(app)
     auth = Depends(_auth_check(api_key))
-    ui.register(app, service, _auth_check(api_key))  # the web chat page at / and its /ui/api
+    ui.register(app, ui.single_model(service), _auth_check(api_key))  # the web chat page at / and its /ui/api
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

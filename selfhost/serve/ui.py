@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,8 +66,30 @@ class UiUpdate(BaseModel):
     system: str | None = None
 
 
-def register(app: FastAPI, service: Service, auth: Callable[..., Any]) -> None:
-    """Add the page and its API to the server's app (`auth`: the API-key check of /v1)."""
+Release = Callable[[], None]
+Acquire = Callable[[str | None], Awaitable[tuple[Service, Release]]]
+
+
+def single_model(service: Service) -> Acquire:
+    """The model of a one-model server: a request naming another model is refused in one line."""
+
+    async def acquire(name: str | None) -> tuple[Service, Release]:
+        if name and name != service.model_id:
+            raise ApiError(
+                400,
+                f"model '{name}' is not loaded: this server serves {service.model_id} "
+                f"(start `selfhost serve {name}` to chat with it)",
+                code="model_not_loaded",
+                param="model",
+            )
+        return service, lambda: None
+
+    return acquire
+
+
+def register(app: FastAPI, acquire: Acquire, auth: Callable[..., Any]) -> None:
+    """Add the page and its API to the server's app. `acquire(model)` gives the Service of a model and
+    its release (called when the reply ends); `auth` is the API-key check of /v1."""
     guarded = [Depends(auth)]
     # the assets gzipped (~3.5x smaller); only here, never around the API's streams
     app.mount("/ui/static", GZipMiddleware(StaticFiles(directory=WEB), minimum_size=1024), name="ui-static")
@@ -109,12 +131,17 @@ def register(app: FastAPI, service: Service, auth: Callable[..., Any]) -> None:
 
     @app.post("/ui/api/chat", dependencies=guarded)
     async def chat(body: UiChatRequest) -> EventSourceResponse:
-        session, prepared = await run_in_threadpool(_plan, service, body)
+        service, release = await acquire(body.model)
         try:
+            session, prepared = await run_in_threadpool(_plan, service, body)
             job = service.model.engine.submit(prepared.job)
         except QueueFullError as exc:
+            release()
             raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
-        return EventSourceResponse(_events(session, prepared, job), ping=15, sep="\n")
+        except BaseException:
+            release()
+            raise
+        return EventSourceResponse(_events(session, prepared, job, release), ping=15, sep="\n")
 
 
 # ------------------------------------------------------------------ history
@@ -153,14 +180,6 @@ def _listing(store: HistoryStore, q: str, limit: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ one turn
 def _plan(service: Service, body: UiChatRequest) -> tuple[ChatSession, PreparedReply]:
     """The session of the conversation with the new turn in it, saved, and the job of its reply."""
-    if body.model and body.model != service.model_id:
-        raise ApiError(
-            400,
-            f"model '{body.model}' is not loaded: this server serves {service.model_id} "
-            f"(start `selfhost serve {body.model}` to chat with it)",
-            code="model_not_loaded",
-            param="model",
-        )
     if service.model.template is None:
         raise ApiError(400, f"{service.model_id} has no chat template, so it cannot chat", param="model")
     store = HistoryStore()
@@ -218,38 +237,44 @@ def _event(kind: str, **data: Any) -> dict[str, str]:
 _finishing: set[asyncio.Task] = set()  # replies stopped by the page, recorded once their job ends
 
 
-async def _events(session: ChatSession, prepared: PreparedReply, job: Any) -> AsyncIterator[dict[str, str]]:
+async def _events(
+    session: ChatSession, prepared: PreparedReply, job: Any, release: Release
+) -> AsyncIterator[dict[str, str]]:
     """start, the reply's deltas, then done (the turn as recorded, with its usage) or error."""
-    yield _event("start", conversation_id=session.log.conversation_id, title=session.title)
     end: JobEnd | None = None
     try:
+        yield _event("start", conversation_id=session.log.conversation_id, title=session.title)
         async for item in job.achunks():
             if isinstance(item, JobText):
-                reasoning = getattr(item, "reasoning", None)  # thinking models (reasoning_content)
-                if reasoning:
-                    yield _event("reasoning", content=reasoning)
-                if item.text:
-                    yield _event("delta", content=item.text)
+                yield _event("delta", content=item.text)
             elif isinstance(item, JobEnd):
                 end = item
     finally:
         if end is None:  # the page stopped (Esc) or went away: stop at the next step, keep what was said
             job.cancel()
-            task = asyncio.ensure_future(_record_when_ended(session, prepared, job))
+            task = asyncio.ensure_future(_record_when_ended(session, prepared, job, release))
             _finishing.add(task)
             task.add_done_callback(_finishing.discard)
-    assert end is not None
+    assert end is not None  # the loop ends on JobEnd, or the finally above has run
+    try:
+        recorded = await run_in_threadpool(_record, session, prepared, end)
+    finally:
+        release()
     if end.finish_reason == "error":
-        await run_in_threadpool(_record, session, prepared, end)
         yield _event("error", message=f"the model failed: {end.error or 'generation failed'}")
-        return
-    yield _event("done", **(await run_in_threadpool(_record, session, prepared, end)))
+    else:
+        yield _event("done", **recorded)
 
 
-async def _record_when_ended(session: ChatSession, prepared: PreparedReply, job: Any) -> None:
-    async for item in job.achunks():
-        if isinstance(item, JobEnd):
-            await run_in_threadpool(_record, session, prepared, item)
+async def _record_when_ended(
+    session: ChatSession, prepared: PreparedReply, job: Any, release: Release
+) -> None:
+    try:
+        async for item in job.achunks():
+            if isinstance(item, JobEnd):
+                await run_in_threadpool(_record, session, prepared, item)
+    finally:
+        release()
 
 
 def _record(session: ChatSession, prepared: PreparedReply, end: JobEnd) -> dict[str, Any]:

@@ -197,9 +197,9 @@ function renderMessages() {
     if (m.role === "system") return;
     const node = messageNode(m.role);
     if (m.role === "assistant") {
-      fillReply(node, m.content, "");
+      fillReply(node, m.content, m.reasoning || "");
       node.querySelector(".stats").textContent = statsText(m, state.stats.get(m.id));
-      if (i === state.messages.length - 1) addAction(node, "Regenerate", () => runTurn("regenerate"));
+      if (i === state.messages.length - 1) addAction(node, "Regenerate", () => guarded(() => runTurn("regenerate")));
     } else {
       node.querySelector(".content").textContent = m.content;
       if (i === lastUser) addAction(node, "Edit", () => editLast(node, m.content));
@@ -225,7 +225,7 @@ function editLast(node, text) {
   const meta = node.querySelector(".meta");
   meta.replaceChildren();
   addAction(node, "Cancel", renderMessages);
-  addAction(node, "Send", () => { if (area.value.trim()) runTurn("edit", area.value); });
+  addAction(node, "Send", () => { if (area.value.trim()) guarded(() => runTurn("edit", area.value)); });
   area.onkeydown = (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); meta.querySelector(".send").click(); }
   };
@@ -291,9 +291,6 @@ async function runTurn(action, content = null) {
     done = await readReply(response, node);
   } catch (err) {
     if (err.name !== "AbortError") showError(err.message || String(err));
-  } finally {
-    state.controller = null;
-    setBusy(false);
   }
   if (done) state.stats.set(done.message.id, done.usage);
   if (done) window.__selfhost.marks.usage = done.usage;
@@ -304,7 +301,12 @@ async function runTurn(action, content = null) {
     state.messages = [];
     renderMessages();
   }
-  await refresh(!done);
+  try {
+    await refresh(!done); // busy until the history has the turn (a stopped reply lands a moment later)
+  } finally {
+    state.controller = null;
+    setBusy(false);
+  }
 }
 
 async function readReply(response, node) {
