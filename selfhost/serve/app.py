@@ -42,7 +42,7 @@ def create_app(
     from selfhost.serve import ui
 
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
-    app.middleware("http")(ui.check_origin(cors_origins or []))
+    app.add_middleware(ui.OriginCheck, allowed=cors_origins or [])
     if cors_origins:  # closed by default: no CORS headers, so other sites' pages cannot read replies
         from fastapi.middleware.cors import CORSMiddleware
 

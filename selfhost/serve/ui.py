@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -294,17 +294,21 @@ def _record(session: ChatSession, prepared: PreparedReply, end: JobEnd) -> dict[
     }
 
 
-def check_origin(allowed: list[str]) -> Callable[..., Any]:
-    """Middleware: a browser's cross-site request that changes state (POST, PATCH, DELETE, PUT) is
-    refused unless its Origin was allowed with --cors-origin. Non-browser clients send no Origin."""
+class OriginCheck:
+    """A browser's cross-site request that changes state (POST, PATCH, DELETE, PUT) is refused (403)
+    unless its Origin was allowed with --cors-origin; non-browser clients send no Origin. Plain ASGI:
+    an http middleware of Starlette's would hide a client's disconnect from the endpoints."""
 
-    async def middleware(request: Request, call_next: Callable[..., Any]) -> Any:
-        origin = request.headers.get("origin")
-        if origin is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
-            own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-            if origin != own and origin not in allowed and "*" not in allowed:
+    def __init__(self, app: Any, allowed: list[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = dict(scope.get("headers") or [])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            own = f"{scope.get('scheme', 'http')}://{headers.get(b'host', b'').decode('latin-1')}"
+            if origin and origin != own and origin not in self.allowed and "*" not in self.allowed:
                 error = ApiError(403, f"cross-site request from {origin} refused", code="cross_site")
-                return JSONResponse(error.body(), status_code=403)
-        return await call_next(request)
-
-    return middleware
+                await JSONResponse(error.body(), status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
