@@ -83,7 +83,7 @@ def worker(args: argparse.Namespace) -> dict:
         from selfhost.chat.session import ChatSession, Sampling
 
         session = ChatSession.load(
-            str(args.model),
+            Path(args.model),
             ctx=args.ctx,
             threads=args.threads,
             gpu_layers=0,

@@ -22,13 +22,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, home: Path, *args: str, api_key: str | None = None) -> None:
+    def __init__(self, model: Path | None, home: Path, *args: str, api_key: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         env = {**os.environ, "SELFHOST_HOME": str(home), "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
         env.pop("SELFHOST_API_KEY", None)
-        command = [sys.executable, "-m", "selfhost", "serve", str(model), "--port", str(self.port), *args]
+        models = [str(model)] if model is not None else []  # None: no preload, every model on demand
+        command = [sys.executable, "-m", "selfhost", "serve", *models, "--port", str(self.port), *args]
         if api_key:
             command += ["--api-key", api_key]
         self.log = home.parent / f"serve-{self.port}.log"

@@ -206,3 +206,17 @@ def test_json_writer_converts_through_pydantic_core_and_keeps_to_json_hooks():
         "1": [{"where": "/a/b", "when": "2026-01-02T03:04:00", "color": "red", "inner": {"hooked": "/x"}}],
         "s": [3],
     }
+
+
+def test_cli_command_modules_do_not_import_each_other():
+    """Shared CLI helpers live in cli/common.py, cli/output.py, cli/console.py and cli/plots.py; a command
+    module never imports another command module (app.py registers them all)."""
+    shared = {"selfhost.cli", "selfhost.cli.common", "selfhost.cli.output", "selfhost.cli.console",
+              "selfhost.cli.plots", "selfhost.cli.help_renderer"}  # fmt: skip
+    cli = PACKAGE / "cli"
+    commands = {_module_name(p) for p in cli.glob("*.py")} - shared - {"selfhost.cli.app"}
+    offenders = {
+        _module_name(p): sorted(m for m in _imports(p) if m in commands or m.rsplit(".", 1)[0] in commands)
+        for p in cli.glob("*.py") if _module_name(p) in commands | shared
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}

@@ -21,7 +21,7 @@ QUESTIONS = ["What is the capital of France?", "What do bees make?", "Name a red
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf: Path):
-    m = ChatModel.load(str(smollm2_gguf), ctx=512, threads=2, parallel=4, prefill_chunk=32, max_queue=2)
+    m = ChatModel.load(smollm2_gguf, ctx=512, threads=2, parallel=4, prefill_chunk=32, max_queue=2)
     yield m
     m.close()
 

@@ -101,7 +101,7 @@ def test_fit_window_drops_oldest_turns_and_refuses_what_cannot_fit() -> None:
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf: Path) -> ChatSession:
     return ChatSession.load(
-        str(smollm2_gguf), ctx=1024, threads=1, system=BRIEF, sampling=Sampling(temperature=0, max_tokens=24)
+        Path(smollm2_gguf), ctx=1024, threads=1, system=BRIEF, sampling=Sampling(temperature=0, max_tokens=24)
     )
 
 
@@ -171,7 +171,7 @@ def tiny128(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_overflow_twenty_turns_in_128_tokens_trims_and_never_aborts(tiny128: Path) -> None:
     engine = ChatSession.load(
-        str(tiny128), threads=1, sampling=Sampling(temperature=0.8, seed=1, max_tokens=16)
+        Path(tiny128), threads=1, sampling=Sampling(temperature=0.8, seed=1, max_tokens=16)
     )
     assert engine.n_ctx == 128  # the trained context, not llama-cpp-python's 512
     dropped = 0
@@ -196,7 +196,7 @@ def test_overflow_twenty_turns_in_128_tokens_trims_and_never_aborts(tiny128: Pat
 
 def test_reply_stops_before_the_context_is_full(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
-    engine = ChatSession.load(str(path), ctx=64, threads=1, sampling=Sampling(temperature=0))
+    engine = ChatSession.load(path, ctx=64, threads=1, sampling=Sampling(temperature=0))
     _, done, _ = run_turn(engine.chat("hi"))
     u = done.usage
     assert u.finish_reason == "context"
@@ -206,9 +206,9 @@ def test_reply_stops_before_the_context_is_full(tmp_path: Path) -> None:
 def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "notemplate.gguf", chat_template=None)
     with pytest.raises(UsageError, match="no chat template") as err:
-        ChatSession.load(str(path), threads=1)
+        ChatSession.load(path, threads=1)
     assert "--raw" in str(err.value)
-    engine = ChatSession.load(str(path), threads=1, raw=True, sampling=Sampling(seed=1, max_tokens=8))
+    engine = ChatSession.load(path, threads=1, raw=True, sampling=Sampling(seed=1, max_tokens=8))
     assert engine.render([Message(role="user", content="Once upon")]) == "Once upon"
     _, done, _ = run_turn(engine.chat("Once upon"))
     assert done.usage.generated_tokens > 0
@@ -217,7 +217,7 @@ def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
 
 def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
-    engine = ChatSession.load(str(path), threads=1, sampling=Sampling(temperature=0))
+    engine = ChatSession.load(path, threads=1, sampling=Sampling(temperature=0))
     stream = engine.chat("hi")
     shown = "".join(next(stream).text for _ in range(3))
     stream.close()  # what Ctrl-C in a renderer does
@@ -232,7 +232,7 @@ def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_pa
 def test_kv_cache_reuse_gives_the_same_replies_as_a_cold_cache_over_20_trimmed_turns(tiny128: Path) -> None:
     """Each turn's reply from the cached prefix equals the reply recomputed after clearing the cache."""
     session = ChatSession.load(
-        str(tiny128), threads=1, sampling=Sampling(temperature=0.7, seed=5, max_tokens=12)
+        Path(tiny128), threads=1, sampling=Sampling(temperature=0.7, seed=5, max_tokens=12)
     )
     reused_turns = dropped = 0
     for i in range(20):

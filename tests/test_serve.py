@@ -18,6 +18,7 @@ from tests.servehelp import Server
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-123"
+MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the served file's name: a request names the model it wants
 BRIEF = {"role": "system", "content": "Answer in one short sentence."}
 PARIS = [BRIEF, {"role": "user", "content": "What is the capital of France?"}]
 QUESTIONS = [
@@ -66,7 +67,7 @@ def post(server: Server, path: str, body: object, **kw) -> httpx.Response:
 
 def ask(client, question: str, max_tokens: int = 40) -> str:
     reply = client.chat.completions.create(
-        model="smollm2",
+        model=MODEL,
         messages=[BRIEF, {"role": "user", "content": question}],
         temperature=0,
         max_tokens=max_tokens,
@@ -84,7 +85,7 @@ def test_start_line_models_and_health(server: Server, client) -> None:
 
 
 def test_openai_client_gets_paris_streaming_and_not(server: Server, client) -> None:
-    reply = client.chat.completions.create(model="any", messages=PARIS, temperature=0, max_tokens=24)
+    reply = client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=24)
     text = reply.choices[0].message.content
     assert "Paris" in text and reply.choices[0].finish_reason in ("stop", "length")
     assert reply.id.startswith("chatcmpl-") and reply.created > 0 and reply.object == "chat.completion"
@@ -92,7 +93,7 @@ def test_openai_client_gets_paris_streaming_and_not(server: Server, client) -> N
     # usage counts the tokens: the prompt as the template renders it, the reply as generated
     from selfhost.chat.model import ChatModel
 
-    model = ChatModel.load(str(_gguf(server)), ctx=1024, threads=1)
+    model = ChatModel.load(_gguf(server), ctx=1024, threads=1)
     try:
         prompt = model.tokenize_prompt(model.render(PARIS))
         assert reply.usage.prompt_tokens == len(prompt)
@@ -102,7 +103,7 @@ def test_openai_client_gets_paris_streaming_and_not(server: Server, client) -> N
         model.close()
 
     stream = client.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=PARIS,
         temperature=0,
         max_tokens=24,
@@ -129,7 +130,7 @@ def test_four_concurrent_streams_equal_their_replies_alone(server: Server, clien
     def stream(question: str) -> str:
         parts = []
         for event in client.chat.completions.create(
-            model="any",
+            model=MODEL,
             messages=[BRIEF, {"role": "user", "content": question}],
             temperature=0,
             max_tokens=48,
@@ -307,7 +308,7 @@ def test_json_schema_response_format_validates(server: Server, client) -> None:
         "additionalProperties": False,
     }
     reply = client.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=[{"role": "user", "content": "Name a city in Italy and its country as JSON."}],
         temperature=0,
         max_tokens=80,
@@ -316,7 +317,7 @@ def test_json_schema_response_format_validates(server: Server, client) -> None:
     data = json.loads(reply.choices[0].message.content)
     jsonschema.validate(data, schema)
     plain = client.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=[{"role": "user", "content": 'Reply with {"name": NAME} for a cat.'}],
         temperature=0,
         max_tokens=200,
@@ -347,7 +348,7 @@ def test_forced_tool_call_arguments_validate(server: Server, client) -> None:
         },
     ]
     reply = client.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         temperature=0,
         max_tokens=60,
@@ -361,7 +362,7 @@ def test_forced_tool_call_arguments_validate(server: Server, client) -> None:
     jsonschema.validate(json.loads(call.function.arguments), parameters)
 
     required = client.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=[{"role": "user", "content": "What time is it?"}],
         temperature=0,
         max_tokens=60,
@@ -378,17 +379,17 @@ def test_forced_tool_call_arguments_validate(server: Server, client) -> None:
 
 def test_text_completions_and_embeddings(server: Server, client) -> None:
     done = client.completions.create(
-        model="any", prompt="The capital of France is", max_tokens=8, temperature=0
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
     )
     assert done.object == "text_completion" and done.choices[0].text.strip()
     assert done.usage.completion_tokens <= 8
     stopped = client.completions.create(
-        model="any", prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[","]
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[","]
     )
     assert "," not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
     result = client.embeddings.create(
-        model="any", input=["a cat sat on the mat", "a cat sat on the mat", "stocks"]
+        model=MODEL, input=["a cat sat on the mat", "a cat sat on the mat", "stocks"]
     )
     vectors = [d.embedding for d in result.data]
     assert len(vectors) == 3 and all(len(v) == 576 for v in vectors)  # SmolLM2's width
@@ -397,7 +398,7 @@ def test_text_completions_and_embeddings(server: Server, client) -> None:
         vectors[2], abs=1e-3
     )
     assert result.usage.prompt_tokens > 0
-    single = client.embeddings.create(model="any", input="hello")
+    single = client.embeddings.create(model=MODEL, input="hello")
     assert len(single.data) == 1
 
 

@@ -1,7 +1,7 @@
 """ChatModel: one loaded GGUF, ready to chat: its template, its tokenizer, its batch engine.
 
-`ChatModel.load()` is the one way every chat surface (REPL, one-shot, server) gets a model: it
-resolves the name, validates the GGUF before llama.cpp sees it, sizes the context from memory,
+`ChatModel.load()` is the one way every chat surface (REPL, one-shot, server) gets a model: given a
+resolved model (or a path), it validates the GGUF before llama.cpp sees it, sizes the context from memory,
 loads the weights with explicit settings and reports what llama.cpp did (backend, layers offloaded).
 """
 
@@ -15,11 +15,12 @@ from pydantic import BaseModel
 
 from selfhost.errors import UsageError
 from selfhost.runtime.batch import BatchEngine
+from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK
 from selfhost.runtime.gguf_info import GGUFInfo
 from selfhost.runtime.template import ChatTemplate
 
 if TYPE_CHECKING:
-    from selfhost.models.resolve import ResolvedModel
+    from selfhost.models.resolve import ResolvedModel  # the type only: loaders never resolve names
 
 LOADER_CONTEXT = 64  # llama-cpp-python's own context is unused: generation runs in the batch engine
 
@@ -69,30 +70,28 @@ class ChatModel:
     @classmethod
     def load(
         cls,
-        ref: str | ResolvedModel | None = None,
+        ref: ResolvedModel | Path,
         *,
         ctx: int | None = None,
         threads: int | None = None,
         gpu_layers: int | None = None,
         raw: bool = False,
         parallel: int | None = 1,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_queue: int | None = None,
     ) -> ChatModel:
-        """Resolve, validate and load a model. Raises NotFoundError/GGUFError/UsageError/ModelLoadError.
+        """Validate and load a resolved model (or a GGUF path). Raises GGUFError/UsageError/ModelLoadError.
 
-        `ref` may be resolved already (serve resolves before it binds its port); parallel=None sizes
-        the slots from free memory."""
-        from selfhost.models.resolve import ResolvedModel, resolve_model
+        The caller resolved the name, once; parallel=None sizes the slots from free memory."""
         from selfhost.runtime import gguf_info
-        from selfhost.runtime.llama_backend import backend_info, load_model
+        from selfhost.runtime.llama_backend import default_gpu_layers, load_model
         from selfhost.runtime.memory import default_context, default_slots
 
-        resolved = ref if isinstance(ref, ResolvedModel) else resolve_model(ref)
-        info = gguf_info.inspect(resolved.path)  # before llama.cpp ever touches the file
+        name, path = (ref.stem, ref) if isinstance(ref, Path) else (ref.name, ref.path)
+        info = gguf_info.inspect(path)  # before llama.cpp ever touches the file
         if not raw and not info.chat_template:
             raise UsageError(
-                f"{resolved.name} has no chat template in its GGUF, so selfhost cannot format a chat for it",
+                f"{name} has no chat template in its GGUF, so selfhost cannot format a chat for it",
                 hint="use --raw for plain text completion",
             )
         if info.chat_template:
@@ -105,9 +104,9 @@ class ChatModel:
             raise UsageError(f"--parallel {parallel} must be at least 1")
         n_ctx = ctx or default_context(info, slots=parallel)
         if gpu_layers is None:
-            gpu_layers = -1 if backend_info().gpu_offload else 0
+            gpu_layers = default_gpu_layers()
         llm, report = load_model(
-            resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
+            path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
         )
         engine = BatchEngine(
             llm,
@@ -118,8 +117,8 @@ class ChatModel:
             max_queue=max_queue,
         )
         summary = ModelSummary(
-            name=resolved.name,
-            path=resolved.path,
+            name=name,
+            path=path,
             quant=info.quant,
             n_ctx=n_ctx,
             n_ctx_train=report.n_ctx_train or info.context_length,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from selfhost.chat.context import fit_window, reply_reserve
 from selfhost.chat.history import ChatLog
@@ -30,6 +31,9 @@ from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.errors import HistoryError, UsageError
 from selfhost.runtime.batch import Job, JobEnd, JobText, SamplingParams
+
+if TYPE_CHECKING:
+    from selfhost.models.resolve import ResolvedModel
 
 
 class Sampling(SamplingParams):
@@ -78,7 +82,7 @@ class ChatSession:
     @classmethod
     def load(
         cls,
-        ref: str | None = None,
+        ref: ResolvedModel | Path,
         *,
         raw: bool = False,
         sampling: Sampling | None = None,

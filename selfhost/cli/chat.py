@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from selfhost.cli.common import PULL_HELP, ensure_model
 from selfhost.cli.console import console, err_console
 from selfhost.cli.output import print_error, write_json
-from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import SelfhostError, UsageError
 
 if TYPE_CHECKING:

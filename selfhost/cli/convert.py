@@ -1,15 +1,13 @@
-"""`selfhost convert SOURCE`: flags map onto `selfhost.convert.flow.convert()`; this module renders it."""
+"""`selfhost convert SOURCE`: flags map onto `selfhost.convert.flow.convert()`; cli.common renders it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Annotated
 
 import typer
 
-from selfhost.cli.console import plain
-from selfhost.cli.output import Output, fmt_bytes
-from selfhost.events import Event
+from selfhost.cli.common import render_convert
+from selfhost.cli.output import Output
 
 
 def register(app: typer.Typer) -> None:
@@ -34,23 +32,4 @@ def convert(
     from selfhost.convert.flow import ConvertOptions, convert
 
     options = ConvertOptions(outtype=outtype, name=name, revision=revision, force=force)
-    render(convert(source, options), Output(as_json))
-
-
-def render(events: Iterable[Event], output: Output | None = None) -> None:
-    """Download bars (Hub sources) and a bar for the tensor data written on stderr, then the result."""
-    output = output or Output()
-    output.result(output.run(events), human=lambda result: _print_converted(output, result))
-
-
-def _print_converted(output: Output, r) -> None:  # noqa: ANN001
-    output.console.print(plain(str(r.output), "bold"))
-    output.console.print(plain(
-        f"  converted from {r.source} by llama.cpp's converter: {r.architecture}, "
-        f"{r.n_params / 1e6:.1f} M parameters, {r.quant}, {fmt_bytes(r.size)}"
-    ))
-    if r.name:
-        output.console.print(plain(
-            f"  registered as {r.name}: try `selfhost chat {r.name}` or "
-            f"`selfhost quantize {r.name} --type Q4_K_M`"
-        ))
+    render_convert(convert(source, options), Output(as_json))

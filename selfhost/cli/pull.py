@@ -1,4 +1,4 @@
-"""`selfhost pull NAME`, and the auto-pull of `chat`, `serve` and `quantize` (`ensure_model`).
+"""`selfhost pull NAME` (the auto-pull of `chat`, `serve` and `quantize` is `cli.common.ensure_model`).
 
 Flags map onto `selfhost.models.pull.pull()`; its notices and per-file progress bars go to stderr
 through the output layer, the result (or the dry-run plan) to stdout, as JSON with `--json`.
@@ -6,17 +6,10 @@ through the output layer, the result (or the dry-run plan) to stdout, as JSON wi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 
 from selfhost.cli import output
 from selfhost.cli.output import Output, fmt_bytes
-
-if TYPE_CHECKING:
-    from selfhost.models.names import ModelName
-
-PULL_HELP = "Download the model first if it is not here yet (alias or owner/repo), without asking."
 
 
 def register(app: typer.Typer) -> None:
@@ -64,7 +57,7 @@ def _offer_convert(exc: BaseException, out: Output, dry_run: bool) -> None:
         out.confirm(f"{exc.repo} has no GGUF files. Convert its safetensors weights to GGUF now?", yes=False)
     except typer.Exit:
         raise exc from None
-    from selfhost.cli.convert import render as render_convert
+    from selfhost.cli.common import render_convert
     from selfhost.convert.flow import ConvertOptions, convert
 
     render_convert(convert(exc.repo, ConvertOptions(revision=exc.revision)))
@@ -95,33 +88,3 @@ def render_result(value: object, out: Output) -> None:
             table.add_row(plain(f.file), size, "cached" if f.cached else partial)
         out.console.print(table)
         out.console.print(plain(f"to download: {fmt_bytes(value.to_download)}"))
-
-
-def ensure_model(
-    name: str | None, pull: bool, purpose: str = "chat", out: Output | None = None
-) -> str | None:
-    """The auto-pull of `chat`, `serve` and `quantize` (like `ollama run`): `name` as given when it is
-    here; an alias or owner/repo not downloaded yet is pulled (`--pull`, or a 'y' on a terminal) and
-    its store name returned. Without `--pull` and without a terminal: one line naming the fix, and
-    nothing is downloaded."""
-    from selfhost.models.pull import pull as pull_model
-    from selfhost.models.resolve import NotDownloaded, missing_download
-
-    missing = missing_download(name, purpose=purpose)  # type: ignore[arg-type]
-    if missing is None:
-        return name
-    out = out or Output()
-    if not pull:
-        if not output.is_interactive():
-            raise NotDownloaded(missing.name, hint=f"pass --pull to download it now, or {missing.hint}")
-        out.confirm(f"{missing.name} is not downloaded{_about(missing.name)}. Pull it now?", yes=False)
-    return out.run(pull_model(str(missing.name))).record.name
-
-
-def _about(name: ModelName) -> str:
-    """' (about 1.2 GB)' from the registry's size of an alias's quant; '' when unknown."""
-    from selfhost.models.registry import load_registry
-
-    entry = load_registry().get(name.base) if name.kind == "alias" else None
-    size = entry.size_bytes(name.quant) if entry is not None else None
-    return f" (about {fmt_bytes(size)})" if size else ""

@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
+from selfhost.cli.common import PULL_HELP, ensure_model
 from selfhost.cli.console import plain
 from selfhost.cli.output import Output, fmt_bytes, jsonable
-from selfhost.cli.pull import PULL_HELP, ensure_model
 from selfhost.errors import UsageError
 
 

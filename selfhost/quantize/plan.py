@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -17,6 +17,9 @@ from selfhost.quantize.types import FLOAT_TYPES, QuantType, get_type, ggml_type_
 from selfhost.runtime import gguf_info
 from selfhost.runtime.memory import available_memory
 from selfhost.units import human_bytes
+
+if TYPE_CHECKING:
+    from selfhost.models.resolve import ResolvedModel
 
 
 class QuantizeOptions(BaseModel):
@@ -57,7 +60,7 @@ class QuantizeJob:
     embedding_type: int | None
 
 
-def plan(model: str, options: QuantizeOptions) -> QuantizeJob:
+def plan(model: str | ResolvedModel, options: QuantizeOptions) -> QuantizeJob:
     """Validate everything before any work: options, the input, the output path, free disk and RAM."""
     from selfhost.models.names import split_tag
     from selfhost.models.resolve import resolve_model
@@ -72,7 +75,8 @@ def plan(model: str, options: QuantizeOptions) -> QuantizeJob:
     if options.threads is not None and options.threads < 1:
         raise UsageError("--threads must be at least 1")
 
-    resolved = resolve_model(model, purpose="load")  # a split GGUF: llama.cpp reads every part from the first
+    # resolved once: by the CLI (handed down), or here for a name; a split GGUF: llama.cpp reads every part
+    resolved = resolve_model(model, purpose="load") if isinstance(model, str) else model
     info = gguf_info.inspect(resolved.path)  # full validation before llama.cpp touches the file
     if info.vocab_size is None or not info.tensor_types:
         raise IntegrityError(f"{resolved.path} is not a language model GGUF (no tokenizer)")

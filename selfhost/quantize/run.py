@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -20,6 +20,9 @@ from selfhost.quantize.llama_job import run_llama, unlink_quietly
 from selfhost.quantize.plan import QuantizeOptions, plan
 from selfhost.quantize.types import QuantType
 from selfhost.runtime import gguf_info
+
+if TYPE_CHECKING:
+    from selfhost.models.resolve import ResolvedModel
 
 
 class QuantizeResult(BaseModel):
@@ -40,7 +43,7 @@ class QuantizeResult(BaseModel):
     imatrix: Path | None = None  # the imatrix used, when it was kept (--imatrix / --imatrix-out)
 
 
-def quantize(model: str, options: QuantizeOptions) -> Events:
+def quantize(model: str | ResolvedModel, options: QuantizeOptions) -> Events:
     """Quantize `model` (a store name or a .gguf path).
 
     Yields Notices (what runs, requantizing, fallbacks), with --calibration first the importance
@@ -81,7 +84,7 @@ def quantize(model: str, options: QuantizeOptions) -> Events:
     ))
 
 
-def run_quantize(model: str, options: QuantizeOptions) -> QuantizeResult:
+def run_quantize(model: str | ResolvedModel, options: QuantizeOptions) -> QuantizeResult:
     """Convenience: drive `quantize` to the end and return its result."""
     return run_to_end(quantize(model, options))
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from selfhost.errors import SelfhostError
+from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK, SLOT_QUEUE
 
 JobFinish = Literal["stop", "length", "context", "cancelled", "error"]
 
@@ -199,7 +200,7 @@ class BatchEngine:
         ctx_per_slot: int,
         threads: int,
         n_batch: int = 512,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_queue: int | None = None,
     ) -> None:
         from selfhost.runtime import llama_private
@@ -212,7 +213,7 @@ class BatchEngine:
         self.ctx_per_slot = ctx_per_slot
         self.n_batch = max(n_batch, slots)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
-        self.max_queue = 4 * slots if max_queue is None else max_queue
+        self.max_queue = SLOT_QUEUE * slots if max_queue is None else max_queue
         self.ctx = _open_context(self.lib, llm, slots * ctx_per_slot, slots, self.n_batch, threads)
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(self.n_batch, 0, 1)

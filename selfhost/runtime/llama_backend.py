@@ -182,6 +182,12 @@ def load_model(
     return model, report
 
 
+def default_gpu_layers() -> int:
+    """The one default for every model selfhost loads: all layers on the GPU when this build can
+    offload, none otherwise."""
+    return -1 if backend_info().gpu_offload else 0
+
+
 def _template_error() -> type[Exception]:
     import jinja2
 

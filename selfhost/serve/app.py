@@ -13,6 +13,7 @@ import hmac
 import json
 import struct
 import sys
+import time
 import traceback
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,16 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
 from selfhost.runtime.embed import Embedder
+from selfhost.serve.manager import ModelManager
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service
 
 
 def create_app(
-    service: Service,
+    manager: ModelManager,
     *,
     api_key: str | None = None,
     max_body: int = 8 * 2**20,
-    embedder: Embedder | None = None,
     shutdown_grace: float = 8.0,
     cors_origins: list[str] | None = None,
 ) -> FastAPI:
@@ -55,53 +56,97 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body)
     _error_handlers(app)
     auth = Depends(_auth_check(api_key))
-    ui.register(app, ui.single_model(service), _auth_check(api_key))  # the web chat page at / and its /ui/api
+    started = int(time.time())
+    ui.register(app, ui.managed_models(manager), _auth_check(api_key))  # the chat page at /, /ui/api
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        busy, waiting = service.model.engine.busy()
+        models = manager.status()["models"]
         return {
             "status": "ok",
-            "model": service.model_id,
-            "slots": service.model.summary.slots,
-            "slots_busy": busy,
-            "queued": waiting,
+            "model": manager.default,
+            "models_loaded": len(models),
+            "slots": sum(m["slots"] for m in models),
+            "slots_busy": sum(m["slots_busy"] for m in models),
+            "queued": sum(m["queued"] for m in models),
         }
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": await run_in_threadpool(_model_list, service, embedder)}
+        entry = {"object": "model", "owned_by": "selfhost", "created": started}
+        rows = await run_in_threadpool(manager.listing)
+        return {"object": "list", "data": [{**entry, **row} for row in rows]}
+
+    @app.get("/v1/status", dependencies=[auth])
+    async def status() -> dict[str, Any]:
+        return manager.status()
 
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-        planned = await run_in_threadpool(service.plan_chat, req)
-        return await _respond(service, planned, request, req.stream, req.include_usage(), shutdown_grace)
+        return await _serve(manager, req, request, shutdown_grace, "chat")
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        planned = await run_in_threadpool(service.plan_text, req)
-        return await _respond(service, planned, request, req.stream, req.include_usage(), shutdown_grace)
+        return await _serve(manager, req, request, shutdown_grace, "text")
 
     @app.post("/v1/embeddings", dependencies=[auth])
     async def embeddings(req: EmbeddingRequest) -> Any:
-        if embedder is None:
-            raise ApiError(400, "this server has no embedding model", param="model")
-        return await run_in_threadpool(_embed, embedder, req)
+        manager.check_keep_alive(req.keep_alive)
+        managed = await manager.acquire(req.model, "embedding")
+        try:
+            return await run_in_threadpool(_embed, managed.embedder_for(), req)
+        finally:
+            manager.release(managed, req.keep_alive)
 
     return app
 
 
 # ------------------------------------------------------------------ responses
+async def _serve(
+    manager: ModelManager, req: Any, request: Request, grace: float, kind: str
+) -> Any:
+    """One completion: the model the request names (loaded if needed), held until the reply ends."""
+    manager.check_keep_alive(req.keep_alive)
+    managed = await manager.acquire(req.model, "chat")
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            manager.release(managed, req.keep_alive)
+
+    try:
+        service = managed.service
+        assert service is not None
+        plan = service.plan_chat if kind == "chat" else service.plan_text
+        planned = await run_in_threadpool(plan, req)
+        response = await _respond(service, planned, request, req.stream, req.include_usage(), grace, release)
+    except BaseException:
+        release()
+        raise
+    if not req.stream:
+        release()  # a stream releases when it ends
+    return response
+
+
 async def _respond(
-    service: Service, planned: Planned, request: Request, stream: bool, include_usage: bool, grace: float
+    service: Service,
+    planned: Planned,
+    request: Request,
+    stream: bool,
+    include_usage: bool,
+    grace: float,
+    release: Any,
 ) -> Any:
     try:
         job = service.model.engine.submit(planned.prepared.job)
     except QueueFullError as exc:
+        release()
         raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
     if stream:
         # on SIGINT/SIGTERM a reply in flight gets `grace` seconds to finish, then it is cancelled
-        events = _events(service, planned, job, include_usage)
+        events = _events(service, planned, job, include_usage, release)
         return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=grace)
     end: JobEnd | None = None
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
@@ -144,7 +189,9 @@ def _completion(service: Service, planned: Planned, result: Completed) -> dict[s
     return {**head, "object": "chat.completion", "choices": [choice], "usage": result.usage}
 
 
-async def _events(service: Service, planned: Planned, job: Any, include_usage: bool) -> AsyncIterator[dict]:
+async def _events(
+    service: Service, planned: Planned, job: Any, include_usage: bool, release: Any
+) -> AsyncIterator[dict]:
     """SSE events: deltas as they come, the finish, usage if asked, then [DONE]. Tool replies come whole."""
     text_kind = planned.kind == "text"
     head = {
@@ -159,46 +206,32 @@ async def _events(service: Service, planned: Planned, job: Any, include_usage: b
         choice.update({"text": delta} if text_kind else {"delta": delta})
         return {"data": json.dumps({**head, "choices": [choice]})}
 
-    holding = planned.tools.mode != "none"  # a tool call is parsed from the whole reply
-    end: JobEnd | None = None
     try:
-        if not text_kind:
-            yield chunk({"role": "assistant", "content": ""})
-        async for item in job.achunks():
-            if isinstance(item, JobText) and not holding:
-                yield chunk(item.text if text_kind else {"content": item.text})
-            elif isinstance(item, JobEnd):
-                end = item
+        holding = planned.tools.mode != "none"  # a tool call is parsed from the whole reply
+        end: JobEnd | None = None
+        try:
+            if not text_kind:
+                yield chunk({"role": "assistant", "content": ""})
+            async for item in job.achunks():
+                if isinstance(item, JobText) and not holding:
+                    yield chunk(item.text if text_kind else {"content": item.text})
+                elif isinstance(item, JobEnd):
+                    end = item
+        finally:
+            if end is None:  # client disconnected or server shutting down: free the slot at the next step
+                job.cancel()
+        result = await run_in_threadpool(service.finish, planned, end)
+        if holding:
+            delta: dict[str, Any] = {"content": result.content}
+            if result.tool_calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
+            yield chunk(delta)
+        yield chunk("" if text_kind else {}, result.finish_reason)
+        if include_usage:
+            yield {"data": json.dumps({**head, "choices": [], "usage": result.usage})}
+        yield {"data": "[DONE]"}
     finally:
-        if end is None:  # client disconnected or server shutting down: free the slot at the next step
-            job.cancel()
-    result = await run_in_threadpool(service.finish, planned, end)
-    if holding:
-        delta: dict[str, Any] = {"content": result.content}
-        if result.tool_calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
-        yield chunk(delta)
-    yield chunk("" if text_kind else {}, result.finish_reason)
-    if include_usage:
-        yield {"data": json.dumps({**head, "choices": [], "usage": result.usage})}
-    yield {"data": "[DONE]"}
-
-
-def _model_list(service: Service, embedder: Embedder | None) -> list[dict[str, Any]]:
-    from selfhost.models.store import Store
-
-    entry = {"object": "model", "owned_by": "selfhost", "created": service.started}
-    data = [{**entry, "id": service.model_id, "loaded": True, "context_length": service.model.n_ctx}]
-    if embedder is not None and embedder.name != service.model_id:
-        data.append({**entry, "id": embedder.name, "loaded": True, "kind": "embedding"})
-    try:
-        records = Store().list()
-    except Exception:  # a broken store must not break the API: the loaded model still answers
-        records = []
-    for record in records:
-        if record.name not in {d["id"] for d in data}:
-            data.append({**entry, "id": record.name, "loaded": False})
-    return data
+        release()  # the model may unload (keep_alive) only once the stream is over
 
 
 def _embed(embedder: Embedder, req: EmbeddingRequest) -> dict[str, Any]:

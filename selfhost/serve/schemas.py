@@ -87,6 +87,7 @@ class SamplingFields(Lenient):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
+    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded after this request
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0  # a llama.cpp extension: 0 = off
@@ -158,6 +159,7 @@ class EmbeddingRequest(Lenient):
         | Annotated[list[Annotated[str, Field(max_length=MAX_TEXT)]], Field(min_length=1, max_length=256)]
     )
     model: str | None = None
+    keep_alive: str | float | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
 

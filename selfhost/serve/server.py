@@ -1,4 +1,5 @@
-"""`selfhost serve` core: load the model once with N slots, start the batch engine, run uvicorn.
+"""`selfhost serve` core: bind, preload the models named at start, serve every local model on demand
+through the model manager (selfhost/serve/manager.py), run uvicorn.
 
 SIGINT/SIGTERM: uvicorn stops accepting, gives in-flight requests a few seconds to finish, then
 cancels the rest (their slots are freed at the next step); the engine stops and the process exits 0.
@@ -10,35 +11,50 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from selfhost.errors import UsageError
+from selfhost.serve.defaults import field
 
 if TYPE_CHECKING:
-    from selfhost.chat.model import ChatModel
-    from selfhost.runtime.embed import Embedder
+    from selfhost.models.resolve import ResolvedModel
+    from selfhost.serve.config import ModelSettings
+    from selfhost.serve.manager import ModelManager
 
 
 class ServeOptions(BaseModel):
-    model: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    parallel: int | None = None  # None: sized from free memory
-    ctx: int | None = None  # tokens per slot
-    gpu_layers: int | None = None
-    threads: int | None = None
+    """Every `selfhost serve` setting; defaults and bounds from selfhost.serve.defaults (the CLI's too).
+    Slots, context and GPU layers are per-model defaults (selfhost.serve.config overrides them)."""
+
+    models: list[str] = []  # names given at start (loaded then; the rest load on first use)
+    host: str = field("host")
+    port: int = field("port")
+    parallel: int | None = field("parallel")
+    ctx: int | None = field("ctx")
+    gpu_layers: int | None = field("gpu_layers")
+    threads: int | None = field("threads")
     api_key: str | None = None
     log: bool = False
-    max_queue: int | None = None
-    max_body: int = 8 * 2**20
+    max_queue: int | None = field("max_queue")
+    max_body: int = field("max_body")
     embedding_model: str | None = None
-    prefill_chunk: int = 256
+    prefill_chunk: int = field("prefill_chunk")
     graceful_seconds: int = 10
+    keep_alive: str = field("keep_alive")
+    max_models: int | None = field("max_models")
     cors_origins: list[str] = []  # --cors-origin: browser origins allowed to call the API
+    pull: bool = False  # pull a requested model that is not downloaded yet
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> str:
+        from selfhost.serve.config import parse_keep_alive
+
+        parse_keep_alive(value)  # type: ignore[arg-type]
+        return str(value)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -58,8 +74,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
-    """Load, bind and serve until SIGINT/SIGTERM. on_ready(start line, url) is called before serving."""
+def serve(
+    options: ServeOptions,
+    on_ready: Callable[[list[str], str], None],
+    preload: Sequence[ResolvedModel] = (),
+    embedding: ResolvedModel | None = None,
+    settings: dict[str, ModelSettings] | None = None,
+) -> None:
+    """Bind, load the `preload` models (resolved by the caller), serve until SIGINT/SIGTERM.
+    on_ready(start lines, url) is called before serving."""
     # llama.cpp's OpenMP workers keep spinning between two decode steps instead of sleeping: a server
     # decodes back to back, and waking them each step cost a third of single-stream speed on 2 cores
     # (bench/serve.py). Read by libgomp when llama.cpp loads, so before the first llama_cpp import.
@@ -68,42 +91,27 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     import uvicorn
 
     from selfhost.chat.history import HistoryStore
-    from selfhost.chat.model import ChatModel
-    from selfhost.models.resolve import resolve_model
     from selfhost.serve.app import create_app
-    from selfhost.serve.service import Service
+    from selfhost.serve.manager import ModelManager
 
-    resolved = resolve_model(options.model)  # an unknown model is one clear line before anything is bound
     sock = bind(options.host, options.port)
     port = sock.getsockname()[1]
     if options.log:
         history = HistoryStore()
         history.schema_version()  # a broken history database stops us before the model loads
         history.close()
-    model = ChatModel.load(
-        resolved,
-        ctx=options.ctx,
-        threads=options.threads,
-        gpu_layers=options.gpu_layers,
-        raw=False,
-        parallel=options.parallel,  # None: sized from free memory
-        prefill_chunk=options.prefill_chunk,
-        max_queue=options.max_queue,
-    )
-    embedder = None
+    manager = ModelManager(options, settings)
     try:
-        embedder = _embedder(model, options)
-        model.engine.start()
+        lines = _preload(manager, preload, embedding)
         app = create_app(
-            Service(model, log=options.log),
+            manager,
             api_key=options.api_key,
             max_body=options.max_body,
-            embedder=embedder,
             shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
             cors_origins=options.cors_origins,
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
-        on_ready(model.summary.line(), f"http://{shown}:{port}/v1")
+        on_ready(lines, f"http://{shown}:{port}/v1")
         config = uvicorn.Config(
             app,
             log_level="warning",
@@ -113,10 +121,29 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
         )
         _run_until_signal(uvicorn.Server(config), sock)
     finally:
-        model.close()
-        if embedder is not None:
-            embedder.close()
+        manager.close()
         sock.close()
+
+
+def _preload(
+    manager: ModelManager, preload: Sequence[ResolvedModel], embedding: ResolvedModel | None
+) -> list[str]:
+    """Load the models named at start; the first answers requests that name no model."""
+    from selfhost.models.embedded import DEFAULT_MODEL
+
+    lines = []
+    for resolved in preload:
+        managed = manager.load_now(resolved)
+        chat = managed.chat
+        lines.append(chat.summary.line() if chat is not None else f"{managed.name} · embedding")
+    if embedding is not None:
+        managed = manager.load_now(embedding)
+        manager.default_embedding = managed.name
+        lines.append(f"{managed.name} · embeddings")
+    manager.default = preload[0].name if preload else DEFAULT_MODEL
+    if not preload:
+        lines.append("no model loaded yet: every model `selfhost models list` shows loads on first use")
+    return lines
 
 
 def _run_until_signal(server: object, sock: socket.socket) -> None:
@@ -130,24 +157,3 @@ def _run_until_signal(server: object, sock: socket.socket) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _embedder(model: ChatModel, options: ServeOptions) -> Embedder:
-    """Embeddings from --embedding-model, else from the chat model itself."""
-    from selfhost.runtime.embed import Embedder
-
-    if options.embedding_model is None:
-        return Embedder(
-            model.llm, model.summary.name, n_ctx=min(model.n_ctx, 2048), threads=model.summary.threads
-        )
-    from selfhost.models.resolve import resolve_model
-    from selfhost.runtime import gguf_info
-    from selfhost.runtime.llama_backend import load_model
-
-    resolved = resolve_model(options.embedding_model, purpose="embedding")
-    info = gguf_info.inspect(Path(resolved.path))
-    llm, report = load_model(
-        resolved.path, n_ctx=64, n_gpu_layers=options.gpu_layers or 0, n_threads=options.threads, info=info
-    )
-    n_ctx = min(info.context_length or 2048, 8192)
-    return Embedder(llm, resolved.name, n_ctx=n_ctx, threads=report.n_threads)

@@ -12,7 +12,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -28,6 +28,9 @@ from selfhost.chat.session import ChatSession, PreparedReply, Sampling
 from selfhost.errors import HistoryBusyError, HistoryError, NotFoundError, UsageError
 from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
 from selfhost.serve.service import ApiError, Service
+
+if TYPE_CHECKING:
+    from selfhost.serve.manager import ModelManager
 
 WEB = Path(__file__).parent / "web"
 # The page runs only its own files: no inline script, nothing from elsewhere, no framing.
@@ -70,19 +73,16 @@ Release = Callable[[], None]
 Acquire = Callable[[str | None], Awaitable[tuple[Service, Release]]]
 
 
-def single_model(service: Service) -> Acquire:
-    """The model of a one-model server: a request naming another model is refused in one line."""
+def managed_models(manager: ModelManager) -> Acquire:
+    """The page's model through the server's model manager: loaded on first use, held until the reply
+    ends (a model that fails to load is the manager's one-line error)."""
 
     async def acquire(name: str | None) -> tuple[Service, Release]:
-        if name and name != service.model_id:
-            raise ApiError(
-                400,
-                f"model '{name}' is not loaded: this server serves {service.model_id} "
-                f"(start `selfhost serve {name}` to chat with it)",
-                code="model_not_loaded",
-                param="model",
-            )
-        return service, lambda: None
+        managed = await manager.acquire(name or None, "chat")
+        if managed.service is None:  # pragma: no cover - the manager gives chat models for "chat"
+            manager.release(managed)
+            raise ApiError(400, f"{managed.name} cannot chat", code="model_not_chat", param="model")
+        return managed.service, lambda: manager.release(managed)
 
     return acquire
 

@@ -458,7 +458,7 @@ async function loadModels() {
   select.replaceChildren();
   const wanted = localStorage.getItem("selfhost.model");
   for (const m of found.data.filter((m) => m.kind !== "embedding")) {
-    const option = new Option(m.loaded ? m.id : `${m.id} (not loaded)`, m.id);
+    const option = new Option(m.loaded ? m.id : `${m.id} (loads on first use)`, m.id);
     option.selected = m.id === wanted;
     select.append(option);
   }
