@@ -368,13 +368,13 @@ def test_context_full_and_a_model_that_cannot_load_are_readable_errors(
 ) -> None:
     page = open_page(playwright_browser, f"{server.url}/")
     ready(page)
-    # a model the picker offers that cannot be loaded (not downloaded): one line, the message given back
+    # a model that cannot be loaded (no such model): one line, the message given back
     page.locator("#model").evaluate("s => s.append(new Option('other-model (not loaded)', 'other-model'))")
     page.select_option("#model", "other-model")
     page.fill("#input", "Hello?")
     page.press("#input", "Enter")
     page.locator("#error-text", has_text="other-model").wait_for(timeout=30_000)
-    assert "selfhost pull other-model" in page.locator("#error-text").inner_text()  # not downloaded
+    assert "was not found" in page.locator("#error-text").inner_text()  # the manager's one line
     assert page.input_value("#input") == "Hello?" and page.locator(".msg").count() == 0
     page.select_option("#model", index=0)
     page.fill("#input", "word " * 1500)
