@@ -87,7 +87,6 @@ def page_turn(page) -> dict[str, float]:
 def api_turn(url: str) -> float:
     """A streaming /v1/chat/completions request: request sent -> first content delta received."""
     body = {
-        "model": "any",
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
         "temperature": 0,
         "max_tokens": MAX_TOKENS,
@@ -96,6 +95,7 @@ def api_turn(url: str) -> float:
     start = time.perf_counter()
     first = None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
         for line in response.iter_lines():
             if first is None and line.startswith("data: {") and '"content": ""' not in line:
                 delta = json.loads(line[6:])["choices"][0].get("delta", {})
