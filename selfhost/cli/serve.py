@@ -53,7 +53,7 @@ def serve(
     ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP + " Requests for such models pull too."),
     cors_origin: list[str] | None = typer.Option(  # noqa: B008 (a repeatable option)
-        None, "--cors-origin", help="Let this browser origin (http://host:port) call the API; repeatable."
+        None, "--cors-origin", metavar="URL", help="Let this browser origin (http://host:port) call the API."
     ),
     open_page: bool = typer.Option(False, "--open", help="Open the chat page in the default web browser."),
 ) -> None:
