@@ -116,3 +116,11 @@ def test_default_slots_give_each_a_useful_context_within_memory() -> None:
     assert default_slots(info, info.size) == 1  # no memory to spare: one slot
     short = info.model_copy(update={"context_length": 512})
     assert default_slots(short, info.size + 2 * 4 * 512 * per_token) == 4  # its whole trained context
+
+
+def test_chat_page_url_from_the_api_url() -> None:
+    from selfhost.cli.serve import page_url
+
+    assert page_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/"
+    assert page_url("http://0.0.0.0:8080/v1") == "http://127.0.0.1:8080/"  # opened on this machine
+    assert page_url("http://[::]:9000/v1") == "http://[::1]:9000/"

@@ -254,6 +254,20 @@ class HistoryStore:
                 )
                 m.id = int(cur.lastrowid or 0)
 
+    def update(self, conversation_id: int, *, title: str | None = None, system: str | None = None) -> None:
+        """Rename a conversation and/or set its system prompt ("" clears it)."""
+        with self._tx() as db:
+            found = db.execute("SELECT title, system FROM conversations WHERE id = ?", (conversation_id,))
+            row = found.fetchone()
+            if row is None:
+                raise NotFoundError(f"no conversation {conversation_id} in the history")
+            new_title = " ".join(title.split())[:200] if title is not None else row[0]
+            new_system = (system or None) if system is not None else row[1]
+            db.execute(
+                "UPDATE conversations SET title = ?, system = ?, updated_at = ? WHERE id = ?",
+                (new_title, new_system, utc_now().isoformat(), conversation_id),
+            )
+
     def delete(self, conversation_id: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))

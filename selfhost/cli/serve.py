@@ -60,6 +60,10 @@ def serve(
         False, "--metrics-public", help="Serve /metrics (Prometheus) without the API key."
     ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP + " Requests for such models pull too."),
+    cors_origin: list[str] | None = typer.Option(  # noqa: B008 (a repeatable option)
+        None, "--cors-origin", metavar="URL", help="Let this browser origin (http://host:port) call the API."
+    ),
+    open_page: bool = typer.Option(False, "--open", help="Open the chat page in the default web browser."),
 ) -> None:
     """Serve every local model over an OpenAI-compatible HTTP API: loaded on first use, unloaded when idle."""
     from selfhost.serve.config import read_config
@@ -81,7 +85,7 @@ def serve(
     )  # fmt: skip
     # a flag given on the command line wins over the config file, the file over the defaults
     given = {k: v for k, v in flags.items() if v != SERVE[k].default}
-    values = {**flags, **file_options, **given}
+    values = {**flags, **file_options, **given, "cors_origins": cors_origin or []}
     options = _options(ServeOptions, values, models or [], key, log, embedding_model, pull)
     preload = [ensure_model(m, pull) for m in options.models]  # each name resolved once, handed down
     embedding = ensure_model(embedding_model, pull, purpose="embedding") if embedding_model else None
@@ -95,9 +99,23 @@ def serve(
         err_console.print(
             f"serving on {url}{auth} · Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True
         )
+        page = page_url(url)
+        err_console.print(f"chat page: {page}", markup=False, highlight=False, soft_wrap=True)
+        if open_page:
+            import webbrowser
+
+            webbrowser.open(page)
 
     run(options, ready, preload=preload, embedding=embedding, settings=settings, reranker=reranker)
     err_console.print("stopped", markup=False, highlight=False, style="dim")
+
+
+def page_url(api_url: str) -> str:
+    """The chat page of a server whose API is at `api_url` (any-address hosts open on the loopback)."""
+    base = api_url.removesuffix("/v1")
+    for anywhere, loopback in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
+        base = base.replace(anywhere, loopback)
+    return base + "/"
 
 
 def _options(cls: Any, values: dict[str, Any], models: list[str], key: str | None, log: bool,

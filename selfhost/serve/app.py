@@ -42,15 +42,27 @@ def create_app(
     shutdown_grace: float = 8.0,
     metrics_public: bool = False,
     reranker: Embedder | None = None,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
-    from selfhost.serve import anthropic, metrics, ollama, rerank, responses, tools
+    from selfhost.serve import anthropic, metrics, ollama, rerank, responses, tools, ui
 
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ui.OriginCheck, allowed=cors_origins or [])
+    if cors_origins:  # closed by default: no CORS headers, so other sites' pages cannot read replies
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
+        )
     auth = Depends(_auth_check(api_key))
     served = Served(manager, auth, shutdown_grace)
     app.add_middleware(BodyLimit, limit=max_body, shapes=served.error_shapes)
     _error_handlers(app, served)
     started = int(time.time())
+    ui.register(app, ui.managed_models(manager), _auth_check(api_key))  # the chat page at /, /ui/api
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

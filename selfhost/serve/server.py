@@ -49,6 +49,7 @@ class ServeOptions(BaseModel):
     graceful_seconds: int = 10
     keep_alive: str = field("keep_alive")
     max_models: int | None = field("max_models")
+    cors_origins: list[str] = []  # --cors-origin: browser origins allowed to call the API
     pull: bool = False  # pull a requested model that is not downloaded yet
     metrics_public: bool = False  # /metrics without the API key
 
@@ -119,6 +120,7 @@ def serve(
             shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
             metrics_public=options.metrics_public,
             reranker=ranker,
+            cors_origins=options.cors_origins,
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
         on_ready(lines, f"http://{shown}:{port}/v1")
