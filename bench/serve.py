@@ -245,7 +245,7 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     servers = args.servers.split(",") if args.servers else [
         *(["llama-server"] if args.llama_server else []),
-        *(["llama_cpp.server"] if importlib.util.find_spec("llama_cpp.server") else []),
+        *(["llama_cpp.server"] if importlib.util.find_spec("starlette_context") else []),
         "selfhost", "selfhost+1",
     ]  # fmt: skip
     for variant in args.variant:

@@ -47,8 +47,9 @@ from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import common  # noqa: E402
 from selfhost.train.gpt import data, estimate, trainer  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config  # noqa: E402
-from selfhost.train.gpt.model import GPT  # noqa: E402
+from selfhost.train.gpt.model import build_model  # noqa: E402
 
+REFERENCE = {"cpu-tiny": "nanogpt-cpu-tiny"}  # the nanoGPT-equivalent run of a preset: nanoGPT's own settings
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -192,7 +193,7 @@ def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, ru
         model.train()
         return out
 
-    best_val, val, it, step_time = 1e9, math.nan, 0, 0.0
+    best_val, val, it, step_time, timeline = 1e9, math.nan, 0, 0.0, []
     x, y = get_batch("train")
     t_last = time.perf_counter()
     while True:
@@ -207,6 +208,7 @@ def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, ru
                     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
                              "best_val_loss": best_val, "config": cfg.model_dump()}  # fmt: skip
                     torch.save(state, run_dir / "ckpt.pt")
+            timeline.append((time.perf_counter() - t0, val))
             print(f"  nanoGPT-equivalent step {it}: train {losses['train']:.4f} val {val:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
             t_last = time.perf_counter()
@@ -225,7 +227,7 @@ def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, ru
             break
     wall = time.perf_counter() - t0
     return {"wall": wall, "cpu": time.process_time() - cpu0, "val": val, "threads": threads,
-            "tps": it * cfg.tokens_per_iter / step_time}  # fmt: skip
+            "tps": it * cfg.tokens_per_iter / step_time, "timeline": timeline}  # fmt: skip
 
 
 def throughput(step, tokens: int, device: torch.device, steps: int) -> float:  # noqa: ANN001
@@ -239,7 +241,7 @@ def compare_steps(
     sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
     batch = lambda: trainer.to_device(*sampler.next(), device)  # noqa: E731
     dtype = trainer.resolve_dtype(cfg.dtype, device)
-    ours_model = GPT(trainer.gpt_config(cfg, vocab)).to(device)
+    ours_model = build_model(trainer.gpt_config(cfg, vocab)).to(device)
     model = torch.compile(ours_model) if cfg.compile else ours_model
     ours = trainer.Stepper(model, cfg.model_copy(update={"grad_accum": 1}), device, dtype, batch, ddp=False)
     tokens = cfg.batch_size * cfg.block_size
@@ -299,6 +301,41 @@ def nanogpt_step(cfg: TrainConfig, vocab: int, batch: Any) -> Any:
     return step
 
 
+def step_vs_nanogpt(cfg: TrainConfig, ref_cfg: TrainConfig, vocab: int, ds: data.Dataset, steps: int) -> None:
+    """Seconds per training step of ours (cfg, with its optimizer) and of the nanoGPT-equivalent (ref_cfg),
+    timed in turns A B B A of `steps` steps each (CPU): with a run's loss-per-step curve, what its time to
+    a loss would be where the machine is too busy for whole runs side by side."""
+    sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
+    batch = lambda: trainer.to_device(*sampler.next(), torch.device("cpu"))  # noqa: E731
+    model = build_model(trainer.gpt_config(cfg, vocab))
+    ours = trainer.Stepper(model, cfg, torch.device("cpu"), torch.float32, batch, ddp=False).step
+    steps_of = {"ours": lambda: ours().item(), "nanoGPT": nanogpt_step(ref_cfg, vocab, batch)}
+    for step in steps_of.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {"ours": [], "nanoGPT": []}
+    cpu: dict[str, list[float]] = {"ours": [], "nanoGPT": []}
+    for name in ("ours", "nanoGPT", "nanoGPT", "ours"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            steps_of[name]()
+        times[name].append((time.perf_counter() - t0) / steps)
+        cpu[name].append((time.process_time() - c0) / steps)
+    ours_s, ref_s = (sum(times[k]) / 2 for k in ("ours", "nanoGPT"))
+    ours_c, ref_c = (sum(cpu[k]) / 2 for k in ("ours", "nanoGPT"))
+    print()
+    load, threads = os.getloadavg()[0], torch.get_num_threads()
+    print(f"| step, A B B A x {steps} steps, {threads} threads, load {load:.1f} "
+          "| wall ms/step | vs nanoGPT-eq. | CPU ms/step | vs nanoGPT-eq. |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    print(f"| nanoGPT-equivalent | {1000 * ref_s:.1f} | 1.00x | {1000 * ref_c:.1f} | 1.00x |")
+    print(f"| ours ({' '.join(_OURS_SETTINGS) or 'preset'}) | {1000 * ours_s:.1f} | {ours_s / ref_s:.2f}x | "
+          f"{1000 * ours_c:.1f} | {ours_c / ref_c:.2f}x |")  # fmt: skip
+
+
+_OURS_SETTINGS: list[str] = []
+
+
 def profile_step(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.device, steps: int) -> None:
     """Where a training step's time goes: torch.profiler's self CPU time of `steps` steps of ours and of
     the nanoGPT-equivalent (CPU only), summed by kind of work."""
@@ -306,7 +343,7 @@ def profile_step(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.d
 
     sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
     batch = lambda: trainer.to_device(*sampler.next(), device)  # noqa: E731
-    model = GPT(trainer.gpt_config(cfg, vocab)).to(device)
+    model = build_model(trainer.gpt_config(cfg, vocab)).to(device)
     dtype = trainer.resolve_dtype(cfg.dtype, device)
     runs = {"ours": trainer.Stepper(model, cfg, device, dtype, batch, ddp=False).step}
     if device.type == "cpu":
@@ -392,7 +429,7 @@ def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         req = trainer.TrainRequest(config=cfg, run_dir=Path(tmp), data=data_path, handle_sigint=False)
         t0 = time.perf_counter()
-        steps, start, row, threads = [], None, {}, None
+        steps, start, row, threads, timeline = [], None, {}, None, []
         for ev in trainer.train(req):
             m = ev.metrics if isinstance(ev, Progress) else {}
             if isinstance(ev, Progress) and ev.task == "train" and "n_params" in m:  # the estimate
@@ -403,6 +440,7 @@ def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
             elif isinstance(ev, Progress) and ev.task == "train":
                 steps.append(m)
             elif isinstance(ev, Progress) and ev.task == "eval":
+                timeline.append((time.perf_counter() - t0, m["val_loss"]))
                 print(f"  ours step {ev.done:.0f}: train {m['train_loss']:.4f} val {m['val_loss']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
             elif isinstance(ev, Result):
@@ -411,8 +449,37 @@ def ours_run(cfg: TrainConfig, data_path: Path) -> dict:
                 row = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0,
                        "val": ev.value.val_loss, "tps": sum(s["tokens_per_s"] for s in later) / len(later),
                        "mfu": f"{100 * sum(mfus) / len(mfus):.1f}%" if mfus else "n/a",
-                       "eta": start.get("eta_s") if start else None, "threads": threads}  # fmt: skip
+                       "eta": start.get("eta_s") if start else None, "threads": threads,
+                       "timeline": timeline}  # fmt: skip
     return {**row, "load": (load + os.getloadavg()[0]) / 2}
+
+
+def time_to(timeline: list[tuple[float, float]], target: float) -> float:
+    """Seconds until the first eval at or below `target` (inf: never)."""
+    return next((t for t, val in timeline if val <= target), math.inf)
+
+
+def best_within(timeline: list[tuple[float, float]], seconds: float) -> float:
+    return min((val for t, val in timeline if t <= seconds), default=math.nan)
+
+
+def target_table(results: dict[str, list[dict]], ours_label: str) -> None:
+    """Time to reach nanoGPT's final val loss, and the best val loss each reaches in nanoGPT's wall time
+    (each pair of runs in the same order A B B A compared pairwise, then averaged)."""
+    ref, ours = results["nanoGPT"], results["ours"]
+    pairs = list(zip(ours, ref[:: -1] if len(ref) > 1 else ref, strict=False))  # ours1-nano2, ours2-nano1
+    print()
+    print("| run | nanoGPT-eq.: final val, wall (s) | ours: time to that val (s) | ratio | "
+          "ours: best val in nanoGPT's wall | load avg |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for o, n in pairs:
+        target, wall = n["val"], n["wall"]
+        reach = time_to(o["timeline"], target)
+        ratios.append(reach / wall)
+        print(f"| {ours_label} | {target:.4f}, {wall:.1f} | {reach:.1f} | {reach / wall:.2f}x | "
+              f"{best_within(o['timeline'], wall):.4f} | {(o['load'] + n['load']) / 2:.1f} |")  # fmt: skip
+    print(f"# time to nanoGPT's val loss: {sum(ratios) / len(ratios):.2f}x nanoGPT's wall time (mean)")
 
 
 def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) -> None:
@@ -427,14 +494,16 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
         if name == "ours":
             results[name].append(ours_run(cfg, args.data))
             continue
+        ref_cfg = build_config(REFERENCE.get(args.preset, args.preset),
+                               overrides={"max_iters": args.ref_iters, "device": "cpu"})  # fmt: skip
         if tok_ds is None:
-            tok, docs = _tok_docs(cfg, args.data)
+            tok, docs = _tok_docs(ref_cfg, args.data)
             tok_ds = tok, data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
         load = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as tmp:
             ours = results["ours"][-1]["threads"] if results["ours"] else None
             ref_threads = args.ref_threads or ours or default_threads  # the same threads as ours
-            r = nanogpt_run(cfg, tok_ds[0].vocab_size, tok_ds[1], ref_threads, Path(tmp))
+            r = nanogpt_run(ref_cfg, tok_ds[0].vocab_size, tok_ds[1], ref_threads, Path(tmp))
         results[name].append({**r, "load": (load + os.getloadavg()[0]) / 2})
         torch.set_num_threads(default_threads)
     print()
@@ -454,6 +523,8 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
         threads = "/".join(str(r["threads"] or torch.get_num_threads()) for r in rs)  # each run's
         print(f"| {labels[name]} | {threads} | {wall:.1f} | {mean(rs, 'cpu'):.1f} | {mean(rs, 'val'):.4f} | "
               f"{mean(rs, 'tps'):,.0f} | {mean(rs, 'load'):.1f} | {ratio} |")  # fmt: skip
+    if with_ref:
+        target_table(results, " ".join(args.set) or args.preset)
     if len(results["ours"]) > 1 or (with_ref and len(results["nanoGPT"]) > 1):
         for name, rs in results.items():
             print(f"#   {name}: wall " + ", ".join(f"{r['wall']:.1f}" for r in rs) + " s")
@@ -477,6 +548,11 @@ def main() -> None:
     ap.add_argument("--cli-iters", type=int, default=None, help="iterations of the --before runs")
     ap.add_argument("--repeat", action="store_true", help="run each side twice, in the order A B B A")
     ap.add_argument("--no-steps", action="store_true", help="skip the step comparison")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting of ours only (e.g. arch=llama optimizer=muon)")  # fmt: skip
+    ap.add_argument("--ref-iters", type=int, default=None, help="nanoGPT-eq. iterations (default --iters)")
+    ap.add_argument("--step-ratio", type=int, default=0, metavar="N",
+                    help="also time N steps of ours vs the nanoGPT-equivalent, A B B A")  # fmt: skip
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps of ours")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
@@ -484,14 +560,14 @@ def main() -> None:
     if args.before:
         compare_cli(args.before, args)
     overrides = {"device": args.device, "max_iters": args.iters, "compile": args.compile or None,
-                 "threads": args.threads}  # fmt: skip
+                 "threads": args.threads, **dict(_setting(kv) for kv in args.set)}  # fmt: skip
     cfg = build_config(args.preset, overrides=overrides)
     device = common.pick_device(cfg.device)
     print(f"# {args.preset} on {common.device_name(device)}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}", flush=True)  # fmt: skip
     if not args.skip_run:
         full_runs(cfg, args, default_threads)
-    if args.no_steps and not args.profile:
+    if args.no_steps and not args.profile and not args.step_ratio:
         return
     tok, docs = _tok_docs(cfg, args.data)
     ds = data.split(data.encode_documents(tok, docs), cfg.val_fraction, len(docs))
@@ -499,6 +575,11 @@ def main() -> None:
     if not args.no_steps:
         step_table(cfg, tok.vocab_size, ds, device, args.step_iters or (20 if device.type == "cpu" else 50),
                    threads)  # fmt: skip
+    if args.step_ratio:
+        _OURS_SETTINGS.extend(args.set)
+        ref_preset = REFERENCE.get(args.preset, args.preset)
+        ref_cfg = build_config(ref_preset, overrides={"max_iters": args.ref_iters})
+        step_vs_nanogpt(cfg, ref_cfg, tok.vocab_size, ds, args.step_ratio)
     if args.profile:
         profile_step(cfg, tok.vocab_size, ds, device, args.profile)
 
@@ -515,6 +596,16 @@ def step_table(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.dev
     what = f"ours (SDPA, fused AdamW, sigmoid-form GELU, {str(dtype)[6:]}"
     what += ", compiled)" if cfg.compile else ")"
     print(f"| {what} | {ours:,.0f} | {ours / ref:.2f}x |")
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    import json
+
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
 
 
 def _tok_docs(cfg: TrainConfig, path: Path):  # noqa: ANN202

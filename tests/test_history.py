@@ -27,13 +27,13 @@ def talk(log: ChatLog, *pairs: tuple[str, str], system: str | None = None) -> li
 
 def test_fresh_database_runs_every_migration_once(tmp_path: Path) -> None:
     store = HistoryStore(tmp_path / "h.db")
-    assert store.schema_version() == len(MIGRATIONS) == 3
+    assert store.schema_version() == len(MIGRATIONS) == 4
     store.close()
     again = HistoryStore(tmp_path / "h.db")
-    assert again.schema_version() == 3
+    assert again.schema_version() == 4
     with sqlite3.connect(tmp_path / "h.db") as db:
         names = [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY version")]
-    assert names == ["m1_initial", "m2_finish_reason", "m3_updated_index"]
+    assert names == ["m1_initial", "m2_finish_reason", "m3_updated_index", "m4_reasoning"]
 
 
 def test_old_database_is_migrated_in_place_keeping_its_rows(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_old_database_is_migrated_in_place_keeping_its_rows(tmp_path: Path) -> N
     db.close()
     store = HistoryStore(path)
     conv = store.get(1)
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     assert conv.title == "old" and [(m.role, m.content, m.finish_reason) for m in conv.messages] == [
         ("user", "hi", None)
     ]

@@ -153,12 +153,12 @@ def test_crafted_mnist_models_are_refused_before_allocating(
     tmp_path: Path, channels: str, nan: bool, needle: str
 ) -> None:
     pytest.importorskip("safetensors")
-    from selfhost.train.mnist.train import load_model
+    from selfhost.train.mnist.train import load_classifier
 
     path = tmp_path / "model.safetensors"
     _save_mnist(path, channels, nan)
     with pytest.raises(IntegrityError, match=needle):
-        load_model(path)
+        load_classifier(path)
 
 
 # -- 10: images and IDX bounded before decoding ------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from selfhost import atomic, paths
-from selfhost.chat.history import HistoryStore
+from selfhost.chat.history import MIGRATIONS, HistoryStore
 from selfhost.chat.messages import Conversation, Message
 from selfhost.cli.app import app
 from selfhost.errors import HistoryBusyError, HistoryDiskFullError
@@ -49,7 +49,7 @@ def test_parallel_processes_on_a_fresh_history_database_lose_nothing(tmp_path: P
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * 8, f"round {round_no}: a process failed"
         store = HistoryStore(db)
-        assert len(store.list()) == 8 and store.schema_version() == 3
+        assert len(store.list()) == 8 and store.schema_version() == len(MIGRATIONS)
         store.close()
         with sqlite3.connect(db) as check:
             assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -37,14 +37,14 @@ def register_as(name: str, path: Path, repo: str | None = None) -> ModelRecord:
 # -- the shipped registry ------------------------------------------------------------------------------
 def test_every_entry_validates_against_the_strict_schema():
     shipped = parse_registry_file(ROOT / "models.toml")
-    assert 20 <= len(shipped) <= 30
+    assert 20 <= len(shipped) <= 32  # 30 chat/base/embedding + 2 rerankers
     for alias, entry in shipped.items():
         RegistryEntry.model_validate(entry.model_dump())  # round-trips through the schema
         assert entry.size_gb.get(entry.default_quant), alias  # `--fits` needs the default quant's size
         assert entry.description and entry.params, alias
         assert entry.license not in ("other", "unknown"), alias
     kinds = {e.kind for e in shipped.values()}
-    assert kinds == {"chat", "embedding", "base"}
+    assert kinds == {"chat", "embedding", "base", "rerank"}
     assert shipped["smollm2-135m"].embedded and [a for a, e in shipped.items() if e.embedded] == [
         "smollm2-135m"
     ]
@@ -136,6 +136,18 @@ def test_every_embedding_entry_is_refused_by_chat(tiny_gguf, runner):
     assert show.exit_code == 0 and json.loads(show.stdout)["kind"] == "embedding"
 
 
+def test_every_rerank_entry_is_refused_by_chat_and_taken_by_serve(tiny_gguf):
+    rerankers = {a: e for a, e in load_registry().models.items() if e.kind == "rerank"}
+    assert {"bge-reranker-v2-m3", "qwen3-reranker-0.6b"} <= set(rerankers)
+    for alias, entry in rerankers.items():
+        with pytest.raises(UsageError, match="is a reranker"):
+            resolve_model(alias)
+        register_as(f"{alias}:{entry.default_quant}", tiny_gguf, entry.repo)
+        with pytest.raises(UsageError, match="cannot chat"):
+            resolve_model(alias)
+        assert resolve_model(alias, purpose="rerank").kind == "rerank"  # serve --rerank-model
+
+
 def test_chat_subprocess_refuses_an_embedding_model(tiny_gguf):
     entry = load_registry().get("nomic-embed-text-v1.5")
     register_as("nomic-embed-text-v1.5:Q8_0", tiny_gguf, entry.repo)
@@ -218,7 +230,7 @@ def test_available_filters_by_kind_and_fit():
     assert by_alias["qwen3-30b-a3b"].fit == "gpu" and by_alias["qwen3-32b"].fit == "gpu"
     assert bytes_needed(10**9) == int(1.1e9) + 500_000_000
     kinds = [r.entry.kind for r in available_models(budget=MemoryBudget(ram=None, vram=None))]
-    assert kinds == sorted(kinds, key=["chat", "base", "embedding"].index)  # grouped by kind
+    assert kinds == sorted(kinds, key=["chat", "base", "embedding", "rerank"].index)  # grouped by kind
 
 
 def test_cli_available_kind_and_fits(runner):

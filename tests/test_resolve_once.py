@@ -118,3 +118,10 @@ def test_per_model_settings_merge_home_then_config(tmp_path: Path, isolated_home
     config.write_text('[serve.models."a"]\nslots = 2\n')
     with pytest.raises(UsageError, match='serve.models."a"'):
         read_config(config)
+
+
+def test_a_misspelt_serve_key_in_a_config_file_is_one_line(runner, tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text('[serve]\nkeep_alive = "1m"\nmax_model = 2\n')
+    result = runner.invoke(app, ["serve", "--config", str(config), "--port", "0"])
+    assert result.exit_code != 0 and "max-model" in result.output and "Traceback" not in result.output

@@ -7,9 +7,10 @@ import socket
 import subprocess
 import sys
 
+from selfhost.chat.families import FAMILIES, forced_call_parser
 from selfhost.runtime.template import ChatTemplate
 from selfhost.serve.schemas import FunctionDef, Tool
-from selfhost.serve.service import ToolPlan, _tool_calls
+from selfhost.serve.service import _complete
 from tests.servehelp import REPO
 
 HERMES = (
@@ -18,27 +19,41 @@ HERMES = (
 )
 
 
+def _parse(text: str):  # noqa: ANN202
+    parser = FAMILIES["hermes"].parser("")
+    parser.feed(text)
+    parser.finish()
+    return parser.result()
+
+
 def test_auto_mode_reads_hermes_tool_call_blocks() -> None:
-    plan = ToolPlan("auto", [Tool(function=FunctionDef(name="get_weather"))])
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    calls = _tool_calls(plan, text)
-    assert calls is not None and len(calls) == 1
+    reply = _parse(text)
+    calls = reply.tool_calls
+    assert calls is not None and len(calls) == 1 and reply.content == "Let me check."
     assert calls[0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
-    assert _tool_calls(plan, "No tools needed: it is sunny.") is None
-    assert _tool_calls(plan, "<tool_call>{not json}</tool_call>") is None
-    two = _tool_calls(plan, '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b", "arguments": {}}')
+    assert _parse("No tools needed: it is sunny.").tool_calls is None
+    bad = _parse("<tool_call>{not json}</tool_call>")
+    assert bad.tool_calls is None and bad.content == "{not json}"  # not a call: the text stands
+    two = _parse('<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b", "arguments": {}}').tool_calls
     assert [c["function"]["name"] for c in two] == ["a", "b"]  # the last block may be cut at max_tokens
+    assert two[0]["function"]["arguments"] == "{}"
+
+
+def _forced(name: str | None, text: str):  # noqa: ANN202
+    parser = forced_call_parser(FAMILIES["hermes"], name)
+    chunks = parser.feed(text[:5]) + parser.feed(text[5:]) + parser.finish()
+    assert chunks[0].id is not None  # streamed as a call: id and name first
+    return parser.result().tool_calls
 
 
 def test_named_and_required_modes_take_the_whole_reply() -> None:
-    named = _tool_calls(ToolPlan("named", forced_name="f"), ' {"x": 1} ')
+    named = _forced("f", ' {"x": 1} ')
     assert named[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    required = _tool_calls(ToolPlan("required"), '{"name": "g", "arguments": {"y": 2}}')
-    assert required[0]["function"]["name"] == "g" and json.loads(required[0]["function"]["arguments"]) == {
-        "y": 2
-    }
-    assert _tool_calls(ToolPlan("required"), '{"name": "g", "argu') is None  # cut short: no call invented
+    required = _forced(None, '{"name": "g", "arguments": {"y": 2}}')
+    assert required[0]["function"] == {"name": "g", "arguments": '{"y": 2}'}
+    assert not _complete(_forced(None, '{"name": "g", "arguments": {"y"'))  # cut short: no call invented
 
 
 def test_templates_that_know_tools_render_them() -> None:
@@ -101,3 +116,11 @@ def test_default_slots_give_each_a_useful_context_within_memory() -> None:
     assert default_slots(info, info.size) == 1  # no memory to spare: one slot
     short = info.model_copy(update={"context_length": 512})
     assert default_slots(short, info.size + 2 * 4 * 512 * per_token) == 4  # its whole trained context
+
+
+def test_chat_page_url_from_the_api_url() -> None:
+    from selfhost.cli.serve import page_url
+
+    assert page_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/"
+    assert page_url("http://0.0.0.0:8080/v1") == "http://127.0.0.1:8080/"  # opened on this machine
+    assert page_url("http://[::]:9000/v1") == "http://[::1]:9000/"

@@ -355,3 +355,31 @@ def test_ddp_ranks_differ_in_data_stay_in_sync_and_resume_exactly_after_ctrl_c(
     r0 = torch.load(b / "rank0.pt")
     for k in w0:
         torch.testing.assert_close(r0[k], w0[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_llama_muon_run_resumes_exactly(text_file: Path, tmp_path: Path) -> None:
+    """The llama-style model with Muon + AdamW and the wsd schedule: stop, --resume, same losses."""
+    cfg = build_config("cpu-tiny", overrides={**TINY, "max_iters": 10, "eval_interval": 4, "arch": "llama",
+                                              "n_kv_head": 1, "qk_norm": True, "optimizer": "muon",
+                                              "lr_schedule": "wsd"})  # fmt: skip
+    full = run_events(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "a", data=text_file))
+    part = run_events(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "b", data=text_file), 6)
+    assert part[-1] == "KeyboardInterrupt"
+    saved = checkpoint.load(tmp_path / "b" / "ckpt.pt", resume=True)
+    assert [type(p) for p in saved["optimizer"]["parts"]] == [dict, dict]  # AdamW and Muon
+    assert any("momentum_buffer" in s for s in saved["optimizer"]["parts"][1]["state"].values())
+    rest = run_events(trainer.TrainRequest(config=cfg, run_dir=tmp_path / "b", resume=True))
+    resumed, expected = {**losses(part), **losses(rest)}, losses(full)
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    assert expected["eval 10"] < expected["eval 0"]
+
+
+def test_wsd_schedule_is_flat_then_linear() -> None:
+    cfg = build_config("cpu-tiny", overrides={"lr_schedule": "wsd", "max_iters": 1000, "lr_decay_iters": 1000,
+                                              "warmup_iters": 10, "cooldown": 0.2})  # fmt: skip
+    f = trainer.lr_factor(cfg)
+    assert f(0) == pytest.approx(1 / 11) and f(10) == f(799) == 1.0
+    floor = cfg.min_lr / cfg.learning_rate
+    assert f(900) == pytest.approx(floor + (1 - floor) * 0.5) and f(1000) == pytest.approx(floor)

@@ -194,7 +194,7 @@ def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, run
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
-def greedy_continuation(model: GPT, ids: list[int], n: int, eot: int) -> list[int]:
+def greedy_continuation(model: torch.nn.Module, ids: list[int], n: int, eot: int) -> list[int]:
     """PyTorch greedy decoding: the tokens llama.cpp must produce at temperature 0."""
     out = list(ids)
     with torch.no_grad():
@@ -251,3 +251,69 @@ def test_readme_quantize_then_chat_commands(tmp_path: Path, runner) -> None:  # 
         reference = model(torch.tensor([ids]))[0][0].numpy()
     error = np.abs(np.array(llm.scores[: len(ids)]) - reference).max()
     assert 0 < error < 0.15, error
+
+
+LLAMA_VARIANTS = {  # name -> (model args, the GGUF architecture)
+    "llama": ({}, "llama"),
+    "llama-gqa-untied": ({"n_kv_head": 1, "tie_embeddings": False}, "llama"),
+    "qk-norm": ({"qk_norm": True, "n_kv_head": 1}, "qwen3"),
+}
+
+
+def random_llama(tok: Tokenizer, seed: int = 0, **kw) -> torch.nn.Module:  # noqa: ANN003
+    from selfhost.train.gpt.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64,
+                                  arch="llama", **kw))  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
+def test_llama_style_model_matches_llama_cpp(tmp_path: Path, variant: str) -> None:
+    """Rotary (query/key rows permuted for llama, as is for qwen3), RMSNorm, SwiGLU, GQA, QK-norm, untied
+    head: llama.cpp computes our logits (same bound as the gpt2 parity test)."""
+    kw, arch = LLAMA_VARIANTS[variant]
+    tok = BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
+    model = random_llama(tok, **kw)
+    path = export(tmp_path, tok, model)
+    assert gguf_info.inspect(path).architecture == arch
+    ids = [tok.eot_id, *tok.encode("ROMEO:\nWhat's this? Café 日本語 😀, speak.")][:48]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0][0].numpy()
+    llm = load(path, logits_all=True)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - expected).max() <= 1e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert expected.std() > 0.1
+
+
+def test_llama_style_export_quantizes_and_chats(tmp_path: Path, runner) -> None:  # noqa: ANN001
+    """`selfhost train export` of a llama-style run, `selfhost quantize --type Q8_0`, then chat with it."""
+    import json
+
+    from selfhost.cli.app import app
+
+    tok = BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
+    model = random_llama(tok, seed=3, n_kv_head=1)
+    run = tmp_path / "my-llama"
+    checkpoint.save(run / checkpoint.CKPT_NAME, {
+        "model_args": model.config.to_dict(), "config": {}, "tokenizer": tok.to_json(),
+        "model": model.state_dict(),
+    })  # fmt: skip
+    exported = runner.invoke(app, ["train", "export", str(run), "--name", "my-llama", "--type", "f32"])
+    assert exported.exit_code == 0, exported.output
+    chat = ["--raw", "-p", "ROMEO:", "-t", "0", "-n", "12", "--json", "--no-log", "--threads", "1"]
+    f32 = json.loads(runner.invoke(app, ["chat", "my-llama", *chat]).output.partition("\n")[2])
+    prompt = [tok.eot_id, *tok.encode("ROMEO:")]
+    expected = greedy_continuation(model, prompt, 12, tok.eot_id)
+    assert len(expected) >= 4 and f32["reply"] == tok.decode(expected)
+    quantized = runner.invoke(app, ["quantize", "my-llama", "--type", "Q8_0", "--threads", "1"])
+    assert quantized.exit_code == 0, quantized.output
+    q8 = runner.invoke(app, ["chat", "my-llama:Q8_0", *chat])
+    assert q8.exit_code == 0 and "Q8_0" in q8.output.partition("\n")[0], q8.output
+    assert json.loads(q8.output.partition("\n")[2])["usage"]["generated_tokens"] > 0

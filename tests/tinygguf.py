@@ -128,3 +128,36 @@ def write_tiny_llama(
     if split_max_tensors:
         return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     return path
+
+
+def write_tiny_reranker(path: Path) -> Path:
+    """A one-layer llama reranker (rank pooling) built by hand so its score means something: attention
+    is uniform (q = k = 0), so the last token reads the share of digit tokens in the query/document
+    pair, and that share is the score: a document with a number (a year, a count) outranks one without.
+    """
+    import gguf
+
+    tokens, _ = vocabulary()
+    mapping = byte_to_unicode()
+    digits = [tokens.index(mapping[ord(c)]) for c in "0123456789"]
+
+    def edit(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n_vocab, n_embd = tensors["token_embd.weight"].shape
+        embd = np.zeros((n_vocab, n_embd), np.float32)
+        embd[:, 1] = 1.0  # every token: a constant, so RMS norm keeps the digit feature comparable
+        embd[digits, 2] = 1.0  # the feature: "this token is a digit"
+        tensors["token_embd.weight"] = embd
+        for part in ("attn_q", "attn_k", "ffn_gate", "ffn_up", "ffn_down"):
+            tensors[f"blk.0.{part}.weight"] = np.zeros_like(tensors[f"blk.0.{part}.weight"])
+        value = np.zeros((n_embd, n_embd), np.float32)
+        value[0, 2] = 1.0  # V carries the digit feature into dimension 0 ...
+        out = np.zeros((n_embd, n_embd), np.float32)
+        out[0, 0] = 1.0  # ... which the residual stream keeps: rank pooling reads dimension 0
+        tensors["blk.0.attn_v.weight"], tensors["blk.0.attn_output.weight"] = value, out
+        return tensors
+
+    pooling = {"llama.pooling_type": (4, gguf.GGUFValueType.UINT32)}  # LLAMA_POOLING_TYPE_RANK
+    return write_tiny_llama(
+        path, n_layer=1, n_ctx=256, chat_template=None, name="tiny-reranker", kv_overrides=pooling,
+        edit_tensors=edit,
+    )  # fmt: skip

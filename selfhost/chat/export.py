@@ -30,7 +30,10 @@ def to_markdown(conversation: Conversation) -> str:
         heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
         if m.finish_reason and m.finish_reason != "stop":
             heading += f" ({m.finish_reason})"
-        lines += [f"## {heading}", "", m.content, ""]
+        lines += [f"## {heading}", ""]
+        if m.reasoning:  # a thinking model's reasoning, quoted apart from the answer
+            lines += ["> **Thinking**", ">", *[f"> {line}".rstrip() for line in m.reasoning.splitlines()], ""]
+        lines += [m.content, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -56,8 +56,18 @@ def _m3_updated_index(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX conversations_by_updated ON conversations(updated_at)")
 
 
+def _m4_reasoning(db: sqlite3.Connection) -> None:
+    """A thinking model's reasoning, kept apart from its answer (`content`)."""
+    db.execute("ALTER TABLE messages ADD COLUMN reasoning TEXT")
+
+
 # Append only: migration N runs once on every database whose version is below N.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_finish_reason, _m3_updated_index]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _m1_initial,
+    _m2_finish_reason,
+    _m3_updated_index,
+    _m4_reasoning,
+]
 
 
 class ConversationSummary(BaseModel):
@@ -229,7 +239,7 @@ class HistoryStore:
             if m.id is None:
                 cur = db.execute(
                     "INSERT INTO messages (conversation_id, seq, role, content, tokens, created_at, model, "
-                    "finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "finish_reason, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         conversation_id,
                         seq,
@@ -239,9 +249,24 @@ class HistoryStore:
                         m.created_at.isoformat(),
                         m.model,
                         m.finish_reason,
+                        m.reasoning,
                     ),
                 )
                 m.id = int(cur.lastrowid or 0)
+
+    def update(self, conversation_id: int, *, title: str | None = None, system: str | None = None) -> None:
+        """Rename a conversation and/or set its system prompt ("" clears it)."""
+        with self._tx() as db:
+            found = db.execute("SELECT title, system FROM conversations WHERE id = ?", (conversation_id,))
+            row = found.fetchone()
+            if row is None:
+                raise NotFoundError(f"no conversation {conversation_id} in the history")
+            new_title = " ".join(title.split())[:200] if title is not None else row[0]
+            new_system = (system or None) if system is not None else row[1]
+            db.execute(
+                "UPDATE conversations SET title = ?, system = ?, updated_at = ? WHERE id = ?",
+                (new_title, new_system, utc_now().isoformat(), conversation_id),
+            )
 
     def delete(self, conversation_id: int) -> None:
         with self._tx() as db:
@@ -288,13 +313,20 @@ class HistoryStore:
                     f"no conversation {conversation_id} in the history", hint="see `selfhost history list`"
                 )
             rows = db.execute(
-                "SELECT id, role, content, tokens, created_at, model, finish_reason FROM messages "
+                "SELECT id, role, content, tokens, created_at, model, finish_reason, reasoning FROM messages "
                 "WHERE conversation_id = ? ORDER BY seq, id",
                 (conversation_id,),
             ).fetchall()
         messages = [
             Message(
-                id=r[0], role=r[1], content=r[2], tokens=r[3], created_at=r[4], model=r[5], finish_reason=r[6]
+                id=r[0],
+                role=r[1],
+                content=r[2],
+                tokens=r[3],
+                created_at=r[4],
+                model=r[5],
+                finish_reason=r[6],
+                reasoning=r[7],
             )
             for r in rows
         ]

@@ -26,10 +26,14 @@ class Message(BaseModel):
     id: int | None = None  # row id once written to the history database
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, OpenAI's shape (server)
     tool_call_id: str | None = None  # which call a "tool" message answers
+    reasoning: str | None = None  # a thinking model's reasoning, apart from the answer in `content`
 
     def template_dict(self) -> dict[str, Any]:
-        """What a chat template sees of this message."""
+        """What a chat template sees of this message (reasoning under the names templates read:
+        Qwen3 `reasoning_content`, gpt-oss `thinking`; templates that drop old reasoning do)."""
         data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning:
+            data["reasoning_content"] = data["thinking"] = self.reasoning
         if self.tool_calls:
             data["tool_calls"] = self.tool_calls
         if self.tool_call_id:
@@ -55,11 +59,36 @@ class Usage(BaseModel):
     restored_tokens: int = 0  # of reused_tokens, those restored from the prompt cache
     drafted_tokens: int = 0  # speculative decoding: tokens drafted
     accepted_tokens: int = 0  # ... and kept by the model
+    reasoning_tokens: int = 0  # generated tokens that were reasoning (estimated by re-tokenizing it)
 
 
 class TextChunk(BaseModel):
+    """A piece of the answer (content)."""
+
     kind: Literal["text"] = "text"
     text: str
+
+
+class ReasoningChunk(BaseModel):
+    """A piece of a thinking model's reasoning (never part of the answer)."""
+
+    kind: Literal["reasoning"] = "reasoning"
+    text: str
+
+
+class ToolCallChunk(BaseModel):
+    """A piece of a tool call, as OpenAI streams them: the first chunk of call `index` carries its
+    id and name (arguments ""), the following ones argument fragments that concatenate to the
+    call's JSON arguments text."""
+
+    kind: Literal["tool_call"] = "tool_call"
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+ReplyChunk = TextChunk | ReasoningChunk | ToolCallChunk  # what a family parser yields
 
 
 class TrimChunk(BaseModel):
@@ -78,7 +107,7 @@ class DoneChunk(BaseModel):
     schema_error: str | None = None
 
 
-Chunk = TextChunk | TrimChunk | DoneChunk
+Chunk = TextChunk | ReasoningChunk | ToolCallChunk | TrimChunk | DoneChunk
 
 
 def conversation_title(messages: Iterable[Message]) -> str:

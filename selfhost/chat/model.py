@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from selfhost.chat.families import Family, detect_family
 from selfhost.errors import UsageError
 from selfhost.runtime.batch import BatchEngine
 from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK
@@ -83,6 +84,8 @@ class ChatModel:
         self.draft_llm = draft_llm
         self.vocab = llama_private.vocab(llm)
         self.template = self._make_template() if info.chat_template else None
+        # how replies carry reasoning and tool calls: detected once, from the template itself
+        self.family: Family = detect_family(info.chat_template if self.template else None, info.architecture)
 
     @classmethod
     def load(
@@ -192,13 +195,15 @@ class ChatModel:
         *,
         raw: bool = False,
         tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        """Prompt text: the chat template over role/content dicts, or their plain concatenation (raw)."""
+        """Prompt text: the chat template over role/content dicts, or their plain concatenation (raw).
+        `extra`: template variables (the family's think switch)."""
         if raw or self.template is None:
             system = [m["content"] for m in messages if m["role"] == "system"]
             head = f"{system[0]}\n\n" if system else ""
             return head + "".join(m["content"] or "" for m in messages if m["role"] != "system")
-        return self.template.render(messages, tools=tools)
+        return self.template.render(messages, tools=tools, extra=extra)
 
     def tokenize_prompt(self, text: str, *, raw: bool = False) -> list[int]:
         """Tokens of a rendered prompt. A chat template writes BOS itself; raw text gets the model's BOS."""

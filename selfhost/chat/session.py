@@ -9,12 +9,14 @@ writes the conversation to the history database when there is a log.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selfhost.chat.context import fit_window, reply_reserve
+from selfhost.chat.families import ReplyParser
 from selfhost.chat.history import ChatLog
 from selfhost.chat.messages import (
     Chunk,
@@ -22,7 +24,6 @@ from selfhost.chat.messages import (
     DoneChunk,
     FinishReason,
     Message,
-    TextChunk,
     TrimChunk,
     Usage,
     conversation_title,
@@ -51,6 +52,7 @@ class PreparedReply:
     job: Job
     dropped: int  # oldest turns trimmed to fit
     schema: dict[str, Any] | None
+    parser: ReplyParser  # the model family's reader of this reply (reasoning, answer, tool calls)
 
 
 class ChatSession:
@@ -65,7 +67,12 @@ class ChatSession:
         raw: bool = False,
         schema: dict[str, Any] | None = None,
         log: ChatLog | None = None,
+        think: bool | None = None,
+        effort: str | None = None,
+        grammar: str | None = None,
     ) -> None:
+        """`grammar`: GBNF text constraining the whole reply, markup included (llama.cpp's format);
+        unlike a schema's grammar the reply is still read by the model family's parser."""
         self.model = model
         self.sampling = sampling or Sampling()
         self.system = system or None
@@ -78,6 +85,11 @@ class ChatSession:
         self.totals = {"turns": 0, "generated": 0, "evaluated": 0, "reused": 0}
         self.unsaved: HistoryError | None = None  # why the last reply is not in the history, if so
         self._grammar = grammar_for(schema) if schema is not None else None  # GBNF text
+        self.grammar = grammar
+        if grammar is not None:
+            model.engine.check_grammar(grammar)
+        self.think, self.effort = think, effort  # None: the template's default
+        self.template_vars()  # a switch the model's template does not have is refused now
 
     @classmethod
     def load(
@@ -89,11 +101,20 @@ class ChatSession:
         system: str | None = None,
         schema: dict[str, Any] | None = None,
         log: ChatLog | None = None,
+        think: bool | None = None,
+        grammar: str | None = None,
         **load_options: Any,
     ) -> ChatSession:
         """Load a model for one conversation (one slot); load_options go to ChatModel.load."""
         model = ChatModel.load(ref, raw=raw, **load_options)
-        return cls(model, sampling=sampling, system=system, raw=raw, schema=schema, log=log)
+        try:
+            return cls(
+                model, sampling=sampling, system=system, raw=raw, schema=schema, log=log, think=think,
+                grammar=grammar,
+            )
+        except BaseException:
+            model.close()
+            raise
 
     @property
     def summary(self) -> Any:
@@ -104,15 +125,30 @@ class ChatSession:
         return self.model.n_ctx
 
     # ------------------------------------------------------------- the prompt
+    def template_vars(self) -> dict[str, Any]:
+        """The think switch as the model's template spells it (UsageError where it has none)."""
+        if self.raw or (self.think is None and self.effort is None and not self.model.family.switch):
+            return {}
+        return self.model.family.template_vars(self.think, self.effort)
+
     def render(self, window: Sequence[Message], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text for a window of messages (system prompt included)."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.model.render(head + [m.template_dict() for m in window], raw=self.raw, tools=tools)
+        head: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        fmt = self.model.family.tools
+        if tools and fmt is not None and fmt.in_system:  # Phi-4-mini: tools ride on the system message
+            listed = json.dumps([t["function"] for t in tools])
+            head = [{"role": "system", "content": self.system or "", "tools": listed}]
+        messages = head + [m.template_dict() for m in window]
+        return self.model.render(messages, raw=self.raw, tools=tools, extra=self.template_vars())
 
     def prompt_tokens(
         self, window: Sequence[Message], tools: list[dict[str, Any]] | None = None
     ) -> list[int]:
-        return self.model.tokenize_prompt(self.render(window, tools), raw=self.raw)
+        return self._prompt(window, tools)[1]
+
+    def _prompt(self, window: Sequence[Message], tools: list[dict[str, Any]] | None) -> tuple[str, list[int]]:
+        text = self.render(window, tools)
+        return text, self.model.tokenize_prompt(text, raw=self.raw)
 
     # ------------------------------------------------------- conversation API
     def chat(self, text: str) -> Iterator[Chunk]:
@@ -187,29 +223,42 @@ class ChatSession:
         grammar: str | None = None,
         stop: Sequence[str] = (),
         tools: list[dict[str, Any]] | None = None,
+        plain: bool | None = None,
+        parser: ReplyParser | None = None,
+        calls: bool | None = None,
     ) -> PreparedReply:
         """Render and fit the conversation; build the job that generates the next reply.
 
         trim=True drops the oldest turns until the prompt and the reply budget fit (chat);
-        trim=False refuses with ContextLengthError instead (server: the client owns the history)."""
+        trim=False refuses with ContextLengthError instead (server: the client owns the history).
+        plain: read the reply as text only (default: when a schema's or a tool's grammar shapes it);
+        parser: read it with this one instead (a forced tool call); calls: read tool calls in it
+        (default: when tools are rendered into the prompt)."""
         max_tokens = self.sampling.max_tokens
         if trim:
-            tokens, dropped = self._fit(tools)
+            text, tokens, dropped = self._fit(tools)
         else:
-            tokens, dropped = self.prompt_tokens(self.messages, tools), 0
+            (text, tokens), dropped = self._prompt(self.messages, tools), 0
             if len(tokens) + 1 > self.n_ctx:
                 raise ContextLengthError(
                     f"the prompt is {len(tokens)} tokens and the context holds {self.n_ctx}",
                     hint="send fewer or shorter messages",
                 )
+        if plain is None:  # under a schema's or a forced call's grammar the reply is that JSON only
+            plain = grammar is not None or self._grammar is not None
+        schema = self.schema if grammar is None else None
+        grammar = grammar if grammar is not None else self._grammar or self.grammar
+        calls = tools is not None if calls is None else calls
+        parser = parser or self.model.family.parser(text, plain=self.raw or plain, calls=calls, tools=tools)
         job = Job(
             prompt=tokens,
             sampling=SamplingParams(**self.sampling.model_dump(exclude={"max_tokens"})),
             max_tokens=max_tokens if max_tokens is not None else self.n_ctx,
-            grammar=grammar if grammar is not None else self._grammar,
+            grammar=grammar,
             stop=list(stop),
+            special=self.model.family.special and not self.raw and not plain,
         )
-        return PreparedReply(job=job, dropped=dropped, schema=self.schema if grammar is None else None)
+        return PreparedReply(job=job, dropped=dropped, schema=schema, parser=parser)
 
     def stream(self, prepared: PreparedReply) -> Iterator[Chunk]:
         """Run a prepared reply in this thread and stream it; the (partial) reply is always recorded."""
@@ -219,7 +268,8 @@ class ChatSession:
                 yield TrimChunk(dropped_turns=prepared.dropped, dropped_total=self._turns_before())
             for chunk in job.chunks():
                 if isinstance(chunk, JobText):
-                    yield TextChunk(text=chunk.text)
+                    yield from prepared.parser.feed(chunk.text)
+            yield from prepared.parser.finish()
         finally:
             if job.end is None:  # Ctrl-C or the consumer stopped reading: stop at the next step
                 job.cancel()
@@ -228,21 +278,36 @@ class ChatSession:
             done = self.record(prepared, job.end)  # type: ignore[arg-type]
         yield done
 
-    def record(self, prepared: PreparedReply, end: JobEnd, tool_calls: list[dict] | None = None) -> DoneChunk:
-        """Append the reply, measure the turn, write the history; return the DoneChunk."""
+    def record(
+        self,
+        prepared: PreparedReply,
+        end: JobEnd,
+        tool_calls: list[dict] | None = None,
+        content: str | None = None,
+    ) -> DoneChunk:
+        """Append the reply, measure the turn, write the history; return the DoneChunk.
+
+        The reply is what the family parser read (answer, reasoning); the server passes the tool calls
+        it accepts (and the content that goes with them)."""
+        prepared.parser.finish()
+        parsed = prepared.parser.result()
         finish = _finish_reason(end)
         if tool_calls and finish == "stop":
             finish = "tool_calls"
         reply = Message(
             role="assistant",
-            content=end.text,
+            content=parsed.content if content is None else content,
             tokens=end.generated_tokens,
             model=self.summary.name,
             finish_reason=finish,
             tool_calls=tool_calls,
+            reasoning=parsed.reasoning,
         )
         self.messages.append(reply)
         self.last_usage = _usage(end, finish, prepared.dropped, self.n_ctx)
+        if parsed.reasoning:
+            counted = self.model.count_tokens(parsed.reasoning)
+            self.last_usage.reasoning_tokens = min(counted, end.generated_tokens)
         self.totals["turns"] += 1
         self.totals["generated"] += end.generated_tokens
         self.totals["evaluated"] += self.last_usage.evaluated_tokens
@@ -259,18 +324,19 @@ class ChatSession:
             done.schema_valid, done.schema_error = check.valid, check.error
         return done
 
-    def _fit(self, tools: list[dict[str, Any]] | None = None) -> tuple[list[int], int]:
-        """Trim the oldest turns until the prompt and the reply budget fit; return prompt tokens."""
-        cache: dict[int, list[int]] = {}
+    def _fit(self, tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int], int]:
+        """Trim the oldest turns until the prompt and the reply budget fit; return the prompt."""
+        cache: dict[int, tuple[str, list[int]]] = {}
 
         def measure(window: Sequence[Message]) -> int:
-            cache[len(window)] = self.prompt_tokens(window, tools)
-            return len(cache[len(window)])
+            cache[len(window)] = self._prompt(window, tools)
+            return len(cache[len(window)][1])
 
         reserve = reply_reserve(self.n_ctx, self.sampling.max_tokens)
         start, dropped, _ = fit_window(self.messages, self.window_start, measure, self.n_ctx, reserve)
         self.window_start = start
-        return cache[len(self.messages) - start], dropped
+        text, tokens = cache[len(self.messages) - start]
+        return text, tokens, dropped
 
     def _turns_before(self) -> int:
         return sum(1 for m in self.messages[: self.window_start] if m.role == "user")

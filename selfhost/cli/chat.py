@@ -44,6 +44,7 @@ HELP = """\
 /retry             generate the last reply again
 /history           show the conversation
 /stats             speed, tokens reused from the KV cache, context used
+/think [on|off]    thinking models: think before answering or not (no argument: toggle)
 /save FILE         export the conversation (.md or .json)
 /load FILE         continue a conversation exported as .json
 /exit              leave (also Ctrl-D, or Ctrl-C twice)
@@ -86,7 +87,18 @@ def chat(
     ),
     raw: bool = typer.Option(False, "--raw", help="Plain text completion, no chat template."),
     schema_file: str | None = typer.Option(None, "--schema", help="JSON schema file the reply must follow."),
+    grammar_file: str | None = typer.Option(
+        None, "--grammar", help="GBNF grammar file (llama.cpp's format) the whole reply must follow."
+    ),
     as_json: bool = typer.Option(False, "--json", help="One-shot: print the reply and usage as JSON."),
+    think: bool | None = typer.Option(
+        None,
+        "--think/--no-think",
+        help="Thinking models: reason before answering or not (default: the model's template).",
+    ),
+    hide_thinking: bool = typer.Option(
+        False, "--hide-thinking", help="Do not show a thinking model's reasoning (it is still kept)."
+    ),
     resume: bool = typer.Option(False, "--continue", "-c", help="Continue the last conversation."),
     conversation: int | None = typer.Option(None, "--conversation", help="Continue conversation ID."),
     no_log: bool = typer.Option(False, "--no-log", help="Do not write this chat to the history."),
@@ -146,8 +158,11 @@ def chat(
         schema=schema,
         log=log,
         options=options,
+        think=think,
+        grammar=_read_text(grammar_file),
     )
     show_notices(session.model.engine)
+    session.show_thinking = not hide_thinking  # read by the renderer only
     if previous is not None:
         session.load_conversation(previous, keep_system=system is not None)
         log.conversation_id = previous.id if store is not None else None
@@ -163,6 +178,15 @@ def chat(
         if options.cache_dir is not None:  # the slot's state goes to --cache-dir for the next --continue
             session.model.close()
             show_notices(session.model.engine)
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
 
 
 def _load_schema(schema_file: str | None) -> dict[str, Any] | None:
@@ -200,15 +224,26 @@ def _with_stdin(prompt: str) -> str:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _stream(chunks: Iterable[object], echo: bool = True) -> object | None:
-    """Print text chunks as they come; return the DoneChunk."""
-    from selfhost.chat.messages import DoneChunk, TextChunk, TrimChunk
+def _stream(chunks: Iterable[object], echo: bool = True, thinking: bool = True) -> object | None:
+    """Print text chunks as they come (reasoning dimmed on stderr, apart); return the DoneChunk."""
+    from selfhost.chat.messages import DoneChunk, ReasoningChunk, TextChunk, TrimChunk
 
     done = None
+    in_thought = False
     try:
         for chunk in chunks:
-            if isinstance(chunk, TextChunk):
+            if isinstance(chunk, ReasoningChunk):
+                if echo and thinking:
+                    if not in_thought:
+                        err_console.print("Thinking...", markup=False, highlight=False, style="dim italic")
+                    in_thought = True
+                    err_console.out(chunk.text, end="", highlight=False, style="dim")
+                    err_console.file.flush()
+            elif isinstance(chunk, TextChunk):
                 if echo:
+                    if in_thought:
+                        err_console.print("\n...done thinking.\n", markup=False, style="dim italic")
+                        in_thought = False
                     console.out(chunk.text, end="", highlight=False)
                     console.file.flush()
             elif isinstance(chunk, TrimChunk):
@@ -222,6 +257,8 @@ def _stream(chunks: Iterable[object], echo: bool = True) -> object | None:
             elif isinstance(chunk, DoneChunk):
                 done = chunk
     finally:
+        if in_thought:  # the reply ended (or was stopped) while still thinking
+            err_console.print("", markup=False)
         # Ctrl-C may land here, between two chunks: closing the stream now (not at garbage
         # collection) lets the engine record the partial reply before anyone looks at it.
         close = getattr(chunks, "close", None)
@@ -241,7 +278,7 @@ def _finish_note(reason: str) -> str | None:
 def _one_shot(session, text: str, as_json: bool) -> None:  # noqa: ANN001
     if not text.strip():
         raise UsageError("the message is empty")
-    done = _stream(session.chat(text), echo=not as_json)
+    done = _stream(session.chat(text), echo=not as_json, thinking=getattr(session, "show_thinking", True))
     unsaved = _take_unsaved(session)
     assert done is not None
     reply, usage = done.message, done.usage
@@ -249,6 +286,7 @@ def _one_shot(session, text: str, as_json: bool) -> None:  # noqa: ANN001
         payload = {
             "model": session.summary.name,
             "reply": reply.content,
+            "reasoning": reply.reasoning,
             "finish_reason": reply.finish_reason,
             "conversation_id": session.log.conversation_id,
             "usage": usage.model_dump(),
@@ -318,7 +356,7 @@ def _repl(session) -> None:  # noqa: ANN001
 def _turn(session, chunks) -> None:  # noqa: ANN001
     """Stream one reply; Ctrl-C stops it and keeps what was generated (the session logs the turn)."""
     try:
-        done = _stream(chunks)
+        done = _stream(chunks, thinking=getattr(session, "show_thinking", True))
         console.out("", highlight=False)
         note = _finish_note(done.usage.finish_reason) if done is not None else None
         if note:
@@ -359,6 +397,8 @@ def _command(session, text: str) -> str | None:  # noqa: ANN001
         say(f"removed {removed} message(s)" if removed else "nothing to undo", markup=False, style="dim")
     elif name == "/retry":
         _turn(session, session.retry())
+    elif name == "/think":
+        _set_think(session, arg)
     elif name == "/history":
         _show_history(session)
     elif name == "/stats":
@@ -385,6 +425,21 @@ def _command(session, text: str) -> str | None:  # noqa: ANN001
     return None
 
 
+def _set_think(session, arg: str) -> None:  # noqa: ANN001
+    """/think, /think on, /think off: the model template's own switch (refused where it has none)."""
+    if arg not in ("", "on", "off"):
+        raise UsageError(f"/think {arg}: use /think, /think on or /think off")
+    before = session.think
+    current = before if before is not None else session.model.family.reasons
+    session.think = {"on": True, "off": False}.get(arg, not current)
+    try:
+        session.template_vars()
+    except SelfhostError:
+        session.think = before
+        raise
+    console.print(f"thinking {'on' if session.think else 'off'}", markup=False, style="dim")
+
+
 def _show_history(session) -> None:  # noqa: ANN001
     if session.system:
         console.print(f"system: {session.system}", markup=False)
@@ -398,6 +453,8 @@ def _show_history(session) -> None:  # noqa: ANN001
             flags.append(m.finish_reason)
         if i < session.window_start:
             flags.append("out of context")
+        if m.reasoning:
+            console.print(f"{m.role} (reasoning): {m.reasoning}", markup=False, highlight=False, style="dim")
         console.print(f"{m.role} ({', '.join(flags)}): {m.content}", markup=False, highlight=False)
 
 

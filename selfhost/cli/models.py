@@ -26,7 +26,7 @@ def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     available: bool = typer.Option(False, "--available", help="List the registry's aliases instead."),
     kind: str | None = typer.Option(
-        None, "--kind", help="With --available: only chat, embedding or base models."
+        None, "--kind", help="With --available: only chat, embedding, base or rerank models."
     ),
     fits: bool = typer.Option(
         False, "--fits", help="With --available: only models that fit the free GPU memory or RAM."
@@ -38,8 +38,8 @@ def list_command(
 
     if (kind or fits) and not available:
         raise UsageError("--kind and --fits apply to --available")
-    if kind is not None and kind not in ("chat", "embedding", "base"):
-        raise UsageError(f"bad --kind '{kind}'", hint="use chat, embedding or base")
+    if kind is not None and kind not in ("chat", "embedding", "base", "rerank"):
+        raise UsageError(f"bad --kind '{kind}'", hint="use chat, embedding, base or rerank")
     out = Output(as_json)
     store = Store()
     records = store.list()

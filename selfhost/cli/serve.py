@@ -49,7 +49,9 @@ def serve(
     gpu_layers: int | None = option("gpu_layers", "--gpu-layers"),
     threads: int | None = option("threads", "--threads"),
     api_key: str | None = typer.Option(
-        None, "--api-key", help="Require `Authorization: Bearer KEY` (or set SELFHOST_API_KEY)."
+        None,
+        "--api-key",
+        help="Require `Authorization: Bearer KEY` or `x-api-key: KEY` (or set SELFHOST_API_KEY).",
     ),
     log: bool = typer.Option(False, "--log", help="Write served conversations to the chat history."),
     max_queue: int | None = option("max_queue", "--max-queue"),
@@ -63,6 +65,12 @@ def serve(
     config: str | None = typer.Option(
         None, "--config", help="TOML file: [serve] flags and [serve.models.\"NAME\"] per-model settings."
     ),
+    rerank_model: str | None = typer.Option(
+        None, "--rerank-model", help="A reranker (kind rerank, e.g. bge-reranker-v2-m3) for /v1/rerank."
+    ),
+    metrics_public: bool = typer.Option(
+        False, "--metrics-public", help="Serve /metrics (Prometheus) without the API key."
+    ),
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP + " Requests for such models pull too."),
     spec: str = SPEC_OPTION,
     spec_draft: int = SPEC_DRAFT_OPTION,
@@ -75,6 +83,10 @@ def serve(
         1024, "--cache-ram", min=0, help="Prompt cache in RAM for conversations whose slot was reused, MB."
     ),
     cache_dir: Path | None = CACHE_DIR_OPTION,
+    cors_origin: list[str] | None = typer.Option(  # noqa: B008 (a repeatable option)
+        None, "--cors-origin", metavar="URL", help="Let this browser origin (http://host:port) call the API."
+    ),
+    open_page: bool = typer.Option(False, "--open", help="Open the chat page in the default web browser."),
 ) -> None:
     """Serve every local model over an OpenAI-compatible HTTP API: loaded on first use, unloaded when idle."""
     from selfhost.serve.config import read_config
@@ -96,7 +108,7 @@ def serve(
     )  # fmt: skip
     # a flag given on the command line wins over the config file, the file over the defaults
     given = {k: v for k, v in flags.items() if v != SERVE[k].default}
-    values = {**flags, **file_options, **given}
+    values = {**flags, **file_options, **given, "cors_origins": cors_origin or []}
     options = _options(ServeOptions, values, models or [], key, log, embedding_model, pull)
     options.engine = engine_options(
         spec, spec_draft, spec_ngram, draft_model, cache_type_k, cache_type_v, flash_attn, cache_ram,
@@ -104,6 +116,8 @@ def serve(
     )  # fmt: skip
     preload = [ensure_model(m, pull) for m in options.models]  # each name resolved once, handed down
     embedding = ensure_model(embedding_model, pull, purpose="embedding") if embedding_model else None
+    reranker = ensure_model(rerank_model, pull, purpose="rerank") if rerank_model else None
+    options = options.model_copy(update={"metrics_public": metrics_public})
 
     def ready(lines: list[str], url: str) -> None:
         for line in lines:
@@ -112,9 +126,23 @@ def serve(
         err_console.print(
             f"serving on {url}{auth} · Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True
         )
+        page = page_url(url)
+        err_console.print(f"chat page: {page}", markup=False, highlight=False, soft_wrap=True)
+        if open_page:
+            import webbrowser
 
-    run(options, ready, preload=preload, embedding=embedding, settings=settings)
+            webbrowser.open(page)
+
+    run(options, ready, preload=preload, embedding=embedding, settings=settings, reranker=reranker)
     err_console.print("stopped", markup=False, highlight=False, style="dim")
+
+
+def page_url(api_url: str) -> str:
+    """The chat page of a server whose API is at `api_url` (any-address hosts open on the loopback)."""
+    base = api_url.removesuffix("/v1")
+    for anywhere, loopback in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
+        base = base.replace(anywhere, loopback)
+    return base + "/"
 
 
 def _options(cls: Any, values: dict[str, Any], models: list[str], key: str | None, log: bool,

@@ -19,7 +19,9 @@ _TRAIN_FLAGS = (
     "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd", "block_size", "dropout",
     "batch_size", "grad_accum", "max_iters", "learning_rate", "decay_lr", "warmup_iters", "lr_decay_iters",
     "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters", "log_interval",
-    "sample_tokens", "device", "dtype", "compile", "seed", "threads",
+    "sample_tokens", "device", "dtype", "compile", "seed", "threads", "arch", "n_kv_head", "n_ff", "qk_norm",
+    "tie_embeddings", "rope_theta", "optimizer", "muon_lr", "muon_momentum", "lr_schedule", "cooldown",
+    "lora_rank", "lora_alpha",
 )  # fmt: skip
 JSON_OPTION = typer.Option("--json", help="Print the result as JSON (progress stays on stderr).")
 gpt_app = typer.Typer(
@@ -63,6 +65,18 @@ def gpt(
     val_fraction: Annotated[
         float | None, typer.Option(help="Share of tokens held out for validation.")
     ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="gpt2, or llama (rotary, RMSNorm, SwiGLU; GGUF llama/qwen3).")
+    ] = None,
+    n_kv_head: Annotated[int | None, typer.Option(help="llama: key/value heads (GQA; 0: n_head).")] = None,
+    n_ff: Annotated[int | None, typer.Option(help="llama: SwiGLU width (0: 8/3 n_embd).")] = None,
+    qk_norm: Annotated[
+        bool | None, typer.Option("--qk-norm/--no-qk-norm", help="llama: RMSNorm of q/k heads (qwen3).")
+    ] = None,
+    tie_embeddings: Annotated[
+        bool | None, typer.Option("--tie-embeddings/--untie-embeddings", help="llama: output = embedding.")
+    ] = None,
+    rope_theta: Annotated[float | None, typer.Option(help="llama: rotary base.")] = None,
     n_layer: Annotated[int | None, typer.Option(help="Transformer blocks.")] = None,
     n_head: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
     n_embd: Annotated[int | None, typer.Option(help="Embedding width (a multiple of 32 for Q8_0).")] = None,
@@ -84,6 +98,23 @@ def gpt(
     beta1: Annotated[float | None, typer.Option()] = None,
     beta2: Annotated[float | None, typer.Option()] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0: off).")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest).")
+    ] = None,
+    muon_lr: Annotated[float | None, typer.Option(help="Muon's peak learning rate.")] = None,
+    muon_momentum: Annotated[float | None, typer.Option(help="Muon's momentum.")] = None,
+    lr_schedule: Annotated[
+        str | None, typer.Option(help="cosine, or wsd (warm-up, stable, linear decay at the end).")
+    ] = None,
+    cooldown: Annotated[float | None, typer.Option(help="wsd: share of the steps spent decaying.")] = None,
+    chat: Annotated[
+        Path | None, typer.Option("--chat", help="Chat fine-tuning data: JSONL of {\"messages\": [...]}.")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from a run, or a llama GGUF (store name).")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank for --init fine-tuning (0: full).")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (alpha / rank).")] = None,
     eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
     eval_iters: Annotated[int | None, typer.Option(help="Batches per eval.")] = None,
     log_interval: Annotated[int | None, typer.Option(help="Steps between progress updates.")] = None,
@@ -115,17 +146,50 @@ def gpt(
     out_ = Output(as_json)
     given = locals()
     overrides = {k: given[k] for k in _TRAIN_FLAGS if given[k] is not None}
+    if init is not None and preset is None and config is None:
+        preset = "finetune"
     cfg = build_config(preset, config, overrides)
     if name is None:
-        name = (out.name if out else f"{data.stem}-gpt" if data else "my-gpt").lower()
+        source = chat or data
+        name = (out.name if out else f"{source.stem}-gpt" if source else "my-gpt").lower()
     check_name(name)
     run_dir = out or paths.runs_dir() / name
+    if init is not None or chat is not None:
+        if resume or estimate:
+            from selfhost.errors import UsageError
+
+            raise UsageError("--resume and --estimate are for training from scratch, not --init fine-tuning")
+        _finetune(out_, cfg, init, chat, data, name, run_dir, export_type)
+        return
     req = trainer.TrainRequest(config=cfg, run_dir=run_dir, data=data, resume=resume, overrides=overrides,
                                tensorboard=tensorboard)  # fmt: skip
     if estimate:
         _estimate(out_, req)
     else:
         _train_and_export(out_, req, name, export, export_type)
+
+
+def _finetune(out: Output, cfg: Any, init: str | None, chat: Path | None, data: Path | None, name: str,
+              run_dir: Path, export_type: str) -> None:  # fmt: skip
+    from selfhost.errors import UsageError
+    from selfhost.train.gpt import finetune
+
+    if init is None:
+        raise UsageError("--chat fine-tunes a model you have", hint="add --init RUN_OR_MODEL")
+    if (chat is None) == (data is None):
+        raise UsageError("fine-tuning needs one of --chat FILE.jsonl or --data TEXT")
+    req = finetune.FinetuneRequest(cfg, init, chat, name, run_dir, export_type.lower(), data=data)
+    done = out.run(_with_step_details(finetune.train(req)))
+    out.result(done, lambda d: _print_finetuned(out, d))
+
+
+def _print_finetuned(out: Output, done: Any) -> None:
+    took = fmt_duration(done.elapsed_s)
+    out.console.print(f"done: {done.step} steps in {took}, loss {done.train_loss:.4f}, "
+                      f"{fmt_count(done.trainable)} parameters trained", markup=False)  # fmt: skip
+    out.console.print(f"exported {done.gguf} ({fmt_bytes(done.size)})", markup=False)
+    if done.name:
+        out.console.print(f"registered as '{done.name}': selfhost chat {done.name}", markup=False)
 
 
 def _estimate(out: Output, req: Any) -> None:

@@ -93,5 +93,5 @@ def available_models(
             continue
         rows.append(AvailableModel(alias=alias, entry=entry, size=size, need=need, fit=fit,
                                    pulled=alias in (pulled or set())))  # fmt: skip
-    order = {"chat": 0, "base": 1, "embedding": 2}
+    order = {"chat": 0, "base": 1, "embedding": 2, "rerank": 3}
     return sorted(rows, key=lambda r: (order[r.entry.kind], r.size or 0, r.alias))

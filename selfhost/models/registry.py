@@ -2,7 +2,7 @@
 
 Each entry maps an alias to a Hub repo, a revision and one GGUF file per quant (the first part for a
 split GGUF: `-00001-of-0000N.gguf`), with what `models list --available` shows and filters on: the kind
-(chat | embedding | base), approximate sizes, context length, licence and what it is good for.
+(chat | embedding | base | rerank), approximate sizes, context length, licence and what it is good for.
 A malformed entry is reported with its file, entry and field.
 """
 
@@ -21,7 +21,7 @@ from selfhost.errors import RegistryError
 
 QUANT_PATTERN = r"^[A-Za-z0-9_]+$"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
-Kind = Literal["chat", "embedding", "base"]
+Kind = Literal["chat", "embedding", "base", "rerank"]
 # licence names that say nothing: name the licence ("qwen-research", "gemma", "llama3.2")
 _VAGUE_LICENSES = {"other", "unknown", "custom", "proprietary", "see-repo", ""}
 

@@ -3,14 +3,15 @@ owner/repo[:QUANT|:file.gguf] in the store or the HF cache, a path) into a GGUF 
 refuse early what the caller cannot use.
 
 `resolve_model(ref, purpose=...)` is the one call chat, serve and quantize make before loading:
-- purpose "chat" (the default) refuses a `kind = "embedding"` model with one clear line;
-- "embedding" (serve's /v1/embeddings) and "load" (quantize, perplexity) accept every kind;
+- purpose "chat" (the default) refuses a `kind = "embedding"` or `"rerank"` model with one clear line;
+- "embedding" (serve's /v1/embeddings), "rerank" (serve's /v1/rerank) and "load" (quantize,
+  perplexity) accept every kind;
 - every purpose but "inspect" refuses a model whose registry entry needs a newer llama-cpp-python
   (`min_llama_cpp`) and a split GGUF with a missing part, before llama.cpp touches a file.
 
 An alias or Hub name that is simply not downloaded yet raises `NotDownloaded`, whose `.name` is what a
 pull would fetch (the CLI's auto-pull `selfhost chat ALIAS --pull`, the server's `--pull`).
-Each command resolves its name once (`cli.pull.ensure_model`, the server's model manager) and hands the
+Each command resolves its name once (`cli.common.ensure_model`, the server's model manager) and hands the
 ResolvedModel down: loaders take a resolved model or a path and never import this module.
 """
 
@@ -27,7 +28,7 @@ from selfhost.models.names import ModelName, parse_name
 from selfhost.models.registry import Kind
 from selfhost.models.store import ModelRecord, Store
 
-Purpose = Literal["chat", "embedding", "load", "inspect"]
+Purpose = Literal["chat", "embedding", "rerank", "load", "inspect"]
 # llama.cpp architectures that only embed (no text generation)
 EMBEDDING_ARCHITECTURES = frozenset(
     {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert",
@@ -75,11 +76,16 @@ def _refuse_embedding_alias(name: ModelName) -> None:
     from selfhost.models.registry import load_registry
 
     entry = load_registry().get(name.base) if name.kind == "alias" else None
-    if entry is not None and entry.kind == "embedding":
-        _refuse_embedding(name.text)
+    if entry is not None and entry.kind in ("embedding", "rerank"):
+        _refuse_embedding(name.text, entry.kind)
 
 
-def _refuse_embedding(name: str) -> None:
+def _refuse_embedding(name: str, kind: str = "embedding") -> None:
+    if kind == "rerank":
+        raise UsageError(
+            f"{name} is a reranker: it scores documents against a query and cannot chat",
+            hint="use it through `selfhost serve --rerank-model` (/v1/rerank), or chat with a chat model",
+        )
     raise UsageError(
         f"{name} is an embedding model: it turns text into vectors and cannot chat",
         hint="use it through `selfhost serve` (/v1/embeddings), or chat with a chat model",
@@ -109,8 +115,9 @@ def check_usable(resolved: ResolvedModel, purpose: Purpose = "chat") -> None:
                 f"{resolved.name} needs llama-cpp-python >= {resolved.min_llama_cpp} (installed: {have})",
                 hint=f"pip install -U 'llama-cpp-python>={resolved.min_llama_cpp}'",
             )
-    if purpose == "chat" and model_kind(resolved) == "embedding":
-        _refuse_embedding(resolved.name)
+    kind = model_kind(resolved)
+    if purpose == "chat" and kind in ("embedding", "rerank"):
+        _refuse_embedding(resolved.name, kind)
 
 
 def model_kind(resolved: ResolvedModel) -> Kind | None:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from selfhost.errors import SelfhostError
+from selfhost.errors import SelfhostError, UsageError
 from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK, SLOT_QUEUE
 from selfhost.runtime.kvcache import KVSettings
 from selfhost.runtime.prompt_cache import PromptCache
@@ -97,6 +97,7 @@ class Job:
     max_tokens: int  # the engine also stops at the slot's context end ("context")
     grammar: str | None = None  # GBNF text, root rule "root"
     stop: list[str] = field(default_factory=list)
+    special: bool = False  # render control tokens as text (chat markers: <|channel|>, [TOOL_CALLS])
     id: int = field(default_factory=itertools.count(1).__next__)
     cancelled: bool = False
     end: JobEnd | None = None
@@ -556,7 +557,7 @@ class BatchEngine:
         slot.generated.append(token)
         if slot.ngram is not None:
             slot.ngram.extend([token])
-        text = slot.text.feed(token_piece(lib, self.vocab, token))
+        text = slot.text.feed(token_piece(lib, self.vocab, token, special=job.special))
         if text:
             job._emit(JobText(text))
         if slot.text.stopped:
@@ -608,6 +609,13 @@ class BatchEngine:
     def _drop_cache(self, slot: _Slot) -> None:
         self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
         slot.cached = []
+
+    def check_grammar(self, grammar: str) -> None:
+        """Compile a GBNF grammar once, to refuse a broken one before a job carries it."""
+        sampler = self.lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise UsageError("llama.cpp could not compile the grammar (GBNF, root rule `root`)")
+        self.lib.llama_sampler_free(sampler)
 
     def _make_sampler(self, job: Job) -> Any:
         lib, s = self.lib, job.sampling
@@ -684,13 +692,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def token_piece(lib: Any, vocab: Any, token: int) -> bytes:
-    """The bytes a token stands for (special tokens render as text too)."""
+def token_piece(lib: Any, vocab: Any, token: int, special: bool = False) -> bytes:
+    """The bytes a token stands for (control tokens only with `special`)."""
     buf = ctypes.create_string_buffer(64)
-    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
-        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     return buf.raw[:n]
 
 

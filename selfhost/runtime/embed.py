@@ -1,4 +1,5 @@
-"""Pooled, L2-normalised embeddings from a llama.cpp model (the chat model or a second one).
+"""Pooled, L2-normalised embeddings from a llama.cpp model (the chat model or a second one), and
+rerank scores from a reranker GGUF (llama.cpp's rank pooling: one relevance score per query/document).
 
 A context of its own with embeddings on: the model's pooling when its GGUF names one (embedding
 models do), mean pooling otherwise. One input at a time, each checked against the context first.
@@ -14,7 +15,7 @@ from selfhost.errors import ModelLoadError, UsageError
 
 
 class Embedder:
-    def __init__(self, llm: Any, name: str, *, n_ctx: int, threads: int) -> None:
+    def __init__(self, llm: Any, name: str, *, n_ctx: int, threads: int, rank: bool = False) -> None:
         from selfhost.runtime import llama_private
         from selfhost.runtime.llama_backend import llama
 
@@ -22,6 +23,7 @@ class Embedder:
         self.llm, self.name = llm, name
         self.vocab = llama_private.vocab(llm)
         self.n_embd = self.lib.llama_model_n_embd(llm.model)
+        self.rank = rank  # rank pooling: the output is the classifier's score(s), not a vector
         self.n_ctx, self.threads = n_ctx, threads
         self.ctx: Any = None  # made on first use: a chat server that never embeds pays nothing
         self._lock = threading.Lock()
@@ -38,6 +40,8 @@ class Embedder:
         params.no_perf = True
         pooling = _model_pooling(self.llm)
         params.pooling_type = pooling if pooling > 0 else lib.LLAMA_POOLING_TYPE_MEAN
+        if self.rank:
+            params.pooling_type = lib.LLAMA_POOLING_TYPE_RANK
         with capture_logs() as log:
             ctx = lib.llama_init_from_model(self.llm.model, params)
         if not ctx:
@@ -51,6 +55,33 @@ class Embedder:
 
     def embed(self, tokens: list[int]) -> list[float]:
         """One pooled vector (unit length). Raises UsageError if the text does not fit the context."""
+        vector = self._pooled(tokens, self.n_embd)
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]
+
+    def rerank_tokens(self, query: str, document: str) -> list[int]:
+        """A query/document pair as the reranker reads it: its GGUF's `rerank` template, else
+        [BOS] query [EOS] [SEP] document [EOS] as the vocabulary asks (what llama-server does)."""
+        lib, vocab = self.lib, self.vocab
+        template = lib.llama_model_chat_template(self.llm.model, b"rerank")
+        if template:
+            text = template.decode("utf-8").replace("{query}", query).replace("{document}", document)
+            return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        eos = lib.llama_vocab_eos(vocab)
+        if eos == -1:
+            eos = lib.llama_vocab_sep(vocab)
+        add_eos = [eos] if lib.llama_vocab_get_add_eos(vocab) else []
+        tokens = [lib.llama_vocab_bos(vocab)] if lib.llama_vocab_get_add_bos(vocab) else []
+        tokens += self.llm.tokenize(query.encode("utf-8"), add_bos=False, special=False) + add_eos
+        if lib.llama_vocab_get_add_sep(vocab):
+            tokens.append(lib.llama_vocab_sep(vocab))
+        return tokens + self.llm.tokenize(document.encode("utf-8"), add_bos=False, special=False) + add_eos
+
+    def score(self, tokens: list[int]) -> float:
+        """The relevance score of one rerank_tokens() pair (a raw logit; higher is more relevant)."""
+        return self._pooled(tokens, max(1, self.lib.llama_model_n_cls_out(self.llm.model)))[0]
+
+    def _pooled(self, tokens: list[int], size: int) -> list[float]:
         if not tokens:
             raise UsageError("an input is empty")
         if len(tokens) > self.n_ctx:
@@ -74,9 +105,7 @@ class Embedder:
             if rc != 0:
                 raise ModelLoadError(f"llama.cpp could not compute the embedding (code {rc})")
             pointer = lib.llama_get_embeddings_seq(self.ctx, 0)
-            vector = [float(pointer[i]) for i in range(self.n_embd)]
-        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        return [v / norm for v in vector]
+            return [float(pointer[i]) for i in range(size)]
 
     def close(self) -> None:
         if self.ctx:

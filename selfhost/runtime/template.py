@@ -88,7 +88,15 @@ def _make_environment(budget: _Budget) -> Any:
         return time.strftime(fmt)
 
     env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **kw: Any) -> str:
+        """As Hugging Face renders it: plain text (Jinja's own returns Markup, whose `+` escapes `<`)."""
+        import json
+
+        sort_keys = kw.get("sort_keys", False)
+        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
     env.globals.update(range=limited_range, raise_exception=raise_exception, strftime_now=strftime_now)
+    env.filters["tojson"] = tojson
     return env
 
 
@@ -117,8 +125,11 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text. Raises ModelLoadError when the template fails, hangs or renders nothing."""
+        """The prompt text. Raises ModelLoadError when the template fails, hangs or renders nothing.
+
+        `extra`: more template variables (a think switch: `enable_thinking`, `reasoning_effort`)."""
         variables: dict[str, Any] = {
             "messages": list(messages),
             "add_generation_prompt": add_generation_prompt,
@@ -127,6 +138,7 @@ class ChatTemplate:
         }
         if tools:
             variables["tools"] = tools
+        variables.update(extra or {})
         self._budget.deadline = time.monotonic() + RENDER_SECONDS
         parts: list[str] = []
         size = 0

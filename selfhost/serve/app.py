@@ -7,7 +7,6 @@ error object with a 4xx status -- never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
@@ -25,9 +24,12 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
+from selfhost.chat.messages import ReasoningChunk, ReplyChunk, ToolCallChunk
+from selfhost.runtime.batch import JobEnd, JobText
 from selfhost.runtime.embed import Embedder
+from selfhost.serve import runner
 from selfhost.serve.manager import ModelManager
+from selfhost.serve.runner import Served
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service
 
@@ -38,12 +40,29 @@ def create_app(
     api_key: str | None = None,
     max_body: int = 8 * 2**20,
     shutdown_grace: float = 8.0,
+    metrics_public: bool = False,
+    reranker: Embedder | None = None,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
+    from selfhost.serve import anthropic, metrics, ollama, rerank, responses, tools, ui
+
     app = FastAPI(title="selfhost", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=max_body)
-    _error_handlers(app)
+    app.add_middleware(ui.OriginCheck, allowed=cors_origins or [])
+    if cors_origins:  # closed by default: no CORS headers, so other sites' pages cannot read replies
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
+        )
     auth = Depends(_auth_check(api_key))
+    served = Served(manager, auth, shutdown_grace)
+    app.add_middleware(BodyLimit, limit=max_body, shapes=served.error_shapes)
+    _error_handlers(app, served)
     started = int(time.time())
+    ui.register(app, ui.managed_models(manager), _auth_check(api_key))  # the chat page at /, /ui/api
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -69,11 +88,11 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-        return await _serve(manager, req, request, shutdown_grace, "chat")
+        return await _serve(served, req, request)
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        return await _serve(manager, req, request, shutdown_grace, "text")
+        return await _serve(served, req, request)
 
     @app.post("/v1/embeddings", dependencies=[auth])
     async def embeddings(req: EmbeddingRequest) -> Any:
@@ -84,78 +103,26 @@ def create_app(
         finally:
             manager.release(managed, req.keep_alive)
 
+    # the other protocols: thin translations over the same services (one module each)
+    for protocol in (anthropic, responses, ollama, tools):
+        protocol.register(app, served)
+    rerank.register(app, served, reranker)
+    metrics.register(app, served, public=metrics_public)
     return app
 
 
 # ------------------------------------------------------------------ responses
-async def _serve(
-    manager: ModelManager, req: Any, request: Request, grace: float, kind: str
-) -> Any:
+async def _serve(served: Served, req: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
     """One completion: the model the request names (loaded if needed), held until the reply ends."""
-    manager.check_keep_alive(req.keep_alive)
-    managed = await manager.acquire(req.model, "chat")
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            manager.release(managed, req.keep_alive)
-
-    try:
-        service = managed.service
-        assert service is not None
-        plan = service.plan_chat if kind == "chat" else service.plan_text
-        planned = await run_in_threadpool(plan, req)
-        response = await _respond(service, planned, request, req.stream, req.include_usage(), grace, release)
-    except BaseException:
-        release()
-        raise
-    if not req.stream:
-        release()  # a stream releases when it ends
-    return response
-
-
-async def _respond(
-    service: Service,
-    planned: Planned,
-    request: Request,
-    stream: bool,
-    include_usage: bool,
-    grace: float,
-    release: Any,
-) -> Any:
-    try:
-        job = service.model.engine.submit(planned.prepared.job)
-    except QueueFullError as exc:
-        release()
-        raise ApiError(503, f"the server is busy: {exc}", type="server_error", code="queue_full") from exc
-    if stream:
+    reply = runner.start(await runner.plan(served, req))
+    if req.stream:
         # on SIGINT/SIGTERM a reply in flight gets `grace` seconds to finish, then it is cancelled
-        events = _events(service, planned, job, include_usage, release)
-        return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=grace)
-    end: JobEnd | None = None
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-    try:
-        async for chunk in job.achunks():
-            if isinstance(chunk, JobEnd):
-                end = chunk
-    finally:
-        watcher.cancel()
-        if end is None:  # cancelled (shutdown): free the slot
-            job.cancel()
-    assert end is not None
-    if end.finish_reason == "cancelled" and await request.is_disconnected():
+        events = _events(reply, req.include_usage())
+        return EventSourceResponse(events, ping=15, sep="\n", shutdown_grace_period=served.grace)
+    result = await runner.collect(reply, request)
+    if result is None:
         return None  # nobody to answer
-    result = await run_in_threadpool(service.finish, planned, end)
-    return _completion(service, planned, result)
-
-
-async def _cancel_on_disconnect(request: Request, job: Any) -> None:
-    """A non-streaming client that hangs up frees its slot too (checked twice a second)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.5)
-    job.cancel()
+    return _completion(reply.service, reply.planned, result)
 
 
 def _completion(service: Service, planned: Planned, result: Completed) -> dict[str, Any]:
@@ -169,16 +136,19 @@ def _completion(service: Service, planned: Planned, result: Completed) -> dict[s
         }
         return {**head, "object": "text_completion", "choices": [choice], "usage": result.usage}
     message: dict[str, Any] = {"role": "assistant", "content": result.content}
+    if result.reasoning is not None:
+        message["reasoning_content"] = result.reasoning
     if result.tool_calls:
         message["tool_calls"] = result.tool_calls
     choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
     return {**head, "object": "chat.completion", "choices": [choice], "usage": result.usage}
 
 
-async def _events(
-    service: Service, planned: Planned, job: Any, include_usage: bool, release: Any
-) -> AsyncIterator[dict]:
-    """SSE events: deltas as they come, the finish, usage if asked, then [DONE]. Tool replies come whole."""
+async def _events(reply: runner.Reply, include_usage: bool) -> AsyncIterator[dict]:
+    """SSE events: deltas as they come (reasoning_content, content, tool_calls as OpenAI streams them),
+    the finish, usage if asked, then [DONE]."""
+    service, planned, job = reply.service, reply.planned, reply.job
+    assert job is not None
     text_kind = planned.kind == "text"
     head = {
         "id": planned.id,
@@ -192,32 +162,39 @@ async def _events(
         choice.update({"text": delta} if text_kind else {"delta": delta})
         return {"data": json.dumps({**head, "choices": [choice]})}
 
+    end: JobEnd | None = None
     try:
-        holding = planned.tools.mode != "none"  # a tool call is parsed from the whole reply
-        end: JobEnd | None = None
         try:
             if not text_kind:
                 yield chunk({"role": "assistant", "content": ""})
             async for item in job.achunks():
-                if isinstance(item, JobText) and not holding:
-                    yield chunk(item.text if text_kind else {"content": item.text})
-                elif isinstance(item, JobEnd):
-                    end = item
+                if isinstance(item, JobText | JobEnd):
+                    end = item if isinstance(item, JobEnd) else None
+                    for piece in service.deltas(planned, item.text if end is None else None):
+                        yield chunk(piece.text if text_kind else _delta(piece))  # type: ignore[union-attr]
         finally:
             if end is None:  # client disconnected or server shutting down: free the slot at the next step
                 job.cancel()
         result = await run_in_threadpool(service.finish, planned, end)
-        if holding:
-            delta: dict[str, Any] = {"content": result.content}
-            if result.tool_calls:
-                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
-            yield chunk(delta)
         yield chunk("" if text_kind else {}, result.finish_reason)
         if include_usage:
             yield {"data": json.dumps({**head, "choices": [], "usage": result.usage})}
         yield {"data": "[DONE]"}
     finally:
-        release()  # the model may unload (keep_alive) only once the stream is over
+        reply.release()  # the model may unload (keep_alive) only once the stream is over
+
+
+def _delta(piece: ReplyChunk) -> dict[str, Any]:
+    """One parser chunk as an OpenAI chat delta."""
+    if isinstance(piece, ReasoningChunk):
+        return {"reasoning_content": piece.text}
+    if isinstance(piece, ToolCallChunk):
+        call: dict[str, Any] = {"index": piece.index, "function": {"arguments": piece.arguments}}
+        if piece.id is not None:
+            call.update(id=piece.id, type="function")
+            call["function"]["name"] = piece.name
+        return {"tool_calls": [call]}
+    return {"content": piece.text}
 
 
 def _embed(embedder: Embedder, req: EmbeddingRequest) -> dict[str, Any]:
@@ -252,9 +229,13 @@ def _auth_check(api_key: str | None) -> Any:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        if scheme.lower() != "bearer":  # Anthropic's clients send `x-api-key: KEY`
+            token = request.headers.get("x-api-key", "")
+        if not token or not hmac.compare_digest(token.strip().encode(), expected):
             raise ApiError(
-                401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key"
+                401,
+                "missing or wrong API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+                code="invalid_api_key",
             )
 
     return check
@@ -263,8 +244,8 @@ def _auth_check(api_key: str | None) -> Any:
 class BodyLimit:
     """Refuse request bodies over `limit` bytes (413), declared or streamed."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, shapes: list | None = None) -> None:
+        self.app, self.limit, self.shapes = app, limit, shapes or []
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -272,7 +253,9 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, ApiError(413, f"the request body is over {self.limit} bytes"))
+            error = ApiError(413, f"the request body is over {self.limit} bytes")
+            shape = next((s for prefix, s in self.shapes if scope["path"].startswith(prefix)), ApiError.body)
+            await _send_error(send, error, shape)
             return
         seen = 0
 
@@ -287,8 +270,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-async def _send_error(send: Any, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode()
+async def _send_error(send: Any, error: ApiError, shape: Any = ApiError.body) -> None:
+    body = json.dumps(shape(error)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -299,33 +282,37 @@ async def _send_error(send: Any, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+def _error_handlers(app: FastAPI, served: Served) -> None:
+    def respond(request: Request, exc: ApiError) -> JSONResponse:
+        """The error in the shape of the protocol the path belongs to (OpenAI's by default)."""
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        path = request.url.path
+        shape = next((s for prefix, s in served.error_shapes if path.startswith(prefix)), ApiError.body)
+        return JSONResponse(shape(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
         else:
             message = f"{where or 'body'}: {first['msg']}"
-        return JSONResponse(ApiError(400, message, param=where or None).body(), status_code=400)
+        return respond(request, ApiError(400, message, param=where or None))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
-            ApiError(exc.status_code, str(exc.detail), code=kind).body(), status_code=exc.status_code
-        )
+        return respond(request, ApiError(exc.status_code, str(exc.detail), code=kind))
 
     @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
         traceback.print_exception(exc, file=sys.stderr)  # the server's log, never the client
         message = f"internal error: {type(exc).__name__}"
-        return JSONResponse(ApiError(500, message, type="server_error").body(), status_code=500)
+        return respond(request, ApiError(500, message, type="server_error"))

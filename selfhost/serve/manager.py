@@ -35,6 +35,7 @@ from selfhost.serve.service import ApiError
 if TYPE_CHECKING:
     from selfhost.chat.model import ChatModel
     from selfhost.models.resolve import ResolvedModel
+    from selfhost.runtime.batch import JobEnd
     from selfhost.runtime.embed import Embedder
     from selfhost.runtime.gguf_info import GGUFInfo
     from selfhost.serve.server import ServeOptions
@@ -64,6 +65,7 @@ class Managed:
     loaded_at: float = field(default_factory=time.time)
     expires_at: float | None = None  # wall clock; None: never (keep-alive -1) or in use
     keep_alive: float = 300.0
+    load_seconds: float = 0.0  # how long the load took (metrics)
 
     def embedder_for(self) -> Embedder:
         """The model's embedder (a chat model's is made on first use)."""
@@ -123,6 +125,7 @@ class ModelManager:
         self._reaper: asyncio.Task[None] | None = None
         self._log = on_log or (lambda line: print(f"selfhost serve: {line}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()  # load/unload bodies: one llama.cpp load at a time
+        self.observers: list[Callable[[JobEnd], None]] = []  # told of every finished job (metrics)
 
     # ------------------------------------------------------------ resolving
     def resolve(self, name: str | None, purpose: Purpose) -> ResolvedModel:
@@ -319,9 +322,10 @@ class ModelManager:
         self.failures.pop(managed.name, None)
         managed.keep_alive = self._keep_alive_for(managed.name, None)
         managed.expires_at = None if managed.keep_alive < 0 else time.time() + managed.keep_alive
+        managed.load_seconds = time.perf_counter() - started
         self.loaded[managed.name] = managed
         self.known[managed.name] = resolved
-        self._log(f"loaded {managed.name} ({kind}) in {time.perf_counter() - started:.1f} s")
+        self._log(f"loaded {managed.name} ({kind}) in {managed.load_seconds:.1f} s")
         return managed
 
     def _load_chat(
@@ -347,9 +351,11 @@ class ModelManager:
                 print(f"selfhost serve: {notice.message}", file=sys.stderr)
         chat.engine.start()
         s = chat.summary
+        service = Service(chat, log=o.log)
+        service.observers = self.observers  # one list for every model: metrics see every reply
         return Managed(
             name=resolved.name, resolved=resolved, info=info, kind="chat", estimate=estimate, chat=chat,
-            service=Service(chat, log=o.log), backend=s.backend, layers=(s.layers_offloaded, s.n_layers),
+            service=service, backend=s.backend, layers=(s.layers_offloaded, s.n_layers),
         )  # fmt: skip
 
     def _load_embedding(

@@ -21,8 +21,13 @@ class Lenient(BaseModel):
 
 class FunctionDef(Lenient):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    description: str | None = None
+    description: str = ""  # templates concatenate it: never None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("description", mode="before")
+    @classmethod
+    def _no_null(cls, value: Any) -> Any:
+        return "" if value is None else value
 
 
 class Tool(Lenient):
@@ -61,6 +66,7 @@ class ChatMessage(Lenient):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: Annotated[str, Field(max_length=MAX_TEXT)] | None = None  # an earlier reply's
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -134,6 +140,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: Literal[False] | None = None
+    # thinking models: mapped onto the template's own switch (enable_thinking, harmony's reasoning level)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    think: bool | None = None  # Ollama's name for the switch; false = answer without reasoning
+    # llama-server's extension: GBNF constraining the whole reply (markup included, still parsed)
+    grammar: Annotated[str, Field(max_length=100_000)] | None = None
 
     def reply_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -12,9 +12,10 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from selfhost.chat.model import EngineOptions
 from selfhost.errors import UsageError
@@ -22,6 +23,7 @@ from selfhost.serve.defaults import field
 
 if TYPE_CHECKING:
     from selfhost.models.resolve import ResolvedModel
+    from selfhost.runtime.embed import Embedder
     from selfhost.serve.config import ModelSettings
     from selfhost.serve.manager import ModelManager
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 class ServeOptions(BaseModel):
     """Every `selfhost serve` setting; defaults and bounds from selfhost.serve.defaults (the CLI's too).
     Slots, context and GPU layers are per-model defaults (selfhost.serve.config overrides them)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key in a --config file's [serve] is an error
 
     models: list[str] = []  # names given at start (loaded then; the rest load on first use)
     host: str = field("host")
@@ -46,8 +50,10 @@ class ServeOptions(BaseModel):
     graceful_seconds: int = 10
     keep_alive: str = field("keep_alive")
     max_models: int | None = field("max_models")
+    cors_origins: list[str] = []  # --cors-origin: browser origins allowed to call the API
     pull: bool = False  # pull a requested model that is not downloaded yet
     engine: EngineOptions = EngineOptions(cache_ram_mb=1024)  # KV types, speculation, prompt cache
+    metrics_public: bool = False  # /metrics without the API key
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -81,6 +87,7 @@ def serve(
     preload: Sequence[ResolvedModel] = (),
     embedding: ResolvedModel | None = None,
     settings: dict[str, ModelSettings] | None = None,
+    reranker: ResolvedModel | None = None,
 ) -> None:
     """Bind, load the `preload` models (resolved by the caller), serve until SIGINT/SIGTERM.
     on_ready(start lines, url) is called before serving."""
@@ -102,13 +109,20 @@ def serve(
         history.schema_version()  # a broken history database stops us before the model loads
         history.close()
     manager = ModelManager(options, settings)
+    ranker = None
     try:
         lines = _preload(manager, preload, embedding)
+        if reranker is not None:  # --rerank-model: read with rank pooling, beside the managed models
+            ranker = _reranker(reranker, options)
+            lines.append(f"{ranker.name} · reranker")
         app = create_app(
             manager,
             api_key=options.api_key,
             max_body=options.max_body,
             shutdown_grace=max(1.0, options.graceful_seconds - 2.0),
+            metrics_public=options.metrics_public,
+            reranker=ranker,
+            cors_origins=options.cors_origins,
         )
         shown = f"[{options.host}]" if ":" in options.host else options.host
         on_ready(lines, f"http://{shown}:{port}/v1")
@@ -122,6 +136,8 @@ def serve(
         _run_until_signal(uvicorn.Server(config), sock)
     finally:
         manager.close()
+        if ranker is not None:
+            ranker.close()
         sock.close()
 
 
@@ -157,3 +173,17 @@ def _run_until_signal(server: object, sock: socket.socket) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _reranker(resolved: ResolvedModel, options: ServeOptions) -> Embedder:
+    """The --rerank-model reranker: a model read with llama.cpp's rank pooling."""
+    from selfhost.runtime import gguf_info
+    from selfhost.runtime.embed import Embedder
+    from selfhost.runtime.llama_backend import load_model
+
+    info = gguf_info.inspect(Path(resolved.path))
+    llm, report = load_model(
+        resolved.path, n_ctx=64, n_gpu_layers=options.gpu_layers or 0, n_threads=options.threads, info=info
+    )
+    n_ctx = min(info.context_length or 2048, 8192)
+    return Embedder(llm, resolved.name, n_ctx=n_ctx, threads=report.n_threads, rank=True)

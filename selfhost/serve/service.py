@@ -3,20 +3,31 @@
 The FastAPI layer (selfhost/serve/app.py) only parses, authenticates and streams. Every request
 becomes a ChatSession over the shared ChatModel -- the same templating, context check, sampling
 and grammar code as `selfhost chat` -- and a job in the model's BatchEngine.
+
+The interface every API shape (OpenAI chat, and adapters built on it) reads a reply through:
+- `Service.plan_chat(req) -> Planned`; the job is `planned.prepared.job` (submit it to the engine);
+- streaming: `Service.deltas(planned, text)` for each `JobText.text`, then `Service.deltas(planned, None)`
+  at the end: typed chunks of the model family's parser (selfhost/chat/families.py), in order --
+  `ReasoningChunk(text)`, `TextChunk(text)` (the answer), `ToolCallChunk(index, id, name, arguments)`
+  (id and name on a call's first chunk, then argument fragments that concatenate to its JSON);
+- `Service.finish(planned, end) -> Completed`: `content` (the answer only), `reasoning`, `tool_calls`
+  (OpenAI's shape), `finish_reason`, `usage` (with `completion_tokens_details.reasoning_tokens`).
+The non-streamed result is exactly what the streamed chunks add up to.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfhost.chat.families import ReplyParser, forced_call_parser
 from selfhost.chat.history import ChatLog, HistoryStore
-from selfhost.chat.messages import Message
+from selfhost.chat.messages import Message, ReplyChunk, ToolCallChunk
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.chat.session import ChatSession, ContextLengthError, PreparedReply, Sampling
@@ -28,8 +39,6 @@ from selfhost.serve.schemas import (
     SamplingFields,
     Tool,
 )
-
-_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 class ApiError(SelfhostError):
@@ -60,6 +69,7 @@ class ToolPlan:
     template_tools: list[dict[str, Any]] | None = None  # what the chat template renders
     grammar: str | None = None
     forced_name: str | None = None
+    parallel: bool | None = None  # parallel_tool_calls: False keeps the first call only
 
 
 @dataclass
@@ -72,16 +82,18 @@ class Planned:
     id: str
     created: int
     kind: str  # "chat" | "text"
+    fed: bool = False  # the reply's text went through `deltas` (streaming) as it came
 
 
 @dataclass
 class Completed:
-    """A job's result in OpenAI's terms."""
+    """A job's result in OpenAI's terms (content: the answer only; reasoning apart)."""
 
     content: str | None
     tool_calls: list[dict[str, Any]] | None
     finish_reason: str
     usage: dict[str, Any]
+    reasoning: str | None = None
 
 
 class Service:
@@ -91,6 +103,8 @@ class Service:
         self.model = model
         self.log = log  # write each served conversation to the chat history
         self.started = int(time.time())
+        self.load_seconds = 0.0  # how long the model took to load (serve measures it)
+        self.observers: list[Callable[[JobEnd], None]] = []  # told of every finished job (metrics)
 
     @property
     def model_id(self) -> str:
@@ -108,11 +122,27 @@ class Service:
             else:
                 session.messages.append(_message(m))
         session.system = "\n\n".join(system_parts) or None
+        session.think, session.effort = req.think, req.reasoning_effort
         plan = self._plan_tools(req)
         grammar = plan.grammar or _format_grammar(req)
+        if req.grammar is not None and grammar is not None:
+            raise ApiError(400, "grammar cannot be combined with response_format or a forced tool call")
         if plan.mode in ("named", "required") and plan.template_tools is None:
             session.system = _with_tool_instructions(session.system, plan)
-        prepared = self._prepare(session, grammar, req.stop_list(), plan.template_tools)
+        elif plan.mode == "auto" and plan.template_tools is None:  # a family whose template lists no tools
+            session.system = _with_tool_list(session.system, plan, self.model.family.tools)
+        if req.grammar is not None:
+            try:
+                self.model.engine.check_grammar(req.grammar)
+            except UsageError as exc:
+                raise ApiError(400, str(exc), param="grammar") from exc
+        session.grammar = req.grammar
+        forced = None
+        if plan.mode in ("named", "required"):  # the grammar makes the reply one call: stream it as one
+            forced = forced_call_parser(self.model.family, plan.forced_name)
+        prepared = self._prepare(
+            session, grammar, req.stop_list(), plan.template_tools, forced, calls=plan.mode == "auto"
+        )
         return Planned(session, prepared, plan, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat")
 
     def plan_text(self, req: CompletionRequest) -> Planned:
@@ -138,10 +168,18 @@ class Service:
         return ChatSession(self.model, sampling=sampling, raw=raw, log=log)
 
     def _prepare(
-        self, session: ChatSession, grammar: str | None, stop: list[str], tools: list[dict[str, Any]] | None
+        self,
+        session: ChatSession,
+        grammar: str | None,
+        stop: list[str],
+        tools: list[dict[str, Any]] | None,
+        parser: ReplyParser | None = None,
+        calls: bool = False,
     ) -> PreparedReply:
         try:
-            return session.prepare(trim=False, grammar=grammar, stop=stop, tools=tools)
+            return session.prepare(
+                trim=False, grammar=grammar, stop=stop, tools=tools, parser=parser, calls=calls
+            )
         except ContextLengthError as exc:
             raise ApiError(
                 400,
@@ -162,16 +200,17 @@ class Service:
                 raise ApiError(400, "tool_choice needs `tools`", param="tool_choice")
             return ToolPlan()
         supports = self.model.template is not None and self.model.template.supports_tools
-        template_tools = [t.model_dump() for t in tools] if supports else None
+        template_tools = [t.model_dump(exclude_none=True) for t in tools] if supports else None
         if isinstance(choice, str) and choice == "auto":
-            if not supports:
+            if self.model.family.tools is None:
                 raise ApiError(
                     400,
-                    f"{self.model_id}'s chat template has no tool support, so it cannot choose tools itself",
+                    f"{self.model_id}'s chat template has no tool-call format selfhost can read, "
+                    "so it cannot choose tools itself (tool_choice required or named still work)",
                     param="tool_choice",
                     code="tools_unsupported",
                 )
-            return ToolPlan("auto", tools, template_tools)
+            return ToolPlan("auto", tools, template_tools, parallel=req.parallel_tool_calls)
         if isinstance(choice, str):  # "required": any of the tools, by name
             options = [
                 {
@@ -194,18 +233,37 @@ class Service:
         return ToolPlan("named", tools, template_tools, grammar, wanted.function.name)
 
     # ----------------------------------------------------------- results
+    def deltas(self, planned: Planned, text: str | None) -> list[ReplyChunk]:
+        """A streamed reply's next text through the model family's parser (None: the end): typed
+        reasoning, answer and tool-call chunks. Tool calls count only where tool_choice is auto."""
+        planned.fed = True
+        parser = planned.prepared.parser
+        chunks = parser.feed(text) if text is not None else parser.finish()
+        if planned.tools.mode == "none":
+            chunks = [c for c in chunks if not isinstance(c, ToolCallChunk)]
+        elif planned.tools.parallel is False:  # one call only, as the non-streamed reply keeps
+            chunks = [c for c in chunks if not isinstance(c, ToolCallChunk) or c.index == 0]
+        return chunks
+
     def finish(self, planned: Planned, end: JobEnd) -> Completed:
         """Record the reply in the session (and the history), in OpenAI's terms."""
+        for observe in self.observers:
+            observe(end)
         if end.finish_reason == "error":
             raise ApiError(500, end.error or "generation failed", type="server_error")
-        content: str | None = end.text
-        calls = _tool_calls(planned.tools, end.text)
-        if calls:
-            content = (
-                _TOOL_CALL_RE.sub("", end.text).strip() or None if planned.tools.mode == "auto" else None
-            )
+        if not planned.fed:
+            planned.prepared.parser.feed(end.text)
+        planned.prepared.parser.finish()
+        parsed = planned.prepared.parser.result()
+        content: str | None = parsed.content
+        calls = parsed.tool_calls if planned.tools.mode != "none" else None
+        if calls and planned.tools.mode == "auto" and planned.tools.parallel is False:
+            calls = calls[:1]
+        if calls and planned.tools.mode != "auto" and not _complete(calls):
+            calls, content = None, end.text  # a forced call cut short (max_tokens): the text, "length"
+        content = content or (None if calls else content)
         try:
-            done = planned.session.record(planned.prepared, end, calls)
+            done = planned.session.record(planned.prepared, end, calls, content or "")
         finally:
             if planned.session.log.store is not None:
                 planned.session.log.store.close()
@@ -219,13 +277,14 @@ class Service:
             "completion_tokens": end.generated_tokens,
             "total_tokens": end.prompt_tokens + end.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": end.reused_tokens},
+            "completion_tokens_details": {"reasoning_tokens": done.usage.reasoning_tokens},
         }
         if end.drafted_tokens:  # speculative decoding, in OpenAI's names for predicted tokens
             usage["completion_tokens_details"] = {
                 "accepted_prediction_tokens": end.accepted_tokens,
                 "rejected_prediction_tokens": end.drafted_tokens - end.accepted_tokens,
             }
-        return Completed(content, calls, finish, usage)
+        return Completed(content, calls, finish, usage, done.message.reasoning)
 
 
 def _message(m: Any) -> Message:
@@ -237,7 +296,13 @@ def _message(m: Any) -> Message:
                 call["function"]["arguments"] = json.loads(call["function"]["arguments"])
             except (json.JSONDecodeError, TypeError):
                 pass
-    return Message(role=role, content=m.text(), tool_calls=calls, tool_call_id=m.tool_call_id)
+    return Message(
+        role=role,
+        content=m.text(),
+        tool_calls=calls,
+        tool_call_id=m.tool_call_id,
+        reasoning=m.reasoning_content,
+    )
 
 
 def _grammar(schema: dict[str, Any], where: str) -> str:
@@ -269,31 +334,18 @@ def _with_tool_instructions(system: str | None, plan: ToolPlan) -> str:
     return f"{system}\n\n{note}" if system else note
 
 
-def _tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
-    """The tool calls in a reply: the whole reply (named/required) or <tool_call> blocks (auto)."""
-    if plan.mode == "none":
-        return None
-    if plan.mode == "named":
-        return [_call(plan.forced_name or "", text.strip())]
-    if plan.mode == "required":
-        try:
-            data = json.loads(text)
-            return [_call(data["name"], json.dumps(data["arguments"]))]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None  # cut short (max_tokens): the client sees the text and finish_reason "length"
-    calls = []
-    for block in _TOOL_CALL_RE.findall(text):
-        try:
-            data = json.loads(block)
-            calls.append(_call(str(data["name"]), json.dumps(data.get("arguments", {}))))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return calls or None
+def _with_tool_list(system: str | None, plan: ToolPlan, fmt: Any) -> str:
+    """For a template that cannot list tools (DeepSeek-R1 distills): the tools, and how to call them."""
+    specs = "\n".join(json.dumps(t.model_dump(exclude_none=True)) for t in plan.tools)
+    note = f"You may call these functions:\n{specs}"
+    if fmt is not None and fmt.example:
+        note += f"\nTo call one, reply with:\n{fmt.example}"
+    return f"{system}\n\n{note}" if system else note
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
-    return {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
+def _complete(calls: list[dict[str, Any]]) -> bool:
+    """Are all calls' arguments whole JSON objects?"""
+    try:
+        return all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls)
+    except json.JSONDecodeError:
+        return False

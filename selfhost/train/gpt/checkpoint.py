@@ -21,7 +21,7 @@ import torch
 
 from selfhost import atomic
 from selfhost.errors import IntegrityError, NotFoundError
-from selfhost.train.gpt.model import GPT, GPTConfig
+from selfhost.train.gpt.model import GPTConfig, build_model
 
 FORMAT = "selfhost-gpt"
 VERSION = 1
@@ -120,6 +120,10 @@ def _model_args(args: Any) -> dict[str, Any]:
             f"model_args.{key} is {value!r}, expected an integer in {low}..{high}",
         )
     _check(args["n_embd"] % args["n_head"] == 0, "model_args.n_head does not divide n_embd")
+    _check(args.get("arch", "gpt2") in ("gpt2", "llama"), f"model_args.arch is {args.get('arch')!r}")
+    kv = args.get("n_kv_head", 0)
+    _check(isinstance(kv, int) and kv >= 0 and (kv == 0 or args["n_head"] % kv == 0),
+           f"model_args.n_kv_head is {kv!r}")  # fmt: skip
     dropout = args.get("dropout", 0.0)
     _check(isinstance(dropout, (int, float)) and 0 <= dropout < 1, f"model_args.dropout is {dropout!r}")
     return args
@@ -129,7 +133,7 @@ def _state_dict(state: Any, args: dict[str, Any]) -> None:
     """The weights: exactly the tensors of GPT(model_args), same shapes, finite floats."""
     _check(isinstance(state, dict), "model is not a table of tensors")
     with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**args)).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(GPTConfig(**args)).state_dict().items()}
     for key, tensor in state.items():
         _check(isinstance(tensor, torch.Tensor), f"model.{key} is not a tensor")
         _check(key in expected, f"model has an unexpected tensor '{key}'")

@@ -1,4 +1,5 @@
-"""Export a trained GPT to GGUF (llama.cpp architecture `gpt2`) and register it in the store.
+"""Export a trained GPT to GGUF (llama.cpp architecture `gpt2`, or `llama` / `qwen3` for the llama-style
+model) and register it in the store.
 
 nanoGPT's Linear weights are (out, in) in PyTorch, which the gguf package writes as ggml's
 (in, out): exactly what llama.cpp expects, so no tensor is transposed. qkv stays fused
@@ -20,7 +21,7 @@ from selfhost.events import Events, Notice, Result
 from selfhost.models.store import ModelRecord, Store, sha256_file
 from selfhost.runtime import gguf_info
 from selfhost.train.gpt.model import LAYER_NORM_EPS
-from selfhost.train.gpt.tokenizer import Tokenizer
+from selfhost.train.gpt.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 ExportType = Literal["f32", "f16"]
 # A base model has no roles: the prompt is the messages' text, one per line.
@@ -38,8 +39,67 @@ _BLOCK_TENSORS = {  # our state-dict name -> llama.cpp gpt2 tensor name
 }
 
 
+_LLAMA_TENSORS = {  # our llama-style state-dict name -> llama.cpp llama / qwen3 tensor name
+    "attn_norm": "attn_norm",
+    "attn.q_proj": "attn_q",
+    "attn.k_proj": "attn_k",
+    "attn.v_proj": "attn_v",
+    "attn.o_proj": "attn_output",
+    "attn.q_norm": "attn_q_norm",
+    "attn.k_norm": "attn_k_norm",
+    "ffn_norm": "ffn_norm",
+    "mlp.gate": "ffn_gate",
+    "mlp.up": "ffn_up",
+    "mlp.down": "ffn_down",
+}
+
+
+def gguf_arch(model_args: dict[str, Any]) -> str:
+    """The llama.cpp architecture a model exports as."""
+    if model_args.get("arch", "gpt2") == "gpt2":
+        return "gpt2"
+    return "qwen3" if model_args.get("qk_norm") else "llama"
+
+
+def interleave_heads(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Query/key rows of each head from the half-split rotary layout to llama.cpp llama's interleaved pairs
+    (what convert_hf_to_gguf's permute does)."""
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hs // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def split_heads(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of interleave_heads (a llama GGUF's query/key rows -> our layout)."""
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_tensors(state: dict[str, Any], model_args: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The llama-style state dict -> llama.cpp `llama` (rotary rows interleaved) or `qwen3` tensors."""
+    arch = gguf_arch(model_args)
+    n_head = int(model_args["n_head"])
+    n_kv = int(model_args.get("n_kv_head") or n_head)
+
+    def arr(key: str) -> np.ndarray:
+        return state[key].detach().float().cpu().numpy()
+
+    out = {"token_embd.weight": arr("wte.weight"), "output_norm.weight": arr("norm.weight")}
+    if not model_args.get("tie_embeddings", True):
+        out["output.weight"] = arr("lm_head.weight")
+    for i in range(int(model_args["n_layer"])):
+        for ours, theirs in _LLAMA_TENSORS.items():
+            key = f"blocks.{i}.{ours}.weight"
+            if key not in state:
+                continue  # no QK-norm
+            value = arr(key)
+            if arch == "llama" and theirs in ("attn_q", "attn_k"):
+                value = interleave_heads(value, n_head if theirs == "attn_q" else n_kv)
+            out[f"blk.{i}.{theirs}.weight"] = value
+    return out
+
+
 def gguf_tensors(state: dict[str, Any], n_layer: int) -> dict[str, np.ndarray]:
-    """Our state dict (torch tensors) -> llama.cpp tensor names (float32 numpy arrays)."""
+    """Our gpt2 state dict (torch tensors) -> llama.cpp tensor names (float32 numpy arrays)."""
 
     def arr(key: str) -> np.ndarray:
         return state[key].detach().float().cpu().numpy()
@@ -65,6 +125,7 @@ def write_gguf(
     *,
     name: str,
     dtype: ExportType = "f16",
+    chat_template: str | None = None,
 ) -> Path:
     """Write the GGUF atomically to `dest`."""
     import gguf
@@ -72,33 +133,30 @@ def write_gguf(
     if dtype not in ("f32", "f16"):
         raise UsageError(f"unknown export type '{dtype}'", hint="use f32 or f16")
     vocab = tokenizer.gguf_vocab()
-    n_embd, n_layer = int(model_args["n_embd"]), int(model_args["n_layer"])
+    n_layer = int(model_args["n_layer"])
     if len(vocab.tokens) != int(model_args["vocab_size"]):
         raise UsageError(f"tokenizer has {len(vocab.tokens)} tokens, model {model_args['vocab_size']}")
-    tensors = gguf_tensors(state, n_layer)
+    arch = gguf_arch(model_args)
+    tensors = gguf_tensors(state, n_layer) if arch == "gpt2" else llama_tensors(state, model_args)
     size = sum(a.size for a in tensors.values()) * (4 if dtype == "f32" else 2)
     atomic.ensure_free_space(Path(dest).parent, size, "the GGUF export")
 
     with atomic.atomic_path(Path(dest)) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "gpt2")
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name)
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-        w.add_context_length(int(model_args["block_size"]))
-        w.add_embedding_length(n_embd)
-        w.add_feed_forward_length(4 * n_embd)
-        w.add_block_count(n_layer)
-        w.add_head_count(int(model_args["n_head"]))
-        w.add_layer_norm_eps(LAYER_NORM_EPS)
+        _add_shape(w, arch, model_args)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
         w.add_token_types(vocab.types)
         w.add_token_merges(vocab.merges)
         w.add_bos_token_id(vocab.eot_id)
-        w.add_eos_token_id(vocab.eot_id)
+        w.add_eos_token_id(vocab.eot_id if vocab.eos_id is None else vocab.eos_id)
         w.add_add_bos_token(True)  # documents start after <|endoftext|>, as in training
         w.add_add_eos_token(False)
-        w.add_chat_template(BASE_CHAT_TEMPLATE)
+        default = CHAT_TEMPLATE if tokenizer.kind == "chat" else BASE_CHAT_TEMPLATE
+        w.add_chat_template(chat_template or default)
         for tname, data in tensors.items():
             if dtype == "f16" and data.ndim == 2:
                 data = data.astype(np.float16)  # matrices in F16, norms and biases stay F32
@@ -109,6 +167,26 @@ def write_gguf(
         w.close()
     gguf_info.inspect(Path(dest))  # raises GGUFError if anything is off
     return Path(dest)
+
+
+def _add_shape(w: Any, arch: str, model_args: dict[str, Any]) -> None:
+    """The hyper-parameters llama.cpp reads for `arch`."""
+    from selfhost.train.gpt.model import GPTConfig
+
+    cfg = GPTConfig(**model_args)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.ffn_width)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(LAYER_NORM_EPS)
+        return
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
 
 
 @dataclass

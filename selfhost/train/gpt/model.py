@@ -1,4 +1,5 @@
-"""The GPT: a GPT-2 decoder (nanoGPT-style), readable top-down.
+"""The GPT: a GPT-2 decoder (nanoGPT-style), readable top-down; `build_model` also makes the llama-style
+decoder of selfhost.train.gpt.llama (config.arch "llama").
 
 Shapes: B batch, T time (tokens), C n_embd, nh heads, hs = C // nh head size, V vocab.
 Exactly llama.cpp's `gpt2` architecture: learned positions, pre-LayerNorm (eps 1e-5) with biases,
@@ -29,55 +30,57 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
+    # the llama-style decoder (arch "llama"; gpt2 ignores these)
+    arch: str = "gpt2"
+    n_kv_head: int = 0  # grouped-query attention: key/value heads (0: n_head)
+    n_ff: int = 0  # SwiGLU hidden width (0: 8/3 n_embd rounded up to a multiple of 32)
+    qk_norm: bool = False  # RMSNorm of each query/key head (exported as qwen3)
+    tie_embeddings: bool = True  # output matrix = token embedding
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
 
-    def to_dict(self) -> dict[str, int | float]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head and self.arch != "gpt2" else self.n_head
 
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(_init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return self.n_ff or math.ceil(8 * self.n_embd / 3 / 32) * 32
+
+
+def build_model(config: GPTConfig) -> CausalLM:
+    """The model of `config.arch`: gpt2 (GPT below) or llama (selfhost.train.gpt.llama.Llama)."""
+    if config.arch == "llama":
+        from selfhost.train.gpt.llama import Llama
+
+        return Llama(config)
+    if config.arch != "gpt2":
+        raise UsageError(f"unknown architecture '{config.arch}'", hint="use gpt2 or llama")
+    return GPT(config)
+
+
+class CausalLM(nn.Module):
+    """What both architectures share: the config, `forward(idx, targets, cache)` and generation."""
+
+    config: GPTConfig
+    wte: nn.Embedding
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and the loss if targets are given. With a `cache`, idx continues the cached
-        sequence (positions start at cache.length) and its keys/values are appended to the cache."""
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise UsageError(
-                f"{start + T} tokens do not fit in the model's context of {self.config.block_size}"
-            )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache.layer(i) if cache is not None else None)  # (B, T, C)
-        if cache is not None:
-            cache.length += T
-        x = self.ln_f(x)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(x), None  # (B, T, V)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, loss
+        raise NotImplementedError
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters (tied output counted once); nanoGPT leaves position embeddings out of N."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def generate(
@@ -114,6 +117,51 @@ class GPT(nn.Module):
             idx = torch.cat((idx, nxt), dim=1)
             yield nxt
 
+
+class GPT(CausalLM):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(_init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and the loss if targets are given. With a `cache`, idx continues the cached
+        sequence (positions start at cache.length) and its keys/values are appended to the cache."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise UsageError(
+                f"{start + T} tokens do not fit in the model's context of {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layer(i) if cache is not None else None)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (tied output counted once); nanoGPT leaves position embeddings out of N."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
 
 class Block(nn.Module):
     """x + attn(ln(x)), then x + mlp(ln(x))."""
@@ -233,9 +281,9 @@ class KVCache:
         self.layers, self.length = layers, 0
 
     @classmethod
-    def empty(cls, model: GPT, batch: int, device: torch.device) -> KVCache:
+    def empty(cls, model: CausalLM, batch: int, device: torch.device) -> KVCache:
         cfg = model.config
-        shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = (batch, cfg.kv_heads, cfg.block_size, cfg.head_dim)
         dtype = model.wte.weight.dtype
         return cls([LayerCache(torch.empty(shape, dtype=dtype, device=device),
                                torch.empty(shape, dtype=dtype, device=device))

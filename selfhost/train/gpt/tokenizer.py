@@ -54,6 +54,7 @@ class GGUFVocab:
     merges: list[str]
     pre: str  # tokenizer.ggml.pre
     eot_id: int
+    eos_id: int | None = None  # None: eot_id (a chat model ends its turns with <|im_end|>)
 
 
 @dataclass
@@ -217,6 +218,62 @@ class BPETokenizer(Tokenizer):
         return GGUFVocab(tokens=tokens, types=types, merges=merges, pre="gpt-2", eot_id=self.eot_id)
 
 
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_SPECIALS = [IM_START, IM_END]
+# ChatML; the prompt starts with <|endoftext|> (bos_token), as every training document does.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ChatTokenizer(Tokenizer):
+    """A trained tokenizer plus the chat special tokens (ids after its own): what chat fine-tuning adds.
+    In text the specials and <|endoftext|> are their tokens (llama.cpp's special=True, as chat prompts are
+    tokenized); they are control tokens in the GGUF, and <|im_end|> is its end of sequence."""
+
+    kind = "chat"
+
+    def __init__(self, inner: Tokenizer, specials: list[str] | None = None) -> None:
+        import re
+
+        self.inner, self.specials = inner, list(specials or CHAT_SPECIALS)
+        self.eot_id = inner.eot_id
+        self.ids = {EOT: inner.eot_id} | {t: inner.vocab_size + i for i, t in enumerate(self.specials)}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self.ids) + ")")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size + len(self.specials)
+
+    @property
+    def eos_id(self) -> int:
+        return self.ids[IM_END] if IM_END in self.ids else self.eot_id
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        for piece in self._split.split(text):
+            out.extend([self.ids[piece]] if piece in self.ids else self.inner.encode(piece) if piece else [])
+        return out
+
+    def unseen(self, text: str) -> Unseen:
+        return self.inner.unseen(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.inner.decode(i for i in ids if i < self.inner.vocab_size)
+
+    def to_json(self) -> str:
+        inner = json.loads(self.inner.to_json())
+        return json.dumps({"kind": "chat", "inner": inner, "specials": self.specials},
+                          ensure_ascii=False)  # fmt: skip
+
+    def gguf_vocab(self) -> GGUFVocab:
+        vocab = self.inner.gguf_vocab()
+        types = vocab.types + [CONTROL] * len(self.specials)
+        return GGUFVocab(tokens=vocab.tokens + self.specials, types=types, merges=vocab.merges,
+                         pre=vocab.pre, eot_id=vocab.eot_id, eos_id=self.eos_id)  # fmt: skip
+
+
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train on `texts` (any iterable: streamed pieces of a corpus larger than memory work too)."""
     if kind == "char":
@@ -236,6 +293,8 @@ def from_json(text: str) -> Tokenizer:
 
             tk = require("tokenizers", "`tokenizers`")
             return BPETokenizer(tk.Tokenizer.from_str(json.dumps(data["tokenizer"])))
+        if data["kind"] == "chat":
+            return ChatTokenizer(from_json(json.dumps(data["inner"])), list(data["specials"]))
     except SelfhostError:
         raise
     except Exception as exc:  # malformed JSON or a tokenizers parse error

@@ -35,7 +35,7 @@ from selfhost.train import runs
 from selfhost.train.common import device_name, pick_device, resolve_threads
 from selfhost.train.gpt import checkpoint, data, estimate, tokenizer
 from selfhost.train.gpt.config import TrainConfig
-from selfhost.train.gpt.model import GPT, GPTConfig
+from selfhost.train.gpt.model import CausalLM, GPTConfig, build_model
 
 EVAL_SEED_OFFSET = 7919  # eval batches come from their own RNG: evals never move the training RNG
 # Settings a resumed run may change; everything else comes from the checkpoint.
@@ -112,7 +112,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 # -- building blocks ----------------------------------------------------------------------------
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of cfg.learning_rate at step `it`: linear warm-up, then cosine decay to min_lr."""
+    """Multiplier of each peak learning rate at step `it`: linear warm-up, then cosine decay to min_lr
+    (lr_schedule "cosine"), or stable then a linear decay to min_lr over the last `cooldown` share of
+    the steps ("wsd", warm-up/stable/decay: what Muon is tuned with)."""
+    floor = cfg.min_lr / cfg.learning_rate
 
     def factor(it: int) -> float:
         if it < cfg.warmup_iters:
@@ -120,7 +123,10 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
         if not cfg.decay_lr:
             return 1.0
         if it > cfg.decay_iters:
-            return cfg.min_lr / cfg.learning_rate
+            return floor
+        if cfg.lr_schedule == "wsd":
+            left = (cfg.decay_iters - it) / max(1.0, cfg.cooldown * cfg.decay_iters)
+            return floor + (1.0 - floor) * min(1.0, left)
         span = max(1, cfg.decay_iters - cfg.warmup_iters)
         coeff = 0.5 * (1.0 + math.cos(math.pi * (it - cfg.warmup_iters) / span))
         return (cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)) / cfg.learning_rate
@@ -128,10 +134,29 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizers(model: CausalLM, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW for everything (optimizer "adamw"), or AdamW for the embeddings, head and norms plus Muon
+    (torch.optim.Muon: orthogonalized momentum, 2-D tensors only) for the blocks' matrices ("muon")."""
+    if cfg.optimizer == "adamw":
+        return [make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)]
+    hidden = [p for name, p in model.named_parameters()
+              if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")]  # fmt: skip
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    if not hasattr(torch.optim, "Muon"):
+        from selfhost.errors import DependencyError
+
+        raise DependencyError(f"--optimizer muon needs PyTorch 2.9 or newer (this is {torch.__version__})",
+                              hint="pip install -U torch, or use --optimizer adamw")  # fmt: skip
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0)
+    return [make_optimizer(rest, cfg, device), muon]
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings only; the fused kernel on CUDA and on the CPU (one
     kernel per tensor instead of ~10 small ops: the cpu-tiny preset's AdamW + clipping 6.5 -> 3.0 ms/step)."""
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -157,8 +182,9 @@ class Stepper:
         self.model, self.cfg, self.device, self.dtype = model, cfg, device, dtype
         raw = model.module if ddp else model
         raw = getattr(raw, "_orig_mod", raw)
-        self.optimizer = make_optimizer(raw, cfg, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
+        self.optimizers = make_optimizers(raw, cfg, device)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(cfg)) for o in self.optimizers]
+        self.scheduler = self.schedulers[0]  # AdamW's: the learning rate the logs show
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
         self.next_batch, self.ddp = next_batch, ddp
 
@@ -175,13 +201,40 @@ class Stepper:
             self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        for opt, sched in zip(self.optimizers, self.schedulers, strict=True):
+            self.scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+            sched.step()
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return total
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """One optimizer's state dict as is; several: their list under "parts" (checkpoint layout)."""
+        if len(self.optimizers) == 1:
+            return self.optimizers[0].state_dict()
+        return {"state": {}, "param_groups": [], "parts": [o.state_dict() for o in self.optimizers]}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        parts = state.get("parts", [state])
+        if len(parts) != len(self.optimizers):
+            raise ValueError(f"{len(parts)} optimizer states for {len(self.optimizers)} optimizers")
+        for opt, part in zip(self.optimizers, parts, strict=True):
+            opt.load_state_dict(part)
+
+    def scheduler_state(self) -> dict[str, Any]:
+        if len(self.schedulers) == 1:
+            return self.schedulers[0].state_dict()
+        return {"parts": [s.state_dict() for s in self.schedulers]}
+
+    def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        parts = state.get("parts", [state])
+        if len(parts) != len(self.schedulers):
+            raise ValueError(f"{len(parts)} schedule states for {len(self.schedulers)} optimizers")
+        for sched, part in zip(self.schedulers, parts, strict=True):
+            sched.load_state_dict(part)
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -204,7 +257,7 @@ def eval_batches(ds: data.Dataset, cfg: TrainConfig, device: torch.device) -> di
 
 
 @torch.inference_mode()
-def evaluate(model: GPT, ds: data.Dataset, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+def evaluate(model: CausalLM, ds: data.Dataset, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              batches: dict[str, list[Batch]] | None = None) -> dict[str, float]:  # fmt: skip
     """Mean loss over `eval_iters` batches of each split; the same batches at every eval.
     One host sync per split (the losses stay on the device until the mean)."""
@@ -223,7 +276,7 @@ def evaluate(model: GPT, ds: data.Dataset, cfg: TrainConfig, device: torch.devic
 
 
 @torch.no_grad()
-def sample_text(model: GPT, tok: tokenizer.Tokenizer, device: torch.device, n_tokens: int, seed: int,
+def sample_text(model: CausalLM, tok: tokenizer.Tokenizer, device: torch.device, n_tokens: int, seed: int,
                 prompt: str = "", temperature: float = 0.8, top_k: int | None = 200) -> str:  # fmt: skip
     """Generate from `prompt` (after <|endoftext|>, as documents start) with a private RNG."""
     if n_tokens <= 0:
@@ -277,8 +330,8 @@ def _restore(ckpt: dict[str, Any], path: Path, raw_model: Any, stepper: Any, sam
     reported as a damaged checkpoint, not an internal error). Returns (step, best val loss)."""
     try:
         raw_model.load_state_dict(ckpt["model"])
-        stepper.optimizer.load_state_dict(ckpt["optimizer"])
-        stepper.scheduler.load_state_dict(ckpt["scheduler"])
+        stepper.load_optimizer_state(ckpt["optimizer"])
+        stepper.load_scheduler_state(ckpt["scheduler"])
         if ckpt.get("scaler"):
             stepper.scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt["rng"]
@@ -331,7 +384,7 @@ def probe(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.
     try:
         micro = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
         pcfg = cfg.model_copy(update={"batch_size": micro, "grad_accum": 1})
-        model = GPT(gpt_config(pcfg, vocab_size)).to(device)
+        model = build_model(gpt_config(pcfg, vocab_size)).to(device)
         gen = np.random.default_rng(0)
 
         def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +403,9 @@ def probe(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.
 
 def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)  # fmt: skip
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, arch=cfg.arch,
+                     n_kv_head=cfg.n_kv_head, n_ff=cfg.n_ff, qk_norm=cfg.qk_norm,
+                     tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta)  # fmt: skip
 
 
 def estimate_run(req: TrainRequest) -> estimate.Estimate:
@@ -474,7 +529,7 @@ def setup(req: TrainRequest, dist: Dist) -> Run:
     torch.manual_seed(cfg.seed + dist.rank)
 
     model_args = gpt_config(cfg, tok.vocab_size)
-    raw_model = GPT(model_args).to(device)
+    raw_model = build_model(model_args).to(device)
     sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, cfg.seed + dist.rank)
     model: torch.nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
     if dist.enabled:
@@ -553,7 +608,7 @@ class Run:
     dtype: torch.dtype
     threads: int | None  # CPU threads of each process (None: left to PyTorch, e.g. on a GPU)
     model_args: GPTConfig
-    raw_model: GPT
+    raw_model: CausalLM
     sampler: data.BatchSampler
     stepper: Stepper
     est: estimate.Estimate
@@ -576,8 +631,8 @@ class Run:
             "best_val_loss": self.best_val, "val_loss": val_loss,
         }  # fmt: skip
         if rng is not None:
-            state.update(optimizer=self.stepper.optimizer.state_dict(),
-                         scheduler=self.stepper.scheduler.state_dict(),
+            state.update(optimizer=self.stepper.optimizer_state(),
+                         scheduler=self.stepper.scheduler_state(),
                          scaler=self.stepper.scaler.state_dict(), rng=rng,
                          world_size=self.dist.world_size)  # fmt: skip
         return state
@@ -668,8 +723,8 @@ def _stop_requested(stop: _StopFlag, dist: Dist, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def load_model(ckpt: dict[str, Any], device: torch.device) -> GPT:
+def load_model(ckpt: dict[str, Any], device: torch.device) -> CausalLM:
     """A checkpoint's model in eval mode."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = build_model(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
