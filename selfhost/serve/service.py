@@ -280,7 +280,7 @@ class Service:
             "completion_tokens_details": {"reasoning_tokens": done.usage.reasoning_tokens},
         }
         if end.drafted_tokens:  # speculative decoding, in OpenAI's names for predicted tokens
-            usage["completion_tokens_details"] = {
+            usage["completion_tokens_details"] |= {
                 "accepted_prediction_tokens": end.accepted_tokens,
                 "rejected_prediction_tokens": end.drafted_tokens - end.accepted_tokens,
             }
