@@ -347,7 +347,27 @@ class _Region:
     sent: list[int] = field(default_factory=list)
 
 
-class TagParser(ReplyParser):
+class SteppingParser(ReplyParser):
+    """A parser that reads its buffer `buf` in steps: each step consumes what it can decide on and says
+    whether another step may make progress (False: wait for more text, or, when final, nothing left)."""
+
+    buf: str
+
+    def _feed(self, text: str) -> list[ReplyChunk]:
+        self.buf += text
+        out: list[ReplyChunk] = []
+        self._steps(out, final=False)
+        return out
+
+    def _steps(self, out: list[ReplyChunk], final: bool) -> None:
+        while self._step(out, final):
+            pass
+
+    def _step(self, out: list[ReplyChunk], final: bool) -> bool:
+        raise NotImplementedError
+
+
+class TagParser(SteppingParser):
     """Think tags and marker-delimited tool calls (every family but harmony)."""
 
     def __init__(self, family: Family, in_think: bool, calls: bool = True) -> None:
@@ -367,17 +387,9 @@ class TagParser(ReplyParser):
     def _markers(self) -> tuple[str, ...]:
         return (*self.tools.start, *self.tools.drop) if self.tools else ()
 
-    def _feed(self, text: str) -> list[ReplyChunk]:
-        self.buf += text
-        out: list[ReplyChunk] = []
-        while self._step(out, final=False):
-            pass
-        return out
-
     def _finish(self) -> list[ReplyChunk]:
         out: list[ReplyChunk] = []
-        while self._step(out, final=True):
-            pass
+        self._steps(out, final=True)
         if self.mode == "tool":
             self._close_region(out, self.region.text if self.region else "", final=True)
         elif self.buf:
@@ -677,7 +689,7 @@ SCANNERS = {
 _H_END = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
 
 
-class HarmonyParser(ReplyParser):
+class HarmonyParser(SteppingParser):
     """gpt-oss harmony: messages `<|channel|>C [to=R] [<|constrain|>json]<|message|>BODY<|end|>`;
     analysis -> reasoning, final/commentary -> content, a recipient `functions.NAME` -> a tool call.
 
@@ -691,17 +703,9 @@ class HarmonyParser(ReplyParser):
         self.kind = "content"  # of the message being read: reasoning | content | call
         self.n_calls = 0
 
-    def _feed(self, text: str) -> list[ReplyChunk]:
-        self.buf += text
-        out: list[ReplyChunk] = []
-        while self._step(out, final=False):
-            pass
-        return out
-
     def _finish(self) -> list[ReplyChunk]:
         out: list[ReplyChunk] = []
-        while self._step(out, final=True):
-            pass
+        self._steps(out, final=True)
         if self.mode == "body" and self.buf:
             self._body(out, self.buf)
         elif self.mode == "header" and self.buf.strip() and not self._calls and not self._content:
