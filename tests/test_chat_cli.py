@@ -335,10 +335,13 @@ def test_repl_retry_generates_a_new_reply_that_replaces_the_row(runner, tiny_ggu
     assert result.exit_code == 0, result.output
     replies = [part.split("\n[reply stopped")[0] for part in result.output.split(">>> ")[1:3]]
     assert len(replies) == 2 and replies[0] != replies[1], replies
-    assert "session: 2 replies, 12 generated" in result.output
+    # both replies are counted; a random model may sample its end-of-text token before the 6th token
+    counted = re.search(r"session: 2 replies, (\d+) generated", result.output)
+    assert counted and 2 <= int(counted.group(1)) <= 12, result.output
     assert re.search(r"prompt: (\d+) tokens, \1 reused|prompt: (\d+) tokens, (\d+) reused", result.output)
     stored = rows("SELECT role, content, tokens FROM messages ORDER BY seq")
-    assert [(r[0], r[2]) for r in stored] == [("user", 4), ("assistant", 6)] and stored[0][1] == "hello"
+    assert [r[0] for r in stored] == ["user", "assistant"] and stored[0][1:] == ("hello", 4)
+    assert 1 <= stored[1][2] <= 6
     assert stored[1][1] != replies[0]
     assert stored[1][1].replace("\ufffd", "") == replies[1].replace("\ufffd", "")
 

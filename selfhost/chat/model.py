@@ -33,7 +33,7 @@ class EngineOptions(BaseModel):
 
     kv: KVSettings = KVSettings()
     spec: SpecSettings = SpecSettings()
-    draft_model: Any = None  # a ResolvedModel, or any name the model grammar takes; sets spec.mode "draft"
+    draft_model: Any = None  # a ResolvedModel (the caller resolved its name) or a GGUF path; spec "draft"
     cache_ram_mb: int = 0  # prompt cache in host RAM (0: none, unless cache_dir is set)
     cache_dir: Path | None = None  # prompt cache kept on disk across restarts
 
@@ -237,19 +237,17 @@ def _checked(options: EngineOptions) -> EngineOptions:
 
 
 def _load_draft(llm: Any, name: Any, gpu_layers: int, threads: int | None) -> Any:
-    """Resolve and load the draft model; refuse it when its vocabulary is not the target's."""
-    from selfhost.models.resolve import resolve_model
+    """Load the draft model (resolved by the caller, or a path); refuse it when its vocabulary is not the
+    target's."""
     from selfhost.runtime import gguf_info, llama_private
     from selfhost.runtime.llama_backend import llama, load_model
     from selfhost.runtime.speculative import check_compatible
 
-    resolved = name if hasattr(name, "path") else resolve_model(str(name))  # resolved once by the CLI
-    info = gguf_info.inspect(resolved.path)
-    draft, _ = load_model(
-        resolved.path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
-    )
+    path, label = (name.path, name.name) if hasattr(name, "path") else (Path(name), Path(name).name)
+    info = gguf_info.inspect(path)
+    draft, _ = load_model(path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info)
     try:
-        check_compatible(llama(), llama_private.vocab(llm), llama_private.vocab(draft), resolved.name)
+        check_compatible(llama(), llama_private.vocab(llm), llama_private.vocab(draft), label)
     except BaseException:
         draft.close()
         raise
