@@ -116,6 +116,7 @@ def test_served_greedy_reply_is_the_same_with_ngram_speculation(smollm2_gguf: Pa
             assert r.status_code == 200, r.text
             answers.append(r.json())
             health = httpx.get(f"{srv.url}/v1/status", timeout=5).json()["models"][0]  # per-model counters
+            scraped = httpx.get(f"{srv.url}/metrics", timeout=5).text
         finally:
             srv.stop()
     plain_reply, spec_reply = answers
@@ -124,3 +125,8 @@ def test_served_greedy_reply_is_the_same_with_ngram_speculation(smollm2_gguf: Pa
     assert details["accepted_prediction_tokens"] > 0
     assert "accepted_prediction_tokens" not in plain_reply["usage"].get("completion_tokens_details", {})
     assert health["speculative"]["accepted_tokens"] == details["accepted_prediction_tokens"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s for f in text_string_to_metric_families(scraped) for s in f.samples}
+    assert samples["selfhost_spec_accepted_tokens_total"].value == details["accepted_prediction_tokens"]
+    assert samples["selfhost_spec_drafted_tokens_total"].value == health["speculative"]["drafted_tokens"]

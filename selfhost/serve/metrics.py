@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from selfhost.runtime.batch import JobEnd
@@ -75,6 +75,27 @@ class ModelGauges(Collector):
         for managed in list(self.manager.loaded.values()):
             load.add_metric([managed.name], managed.load_seconds)
         yield load
+        yield from _engine_counters(models)
+
+
+# (family name, help, the status section, its key): counted per loaded model since it loaded
+ENGINE_COUNTERS = (
+    ("selfhost_spec_drafted_tokens", "Tokens drafted by speculation", "speculative", "drafted_tokens"),
+    ("selfhost_spec_accepted_tokens", "Drafted tokens the model accepted", "speculative", "accepted_tokens"),
+    ("selfhost_prompt_cache_restored_tokens", "Prompt tokens restored from the prompt cache instead of "
+     "evaluated", "prompt_cache", "restored_tokens"),
+    ("selfhost_prompt_cache_saved", "Slot states saved to the prompt cache", "prompt_cache", "saved"),
+)
+
+
+def _engine_counters(models: list[dict[str, Any]]) -> Any:
+    """Speculation and prompt-cache counters of each loaded model (engine.counters(), in its status)."""
+    for name, doc, section, key in ENGINE_COUNTERS:
+        family = CounterMetricFamily(name, doc, labels=["model"])
+        for model in models:
+            if section in model:
+                family.add_metric([model["name"]], model[section][key])
+        yield family
 
 
 class CountRequests:
