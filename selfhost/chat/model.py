@@ -3,6 +3,7 @@
 `ChatModel.load()` is the one way every chat surface (REPL, one-shot, server) gets a model: given a
 resolved model (or a path), it validates the GGUF before llama.cpp sees it, sizes the context from memory,
 loads the weights with explicit settings and reports what llama.cpp did (backend, layers offloaded).
+`open_engine()` is the one place it meets llama.cpp: a test may stand a fake engine in its place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selfhost.runtime.template import ChatTemplate
 
 if TYPE_CHECKING:
     from selfhost.models.resolve import ResolvedModel  # the type only: loaders never resolve names
+    from selfhost.runtime.llama_backend import LoadReport
 
 LOADER_CONTEXT = 64  # llama-cpp-python's own context is unused: generation runs in the batch engine
 
@@ -68,21 +70,16 @@ class ModelSummary(BaseModel):
 
 
 class ChatModel:
-    """A loaded model: render messages with its template, tokenize, generate through `engine`."""
+    """A loaded model: render messages with its template, tokenize and generate through `engine`.
 
-    def __init__(
-        self, llm: Any, info: GGUFInfo, summary: ModelSummary, engine: BatchEngine, draft_llm: Any = None
-    ) -> None:
-        from selfhost.runtime import llama_private
-        from selfhost.runtime.llama_backend import llama
+    Everything it knows of tokens and generation comes from the engine (its `tokenize`, `special_text`,
+    `adds_bos`, `submit`): `open_engine` below is the one place a chat model meets llama.cpp."""
 
-        self.lib = llama()
-        self.llm = llm
+    def __init__(self, info: GGUFInfo, summary: ModelSummary, engine: BatchEngine) -> None:
         self.info = info
         self.summary = summary
         self.engine = engine
-        self.draft_llm = draft_llm
-        self.vocab = llama_private.vocab(llm)
+        self.llm = engine.llm  # the loaded weights: a chat model's embeddings use them too
         self.template = self._make_template() if info.chat_template else None
         # how replies carry reasoning and tool calls: detected once, from the template itself
         self.family: Family = detect_family(info.chat_template if self.template else None, info.architecture)
@@ -105,7 +102,6 @@ class ChatModel:
 
         The caller resolved the name, once; parallel=None sizes the slots from free memory."""
         from selfhost.runtime import gguf_info
-        from selfhost.runtime.llama_backend import default_gpu_layers, load_model
         from selfhost.runtime.memory import default_context, default_slots
 
         name, path = (ref.stem, ref) if isinstance(ref, Path) else (ref.name, ref.path)
@@ -120,38 +116,15 @@ class ChatModel:
         if ctx is not None and ctx < 16:
             raise UsageError(f"--ctx {ctx} is too small", hint="use at least 16 tokens")
         options = _checked(options or EngineOptions())
-        kv = options.kv
         if parallel is None:
-            parallel = default_slots(info, kv=kv)
+            parallel = default_slots(info, kv=options.kv)
         elif parallel < 1:
             raise UsageError(f"--parallel {parallel} must be at least 1")
-        n_ctx = ctx or default_context(info, slots=parallel, kv=kv)
-        if gpu_layers is None:
-            gpu_layers = default_gpu_layers()
-        llm, report = load_model(
-            path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
-        )
-        draft_llm = None
-        try:
-            if options.draft_model is not None:
-                draft_llm = _load_draft(llm, options.draft_model, gpu_layers, threads)
-            engine = BatchEngine(
-                llm,
-                slots=parallel,
-                ctx_per_slot=n_ctx,
-                threads=report.n_threads,
-                prefill_chunk=prefill_chunk,
-                max_queue=max_queue,
-                kv=kv,
-                spec=options.spec,
-                draft_llm=draft_llm,
-                prompt_cache=_prompt_cache(options, Path(path)),
-            )
-        except BaseException:
-            for loaded in (draft_llm, llm):
-                if loaded is not None:
-                    loaded.close()
-            raise
+        n_ctx = ctx or default_context(info, slots=parallel, kv=options.kv)
+        engine, report = open_engine(
+            Path(path), info, slots=parallel, ctx_per_slot=n_ctx, gpu_layers=gpu_layers, threads=threads,
+            prefill_chunk=prefill_chunk, max_queue=max_queue, options=options,
+        )  # fmt: skip
         summary = ModelSummary(
             name=name,
             path=path,
@@ -166,22 +139,19 @@ class ChatModel:
             slots=parallel,
             extras=_extras(options),
         )
-        return cls(llm, info, summary, engine, draft_llm)
+        return cls(info, summary, engine)
 
     def close(self) -> None:
         self.engine.stop()
-        if self.draft_llm is not None:
-            self.draft_llm.close()
-            self.draft_llm = None
+        if self.engine.draft_llm is not None:
+            self.engine.draft_llm.close()
+            self.engine.draft_llm = None
 
     def _make_template(self) -> ChatTemplate:
-        from selfhost.runtime.llama_private import token_text
-
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
         return ChatTemplate(
             self.info.chat_template or "",
-            eos_token=token_text(self.llm, eos) if eos != -1 else "",
-            bos_token=token_text(self.llm, bos) if bos != -1 else "",
+            eos_token=self.engine.special_text("eos"),
+            bos_token=self.engine.special_text("bos"),
         )
 
     @property
@@ -207,14 +177,58 @@ class ChatModel:
 
     def tokenize_prompt(self, text: str, *, raw: bool = False) -> list[int]:
         """Tokens of a rendered prompt. A chat template writes BOS itself; raw text gets the model's BOS."""
-        data = text.encode("utf-8")
         if raw or self.template is None:
-            add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
-            return self.llm.tokenize(data, add_bos=add_bos, special=False)
-        return self.llm.tokenize(data, add_bos=False, special=True)
+            return self.engine.tokenize(text, add_bos=self.engine.adds_bos, special=False)
+        return self.engine.tokenize(text, add_bos=False, special=True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self.engine.tokenize(text, add_bos=False, special=False))
+
+
+def open_engine(
+    path: Path,
+    info: GGUFInfo,
+    *,
+    slots: int,
+    ctx_per_slot: int,
+    gpu_layers: int | None,
+    threads: int | None,
+    prefill_chunk: int,
+    max_queue: int | None,
+    options: EngineOptions,
+) -> tuple[BatchEngine, LoadReport]:
+    """Load a validated GGUF with llama.cpp (and the draft model, when there is one) and open the batch
+    engine over it: the one place ChatModel meets llama.cpp. Returns the engine and what the load did.
+    gpu_layers=None: every layer on the GPU when this build can offload."""
+    from selfhost.runtime.llama_backend import default_gpu_layers, load_model
+
+    if gpu_layers is None:
+        gpu_layers = default_gpu_layers()
+    llm, report = load_model(
+        path, n_ctx=LOADER_CONTEXT, n_gpu_layers=gpu_layers, n_threads=threads, info=info
+    )
+    draft_llm = None
+    try:
+        if options.draft_model is not None:
+            draft_llm = _load_draft(llm, options.draft_model, gpu_layers, threads)
+        engine = BatchEngine(
+            llm,
+            slots=slots,
+            ctx_per_slot=ctx_per_slot,
+            threads=report.n_threads,
+            prefill_chunk=prefill_chunk,
+            max_queue=max_queue,
+            kv=options.kv,
+            spec=options.spec,
+            draft_llm=draft_llm,
+            prompt_cache=_prompt_cache(options, path),
+        )
+    except BaseException:
+        for loaded in (draft_llm, llm):
+            if loaded is not None:
+                loaded.close()
+        raise
+    return engine, report
 
 
 def _checked(options: EngineOptions) -> EngineOptions:

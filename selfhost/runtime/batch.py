@@ -246,6 +246,7 @@ class BatchEngine:
                 self.lib, draft_llm, slots * ctx_per_slot, slots, self.n_batch, threads, self.kv
             )
             self.drafter = ModelDrafter(draft_llm, draft_ctx, slots, self.n_batch)
+        self.draft_llm = draft_llm  # the draft model's weights (whoever loaded them closes them)
         self.prompt_cache = prompt_cache
         self.stats = {"drafted": 0, "accepted": 0}
         self.batch = self.lib.llama_batch_init(self.n_batch, 0, 1)
@@ -295,6 +296,35 @@ class BatchEngine:
             out["prompt_cache"] = {**self.prompt_cache.stats, "entries": len(self.prompt_cache.entries)}
         return out
 
+    # ---------------------------------------------------------- the vocabulary
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        """Token ids of `text`; `special`: control-token text (`<|im_start|>`) becomes those tokens."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        return self.llm.detokenize(tokens)
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes one token stands for (control tokens only with `special`)."""
+        return token_piece(self.lib, self.vocab, token, special)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.lib.llama_vocab_n_tokens(self.vocab)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Does plain text start with the vocabulary's BOS token (raw completion)?"""
+        return bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+
+    def special_text(self, which: Literal["bos", "eos"]) -> str:
+        """The BOS or EOS token as the vocabulary spells it, for chat templates ('' when there is none)."""
+        from selfhost.runtime.llama_private import token_text
+
+        token = self.llm.token_bos() if which == "bos" else self.llm.token_eos()
+        return token_text(self.llm, token) if token != -1 else ""
+
+    # ----------------------------------------------------------------- running
     def start(self) -> None:
         """Run the scheduler on a background thread (the server's mode)."""
         self._thread = threading.Thread(target=self._loop, name="selfhost-batch", daemon=True)

@@ -31,8 +31,7 @@ def register(app: FastAPI, served: Served) -> None:
     @app.post("/tokenize", dependencies=[served.auth])
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         async with runner.chat_model(served, req.model) as model:
-            data = req.content.encode("utf-8")
-            ids = model.llm.tokenize(data, add_bos=req.add_special, special=req.parse_special)
+            ids = model.engine.tokenize(req.content, add_bos=req.add_special, special=req.parse_special)
             if not req.with_pieces:
                 return {"tokens": ids}
             return {"tokens": [{"id": i, "piece": _piece(model, i)} for i in ids]}
@@ -40,12 +39,12 @@ def register(app: FastAPI, served: Served) -> None:
     @app.post("/detokenize", dependencies=[served.auth])
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
         async with runner.chat_model(served, req.model) as model:
-            n_vocab = model.lib.llama_vocab_n_tokens(model.vocab)
+            n_vocab = model.engine.n_vocab
             bad = next((t for t in req.tokens if not 0 <= t < n_vocab), None)
             if bad is not None:
                 message = f"tokens: {bad} is not a token id of this model (0..{n_vocab - 1})"
                 raise ApiError(400, message, param="tokens")
-            return {"content": model.llm.detokenize(req.tokens).decode("utf-8", errors="replace")}
+            return {"content": model.engine.detokenize(req.tokens).decode("utf-8", errors="replace")}
 
     @app.post("/apply-template", dependencies=[served.auth])
     async def apply_template(req: ChatCompletionRequest) -> dict[str, str]:
@@ -57,9 +56,7 @@ def register(app: FastAPI, served: Served) -> None:
 
 def _piece(model: Any, token: int) -> str | list[int]:
     """A token's text, or its bytes when they are not valid UTF-8 on their own (as llama-server)."""
-    from selfhost.runtime.batch import token_piece
-
-    data = token_piece(model.lib, model.vocab, token)
+    data = model.engine.piece(token)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
