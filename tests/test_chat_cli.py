@@ -1,4 +1,8 @@
-"""`selfhost chat` via the CLI: one-shot, --json, --schema, the REPL (CliRunner and a real pty), bad input."""
+"""`selfhost chat` via the CLI: one-shot, --json, --schema, the REPL (CliRunner and a real pty), bad input.
+
+Real llama.cpp where it matters: SmolLM2's answer and its token counts, the schema's grammar, Ctrl-C in
+a real terminal. Elsewhere the CLI runs over the fake engine (the `fake_model` fixture,
+tests/fakes/engine.py): the GGUF is still read, its template rendered, the history written for real."""
 
 from __future__ import annotations
 
@@ -65,7 +69,9 @@ def test_one_shot_json_answers_paris_and_is_logged(runner, smollm2_gguf: Path) -
     ]
 
 
-def test_piped_stdin_is_combined_with_the_prompt_and_continue_resumes(runner, tiny_gguf: Path) -> None:
+def test_piped_stdin_is_combined_with_the_prompt_and_continue_resumes(
+    runner, tiny_gguf: Path, fake_model
+) -> None:
     result = runner.invoke(
         app,
         ["chat", str(tiny_gguf), "-p", "summarise", "-n", "4", "--seed", "1", *FAST],
@@ -73,11 +79,13 @@ def test_piped_stdin_is_combined_with_the_prompt_and_continue_resumes(runner, ti
     )
     assert result.exit_code == 0, result.output
     assert rows("SELECT content FROM messages WHERE role = 'user'") == [("line one\nline two\n\nsummarise",)]
+    assert "<|im_start|>user\nline one\nline two\n\nsummarise<|im_end|>" in fake_model.prompts[-1]
     again = runner.invoke(
         app, ["chat", str(tiny_gguf), "--continue", "-p", "more", "-n", "4", "--json", *FAST]
     )
     assert again.exit_code == 0, again.output
     assert json.loads(again.output.partition("\n")[2])["usage"]["prompt_tokens"] > 20  # history was sent
+    assert "summarise<|im_end|>\n<|im_start|>assistant\nReply 1 from the<|im_end|>" in fake_model.prompts[-1]
     assert rows("SELECT conversation_id, role FROM messages ORDER BY seq") == [
         (1, "user"),
         (1, "assistant"),
@@ -140,7 +148,7 @@ def test_invalid_schema_is_one_clear_line(runner, tiny_gguf: Path, tmp_path: Pat
     assert message in result.output and result.output.count("\n") == 1 and "Traceback" not in result.output
 
 
-def test_no_template_needs_raw(runner, tmp_path: Path) -> None:
+def test_no_template_needs_raw(runner, tmp_path: Path, fake_model) -> None:
     path = write_tiny_llama(tmp_path / "plain.gguf", chat_template=None)
     refused = runner.invoke(app, ["chat", str(path), "-p", "hello", *FAST])
     assert refused.exit_code == 2
@@ -150,7 +158,8 @@ def test_no_template_needs_raw(runner, tmp_path: Path) -> None:
     )
     assert raw.exit_code == 0, raw.output
     assert "raw completion" in raw.output.partition("\n")[0]
-    assert json.loads(raw.output.partition("\n")[2])["usage"]["generated_tokens"] > 0
+    assert json.loads(raw.output.partition("\n")[2])["usage"]["generated_tokens"] == 5
+    assert fake_model.prompts == ["Once upon a time"]  # no template: the text as it is
 
 
 @pytest.mark.parametrize(
@@ -161,14 +170,18 @@ def test_no_template_needs_raw(runner, tmp_path: Path) -> None:
         ("{% for m in messages %}", "chat template is invalid"),
     ],
 )
-def test_broken_chat_templates_are_one_line(runner, tmp_path: Path, template: str, message: str) -> None:
+def test_broken_chat_templates_are_one_line(
+    runner, tmp_path: Path, template: str, message: str, fake_model
+) -> None:
     path = write_tiny_llama(tmp_path / "broken.gguf", chat_template=template)
     result = runner.invoke(app, ["chat", str(path), "-p", "hello", *FAST])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert result.output.splitlines()[-1].startswith("error: ") and result.output.count("\n") <= 2
 
 
-def test_bad_models_are_one_clear_line_before_llama_cpp(runner, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_bad_models_are_one_clear_line_before_llama_cpp(
+    runner, tiny_gguf: Path, tmp_path: Path, fake_model
+) -> None:
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"this is not a model" * 100)
     truncated = tmp_path / "truncated.gguf"
@@ -184,9 +197,10 @@ def test_bad_models_are_one_clear_line_before_llama_cpp(runner, tiny_gguf: Path,
         assert result.exit_code == 1, (ref, result.output)
         assert result.output.startswith("error: ") and message in result.output, result.output
         assert result.output.count("\n") == 1
+    assert fake_model.engines == []  # refused before anything was loaded
 
 
-def test_corrupt_history_db_is_one_line_and_left_untouched(runner, tiny_gguf: Path) -> None:
+def test_corrupt_history_db_is_one_line_and_left_untouched(runner, tiny_gguf: Path, fake_model) -> None:
     db = paths.history_db()
     junk = b"definitely not sqlite " * 200
     db.write_bytes(junk)
@@ -233,7 +247,9 @@ REPL_SCRIPT = (
 )
 
 
-def test_repl_scripted_transcript_and_sqlite_rows(runner, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_repl_scripted_transcript_and_sqlite_rows(
+    runner, tiny_gguf: Path, tmp_path: Path, fake_model
+) -> None:
     script = REPL_SCRIPT.format(out=tmp_path)
     result = runner.invoke(app, ["chat", str(tiny_gguf), "-n", "6", "--seed", "1", *FAST], input=script)
     out = result.output
@@ -269,7 +285,7 @@ def test_repl_scripted_transcript_and_sqlite_rows(runner, tiny_gguf: Path, tmp_p
     assert rows("SELECT COUNT(*) FROM messages WHERE content LIKE 'first line%'") == [(0,)]
 
 
-def test_continue_restores_the_conversation(runner, tiny_gguf: Path) -> None:
+def test_continue_restores_the_conversation(runner, tiny_gguf: Path, fake_model) -> None:
     runner.invoke(app, ["chat", str(tiny_gguf), "-n", "3", "-s", "sys!", *FAST], input="remember me\n/exit\n")
     result = runner.invoke(app, ["chat", str(tiny_gguf), "-c", "-n", "3", *FAST], input="/history\n")
     assert result.exit_code == 0, result.output
@@ -320,33 +336,23 @@ def test_real_terminal_ctrl_c_stops_the_reply_and_the_chat_survives(tmp_path: Pa
     assert kept[1][2] == generated
 
 
-def chatml_token_count(model: Path):  # noqa: ANN201
-    """Token counts straight from llama.cpp's tokenizer (not selfhost's prompt code)."""
-    from llama_cpp import Llama
-
-    vocab = Llama(str(model), vocab_only=True, verbose=False)
-    return lambda text: len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
-
-def test_repl_retry_generates_a_new_reply_that_replaces_the_row(runner, tiny_gguf: Path) -> None:
-    # unseeded at a high temperature: two 6-token replies of a random model never coincide
+def test_repl_retry_generates_a_new_reply_that_replaces_the_row(runner, tiny_gguf: Path, fake_model) -> None:
+    fake_model.enqueue("The first answer, cut short by -n.", "A second answer.")
     script = "hello\n/retry\n/stats\n/exit\n"
-    result = runner.invoke(app, ["chat", str(tiny_gguf), "-n", "6", "-t", "1.5", *FAST], input=script)
+    result = runner.invoke(app, ["chat", str(tiny_gguf), "-n", "6", *FAST], input=script)
     assert result.exit_code == 0, result.output
-    replies = [part.split("\n[reply stopped")[0] for part in result.output.split(">>> ")[1:3]]
-    assert len(replies) == 2 and replies[0] != replies[1], replies
-    # both replies are counted; a random model may sample its end-of-text token before the 6th token
-    counted = re.search(r"session: 2 replies, (\d+) generated", result.output)
-    assert counted and 2 <= int(counted.group(1)) <= 12, result.output
-    assert re.search(r"prompt: (\d+) tokens, \1 reused|prompt: (\d+) tokens, (\d+) reused", result.output)
-    stored = rows("SELECT role, content, tokens FROM messages ORDER BY seq")
-    assert [r[0] for r in stored] == ["user", "assistant"] and stored[0][1:] == ("hello", 4)
-    assert 1 <= stored[1][2] <= 6
-    assert stored[1][1] != replies[0]
-    assert stored[1][1].replace("\ufffd", "") == replies[1].replace("\ufffd", "")
+    replies = [part.split("\n")[0] for part in result.output.split(">>> ")[1:3]]
+    assert replies == ["The first answer, cut short", "A second answer."], result.output
+    assert "[reply stopped at --max-tokens]" in result.output.split(">>> ")[1]
+    assert "session: 2 replies, 10 generated" in result.output  # 6 + 4: both replies are counted
+    prompt = len(fake_model.engines[0].tokenize(fake_model.prompts[0], add_bos=False, special=True))
+    assert f"prompt: {prompt} tokens, {prompt - 1} reused" in result.output  # the retry's prompt was cached
+    assert fake_model.prompts[1] == fake_model.prompts[0]  # the same prompt, without the dropped reply
+    stored = rows("SELECT role, content, tokens, finish_reason FROM messages ORDER BY seq")
+    assert stored == [("user", "hello", 1, None), ("assistant", "A second answer.", 4, "stop")]
 
 
-def test_continue_sends_the_earlier_turns_to_the_model(runner, tiny_gguf: Path) -> None:
+def test_continue_sends_the_earlier_turns_to_the_model(runner, tiny_gguf: Path, fake_model) -> None:
     first = runner.invoke(
         app, ["chat", str(tiny_gguf), "-p", "summarise this", "-n", "4", "--seed", "1", *FAST]
     )
@@ -358,47 +364,38 @@ def test_continue_sends_the_earlier_turns_to_the_model(runner, tiny_gguf: Path) 
     continued = json.loads(again.output.partition("\n")[2])["usage"]["prompt_tokens"]
     ((user, reply),) = rows("SELECT u.content, a.content FROM messages u JOIN messages a ON a.seq = 1 "
                           "WHERE u.seq = 0 AND u.conversation_id = 1 AND a.conversation_id = 1")  # fmt: skip
-    count = chatml_token_count(tiny_gguf)
-    earlier = count(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n")
-    assert earlier > 10 and continued == fresh_prompt + earlier
+    earlier = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n"
+    turn = "<|im_start|>user\nmore"
+    assert fake_model.prompts[2] == fake_model.prompts[1].replace(turn, earlier + turn)  # the earlier turn
+    count = len(fake_model.engines[0].tokenize(earlier, add_bos=False, special=True))
+    assert count > 10 and continued == fresh_prompt + count
 
 
 def test_schema_reply_that_does_not_match_exits_1_with_data_null(
-    runner, tiny_gguf: Path, tmp_path: Path
+    runner, tiny_gguf: Path, tmp_path: Path, fake_model
 ) -> None:
     schema = tmp_path / "s.json"
     schema.write_text(
         json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
     )
-    # the grammar keeps the reply on the schema's path, but 3 tokens cannot close the object
+    fake_model.default = lambda prompt, n: '{"a": "Paris"}'
+    # 3 tokens cannot close the object (the fake ignores the grammar; a real model's reply would follow it)
     args = ["chat", str(tiny_gguf), "-p", "json please", "--schema", str(schema), "-n", "3", "--seed", "1"]
     result = runner.invoke(app, [*args, "--json", *FAST])
     assert result.exit_code == 1, result.output
     body = result.output.partition("\n")[2]
     payload = json.loads(body[: body.rindex("}") + 1])
     assert payload["schema_valid"] is False and payload["data"] is None
-    assert payload["finish_reason"] == "length" and payload["reply"].startswith("{")
+    assert payload["finish_reason"] == "length" and payload["reply"] == '{"a'
     assert result.output.splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
     plain = runner.invoke(app, [*args, *FAST])
     assert plain.exit_code == 1 and plain.output.splitlines()[-1].startswith("error: ")
 
 
 def test_trim_notice_and_the_system_prompt_survive_trimming_in_the_repl(
-    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runner, tmp_path: Path, fake_model
 ) -> None:
-    from llama_cpp import Llama
-
-    from selfhost.runtime.batch import BatchEngine
-
     model = write_tiny_llama(tmp_path / "ctx128.gguf", n_ctx=128)
-    prompts: list[list[int]] = []
-    submit = BatchEngine.submit
-
-    def spy(self, job):  # noqa: ANN001, ANN202 - records what reaches llama.cpp, changes nothing
-        prompts.append(list(job.prompt))
-        return submit(self, job)
-
-    monkeypatch.setattr(BatchEngine, "submit", spy)
     script = "".join(f"turn {i}: tell me more\n" for i in range(12)) + "/history\n/exit\n"
     args = ["chat", str(model), "-s", "Be brief.", "-n", "16", "--seed", "1", *FAST]
     result = runner.invoke(app, args, input=script)
@@ -409,9 +406,10 @@ def test_trim_notice_and_the_system_prompt_survive_trimming_in_the_repl(
     )
     assert notices and int(notices[-1][1]) == sum(int(n) for n, _ in notices)
     assert "system: Be brief." in out and "out of context" in out.split("system: Be brief.")[1]
-    vocab = Llama(str(model), vocab_only=True, verbose=False)
-    texts = [vocab.detokenize(p, special=True).decode("utf-8", "replace") for p in prompts]
-    assert len(texts) == 12 and all(len(p) <= 128 for p in prompts)
+    texts = fake_model.prompts  # what reached the model
+    engine = fake_model.engines[0]
+    assert len(texts) == 12
+    assert all(len(engine.tokenize(t, add_bos=False, special=True)) + 16 <= 128 for t in texts)  # + the reply
     assert all(
         t.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nturn ") for t in texts
     )

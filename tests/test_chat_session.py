@@ -1,4 +1,5 @@
-"""ChatSession on real llama.cpp: SmolLM2 answers, KV-cache reuse, context trimming on tiny GGUFs."""
+"""ChatSession on real llama.cpp: SmolLM2 answers, KV-cache reuse, context trimming on tiny GGUFs; what
+the session does with a stopped or refused reply on the fake engine (tests/fakes/engine.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from selfhost.chat.context import fit_window, reply_reserve
 from selfhost.chat.messages import DoneChunk, Message, TextChunk, TrimChunk
-from selfhost.chat.session import ChatSession, Sampling
+from selfhost.chat.session import ChatSession, ContextLengthError, Sampling
 from selfhost.errors import UsageError
 from selfhost.runtime.gguf_info import GGUFInfo
 from selfhost.runtime.memory import default_context, kv_bytes_per_token
@@ -215,18 +216,37 @@ def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
     assert engine.render(engine.messages) == "Once upon" + done.message.content
 
 
-def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_path: Path) -> None:
-    path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
-    engine = ChatSession.load(path, threads=1, sampling=Sampling(temperature=0))
-    stream = engine.chat("hi")
+def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(
+    tiny_gguf: Path, fake_model
+) -> None:
+    fake_model.enqueue("A long story that goes on and on.")
+    session = ChatSession.load(tiny_gguf, threads=1, sampling=Sampling(temperature=0))
+    stream = session.chat("hi")
     shown = "".join(next(stream).text for _ in range(3))
     stream.close()  # what Ctrl-C in a renderer does
-    partial = engine.messages[-1]
-    assert partial.role == "assistant" and partial.finish_reason == "interrupted"
-    assert partial.content.startswith(shown) and partial.tokens >= 3
-    assert engine.last_usage.finish_reason == "interrupted"
-    _, done, _ = run_turn(engine.chat("go on"))
-    assert done.usage.reused_tokens > 0 and [m.role for m in engine.messages] == ["user", "assistant"] * 2
+    partial = session.messages[-1]
+    assert shown == "A long story" and partial.content == shown
+    assert partial.role == "assistant" and partial.finish_reason == "interrupted" and partial.tokens == 3
+    assert session.last_usage.finish_reason == "interrupted"
+    _, done, _ = run_turn(session.chat("go on"))
+    assert done.usage.reused_tokens > 0 and [m.role for m in session.messages] == ["user", "assistant"] * 2
+    assert "<|im_start|>assistant\nA long story<|im_end|>" in fake_model.prompts[-1]  # the partial reply
+
+
+def test_a_prompt_past_the_context_is_refused_before_generation(tiny_gguf: Path, fake_model) -> None:
+    """The server's mode (trim=False: the client owns the history) refuses; a chat (trim=True) drops turns."""
+    session = ChatSession.load(tiny_gguf, threads=1, sampling=Sampling(max_tokens=8))
+    session.messages = [Message(role="user", content="word " * 200)]
+    with pytest.raises(ContextLengthError, match=r"the prompt is \d+ tokens and the context holds 128"):
+        session.prepare(trim=False)
+    with pytest.raises(UsageError, match="does not fit"):
+        session.prepare(trim=True)
+    assert fake_model.prompts == []  # nothing reached the model
+    for i in range(8):
+        run_turn(session.chat(f"turn {i}: tell me more"))
+    assert session.window_start > 0  # the chat dropped its oldest turns ...
+    with pytest.raises(ContextLengthError):
+        session.prepare(trim=False)  # ... which a client's whole conversation cannot do
 
 
 def test_kv_cache_reuse_gives_the_same_replies_as_a_cold_cache_over_20_trimmed_turns(tiny128: Path) -> None:
