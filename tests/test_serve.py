@@ -1,4 +1,7 @@
-"""`selfhost serve` for real: uvicorn in a subprocess, SmolLM2 in llama.cpp, the official openai client."""
+"""`selfhost serve` for real: uvicorn in a subprocess, SmolLM2 in llama.cpp, the official openai client.
+
+A full queue, clients that leave and the history log run over the fake engine instead:
+tests/serve/test_serve_fake_engine.py."""
 
 from __future__ import annotations
 
@@ -41,12 +44,8 @@ def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
         "1024",
         "--threads",
         "2",
-        "--max-queue",
-        "1",
-        "--log",
         api_key=KEY,
     )
-    srv.home = home
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -157,63 +156,6 @@ def test_four_concurrent_streams_equal_their_replies_alone(server: Server, clien
         watcher.join()
     assert max(peak) >= 3  # the requests really ran side by side
     assert together == alone
-
-
-def test_disconnected_stream_frees_its_slot(server: Server) -> None:
-    body = {
-        "messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}],
-        "max_tokens": 800,
-        "temperature": 0.7,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST", f"{server.url}/v1/chat/completions", json=body, headers=server.headers(), timeout=60
-    ) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        got = [next(lines) for _ in range(6)]
-        assert any(line.startswith("data: ") for line in got)
-        assert server.health()["slots_busy"] == 1
-    deadline = time.monotonic() + 10
-    while server.health()["slots_busy"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.health()["slots_busy"] == 0
-    assert post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 4}).status_code == 200
-
-
-def test_a_waiting_non_streaming_client_that_hangs_up_frees_its_slot(server: Server) -> None:
-    body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 900, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        post(server, "/v1/completions", body, timeout=1.5)
-    deadline = time.monotonic() + 10
-    while server.health()["slots_busy"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.health()["slots_busy"] == 0
-
-
-def test_full_queue_answers_503_with_retry_after(server: Server) -> None:
-    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9,", "max_tokens": 900, "temperature": 0, "stream": True}
-    opened = []  # greedy counting never stops by itself: these hold every slot, and the queue
-    try:
-        for _ in range(5):  # 4 slots + 1 waiting
-            ctx = httpx.stream(
-                "POST", f"{server.url}/v1/completions", json=body, headers=server.headers(), timeout=60
-            )
-            opened.append((ctx, ctx.__enter__()))
-        deadline = time.monotonic() + 20
-        while server.health()["queued"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        refused = post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 4})
-        assert refused.status_code == 503, refused.text
-        assert refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["code"] == "queue_full"
-    finally:
-        for ctx, _ in opened:
-            ctx.__exit__(None, None, None)
-    deadline = time.monotonic() + 15
-    while (server.health()["slots_busy"] or server.health()["queued"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 4}).status_code == 200
 
 
 def test_over_long_prompt_is_400_and_the_server_answers_next(server: Server) -> None:
@@ -400,23 +342,6 @@ def test_text_completions_and_embeddings(server: Server, client) -> None:
     assert result.usage.prompt_tokens > 0
     single = client.embeddings.create(model=MODEL, input="hello")
     assert len(single.data) == 1
-
-
-def test_log_writes_served_conversations_to_history(server: Server, client) -> None:
-    import os
-
-    ask(client, "What do cows drink?", 12)
-    from selfhost.chat.history import HistoryStore
-
-    old = os.environ.get("SELFHOST_HOME")
-    os.environ["SELFHOST_HOME"] = str(server.home)
-    try:
-        store = HistoryStore()
-        convs = [store.get(c.id) for c in store.list()]
-    finally:
-        os.environ["SELFHOST_HOME"] = old or ""
-    found = [c for c in convs if c.messages and c.messages[0].content == "What do cows drink?"]
-    assert found and found[0].messages[-1].role == "assistant" and found[0].system == BRIEF["content"]
 
 
 def test_second_embedding_model_then_sigterm_finishes_and_exits_0(
