@@ -160,6 +160,10 @@ class BatchEngine:
             out["prompt_cache"] = {**self.prompt_cache.stats, "entries": len(self.prompt_cache.entries)}
         return out
 
+    def check_grammar(self, grammar: str) -> None:
+        """Compile a GBNF grammar once, to refuse a broken one before a job carries it."""
+        check_grammar(self.lib, self.vocab, grammar)
+
     def start(self) -> None:
         """Run the scheduler on a background thread (the server's mode)."""
         self._thread = threading.Thread(target=self._loop, name="selfhost-batch", daemon=True)
@@ -471,10 +475,6 @@ class BatchEngine:
     def _drop_cache(self, slot: _Slot) -> None:
         self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
         slot.cached = []
-
-    def check_grammar(self, grammar: str) -> None:
-        """Compile a GBNF grammar once, to refuse a broken one before a job carries it."""
-        check_grammar(self.lib, self.vocab, grammar)
 
     def _free_sampler(self, slot: _Slot) -> None:
         if slot.sampler is not None:
