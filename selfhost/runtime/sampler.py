@@ -46,7 +46,7 @@ def make_sampler(lib: Any, vocab: Any, s: SamplingParams, grammar: str | None = 
             raise SelfhostError("llama.cpp could not compile the grammar")
         add(compiled)
     if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
-        add(lib.llama_sampler_init_penalties(64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
+        add(_penalties(lib, vocab, s))
     if s.temperature <= 0:
         add(lib.llama_sampler_init_greedy())
         return chain
@@ -59,3 +59,12 @@ def make_sampler(lib: Any, vocab: Any, s: SamplingParams, grammar: str | None = 
     add(lib.llama_sampler_init_temp(s.temperature))
     add(lib.llama_sampler_init_dist(s.seed if s.seed is not None else lib.LLAMA_DEFAULT_SEED))
     return chain
+
+
+def _penalties(lib: Any, vocab: Any, s: SamplingParams) -> Any:
+    """Repeat / frequency / presence penalties over the last 64 tokens. llama.cpp's signature moved:
+    without n_vocab (late 2024 to 2025), then with it again first (backend sampling)."""
+    args: list[Any] = [64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty]
+    if len(getattr(lib.llama_sampler_init_penalties, "argtypes", None) or ()) == 5:
+        args.insert(0, lib.llama_vocab_n_tokens(vocab))
+    return lib.llama_sampler_init_penalties(*args)
