@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import common  # noqa: E402
-from selfhost.train.gpt import data, estimate, trainer  # noqa: E402
+from selfhost.train.gpt import data, estimate, options, trainer  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config  # noqa: E402
 from selfhost.train.gpt.devices import resolve_dtype, to_device  # noqa: E402
 from selfhost.train.gpt.model import build_model  # noqa: E402
@@ -536,8 +536,8 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--preset", default="cpu-tiny")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=options.DEFAULT_PRESET, choices=options.preset_names())
+    ap.add_argument("--device", default="cpu", choices=get_args(options.Device))
     ap.add_argument("--iters", type=int, default=None,
                     help="iterations (nanoGPT evaluates at multiples of eval_interval)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto, as the CLI does)")
