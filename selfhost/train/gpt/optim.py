@@ -53,7 +53,9 @@ def make_optimizers(model: CausalLM, cfg: TrainConfig, device: torch.device) -> 
 
         raise DependencyError(f"--optimizer muon needs PyTorch 2.9 or newer (this is {torch.__version__})",
                               hint="pip install -U torch, or use --optimizer adamw")  # fmt: skip
-    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0)
+    from selfhost.train.gpt.muon import BatchedMuon
+
+    muon = BatchedMuon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0)
     return [make_optimizer(rest, cfg, device), muon]
 
 
