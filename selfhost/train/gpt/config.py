@@ -94,6 +94,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def _toml_table(path: Path) -> dict[str, Any]:
+    """A TOML file's top-level table, keys as written (what config files and presets share)."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"no such config file: {path}")
@@ -104,6 +105,7 @@ def _toml_table(path: Path) -> dict[str, Any]:
 
 
 def preset_path(name: Any) -> Path:
+    """The TOML file of a shipped preset (an unknown name: one line listing the shipped ones)."""
     names = options.preset_names()
     if name not in names:
         raise NotFoundError(f"unknown preset '{name}'", hint=f"choose one of: {', '.join(names)}")
