@@ -12,8 +12,10 @@ import pytest
 
 from selfhost.chat.model import ChatModel
 from selfhost.errors import ModelLoadError
-from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError, SamplingParams, _TextStream
+from selfhost.runtime.jobs import Job, JobEnd, JobText, QueueFullError
+from selfhost.runtime.sampler import SamplingParams
 from selfhost.runtime.template import ChatTemplate
+from selfhost.runtime.text_stream import TextStream
 
 GREEDY = SamplingParams(temperature=0)
 QUESTIONS = ["What is the capital of France?", "What do bees make?", "Name a red fruit.", "Say hello."]
@@ -140,12 +142,12 @@ def test_reply_stops_at_the_slot_context_and_seeded_sampling_repeats(model: Chat
 
 
 def test_stop_strings_are_cut_even_across_tokens() -> None:
-    stream = _TextStream(["END", "\n\n"])
+    stream = TextStream(["END", "\n\n"])
     out = "".join(stream.feed(p) for p in [b"Hello E", b"N", b"D more"])
     assert out == "Hello " and stream.stopped and stream.full == "Hello "
-    stream = _TextStream(["xyz"])
+    stream = TextStream(["xyz"])
     assert stream.feed(b"abx") == "ab" and stream.feed(b"q") == "xq"  # held back, then released
-    assert _TextStream([]).feed("é".encode()[:1]) == ""  # half a character waits for the rest
+    assert TextStream([]).feed("é".encode()[:1]) == ""  # half a character waits for the rest
 
 
 def test_template_limits_stop_hangs_huge_values_and_empty_prompts() -> None:

@@ -35,17 +35,11 @@ from typing import Any, Literal
 import pytest
 
 from selfhost.errors import UsageError
-from selfhost.runtime.batch import (
-    Job,
-    JobEnd,
-    JobFinish,
-    JobText,
-    QueueFullError,
-    _step_atomically,
-    _TextStream,
-)
+from selfhost.runtime.batch import _step_atomically
 from selfhost.runtime.defaults import SLOT_QUEUE
+from selfhost.runtime.jobs import Job, JobEnd, JobFinish, JobText, QueueFullError
 from selfhost.runtime.llama_backend import LoadReport
+from selfhost.runtime.text_stream import TextStream
 
 CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # tests/tinygguf.py's control tokens
 _PIECES = re.compile(r" ?\w+| ?[^\w\s]|\s+")
@@ -108,7 +102,7 @@ class _Slot:
     reply: deque[int] = field(default_factory=deque)  # what the model will say, then end-of-generation
     next_token: int | None = None  # sampled, to be evaluated in the next step
     generated: list[int] = field(default_factory=list)
-    text: _TextStream = field(default_factory=lambda: _TextStream([]))
+    text: TextStream = field(default_factory=lambda: TextStream([]))
     reused: int = 0
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -263,7 +257,7 @@ class FakeEngine:
         prompt = b"".join(self.vocab.piece(t, special=True) for t in job.prompt).decode("utf-8", "replace")
         said = self.tokenize(self.model.reply_for(prompt), add_bos=False, special=True)
         slot.job, slot.reply, slot.next_token = job, deque(said), None
-        slot.generated, slot.text, slot.reused = [], _TextStream(job.stop), keep
+        slot.generated, slot.text, slot.reused = [], TextStream(job.stop), keep
         slot.t_admit, slot.t_first = time.perf_counter(), 0.0
 
     def _take_token(self, slot: _Slot, token: int) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from selfhost.chat.model import ChatModel
 from selfhost.errors import UsageError
-from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError, SamplingParams
+from selfhost.runtime.jobs import Job, JobEnd, JobText, QueueFullError
+from selfhost.runtime.sampler import SamplingParams
 from tests.fakes.engine import FakeModel, use_fake_engine
 
 GREEDY = SamplingParams(temperature=0)
