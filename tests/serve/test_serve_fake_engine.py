@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes.engine import FakeModel, use_fake_engine
+from tests.fakes.engine import FakeModel, numbered, use_fake_engine
 from tests.fakes.inprocess import InProcessServer
 
 KEY = "fake-key-789"
@@ -23,16 +23,27 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 ENDLESS = " and so on" * 2000  # longer than any reply these tests let run
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeModel:
-    return use_fake_engine(monkeypatch, FakeModel(step_seconds=0.005))
+@pytest.fixture(scope="module")
+def served(tiny_gguf: Path):
+    """One server for the module: two slots, a queue of one, the history log on."""
+    with pytest.MonkeyPatch.context() as mp:
+        fake = use_fake_engine(mp, FakeModel(step_seconds=0.005))
+        srv = InProcessServer(mp, [tiny_gguf], api_key=KEY, parallel=2, max_queue=1, ctx=4096, log=True)
+        yield srv, fake
+        srv.stop()
 
 
 @pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch, fake: FakeModel, tiny_gguf: Path):
-    srv = InProcessServer(monkeypatch, [tiny_gguf], api_key=KEY, parallel=2, max_queue=1, ctx=4096, log=True)
-    yield srv
-    srv.stop()
+def server(served: tuple[InProcessServer, FakeModel]) -> InProcessServer:
+    srv, fake = served
+    wait_idle(srv)  # what the test before left running has ended
+    fake.default, fake.prompts[:] = numbered, []
+    return srv
+
+
+@pytest.fixture
+def fake(served: tuple[InProcessServer, FakeModel]) -> FakeModel:
+    return served[1]
 
 
 def post(server: InProcessServer, path: str, body: object, **kw) -> httpx.Response:
@@ -148,9 +159,11 @@ def test_log_writes_served_conversations_to_history(server: InProcessServer) -> 
 
 
 def test_a_budget_of_one_model_evicts_the_first_but_never_while_it_streams(
-    monkeypatch: pytest.MonkeyPatch, fake: FakeModel, tiny_gguf: Path, tmp_path: Path, capsys
+    monkeypatch: pytest.MonkeyPatch, tiny_gguf: Path, tmp_path: Path, capsys
 ) -> None:
     from selfhost.models.store import ModelRecord, Store
+
+    fake = use_fake_engine(monkeypatch, FakeModel(step_seconds=0.005))  # its own server, its own models
 
     for name in ("first", "second"):
         path = Path(shutil.copy(tiny_gguf, tmp_path / f"{name}.gguf"))
