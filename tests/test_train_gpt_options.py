@@ -20,21 +20,22 @@ from selfhost.train.gpt import options  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config, read_toml  # noqa: E402
 from selfhost.train.gpt.resume import resume_config  # noqa: E402
 
-# What config.PRESETS held before the presets became TOML files (captured from that code).
-FORMER_PRESETS = {
+# The shipped presets' settings (what config.PRESETS held before the presets became TOML files, but for
+# lr_decay_iters: the decay now follows --iters; cpu-tiny's zero-initialized projections live in the model).
+SHIPPED_PRESETS = {
     "seed": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000,
                  learning_rate=0.0003, decay_lr=False, warmup_iters=0, min_lr=0.0003, beta2=0.999,
                  weight_decay=0.01, grad_clip=0.0, eval_interval=500, eval_iters=200, log_interval=10),
     "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
-                             max_iters=5000, learning_rate=0.001, lr_decay_iters=5000, min_lr=0.0001,
+                             max_iters=5000, learning_rate=0.001, min_lr=0.0001,
                              warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
                              eval_iters=200, log_interval=10),
     "nanogpt-cpu-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
-                             max_iters=2000, learning_rate=0.001, lr_decay_iters=2000, min_lr=0.0001,
+                             max_iters=2000, learning_rate=0.001, min_lr=0.0001,
                              warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
                              eval_iters=20, log_interval=10, sample_tokens=100),
     "cpu-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
-                     max_iters=1000, learning_rate=0.001, lr_decay_iters=1000, min_lr=0.0001,
+                     max_iters=1000, learning_rate=0.001, min_lr=0.0001,
                      warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=200,
                      eval_iters=20, log_interval=10, sample_tokens=100, arch="llama", optimizer="muon",
                      lr_schedule="wsd", cooldown=0.4),
@@ -61,13 +62,19 @@ def one_error_line(result) -> str:  # noqa: ANN001
 
 
 # -- presets ------------------------------------------------------------------------------------------
-def test_presets_are_the_shipped_toml_files_and_give_the_former_settings() -> None:
-    assert options.preset_names() == sorted(FORMER_PRESETS)
-    for name, values in FORMER_PRESETS.items():
+def test_presets_are_the_shipped_toml_files() -> None:
+    assert options.preset_names() == sorted(SHIPPED_PRESETS)
+    for name, values in SHIPPED_PRESETS.items():
         assert build_config(name) == TrainConfig(**values), name
     assert build_config() == build_config(options.DEFAULT_PRESET)
     # cpu-tiny builds on nanogpt-cpu-tiny (`preset = ...`), read like any --config file
     assert read_toml(options.PRESETS_DIR / "cpu-tiny.toml")["preset"] == "nanogpt-cpu-tiny"
+
+
+def test_the_decay_follows_iters_so_a_shorter_run_still_cools_down() -> None:
+    assert build_config("cpu-tiny").decay_iters == 1000
+    assert build_config("cpu-tiny", overrides={"max_iters": 500}).decay_iters == 500
+    assert build_config("cpu-tiny", overrides={"max_iters": 500, "lr_decay_iters": 800}).decay_iters == 800
 
 
 def test_a_config_file_builds_on_a_preset_chain_and_flags_beat_both(tmp_path: Path) -> None:

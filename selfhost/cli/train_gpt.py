@@ -258,11 +258,12 @@ def export(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Write a checkpoint as a GGUF (llama.cpp `gpt2`) and register it in the store."""
+    from selfhost.train import runs
     from selfhost.train.common import require_torch
 
     require_torch()
     out = Output(as_json)
-    ckpt = _find_checkpoint(checkpoint)
+    ckpt = runs.find_checkpoint(checkpoint)
     run = ckpt if ckpt.is_dir() else ckpt.parent
     exported = _export(out, ckpt, name or run.name.lower(), export_type, output, register)
     out.result(exported, lambda e: _print_exported(out, e))
@@ -284,11 +285,12 @@ def sample(
     from selfhost.train.common import require_torch
 
     require_torch()
+    from selfhost.train import runs
     from selfhost.train.gpt.sample import generate
 
     out = Output(as_json)
-    pieces = generate(_find_checkpoint(checkpoint), prompt, max_tokens=max_tokens, temperature=temperature,
-                      top_k=top_k, seed=seed, device=device)  # fmt: skip
+    pieces = generate(runs.find_checkpoint(checkpoint), prompt, max_tokens=max_tokens,
+                      temperature=temperature, top_k=top_k, seed=seed, device=device)  # fmt: skip
     text, started = [], False
     for piece in pieces:  # the first piece comes once the model is loaded (and the prompt checked)
         if isinstance(piece, Notice):
@@ -307,14 +309,6 @@ def sample(
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _find_checkpoint(ref: Path) -> Path:
-    from selfhost import paths
-
-    if not ref.exists() and len(ref.parts) == 1 and (paths.runs_dir() / ref.name).exists():
-        return paths.runs_dir() / ref.name
-    return ref
-
-
 def _export(
     out: Output,
     ckpt: Path,

@@ -232,7 +232,7 @@ class BatchEngine:
     def wait_for(self, job: Job) -> None:
         """Block until `job` has news: run a step ourselves inline, else wait for the thread."""
         if self._thread is None:
-            _step_atomically(self.step)
+            _step_atomically(self.guarded_step)
             return
         with self._cond:
             self._cond.wait_for(lambda: bool(job._chunks), timeout=0.5)
@@ -254,9 +254,17 @@ class BatchEngine:
                 self._cond.wait_for(lambda: self._stopping or self.waiting or any(s.job for s in self.slots))
                 if self._stopping and not self.waiting and not any(s.job for s in self.slots):
                     return
-            self.step()
+            self.guarded_step()
             with self._cond:
                 self._cond.notify_all()  # sync consumers waiting in wait_for
+
+    def guarded_step(self) -> None:
+        """`step`, where an unexpected error ends the jobs it hit with that error instead of ending the
+        engine thread (or the REPL) and leaving their clients waiting."""
+        try:
+            self.step()
+        except Exception as exc:
+            self._fail_active(exc)
 
     def step(self) -> None:
         """Admit waiting jobs, decode one batch, sample one token for every slot that has logits."""
@@ -267,7 +275,11 @@ class BatchEngine:
             while self.waiting and self.waiting[0].cancelled:
                 self._reject(self.waiting.popleft(), "cancelled")
             while self.waiting and any(s.job is None for s in self.slots):
-                self._admit(self.waiting.popleft())
+                job = self.waiting.popleft()
+                try:
+                    self._admit(job)
+                except Exception as exc:  # only this job fails; the engine goes on
+                    self._fail_admission(job, exc)
         active = [s for s in self.slots if s.job is not None]
         n_tokens, members = self._fill_batch(active)
         if n_tokens == 0:
@@ -496,6 +508,23 @@ class BatchEngine:
         job.end = end
         job._emit(end)
 
+    def _fail_admission(self, job: Job, exc: Exception) -> None:
+        slot = next((s for s in self.slots if s.job is job), None)
+        if slot is not None:
+            self._drop_cache(slot)
+            self._finish(slot, "error", error=_internal_error(exc))
+        else:
+            self._reject(job, "error", error=_internal_error(exc))
+
+    def _fail_active(self, exc: Exception) -> None:
+        """An unexpected error in a step: every job in a slot ends with it (their caches are dropped: what
+        they hold is unknown); waiting jobs and the engine go on."""
+        with self._cond:
+            for slot in self.slots:
+                if slot.job is not None:
+                    self._drop_cache(slot)
+                    self._finish(slot, "error", error=_internal_error(exc))
+
     def _reject(self, job: Job, reason: JobFinish, error: str | None = None) -> None:
         """End a job that never got a slot."""
         queued = time.perf_counter() - job.t_submit
@@ -510,6 +539,10 @@ class BatchEngine:
         if slot.sampler is not None:
             self.lib.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def _internal_error(exc: Exception) -> str:
+    return f"internal error in the batch engine: {type(exc).__name__}: {exc}"
 
 
 def _step_atomically(step: Any) -> None:
