@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"  # files the tests read: chat templates, a frozen history.db
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -87,7 +88,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random llama GGUF with a ChatML template and a 128-token context."""
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 

@@ -12,7 +12,7 @@ from selfhost.chat.session import ChatSession, Sampling
 from selfhost.errors import UsageError
 from selfhost.runtime.gguf_info import GGUFInfo
 from selfhost.runtime.memory import default_context, kv_bytes_per_token
-from tests.tinygguf import write_tiny_llama
+from tests.fakes.tinygguf import write_tiny_llama
 
 BRIEF = "Answer in one short sentence."
 

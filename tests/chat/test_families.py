@@ -17,8 +17,9 @@ from selfhost.chat.families import FAMILIES, Family, detect_family
 from selfhost.chat.messages import ReasoningChunk, TextChunk, ToolCallChunk
 from selfhost.errors import UsageError
 from selfhost.runtime.template import ChatTemplate
+from tests.conftest import DATA
 
-TEMPLATES = Path(__file__).parent / "data" / "templates"
+TEMPLATES = DATA / "templates"
 
 
 def template(name: str) -> str:
@@ -285,7 +286,7 @@ _GGUFS: dict[str, Path] = {}
 
 def tiny(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random GGUF carrying the family's real chat template (byte vocabulary: any text)."""
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     if name not in _GGUFS:
         folder = tmp_path_factory.mktemp(f"family-{name}")
@@ -564,7 +565,7 @@ def test_server_separates_reasoning_and_reads_tool_calls(
 ) -> None:
     from openai import BadRequestError, OpenAI
 
-    from tests.servehelp import Server
+    from tests.fakes.servehelp import Server
 
     server = Server(tiny(name, tmp_path_factory), tmp_path / "home", "--ctx", "4096", "--parallel", "1")
     try:

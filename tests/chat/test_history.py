@@ -13,7 +13,7 @@ from selfhost.chat.history import MIGRATIONS, ChatLog, HistoryStore
 from selfhost.chat.messages import Conversation, Message
 from selfhost.cli.app import app
 from selfhost.errors import HistoryError, NotFoundError
-from tests.conftest import checkout_env, selfhost_command
+from tests.conftest import DATA, checkout_env, selfhost_command
 
 
 def talk(log: ChatLog, *pairs: tuple[str, str], system: str | None = None) -> list[Message]:
@@ -203,7 +203,7 @@ def test_history_rm_asks_on_a_terminal(two_conversations) -> None:
     assert answer("y") == 0 and [c.id for c in HistoryStore().list()] == [1]
 
 
-V1_FIXTURE = Path(__file__).parent / "data" / "history_v1.db"  # frozen; built from history_v1.sql
+V1_FIXTURE = DATA / "history_v1.db"  # frozen; built from history_v1.sql
 
 
 def test_committed_v1_database_is_migrated_keeping_every_row(tmp_path: Path) -> None:

@@ -13,9 +13,8 @@ import pytest
 from selfhost import paths
 from selfhost.cli.app import app
 from tests.conftest import checkout_env, selfhost_command
-from tests.tinygguf import write_tiny_llama
+from tests.fakes.tinygguf import write_tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = ["--threads", "1"]
 
 

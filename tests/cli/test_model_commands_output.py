@@ -13,7 +13,7 @@ import pytest
 from selfhost.cli.app import app
 from selfhost.models.store import Store
 from tests.conftest import checkout_env, selfhost_command
-from tests.test_pull import REPO, fake_hub, gguf_bytes, tiny_hub  # noqa: F401 (fixtures)
+from tests.models.test_pull import REPO, fake_hub, gguf_bytes, tiny_hub  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("force_terminal", [False, True])

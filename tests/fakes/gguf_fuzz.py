@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.tinygguf import write_tiny_llama
+from tests.fakes.tinygguf import write_tiny_llama
 
 ARCH = "llama"
 

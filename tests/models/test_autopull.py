@@ -11,7 +11,7 @@ import pytest
 from selfhost.cli import output
 from selfhost.cli.app import app
 from selfhost.models.store import Store
-from tests.test_pull import REPO, fake_hub, one_error_line, state, tiny_hub  # noqa: F401 (fixtures)
+from tests.models.test_pull import REPO, fake_hub, one_error_line, state, tiny_hub  # noqa: F401 (fixtures)
 
 FAST = ["--threads", "1"]
 ONE_SHOT = ["-p", "hi", "-n", "4", "--seed", "1", "--no-log", *FAST]

@@ -13,7 +13,7 @@ from selfhost.errors import SelfhostError
 from selfhost.events import Progress
 from selfhost.models import hub
 from selfhost.models.store import Store
-from tests.test_pull import REPO, fake_hub, gguf_bytes, pulled, run, tiny_hub  # noqa: F401 (fixtures)
+from tests.models.test_pull import REPO, fake_hub, gguf_bytes, pulled, run, tiny_hub  # noqa: F401 (fixtures)
 
 
 def partial_file(data: bytes):  # noqa: ANN201
@@ -61,7 +61,7 @@ def test_leftover_partial_larger_than_the_file_is_discarded(tiny_hub):  # noqa: 
 
 def test_two_concurrent_pulls_of_one_blob_download_it_once(fake_hub):  # noqa: F811
     from selfhost import paths
-    from tests.test_pull import REGISTRY
+    from tests.models.test_pull import REGISTRY
 
     data = gguf_bytes("f32", n_embd=256, n_ff=512)
     fake_hub.add_file(REPO, "tiny-F32.gguf", data)

@@ -18,7 +18,7 @@ from selfhost.models.names import ModelName, check_store_name, parse_name, split
 from selfhost.models.pull import pull
 from selfhost.models.resolve import NotDownloaded, resolve_model
 from selfhost.models.store import ModelRecord, Store
-from tests.test_pull import REPO, fake_hub, gguf_bytes, one_error_line, state, tiny_hub  # noqa: F401
+from tests.models.test_pull import REPO, fake_hub, gguf_bytes, one_error_line, state, tiny_hub  # noqa: F401
 
 FAST = ["--threads", "1"]
 

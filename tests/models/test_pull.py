@@ -27,7 +27,7 @@ from selfhost.models import hub
 from selfhost.models.pull import PullPlan, PullResult, pull
 from selfhost.models.store import Store
 from tests.conftest import checkout_env, selfhost_command
-from tests.hubserver import FakeHub
+from tests.fakes.hubserver import FakeHub
 
 REPO = "test/tiny-GGUF"
 REGISTRY = f"""
@@ -51,7 +51,7 @@ files = {{ Q8_0 = "tiny-Q8_0.gguf" }}
 
 @functools.cache
 def gguf_bytes(dtype: str = "f32", n_embd: int = 64, n_ff: int = 128) -> bytes:
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     path = Path(tempfile.mkdtemp()) / f"tiny-{dtype}-{n_embd}.gguf"
     write_tiny_llama(path, dtype=dtype, n_embd=n_embd, n_ff=n_ff)

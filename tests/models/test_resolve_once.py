@@ -10,6 +10,7 @@ import pytest
 from selfhost.cli.app import app
 from selfhost.models import resolve
 from selfhost.models.store import ModelRecord, Store
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_the_loaders_never_import_the_resolver() -> None:
     """ChatModel.load, the runtime and the server's loads take a resolved model or a path."""
     import ast
 
-    root = Path(__file__).resolve().parent.parent / "selfhost"
+    root = REPO / "selfhost"
     runtime = [f"runtime/{p.name}" for p in (root / "runtime").glob("*.py")]
     for module in ("chat/model.py", "chat/session.py", "serve/server.py", *runtime):
         tree = ast.parse((root / module).read_text())
@@ -80,7 +81,7 @@ def test_embedding_and_chat_models_share_the_gpu_layers_default() -> None:
     from selfhost.runtime.llama_backend import backend_info, default_gpu_layers
 
     assert default_gpu_layers() == (-1 if backend_info().gpu_offload else 0)
-    source = (Path(__file__).resolve().parent.parent / "selfhost/serve/manager.py").read_text()
+    source = (REPO / "selfhost/serve/manager.py").read_text()
     assert "gpu_layers or 0" not in source and "default_gpu_layers()" in source
 
 

@@ -22,8 +22,8 @@ from selfhost.models import hfcache, hub
 from selfhost.models.pull import pull
 from selfhost.models.resolve import resolve_model
 from selfhost.models.store import Store
-from tests.hubserver import FakeHub
-from tests.test_pull import fake_hub, one_error_line, state  # noqa: F401 - fixture
+from tests.fakes.hubserver import FakeHub
+from tests.models.test_pull import fake_hub, one_error_line, state  # noqa: F401 - fixture
 
 REPO = "test/split-GGUF"
 FAST = ["--threads", "1"]
@@ -32,7 +32,7 @@ FAST = ["--threads", "1"]
 @functools.cache
 def split_parts() -> dict[str, bytes]:
     """name -> bytes of a tiny random llama written as a 3-part split GGUF (21 tensors, 8 per part)."""
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     folder = Path(tempfile.mkdtemp())
     first = write_tiny_llama(folder / "tiny-F32.gguf", split_max_tensors=8)
@@ -125,7 +125,7 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
 
     assert f"1 model(s), {human_bytes(record.size)} on disk" in listed.output  # every part counted
     shown = json.loads(runner.invoke(app, ["models", "show", "tinysplit", "--json"]).stdout)
-    from tests.test_pull import gguf_bytes
+    from tests.models.test_pull import gguf_bytes
 
     single = json.loads(
         runner.invoke(app, ["models", "show", str(_write(gguf_bytes("f32"))), "--json"]).stdout
@@ -210,7 +210,7 @@ def test_quantize_a_split_input_writes_one_file(split_hub, runner):
 def test_hf_cache_gguf_is_listed_and_usable_without_a_copy(fake_hub, runner):  # noqa: F811
     from huggingface_hub import hf_hub_download
 
-    from tests.test_pull import gguf_bytes
+    from tests.models.test_pull import gguf_bytes
 
     fake_hub.add_file("someone/tiny-GGUF", "tiny-F32.gguf", gguf_bytes("f32"))
     for name, data in split_parts().items():
@@ -275,7 +275,7 @@ def test_importing_a_local_split_copies_every_part_and_rm_removes_them(tmp_path,
 
 
 def test_metadata_only_first_part_loads_and_a_truncated_part_is_refused_before_llama_cpp(tmp_path, runner):
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     first = write_tiny_llama(tmp_path / "meta-F32.gguf", split_max_tensors=8, small_first_shard=True)
     assert first.name == "meta-F32-00001-of-00004.gguf"

@@ -17,7 +17,7 @@ from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
 from selfhost.runtime import gguf_info
-from tests.tinygguf import write_tiny_llama
+from tests.fakes.tinygguf import write_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from selfhost.quantize.calibrate import compute_imatrix
 from selfhost.quantize.imatrix import load_imatrix
 from selfhost.quantize.run import QuantizeOptions, run_quantize
 from selfhost.runtime import gguf_info
-from tests.tinygguf import write_tiny_llama
+from tests.fakes.tinygguf import write_tiny_llama
 
 CALIBRATION = ["--calibration", "default", "--chunk-size", "128", "--calibration-chunks", "2"]
 

@@ -15,7 +15,7 @@ import pytest
 from selfhost.errors import GGUFError
 from selfhost.runtime import gguf_info
 from tests.conftest import REPO
-from tests.gguf_fuzz import Variant, corpus
+from tests.fakes.gguf_fuzz import Variant, corpus
 
 # Loads each file given on the command line in llama.cpp and evaluates a few tokens; an abort
 # kills this child, never pytest. "start" before each file tells which one did it.

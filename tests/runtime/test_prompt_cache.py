@@ -96,7 +96,7 @@ def test_a_served_conversation_gets_its_prefix_back_after_another_took_the_slot(
 ) -> None:
     import httpx
 
-    from tests.servehelp import Server
+    from tests.fakes.servehelp import Server
 
     def ask(*turns: str) -> dict:
         messages = [

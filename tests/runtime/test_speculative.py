@@ -13,7 +13,7 @@ from selfhost.chat.model import ChatModel, EngineOptions
 from selfhost.errors import UsageError
 from selfhost.runtime.batch import Job, JobEnd, JobText, SamplingParams
 from selfhost.runtime.speculative import NgramDrafter, SpecSettings
-from tests.servehelp import Server
+from tests.fakes.servehelp import Server
 
 GREEDY = SamplingParams(temperature=0)
 QUOTE = (

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.servehelp import Server
+from tests.fakes.servehelp import Server
 
 pytestmark = pytest.mark.slow
 

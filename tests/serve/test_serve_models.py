@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from tests.conftest import checkout_env, selfhost_command
-from tests.servehelp import Server
-from tests.test_pull import fake_hub, tiny_hub  # noqa: F401 - fixtures
+from tests.fakes.servehelp import Server
+from tests.models.test_pull import fake_hub, tiny_hub  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _register(name: str, path: Path, repo: str | None = None) -> None:
 
 def _home(root: Path, smollm2_gguf: Path) -> Path:
     """A SELFHOST_HOME whose store holds the models above, and per-model settings in models.toml."""
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     home = root / "home"
     home.mkdir(parents=True)

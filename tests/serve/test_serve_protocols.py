@@ -11,8 +11,8 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from tests.servehelp import Server
-from tests.tinygguf import write_tiny_reranker
+from tests.fakes.servehelp import Server
+from tests.fakes.tinygguf import write_tiny_reranker
 
 pytestmark = pytest.mark.slow
 
@@ -448,8 +448,8 @@ def test_the_api_key_guards_every_endpoint(server: Server, method: str, path: st
 def test_metrics_public_and_api_pull_through_selfhost_pull(
     smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.hubserver import FakeHub
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.hubserver import FakeHub
+    from tests.fakes.tinygguf import write_tiny_llama
 
     tiny = write_tiny_llama(tmp_path / "tiny.gguf").read_bytes()
     with FakeHub() as hub:

@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
-from tests.servehelp import Server
-from tests.test_families import CASES, PARIS, ROME, WEATHER_TOOL, literal_grammar, tiny
+from tests.chat.test_families import CASES, PARIS, ROME, WEATHER_TOOL, literal_grammar, tiny
+from tests.fakes.servehelp import Server
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from selfhost.chat.families import FAMILIES, forced_call_parser
 from selfhost.runtime.template import ChatTemplate
 from selfhost.serve.schemas import FunctionDef, Tool
 from selfhost.serve.service import _complete
-from tests.servehelp import REPO
+from tests.conftest import REPO
 
 HERMES = (
     "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"

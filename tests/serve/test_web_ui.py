@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import checkout_env, selfhost_command
-from tests.servehelp import Server
+from tests.fakes.servehelp import Server
 
 pytestmark = pytest.mark.slow
 

@@ -306,7 +306,7 @@ def test_cli_bad_images(trained, tmp_path: Path, runner) -> None:
 
 
 def test_cli_eval_downloads_from_configured_mirror(trained, mnist_dir: Path, runner, monkeypatch) -> None:
-    from tests.test_mnist_data import Mirror
+    from tests.train.test_mnist_data import Mirror
 
     mirror = Mirror("good", {f.name: f.read_bytes() for f in mnist_dir.glob("*.gz")})
     monkeypatch.setenv("SELFHOST_MNIST_MIRRORS", mirror.url)

@@ -25,9 +25,9 @@ from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import runs  # noqa: E402
 from selfhost.train.gpt import trainer  # noqa: E402
 from selfhost.train.gpt.config import build_config  # noqa: E402
-from tests.test_train_gpt import TINY, TINY_FLAGS  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+from tests.train.test_train_gpt import TINY, TINY_FLAGS  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -278,7 +278,7 @@ def test_mnist_eval_writes_a_grid_of_misclassified_digits(mnist_small: Path, tmp
 # -- selfhost compare --plot ----------------------------------------------------------------------
 def test_compare_plot(runner, tmp_path: Path) -> None:  # noqa: ANN001
     from selfhost.quantize.run import QuantizeOptions, run_quantize
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     f32 = write_tiny_llama(tmp_path / "tiny.gguf", n_embd=256, n_ff=512, n_ctx=128)
     q8 = tmp_path / "tiny-q8.gguf"

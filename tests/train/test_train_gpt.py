@@ -22,7 +22,7 @@ from selfhost.train.gpt import checkpoint, data, estimate, trainer  # noqa: E402
 from selfhost.train.gpt.config import PRESETS, build_config  # noqa: E402
 from selfhost.train.gpt.tokenizer import CharTokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2, sample_tokens=8,
             warmup_iters=2, log_interval=1)  # fmt: skip
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
@@ -309,7 +309,7 @@ def test_missing_torch_is_a_dependency_error(
 def _torchrun(out: Path, home: Path, *args: str, **popen: object) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_driver.py"), str(out), "train", "gpt", "--name", "ddp", "--no-export",
+           str(REPO / "tests/fakes/ddp_driver.py"), str(out), "train", "gpt", "--name", "ddp", "--no-export",
            "--eval-interval", "50", *TINY_FLAGS, *args]  # fmt: skip
     from tests.conftest import checkout_env
 

@@ -17,7 +17,7 @@ from selfhost.train.gpt.base import load_gguf  # noqa: E402
 from selfhost.train.gpt.export import write_gguf  # noqa: E402
 from selfhost.train.gpt.model import GPTConfig, build_model  # noqa: E402
 from selfhost.train.gpt.tokenizer import BPETokenizer  # noqa: E402
-from tests.test_train_gpt import one_line_error  # noqa: E402
+from tests.train.test_train_gpt import one_line_error  # noqa: E402
 
 TEXT = "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer.\n" * 20
 
