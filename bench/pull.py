@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pull.py --size-mb 200
 
-1. Throughput: the fake Hub (tests/hubserver.py, 127.0.0.1, in this process) serves one random
+1. Throughput: the fake Hub (tests/fakes/hubserver.py, 127.0.0.1, in this process) serves one random
    random llama GGUF; selfhost's core `pull()` (download + sha256 verification + fsync + registration)
    and `hf_hub_download` (download only) each fetch it into a fresh cache, `--rounds` times; best wins.
 2. Resume: the server drops the connection at 50% of the file. selfhost's next run fetches only the missing

@@ -1,4 +1,4 @@
-"""`selfhost pull` against a real HTTP server on 127.0.0.1 speaking the Hub's API (tests/hubserver.py)."""
+"""`selfhost pull` against a real HTTP server on 127.0.0.1 speaking the Hub's API (tests/fakes/hubserver.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Thinking and tool calls through the other protocols: a tiny GGUF with Qwen3's real chat template, and
-a GBNF grammar whose only sentence is the reply (tests/test_families.py), so real llama.cpp writes
+a GBNF grammar whose only sentence is the reply (tests/chat/test_families.py), so real llama.cpp writes
 reasoning and Hermes tool calls that the family parser reads; each protocol must carry them."""
 
 from __future__ import annotations
