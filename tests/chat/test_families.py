@@ -567,8 +567,8 @@ def test_server_separates_reasoning_and_reads_tool_calls(
 
     from tests.fakes.servehelp import Server
 
-    server = Server(tiny(name, tmp_path_factory), tmp_path / "home", "--ctx", "4096", "--parallel", "1")
-    try:
+    model = tiny(name, tmp_path_factory)
+    with Server(model, tmp_path / "home", "--ctx", "4096", "--parallel", "1") as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
         if "think" in CASES[name]:
             _check_reasoning(client, name, CASES[name])
@@ -589,8 +589,6 @@ def test_server_separates_reasoning_and_reads_tool_calls(
                 client.chat.completions.create(
                     model=name, messages=[{"role": "user", "content": "hi"}], extra_body={"think": True}
                 )
-    finally:
-        server.stop()
     assert "Traceback" not in server.output()
 
 

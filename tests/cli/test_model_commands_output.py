@@ -12,8 +12,8 @@ import pytest
 
 from selfhost.cli.app import app
 from selfhost.models.store import Store
-from tests.conftest import checkout_env, selfhost_command
-from tests.models.test_pull import REPO, fake_hub, gguf_bytes, tiny_hub  # noqa: F401 (fixtures)
+from tests.conftest import TINY_REPO, checkout_env, selfhost_command
+from tests.fakes.tinygguf import gguf_bytes
 
 
 @pytest.mark.parametrize("force_terminal", [False, True])
@@ -27,7 +27,7 @@ def test_pull_redirected_to_a_file_keeps_the_bar_out_of_it(tiny_hub, tmp_path, f
     out_file = tmp_path / "out.txt"
     with open(out_file, "wb") as stdout:
         done = subprocess.run(
-            selfhost_command("pull", f"{REPO}:F32"),
+            selfhost_command("pull", f"{TINY_REPO}:F32"),
             env=env,
             stdout=stdout,
             stderr=subprocess.PIPE,
@@ -39,10 +39,10 @@ def test_pull_redirected_to_a_file_keeps_the_bar_out_of_it(tiny_hub, tmp_path, f
         text = re.sub(rb"\x1b\[[0-9;]*m", b"", text)
     assert b"\r" not in text and b"\x1b" not in text and "━".encode() not in text, text
     lines = text.decode().splitlines()
-    assert lines[0].startswith(f"{REPO}:F32: downloaded and verified (sha256 ") and len(lines) == 2
-    assert Path(lines[1].strip()) == Store().get(f"{REPO}:F32").path
+    assert lines[0].startswith(f"{TINY_REPO}:F32: downloaded and verified (sha256 ") and len(lines) == 2
+    assert Path(lines[1].strip()) == Store().get(f"{TINY_REPO}:F32").path
     stderr = done.stderr.decode()
-    assert f"{REPO}:F32: tiny-F32.gguf (" in stderr  # what NAME turned out to be
+    assert f"{TINY_REPO}:F32: tiny-F32.gguf (" in stderr  # what NAME turned out to be
     if force_terminal:
         assert "\x1b" in stderr  # the live bar really was drawn, on stderr
 
@@ -51,7 +51,7 @@ def test_pull_json_and_dry_run_json(tiny_hub, runner):  # noqa: F811
     plan = runner.invoke(app, ["pull", "tiny:F32", "--dry-run", "--json"])
     assert plan.exit_code == 0, plan.output
     data = json.loads(plan.stdout)
-    assert data["dry_run"] is True and data["name"] == "tiny:F32" and data["repo"] == REPO
+    assert data["dry_run"] is True and data["name"] == "tiny:F32" and data["repo"] == TINY_REPO
     assert data["to_download"] == len(gguf_bytes("f32")) and data["files"][0]["file"] == "tiny-F32.gguf"
     assert Store().list() == []
 

@@ -14,18 +14,12 @@ from selfhost.events import run_to_end
 from selfhost.models import hub
 from selfhost.models.pull import PullResult, pull
 from selfhost.models.store import Store
+from tests.conftest import one_error_line
 from tests.fakes.hubserver import FakeHub
 
 
 def register(path: Path) -> PullResult:
     return run_to_end(pull(str(path)))
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture

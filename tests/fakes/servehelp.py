@@ -1,4 +1,7 @@
-"""Start `selfhost serve` from this checkout in a subprocess on a free 127.0.0.1 port, and stop it."""
+"""Start `selfhost serve` from this checkout in a subprocess on a free 127.0.0.1 port, and stop it.
+
+The one way tests start a server: `with Server(model, home, *flags) as srv:` (or a fixture that yields
+inside that `with`) stops it at the end and checks that it exited 0, its log shown if not."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
+        self.home = home  # the server's SELFHOST_HOME (its store and history.db)
         env = {**os.environ, "SELFHOST_HOME": str(home), "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
         env.pop("SELFHOST_API_KEY", None)
         models = [str(model)] if model is not None else []  # None: no preload, every model on demand
@@ -38,7 +42,19 @@ class Server:
         self.proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        code = self.stop()
+        if error_type is None:  # a failing test keeps its own error; otherwise the exit must be clean
+            assert code == 0, f"serve exited with {code}:\n{self.output()}"
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

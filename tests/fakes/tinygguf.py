@@ -7,6 +7,8 @@ evaluates and samples like a real one, but says nothing useful.
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,11 @@ def write_tiny_reranker(path: Path) -> Path:
         path, n_layer=1, n_ctx=256, chat_template=None, name="tiny-reranker", kv_overrides=pooling,
         edit_tensors=edit,
     )  # fmt: skip
+
+
+@functools.cache
+def gguf_bytes(dtype: str = "f32", n_embd: int = 64, n_ff: int = 128) -> bytes:
+    """The bytes of a tiny llama GGUF (made once per process): what the fake Hub serves."""
+    path = Path(tempfile.mkdtemp()) / f"tiny-{dtype}-{n_embd}.gguf"
+    write_tiny_llama(path, dtype=dtype, n_embd=n_embd, n_ff=n_ff)
+    return path.read_bytes()

@@ -11,7 +11,8 @@ import pytest
 from selfhost.cli import output
 from selfhost.cli.app import app
 from selfhost.models.store import Store
-from tests.models.test_pull import REPO, fake_hub, one_error_line, state, tiny_hub  # noqa: F401 (fixtures)
+from tests.conftest import TINY_REPO, one_error_line
+from tests.models.test_pull import state
 
 FAST = ["--threads", "1"]
 ONE_SHOT = ["-p", "hi", "-n", "4", "--seed", "1", "--no-log", *FAST]
@@ -34,8 +35,8 @@ def test_chat_alias_with_pull_downloads_registers_and_answers(tiny_hub, runner):
     "args",
     [
         ["chat", "tiny", *ONE_SHOT],
-        ["chat", f"{REPO}:F32", *ONE_SHOT],
-        ["chat", f"{REPO}:tiny-F32.gguf", *ONE_SHOT],
+        ["chat", f"{TINY_REPO}:F32", *ONE_SHOT],
+        ["chat", f"{TINY_REPO}:tiny-F32.gguf", *ONE_SHOT],
         ["quantize", "tiny:f32", "--type", "Q8_0"],
         ["serve", "tiny", "--port", "0"],
     ],
@@ -62,9 +63,9 @@ def test_on_a_terminal_it_asks(tiny_hub, runner, monkeypatch):  # noqa: F811
 
 
 def test_quantize_with_pull(tiny_hub, runner):  # noqa: F811
-    result = runner.invoke(app, ["quantize", f"{REPO}:F32", "--pull", "--type", "Q8_0", *FAST])
+    result = runner.invoke(app, ["quantize", f"{TINY_REPO}:F32", "--pull", "--type", "Q8_0", *FAST])
     assert result.exit_code == 0, result.output
-    assert Store().get(f"{REPO}:F32") is not None and Store().get(f"{REPO}:Q8_0") is not None
+    assert Store().get(f"{TINY_REPO}:F32") is not None and Store().get(f"{TINY_REPO}:Q8_0") is not None
 
 
 def test_what_a_pull_cannot_fix_is_not_pulled(tiny_hub, runner):  # noqa: F811

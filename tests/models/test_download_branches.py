@@ -13,11 +13,13 @@ from selfhost.errors import SelfhostError
 from selfhost.events import Progress
 from selfhost.models import hub
 from selfhost.models.store import Store
-from tests.models.test_pull import REPO, fake_hub, gguf_bytes, pulled, run, tiny_hub  # noqa: F401 (fixtures)
+from tests.conftest import TINY_REGISTRY, TINY_REPO
+from tests.fakes.tinygguf import gguf_bytes
+from tests.models.test_pull import pulled, run
 
 
 def partial_file(data: bytes):  # noqa: ANN201
-    part = hub.CacheLayout.for_repo(REPO).incomplete(hashlib.sha256(data).hexdigest())
+    part = hub.CacheLayout.for_repo(TINY_REPO).incomplete(hashlib.sha256(data).hexdigest())
     part.parent.mkdir(parents=True, exist_ok=True)
     return part
 
@@ -32,7 +34,7 @@ def test_server_that_ignores_range_restarts_from_zero(tiny_hub):  # noqa: F811
     assert any(rng == f"bytes={len(data) // 2}-" for _, _, rng in tiny_hub.requests)  # it asked
     assert tiny_hub.bytes_served == len(data)  # and got (and kept only) the whole file once
     assert not part.exists()
-    assert hub.CacheLayout.for_repo(REPO).blob(hashlib.sha256(data).hexdigest()).read_bytes() == data
+    assert hub.CacheLayout.for_repo(TINY_REPO).blob(hashlib.sha256(data).hexdigest()).read_bytes() == data
 
 
 def test_a_416_for_a_short_partial_is_one_clear_error_and_nothing_is_registered(tiny_hub):  # noqa: F811
@@ -61,12 +63,11 @@ def test_leftover_partial_larger_than_the_file_is_discarded(tiny_hub):  # noqa: 
 
 def test_two_concurrent_pulls_of_one_blob_download_it_once(fake_hub):  # noqa: F811
     from selfhost import paths
-    from tests.models.test_pull import REGISTRY
 
     data = gguf_bytes("f32", n_embd=256, n_ff=512)
-    fake_hub.add_file(REPO, "tiny-F32.gguf", data)
-    fake_hub.add_file(REPO, "tiny-F16.gguf", gguf_bytes("f16"))
-    paths.user_registry().write_text(REGISTRY)
+    fake_hub.add_file(TINY_REPO, "tiny-F32.gguf", data)
+    fake_hub.add_file(TINY_REPO, "tiny-F16.gguf", gguf_bytes("f16"))
+    paths.user_registry().write_text(TINY_REGISTRY)
     fake_hub.throttle_bps = len(data)  # about a second per transfer
     results: dict[str, object] = {}
 
@@ -89,4 +90,4 @@ def test_two_concurrent_pulls_of_one_blob_download_it_once(fake_hub):  # noqa: F
     assert [getattr(results[n], "record", results[n]).sha256 for n in ("first", "second")] == [digest] * 2
     assert fake_hub.bytes_served == len(data)  # the second waited for the lock, then reused the blob
     assert [r.name for r in Store().list()] == ["tiny:F32"]
-    assert hub.CacheLayout.for_repo(REPO).blob(digest).read_bytes() == data
+    assert hub.CacheLayout.for_repo(TINY_REPO).blob(digest).read_bytes() == data

@@ -18,7 +18,9 @@ from selfhost.models.names import ModelName, check_store_name, parse_name, split
 from selfhost.models.pull import pull
 from selfhost.models.resolve import NotDownloaded, resolve_model
 from selfhost.models.store import ModelRecord, Store
-from tests.models.test_pull import REPO, fake_hub, gguf_bytes, one_error_line, state, tiny_hub  # noqa: F401
+from tests.conftest import TINY_REPO
+from tests.fakes.tinygguf import gguf_bytes
+from tests.models.test_pull import state
 
 FAST = ["--threads", "1"]
 
@@ -44,9 +46,9 @@ FORMS = [
     ("tiny:F32", "alias", "tiny", "F32", None, "tiny:F32"),
     ("tiny:f32", "alias", "tiny", "F32", None, "tiny:F32"),  # the quant is case-insensitive
     ("  tiny:f32 ", "alias", "tiny", "F32", None, "tiny:F32"),
-    (f"{REPO}:F32", "hub", REPO, "F32", None, f"{REPO}:F32"),
-    (f"{REPO}:f16", "hub", REPO, "F16", None, f"{REPO}:F16"),
-    (f"{REPO}:tiny-F32.gguf", "hub", REPO, None, "tiny-F32.gguf", f"{REPO}:F32"),
+    (f"{TINY_REPO}:F32", "hub", TINY_REPO, "F32", None, f"{TINY_REPO}:F32"),
+    (f"{TINY_REPO}:f16", "hub", TINY_REPO, "F16", None, f"{TINY_REPO}:F16"),
+    (f"{TINY_REPO}:tiny-F32.gguf", "hub", TINY_REPO, None, "tiny-F32.gguf", f"{TINY_REPO}:F32"),
     ("my-gpt", "store", "my-gpt", None, None, "my-gpt:Q8_0"),
     ("my-gpt:q8_0", "store", "my-gpt", "Q8_0", None, "my-gpt:Q8_0"),
     ("~/h.gguf", "path", "{tmp}/home/h.gguf", None, None, "h:F32"),
@@ -97,8 +99,8 @@ BAD = [
     (":Q4_0", UsageError, "bad model name"),
     ("tiny:Q4-K", UsageError, "bad quant 'Q4-K'"),
     ("tiny:x.gguf", UsageError, "a file can only be named for an owner/repo"),
-    (f"{REPO}:../tiny-F32.gguf", UsageError, "unsafe file name"),
-    (f"{REPO}:sub/../../x.gguf", UsageError, "unsafe file name"),
+    (f"{TINY_REPO}:../tiny-F32.gguf", UsageError, "unsafe file name"),
+    (f"{TINY_REPO}:sub/../../x.gguf", UsageError, "unsafe file name"),
     ("a/../b", UsageError, "neither a file nor a model name"),  # never a repo, store name or alias
     ("../b", NotFoundError, "no such"),  # a path (it starts like one), and there is no such file
     ("owner/..", UsageError, "neither a file nor a model name"),
@@ -137,7 +139,7 @@ def test_store_name_that_is_also_a_file_here_is_the_file(tiny_hub, places):  # n
 
 def test_chat_and_quantize_take_the_name_pull_took(tiny_hub, runner):  # noqa: F811
     """`pull owner/repo:file.gguf` worked but `chat`/`quantize` on the same name said "no such model file"."""
-    name = f"{REPO}:tiny-F32.gguf"
+    name = f"{TINY_REPO}:tiny-F32.gguf"
     pulled = runner.invoke(app, ["pull", name])
     assert pulled.exit_code == 0, pulled.output
     chat = runner.invoke(
@@ -146,16 +148,16 @@ def test_chat_and_quantize_take_the_name_pull_took(tiny_hub, runner):  # noqa: F
     assert chat.exit_code == 0, chat.output
     assert json.loads(chat.stdout)["usage"]["generated_tokens"] > 0
     shown = json.loads(runner.invoke(app, ["models", "show", name, "--json"]).stdout)
-    assert shown["name"] == f"{REPO}:F32" and shown["file"] == "tiny-F32.gguf"
+    assert shown["name"] == f"{TINY_REPO}:F32" and shown["file"] == "tiny-F32.gguf"
     quantized = runner.invoke(app, ["quantize", name, "--type", "Q8_0", *FAST])
     assert quantized.exit_code == 0, quantized.output
-    assert Store().get(f"{REPO}:Q8_0") is not None
+    assert Store().get(f"{TINY_REPO}:Q8_0") is not None
     lower = runner.invoke(app, ["chat", "tiny:f32", "-p", "hi", "-n", "2", "--no-log", "--pull", *FAST])
     assert lower.exit_code == 0, lower.output  # alias:quant in lower case: the F32 file of the alias
 
 
 def test_an_ambiguous_store_name_is_named_not_guessed(tiny_hub):  # noqa: F811
     for quant in ("F32", "F16"):
-        run_to_end(pull(f"{REPO}:{quant}"))
+        run_to_end(pull(f"{TINY_REPO}:{quant}"))
     with pytest.raises(SelfhostError, match="ambiguous"):
-        resolve_model(REPO)
+        resolve_model(TINY_REPO)

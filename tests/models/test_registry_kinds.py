@@ -20,7 +20,8 @@ from selfhost.models.catalog import MemoryBudget, available_models, bytes_needed
 from selfhost.models.registry import COMMIT_PATTERN, RegistryEntry, load_registry, parse_registry_file
 from selfhost.models.resolve import _version_tuple, llama_cpp_version, model_kind, resolve_model
 from selfhost.models.store import ModelRecord, Store
-from tests.models.test_pull import fake_hub, gguf_bytes, one_error_line  # noqa: F401 - fixture
+from tests.conftest import one_error_line
+from tests.fakes.tinygguf import gguf_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--threads", "1"]

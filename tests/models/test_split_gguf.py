@@ -22,8 +22,10 @@ from selfhost.models import hfcache, hub
 from selfhost.models.pull import pull
 from selfhost.models.resolve import resolve_model
 from selfhost.models.store import Store
+from tests.conftest import one_error_line
 from tests.fakes.hubserver import FakeHub
-from tests.models.test_pull import fake_hub, one_error_line, state  # noqa: F401 - fixture
+from tests.fakes.tinygguf import gguf_bytes
+from tests.models.test_pull import state
 
 REPO = "test/split-GGUF"
 FAST = ["--threads", "1"]
@@ -125,7 +127,6 @@ def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model
 
     assert f"1 model(s), {human_bytes(record.size)} on disk" in listed.output  # every part counted
     shown = json.loads(runner.invoke(app, ["models", "show", "tinysplit", "--json"]).stdout)
-    from tests.models.test_pull import gguf_bytes
 
     single = json.loads(
         runner.invoke(app, ["models", "show", str(_write(gguf_bytes("f32"))), "--json"]).stdout
@@ -210,7 +211,6 @@ def test_quantize_a_split_input_writes_one_file(split_hub, runner):
 def test_hf_cache_gguf_is_listed_and_usable_without_a_copy(fake_hub, runner):  # noqa: F811
     from huggingface_hub import hf_hub_download
 
-    from tests.models.test_pull import gguf_bytes
 
     fake_hub.add_file("someone/tiny-GGUF", "tiny-F32.gguf", gguf_bytes("f32"))
     for name, data in split_parts().items():

@@ -17,13 +17,8 @@ from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
 from selfhost.runtime import gguf_info
+from tests.conftest import one_error_line
 from tests.fakes.tinygguf import write_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """F32 tiny llama whose rows (256, 512) fit every K-quant block."""
-    return write_tiny_llama(tmp_path_factory.mktemp("q") / "tiny.gguf", n_embd=256, n_ff=512, n_ctx=128)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +36,6 @@ def tensor_types(path: Path) -> dict[str, str]:
 
 def listing(*dirs: Path) -> set[str]:
     return {str(p) for d in dirs if d.exists() for p in d.rglob("*")}
-
-
-def one_error_line(result) -> str:  # noqa: ANN001
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 # -- listing types -------------------------------------------------------------------------
@@ -380,43 +367,24 @@ def test_eval_table_numbers_are_the_measured_perplexities(runner, tiny_f32, tmp_
 def test_progress_bars_on_a_terminal_never_reach_piped_stdout(tiny_f32, tmp_path):
     """`selfhost quantize ... > out.txt` with stderr on a terminal: the bars are drawn there, and out.txt
     holds the summary only (no carriage returns, no escape sequences)."""
-    import os
-    import pty
     import subprocess
 
     from tests.conftest import checkout_env, selfhost_command
+    from tests.fakes.terminal import Terminal
 
-    master, slave = pty.openpty()
-    terminal: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                return
-            if not chunk:
-                return
-            terminal.append(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     out = tmp_path / "p.gguf"
     env = checkout_env(TERM="xterm", COLUMNS="100")
     env.pop("NO_COLOR", None)
-    with open(tmp_path / "out.txt", "wb") as stdout:
+    with Terminal(columns=100) as term, open(tmp_path / "out.txt", "wb") as stdout:
         done = subprocess.run(
             selfhost_command("quantize", str(tiny_f32), "-t", "Q4_0", "-o", str(out), "--threads", "1"),
-            stdin=subprocess.DEVNULL, stdout=stdout, stderr=slave, env=env, timeout=120,
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=term.fd, env=env, timeout=120,
         )
-    os.close(slave)
-    reader.join(timeout=10)
-    os.close(master)
     piped = (tmp_path / "out.txt").read_text()
-    assert done.returncode == 0, b"".join(terminal).decode(errors="replace")
+    drawn = term.text()
+    assert done.returncode == 0, drawn
     assert "\r" not in piped and "\x1b" not in piped, repr(piped)
     assert piped.splitlines()[0] == str(out) and "registered as tiny:Q4_0" in piped
-    drawn = b"".join(terminal).decode(errors="replace")
     assert "quantizing tiny (F32) -> Q4_0" in drawn and "\x1b" in drawn  # the terminal did get the bars
 
 

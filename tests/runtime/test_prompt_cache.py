@@ -107,14 +107,12 @@ def test_a_served_conversation_gets_its_prefix_back_after_another_took_the_slot(
         assert r.status_code == 200, r.text
         return r.json()["usage"]
 
-    srv = Server(smollm2_gguf, tmp_path / "home", "--parallel", "1", "--ctx", "1024", "--cache-ram", "64")
-    try:
+    flags = ["--parallel", "1", "--ctx", "1024", "--cache-ram", "64"]
+    with Server(smollm2_gguf, tmp_path / "home", *flags) as srv:
         first = ask(HISTORY)
         ask("Something else entirely: " + HISTORY[::-1])
         back = ask(HISTORY, "Noted.", "How many pears in item 3?")
         health = httpx.get(f"{srv.url}/v1/status", timeout=5).json()["models"][0]  # per-model counters
-    finally:
-        srv.stop()
     assert back["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 8
     assert health["prompt_cache"]["restored"] == 1
 

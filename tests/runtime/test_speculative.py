@@ -110,15 +110,13 @@ def test_served_greedy_reply_is_the_same_with_ngram_speculation(smollm2_gguf: Pa
     body = {"messages": [{"role": "user", "content": QUOTE}], "temperature": 0, "max_tokens": 40}
     answers = []
     for args in ((), ("--spec", "ngram", "--spec-ngram", "2")):
-        srv = Server(smollm2_gguf, tmp_path / f"home{len(args)}", "--parallel", "1", "--ctx", "512", *args)
-        try:
+        home = tmp_path / f"home{len(args)}"
+        with Server(smollm2_gguf, home, "--parallel", "1", "--ctx", "512", *args) as srv:
             r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
             answers.append(r.json())
             health = httpx.get(f"{srv.url}/v1/status", timeout=5).json()["models"][0]  # per-model counters
             scraped = httpx.get(f"{srv.url}/metrics", timeout=5).text
-        finally:
-            srv.stop()
     plain_reply, spec_reply = answers
     assert spec_reply["choices"][0]["message"] == plain_reply["choices"][0]["message"]
     details = spec_reply["usage"]["completion_tokens_details"]

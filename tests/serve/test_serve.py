@@ -32,23 +32,9 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("serve") / "home"
-    srv = Server(
-        smollm2_gguf,
-        home,
-        "--parallel",
-        "4",
-        "--ctx",
-        "1024",
-        "--threads",
-        "2",
-        "--max-queue",
-        "1",
-        "--log",
-        api_key=KEY,
-    )
-    srv.home = home
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    flags = ["--parallel", "4", "--ctx", "1024", "--threads", "2", "--max-queue", "1", "--log"]
+    with Server(smollm2_gguf, home, *flags, api_key=KEY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -422,37 +408,24 @@ def test_log_writes_served_conversations_to_history(server: Server, client) -> N
 def test_second_embedding_model_then_sigterm_finishes_and_exits_0(
     smollm2_gguf: Path, tiny_gguf: Path, tmp_path: Path
 ) -> None:
-    srv = Server(
-        smollm2_gguf,
-        tmp_path / "home",
-        "--parallel",
-        "1",
-        "--ctx",
-        "512",
-        "--threads",
-        "1",
-        "--max-queue",
-        "0",
-        "--embedding-model",
-        str(tiny_gguf),
-    )
-    embedded = post(srv, "/v1/embeddings", {"input": ["one", "two"]}).json()
-    assert embedded["model"] == "tiny" and len(embedded["data"]) == 2
-    assert len(embedded["data"][0]["embedding"]) == 64  # the tiny model's width, not SmolLM2's 576
-    ids = [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]
-    assert ids[:2] == ["SmolLM2-135M-Instruct.Q4_1", "tiny"]
-    body = {"messages": PARIS, "max_tokens": 16, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        next(lines)
-        srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.HTTPError):  # no longer accepting
-            httpx.get(f"{srv.url}/health", timeout=2)
-        rest = list(lines)  # the reply in flight is finished within the grace period
-    assert [line for line in rest if line][-1] == "data: [DONE]"
-    assert srv.proc.wait(30) == 0, srv.output()  # the one SIGTERM is enough: exit 0
-    srv.stop()
+    flags = ["--parallel", "1", "--ctx", "512", "--threads", "1", "--max-queue", "0"]
+    with Server(smollm2_gguf, tmp_path / "home", *flags, "--embedding-model", str(tiny_gguf)) as srv:
+        embedded = post(srv, "/v1/embeddings", {"input": ["one", "two"]}).json()
+        assert embedded["model"] == "tiny" and len(embedded["data"]) == 2
+        assert len(embedded["data"][0]["embedding"]) == 64  # the tiny model's width, not SmolLM2's 576
+        ids = [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]
+        assert ids[:2] == ["SmolLM2-135M-Instruct.Q4_1", "tiny"]
+        body = {"messages": PARIS, "max_tokens": 16, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(httpx.HTTPError):  # no longer accepting
+                httpx.get(f"{srv.url}/health", timeout=2)
+            rest = list(lines)  # the reply in flight is finished within the grace period
+        assert [line for line in rest if line][-1] == "data: [DONE]"
+        assert srv.proc.wait(30) == 0, srv.output()  # the one SIGTERM is enough: exit 0
     assert "stopped" in srv.output()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{srv.url}/health", timeout=2)

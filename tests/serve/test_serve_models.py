@@ -19,7 +19,6 @@ import pytest
 
 from tests.conftest import checkout_env, selfhost_command
 from tests.fakes.servehelp import Server
-from tests.models.test_pull import fake_hub, tiny_hub  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +57,9 @@ def _home(root: Path, smollm2_gguf: Path) -> Path:
 @pytest.fixture(scope="module")
 def multi(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     home = _home(tmp_path_factory.mktemp("multi"), smollm2_gguf)
-    srv = Server(None, home, "--threads", "2", "--parallel", "2", "--ctx", "512")
-    srv.home, srv.smollm2 = home, smollm2_gguf
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    with Server(None, home, "--threads", "2", "--parallel", "2", "--ctx", "512") as srv:
+        srv.smollm2 = smollm2_gguf
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +181,8 @@ def test_a_budget_of_one_model_evicts_the_first_but_never_while_it_streams(
     smollm2_gguf: Path, tmp_path: Path
 ) -> None:
     home = _home(tmp_path, smollm2_gguf)
-    srv = Server(Path("smol"), home, "--threads", "2", "--ctx", "512", "--parallel", "1", "--max-models", "1")
-    try:
+    flags = ["--threads", "2", "--ctx", "512", "--parallel", "1", "--max-models", "1"]
+    with Server(Path("smol"), home, *flags) as srv:
         assert loaded(srv) == {"smol"}  # `serve MODEL` preloads it
         story = [{"role": "user", "content": "Write a long story about the sea."}]
         body = {"model": "smol", "messages": story, "max_tokens": 60, "temperature": 0, "stream": True,
@@ -211,8 +209,6 @@ def test_a_budget_of_one_model_evicts_the_first_but_never_while_it_streams(
         assert events[-1][1] == "data: [DONE]" and usage["completion_tokens"] == 60  # never cut short
         assert other["reply"]["model"] == "tiny" and other["at"] >= streamed_until - 0.5
         assert loaded(srv) == {"tiny"} and "unloaded smol to make room (--max-models 1)" in srv.output()
-    finally:
-        assert srv.stop() == 0, srv.output()
 
 
 def test_config_file_sets_per_model_slots_and_bad_entries_are_one_line(tmp_path: Path) -> None:
@@ -226,8 +222,7 @@ def test_config_file_sets_per_model_slots_and_bad_entries_are_one_line(tmp_path:
 
 def test_pull_on_the_server_fetches_a_requested_model(tiny_hub, isolated_home: Path) -> None:  # noqa: F811
     """`serve --pull`: a request for an alias not downloaded pulls it (progress in the log), then answers."""
-    srv = Server(None, isolated_home, "--threads", "1", "--pull")
-    try:
+    with Server(None, isolated_home, "--threads", "1", "--pull") as srv:
         reply = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
             "model": "tiny", "messages": HI, "max_tokens": 4, "temperature": 0}).json()  # fmt: skip
         assert reply["model"] == "tiny:F16", reply
@@ -236,8 +231,6 @@ def test_pull_on_the_server_fetches_a_requested_model(tiny_hub, isolated_home: P
             "model": "ghost", "messages": HI, "max_tokens": 4}).json()  # fmt: skip
         assert failed["error"]["code"] == "pull_failed", failed
         assert ask_tiny_again(srv)["model"] == "tiny:F16"  # pulled once: now in the store
-    finally:
-        assert srv.stop() == 0, srv.output()
 
 
 def ask_tiny_again(srv: Server) -> dict:

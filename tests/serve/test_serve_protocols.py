@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.fakes.servehelp import Server
-from tests.fakes.tinygguf import write_tiny_reranker
+from tests.fakes.tinygguf import gguf_bytes, write_tiny_reranker
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,9 @@ WEATHER = {
 def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("proto") / "home"
     reranker = write_tiny_reranker(home.parent / "tiny-reranker.gguf")
-    srv = Server(smollm2_gguf, home, "--parallel", "2", "--ctx", "1024", "--threads", "2",
-                 "--rerank-model", str(reranker), api_key=KEY)  # fmt: skip
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    flags = ["--parallel", "2", "--ctx", "1024", "--threads", "2", "--rerank-model", str(reranker)]
+    with Server(smollm2_gguf, home, *flags, api_key=KEY) as srv:
+        yield srv
 
 
 def post(server: Server, path: str, body: object, **headers: str) -> httpx.Response:
@@ -446,37 +445,27 @@ def test_the_api_key_guards_every_endpoint(server: Server, method: str, path: st
 
 
 def test_metrics_public_and_api_pull_through_selfhost_pull(
-    smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2_gguf: Path, fake_hub, tmp_path: Path
 ) -> None:
-    from tests.fakes.hubserver import FakeHub
-    from tests.fakes.tinygguf import write_tiny_llama
+    tiny = gguf_bytes()
+    fake_hub.add_file("someone/tiny-GGUF", "tiny-F32.gguf", tiny)  # the server's `selfhost pull` asks it
+    flags = ["--parallel", "1", "--ctx", "256", "--threads", "1", "--metrics-public"]
+    with Server(smollm2_gguf, tmp_path / "home", *flags, api_key=KEY) as srv:
+        assert "selfhost_slots 1.0" in httpx.get(f"{srv.url}/metrics").text
+        assert httpx.get(f"{srv.url}/api/tags").status_code == 401  # only /metrics is public
+        headers = {"x-api-key": KEY}
+        none = httpx.post(f"{srv.url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers)
+        assert none.status_code == 400 and "--rerank-model" in none.json()["error"]["message"]
 
-    tiny = write_tiny_llama(tmp_path / "tiny.gguf").read_bytes()
-    with FakeHub() as hub:
-        hub.add_file("someone/tiny-GGUF", "tiny-F32.gguf", tiny)
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the server's `selfhost pull` talks to the fake Hub
-        srv = Server(smollm2_gguf, tmp_path / "home", "--parallel", "1", "--ctx", "256", "--threads", "1",
-                     "--metrics-public", api_key=KEY)  # fmt: skip
-        try:
-            assert "selfhost_slots 1.0" in httpx.get(f"{srv.url}/metrics").text
-            assert httpx.get(f"{srv.url}/api/tags").status_code == 401  # only /metrics is public
-            headers = {"x-api-key": KEY}
-            none = httpx.post(
-                f"{srv.url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=headers
-            )
-            assert none.status_code == 400 and "--rerank-model" in none.json()["error"]["message"]
+        from ollama import Client
 
-            from ollama import Client
-
-            ollama = Client(host=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-            progress = list(ollama.pull("someone/tiny-GGUF:F32", stream=True))
-            assert progress[-1].status == "success"
-            sizes = [p.total for p in progress if p.total]
-            assert sizes and max(sizes) == len(tiny)
-            assert [p.completed for p in progress if p.total][-1] == len(tiny)
-            assert "someone/tiny-GGUF:F32" in [m.model for m in ollama.list().models]
-        finally:
-            assert srv.stop() == 0
+        ollama = Client(host=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        progress = list(ollama.pull("someone/tiny-GGUF:F32", stream=True))
+        assert progress[-1].status == "success"
+        sizes = [p.total for p in progress if p.total]
+        assert sizes and max(sizes) == len(tiny)
+        assert [p.completed for p in progress if p.total][-1] == len(tiny)
+        assert "someone/tiny-GGUF:F32" in [m.model for m in ollama.list().models]
 
 
 # -------------------------------------------------------------------- rerank

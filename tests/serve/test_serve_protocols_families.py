@@ -22,10 +22,10 @@ QUESTION = [{"role": "user", "content": "Capital of France?"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     path = tiny("qwen3", tmp_path_factory)
-    srv = Server(path, tmp_path_factory.mktemp("families") / "home", "--ctx", "4096", "--parallel", "1")
-    srv.model = path.stem
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    home = tmp_path_factory.mktemp("families") / "home"
+    with Server(path, home, "--ctx", "4096", "--parallel", "1") as srv:
+        srv.model = path.stem
+        yield srv
 
 
 def test_anthropic_thinking_blocks_and_tool_use(server: Server) -> None:

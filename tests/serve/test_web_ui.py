@@ -49,10 +49,8 @@ def playwright_browser():
 @pytest.fixture(scope="module")
 def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("web") / "home"
-    srv = Server(smollm2_gguf, home, "--parallel", "2", "--ctx", "1024", "--threads", "2")
-    srv.home = home
-    yield srv
-    assert srv.stop() == 0, srv.output()
+    with Server(smollm2_gguf, home, "--parallel", "2", "--ctx", "1024", "--threads", "2") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -393,23 +391,10 @@ def keyed(smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     browser.write_text(f'#!/bin/sh\necho "$1" > {tmp_path}/opened\n')
     browser.chmod(0o755)
     monkeypatch.setenv("BROWSER", str(browser))  # what Python's webbrowser module runs
-    srv = Server(
-        smollm2_gguf,
-        tmp_path / "home",
-        "--parallel",
-        "1",
-        "--ctx",
-        "512",
-        "--threads",
-        "2",
-        "--cors-origin",
-        "http://allowed.example",
-        "--open",
-        api_key=KEY,
-    )
-    srv.opened = tmp_path / "opened"
-    yield srv
-    srv.stop()
+    flags = ["--parallel", "1", "--ctx", "512", "--threads", "2", "--cors-origin", "http://allowed.example"]
+    with Server(smollm2_gguf, tmp_path / "home", *flags, "--open", api_key=KEY) as srv:
+        srv.opened = tmp_path / "opened"
+        yield srv
 
 
 def test_api_key_asked_once_sent_as_bearer_and_server_down(keyed: Server, playwright_browser) -> None:

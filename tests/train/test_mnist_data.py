@@ -18,12 +18,6 @@ from selfhost.events import Notice, Progress
 from selfhost.train.mnist import download as dl
 from selfhost.train.mnist.idx import load_mnist, parse_idx, read_idx
 
-
-@pytest.fixture(scope="module")
-def mnist_dir(shared_data: Path) -> Path:
-    return shared_data / "mnist"
-
-
 # ---- IDX reader ---------------------------------------------------------------------------------
 
 

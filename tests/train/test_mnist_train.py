@@ -41,26 +41,8 @@ def result_of(events) -> TrainResult:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def mnist_dir(shared_data: Path) -> Path:
-    return shared_data / "mnist"
-
-
-@pytest.fixture(scope="module")
-def small_data(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 1,024 training and 256 test images as raw (not gzipped) IDX files: quick to load."""
-    import struct
-
-    data = load_mnist(mnist_dir)
-    out = tmp_path_factory.mktemp("small")
-    for name, array in [
-        ("train-images-idx3-ubyte", data.train_images[:1024]),
-        ("train-labels-idx1-ubyte", data.train_labels[:1024]),
-        ("t10k-images-idx3-ubyte", data.test_images[:256]),
-        ("t10k-labels-idx1-ubyte", data.test_labels[:256]),
-    ]:
-        header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-        (out / name).write_bytes(header + array.tobytes())
-    return out
+def small_data(mnist_subset) -> Path:  # noqa: ANN001
+    return mnist_subset(1024, 256)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from selfhost.train import runs  # noqa: E402
 from selfhost.train.gpt import trainer  # noqa: E402
 from selfhost.train.gpt.config import build_config  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
+from tests.fakes.terminal import Terminal  # noqa: E402
 from tests.train.test_train_gpt import TINY, TINY_FLAGS  # noqa: E402
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -197,37 +196,19 @@ def test_terminal_curve_fits_80_columns() -> None:
 
 # -- piped output, MNIST runs, misclassified digits --------------------------------------------
 @pytest.fixture(scope="module")
-def mnist_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 512 training images and the 10,000 test images (4-digit counts) as raw IDX files."""
-    from selfhost.train.mnist.idx import load_mnist
-
-    data = load_mnist(shared_data / "mnist")
-    out = tmp_path_factory.mktemp("mnist-small")
-    for name, array in [("train-images-idx3-ubyte", data.train_images[:512]),
-                        ("train-labels-idx1-ubyte", data.train_labels[:512]),
-                        ("t10k-images-idx3-ubyte", data.test_images),
-                        ("t10k-labels-idx1-ubyte", data.test_labels)]:  # fmt: skip
-        header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-        (out / name).write_bytes(header + array.tobytes())
-    return out
+def mnist_small(mnist_subset) -> Path:  # noqa: ANN001
+    """The first 512 training images and the 10,000 test images (4-digit counts)."""
+    return mnist_subset(512, 10_000)
 
 
 def piped_run(args: list[str], home: Path) -> str:
     """`selfhost ARGS > file` typed in a 60-column terminal (a split pane): stdout piped, stdin that terminal,
     from which Rich would otherwise take the width to cut tables to."""
-    controller, terminal = pty.openpty()
-    import fcntl
-    import termios
-
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env.update(SELFHOST_HOME=str(home), OMP_NUM_THREADS="2")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "selfhost", *args], stdin=terminal, capture_output=True,
+    with Terminal(columns=60) as term:
+        proc = subprocess.run([sys.executable, "-m", "selfhost", *args], stdin=term.fd, capture_output=True,
                               text=True, env=env, cwd=REPO, timeout=300)  # fmt: skip
-    finally:
-        os.close(terminal)
-        os.close(controller)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -276,11 +257,10 @@ def test_mnist_eval_writes_a_grid_of_misclassified_digits(mnist_small: Path, tmp
 
 
 # -- selfhost compare --plot ----------------------------------------------------------------------
-def test_compare_plot(runner, tmp_path: Path) -> None:  # noqa: ANN001
+def test_compare_plot(runner, tiny_f32: Path, tmp_path: Path) -> None:  # noqa: ANN001
     from selfhost.quantize.run import QuantizeOptions, run_quantize
-    from tests.fakes.tinygguf import write_tiny_llama
 
-    f32 = write_tiny_llama(tmp_path / "tiny.gguf", n_embd=256, n_ff=512, n_ctx=128)
+    f32 = tiny_f32
     q8 = tmp_path / "tiny-q8.gguf"
     run_quantize(str(f32), QuantizeOptions(type="Q8_0", out=q8, threads=1, add_to_store=False))
     text = tmp_path / "t.txt"
