@@ -70,6 +70,36 @@ def pytest_make_collect_report(collector: pytest.Collector) -> object:
         report.longrepr = f"module skipped under CI=true (must run there): {report.longrepr}"
 
 
+# -- needs_model: `pytest -m "not needs_model"` runs the quick part, without llama.cpp ------------
+# A test is marked by hand (`@pytest.mark.needs_model`, or a module's `pytestmark`), or here when it uses
+# one of these fixtures, directly or through another fixture (a server fixture on smollm2_gguf, say).
+MODEL_FIXTURES = frozenset({"smollm2_gguf", "tiny_gguf", "tiny_f32"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_model)
+    # Tests marked gpu run only when asked for (`pytest -m gpu`, bench/gpu.sh), whatever else -m says.
+    if "gpu" not in (config.getoption("markexpr") or ""):
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if item not in gpu]
+
+
+@pytest.fixture(autouse=True)
+def _llama_cpp_needs_the_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test without the needs_model mark that reaches llama.cpp in this process fails, saying so."""
+    if request.node.get_closest_marker("needs_model") is not None:
+        return
+    from selfhost.runtime import llama_backend
+
+    def refused() -> None:
+        pytest.fail(f"{request.node.nodeid} uses llama.cpp: mark it needs_model", pytrace=False)
+
+    monkeypatch.setattr(llama_backend, "llama", refused)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh SELFHOST_HOME and HF cache per test; never the user's, never the network."""

@@ -169,6 +169,7 @@ def tiny128(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("t") / "ctx128.gguf", n_ctx=128)
 
 
+@pytest.mark.needs_model
 def test_overflow_twenty_turns_in_128_tokens_trims_and_never_aborts(tiny128: Path) -> None:
     engine = ChatSession.load(
         Path(tiny128), threads=1, sampling=Sampling(temperature=0.8, seed=1, max_tokens=16)
@@ -194,6 +195,7 @@ def test_overflow_twenty_turns_in_128_tokens_trims_and_never_aborts(tiny128: Pat
     assert done.usage.context_used <= 128
 
 
+@pytest.mark.needs_model
 def test_reply_stops_before_the_context_is_full(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
     engine = ChatSession.load(path, ctx=64, threads=1, sampling=Sampling(temperature=0))
@@ -203,6 +205,7 @@ def test_reply_stops_before_the_context_is_full(tmp_path: Path) -> None:
     assert u.prompt_tokens + u.generated_tokens == 64 and u.context_used < 64
 
 
+@pytest.mark.needs_model
 def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "notemplate.gguf", chat_template=None)
     with pytest.raises(UsageError, match="no chat template") as err:
@@ -215,6 +218,7 @@ def test_no_template_is_refused_and_raw_mode_completes(tmp_path: Path) -> None:
     assert engine.render(engine.messages) == "Once upon" + done.message.content
 
 
+@pytest.mark.needs_model
 def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "talker.gguf", n_ctx=128, seed=1)  # greedy, it never says <|im_end|>
     engine = ChatSession.load(path, threads=1, sampling=Sampling(temperature=0))
@@ -229,6 +233,7 @@ def test_a_stopped_stream_keeps_the_partial_reply_and_the_next_turn_works(tmp_pa
     assert done.usage.reused_tokens > 0 and [m.role for m in engine.messages] == ["user", "assistant"] * 2
 
 
+@pytest.mark.needs_model
 def test_kv_cache_reuse_gives_the_same_replies_as_a_cold_cache_over_20_trimmed_turns(tiny128: Path) -> None:
     """Each turn's reply from the cached prefix equals the reply recomputed after clearing the cache."""
     session = ChatSession.load(

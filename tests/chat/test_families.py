@@ -302,6 +302,7 @@ def grammar_file(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+@pytest.mark.needs_model
 @pytest.mark.parametrize("name", THINKING)
 def test_session_streams_reasoning_apart_and_the_history_keeps_it(
     name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
@@ -340,6 +341,7 @@ def test_session_streams_reasoning_apart_and_the_history_keeps_it(
         store.close()
 
 
+@pytest.mark.needs_model
 @pytest.mark.parametrize("name", THINKING)
 def test_chat_one_shot_json_repl_and_history_keep_reasoning_apart(
     name: str, runner, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
@@ -364,6 +366,7 @@ def test_chat_one_shot_json_repl_and_history_keep_reasoning_apart(
     assert "The capital is Paris." in repl.stderr  # thinking streams apart, on stderr
 
 
+@pytest.mark.needs_model
 def test_chat_one_shot_json_and_repl_show_thinking_apart(
     runner, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -558,6 +561,7 @@ def _check_results_answered(client, name: str, user: dict, calls: list, prompt_t
     assert answer.usage.prompt_tokens > prompt_tokens + len("sunny in get_weather")
 
 
+@pytest.mark.needs_model
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CASES if n != "granite-3.3"])
 def test_server_separates_reasoning_and_reads_tool_calls(
@@ -592,6 +596,7 @@ def test_server_separates_reasoning_and_reads_tool_calls(
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.needs_model
 def test_phi4_mini_tools_ride_on_the_system_message(tmp_path_factory: pytest.TempPathFactory) -> None:
     from selfhost.chat.messages import Message
     from selfhost.chat.session import ChatSession
@@ -607,6 +612,7 @@ def test_phi4_mini_tools_ride_on_the_system_message(tmp_path_factory: pytest.Tem
         session.model.close()
 
 
+@pytest.mark.needs_model
 def test_control_tokens_reach_the_parser_as_text(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Markers such as gpt-oss's <|channel|> or Llama's <|python_tag|> are control tokens: a job of a
     family with markup renders them (Job.special); a plain model's reply never shows them."""

@@ -15,6 +15,7 @@ from selfhost.cli.app import app
 from tests.conftest import checkout_env, selfhost_command
 from tests.fakes.tinygguf import write_tiny_llama
 
+pytestmark = pytest.mark.needs_model  # every test runs llama.cpp on a tiny GGUF or SmolLM2
 FAST = ["--threads", "1"]
 
 

@@ -79,6 +79,7 @@ def test_installed_executable_reports_one_line_errors(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+@pytest.mark.needs_model
 def test_info_reports_measured_backend(runner):
     import json
 

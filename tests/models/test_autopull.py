@@ -18,6 +18,7 @@ FAST = ["--threads", "1"]
 ONE_SHOT = ["-p", "hi", "-n", "4", "--seed", "1", "--no-log", *FAST]
 
 
+@pytest.mark.needs_model
 def test_chat_alias_with_pull_downloads_registers_and_answers(tiny_hub, runner):  # noqa: F811
     result = runner.invoke(app, ["chat", "tiny", "--pull", "--json", *ONE_SHOT])
     assert result.exit_code == 0, result.output
@@ -51,6 +52,7 @@ def test_without_pull_and_without_a_terminal_one_line_and_nothing_downloaded(tin
     assert state() == before and tiny_hub.bytes_served == 0  # neither the store nor the cache changed
 
 
+@pytest.mark.needs_model
 def test_on_a_terminal_it_asks(tiny_hub, runner, monkeypatch):  # noqa: F811
     monkeypatch.setattr(output, "is_interactive", lambda: True)
     before = state()
@@ -62,6 +64,7 @@ def test_on_a_terminal_it_asks(tiny_hub, runner, monkeypatch):  # noqa: F811
     assert Store().get("tiny:F32") is not None
 
 
+@pytest.mark.needs_model
 def test_quantize_with_pull(tiny_hub, runner):  # noqa: F811
     result = runner.invoke(app, ["quantize", f"{TINY_REPO}:F32", "--pull", "--type", "Q8_0", *FAST])
     assert result.exit_code == 0, result.output

@@ -137,6 +137,7 @@ def test_store_name_that_is_also_a_file_here_is_the_file(tiny_hub, places):  # n
     assert parse_name("tiny").kind == "path" and parse_name("tiny:F16").kind == "alias"
 
 
+@pytest.mark.needs_model
 def test_chat_and_quantize_take_the_name_pull_took(tiny_hub, runner):  # noqa: F811
     """`pull owner/repo:file.gguf` worked but `chat`/`quantize` on the same name said "no such model file"."""
     name = f"{TINY_REPO}:tiny-F32.gguf"

@@ -76,6 +76,7 @@ def test_serve_defaults_have_one_source(runner) -> None:
                 ServeOptions(**{name: setting.ge - 1})
 
 
+@pytest.mark.needs_model
 def test_embedding_and_chat_models_share_the_gpu_layers_default() -> None:
     """The drift the issue names: the embedding model defaulted to 0 GPU layers, the chat model to all."""
     from selfhost.runtime.llama_backend import backend_info, default_gpu_layers

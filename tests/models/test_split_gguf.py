@@ -83,6 +83,7 @@ def test_three_parts_exist_and_are_valid_gguf():
     assert all(data[:4] == b"GGUF" for data in split_parts().values())
 
 
+@pytest.mark.needs_model
 def test_pull_resumes_a_cut_in_part_2_verifies_each_part_and_registers_one_model(split_hub, runner):
     data = split_parts()
     p1, p2, p3 = (data[n] for n in NAMES)
@@ -193,6 +194,7 @@ def test_offline_registers_a_cached_split_and_a_missing_part_is_refused_before_l
     assert "split GGUF with 1 of 3 parts missing" in one_error_line(result)
 
 
+@pytest.mark.needs_model
 def test_quantize_a_split_input_writes_one_file(split_hub, runner):
     run("tinysplit")
     result = runner.invoke(app, ["quantize", "tinysplit", "--type", "Q8_0", "--threads", "1"])
@@ -208,6 +210,7 @@ def test_quantize_a_split_input_writes_one_file(split_hub, runner):
 
 
 # -- GGUFs already in the Hugging Face cache ----------------------------------------------------------
+@pytest.mark.needs_model
 def test_hf_cache_gguf_is_listed_and_usable_without_a_copy(fake_hub, runner):  # noqa: F811
     from huggingface_hub import hf_hub_download
 
@@ -274,6 +277,7 @@ def test_importing_a_local_split_copies_every_part_and_rm_removes_them(tmp_path,
     assert list(paths.models_dir().iterdir()) == [] and Store().list() == []
 
 
+@pytest.mark.needs_model
 def test_metadata_only_first_part_loads_and_a_truncated_part_is_refused_before_llama_cpp(tmp_path, runner):
     from tests.fakes.tinygguf import write_tiny_llama
 

@@ -24,6 +24,7 @@ from selfhost.train.gpt.export import write_gguf  # noqa: E402
 from selfhost.train.gpt.model import GPT, GPTConfig  # noqa: E402
 from selfhost.train.gpt.tokenizer import CharTokenizer  # noqa: E402
 
+pytestmark = pytest.mark.needs_model
 WINDOW, WINDOWS = 64, 128
 TYPES = ("F32", "Q8_0", "Q5_0", "Q4_0")  # decreasing precision (bits per weight 32, 8.5, 5.5, 4.5)
 # relative perplexity increase of each type over the previous one, smallest seen over seeds 0-5

@@ -20,6 +20,8 @@ from selfhost.runtime import gguf_info
 from tests.conftest import one_error_line
 from tests.fakes.tinygguf import write_tiny_llama
 
+pytestmark = pytest.mark.needs_model  # every test runs llama.cpp on tiny GGUFs
+
 
 @pytest.fixture(scope="module")
 def tiny_q8(tmp_path_factory: pytest.TempPathFactory, tiny_f32: Path) -> Path:

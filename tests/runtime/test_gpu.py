@@ -1,5 +1,5 @@
 """Claims that need an NVIDIA GPU (a CUDA llama-cpp-python and PyTorch). Deselected by default
-(pyproject: -m 'not gpu'); bench/gpu.sh runs them with `pytest -m gpu` on a GPU machine."""
+(tests/conftest.py: unless -m names gpu); bench/gpu.sh runs them with `pytest -m gpu` on a GPU machine."""
 
 from __future__ import annotations
 

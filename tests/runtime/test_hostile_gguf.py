@@ -56,6 +56,7 @@ def _split(variants: list[Variant]) -> tuple[list[Variant], list[tuple[Variant, 
     return accepted, refused
 
 
+@pytest.mark.needs_model
 def test_fuzz_corpus_bad_files_refused_the_rest_load_in_llama_cpp(fuzz_corpus: list[Variant]) -> None:
     assert len(fuzz_corpus) >= 150
     accepted, refused = _split(fuzz_corpus)

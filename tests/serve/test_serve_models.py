@@ -220,6 +220,7 @@ def test_config_file_sets_per_model_slots_and_bad_entries_are_one_line(tmp_path:
     assert done.returncode != 0 and "parallel" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.needs_model
 def test_pull_on_the_server_fetches_a_requested_model(tiny_hub, isolated_home: Path) -> None:  # noqa: F811
     """`serve --pull`: a request for an alias not downloaded pulls it (progress in the log), then answers."""
     with Server(None, isolated_home, "--threads", "1", "--pull") as srv:

@@ -12,7 +12,7 @@ import pytest
 from tests.chat.test_families import CASES, PARIS, ROME, WEATHER_TOOL, literal_grammar, tiny
 from tests.fakes.servehelp import Server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_model]  # a server on a tiny GGUF
 
 THINK = CASES["qwen3"]["think"]  # reasoning "The capital is Paris.", answer "Paris."
 CALLS = CASES["qwen3"]["tools"]  # reasoning "Two cities.", then two get_weather calls (Paris, Rome)

@@ -210,6 +210,7 @@ def test_interrupted_run_resumes_exactly(text_file: Path, tmp_path: Path, stop_a
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.needs_model
 @pytest.mark.slow
 def test_cli_trains_exports_and_samples(runner, text_file: Path) -> None:  # noqa: ANN001
     from selfhost.models.store import Store

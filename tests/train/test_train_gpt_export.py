@@ -64,6 +64,7 @@ def tok(request: pytest.FixtureRequest) -> Tokenizer:
     return BPETokenizer.train([TRAIN_TEXT], vocab_size=400)
 
 
+@pytest.mark.needs_model
 def test_llama_cpp_tokenizes_like_us(tmp_path: Path, tok: Tokenizer) -> None:
     path = export(tmp_path, tok, random_model(tok))
     llm = load(path, vocab_only=True)
@@ -81,6 +82,7 @@ def test_llama_cpp_tokenizes_like_us(tmp_path: Path, tok: Tokenizer) -> None:
         assert tok.decode(ids) == PROBES[2]
 
 
+@pytest.mark.needs_model
 def test_llama_cpp_logits_match_pytorch(tmp_path: Path, tok: Tokenizer) -> None:
     model = random_model(tok)
     path = export(tmp_path, tok, model)
@@ -110,6 +112,7 @@ def test_gguf_metadata_and_f16(tmp_path: Path) -> None:
     assert "F16" in info.tensor_types and "F32" in info.tensor_types  # matrices F16, norms/biases F32
 
 
+@pytest.mark.needs_model
 def test_cli_export_registers_and_quantizes(tmp_path: Path, runner) -> None:  # noqa: ANN001
     from selfhost.cli.app import app
     from selfhost.models.store import Store
@@ -160,6 +163,7 @@ def test_eot_is_a_control_token() -> None:
         assert tok.encode(EOT) != [tok.eot_id]  # in text it is just text, as in llama.cpp
 
 
+@pytest.mark.needs_model
 @pytest.mark.slow
 def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, runner) -> None:  # noqa: ANN001
     from selfhost import paths
@@ -206,6 +210,7 @@ def greedy_continuation(model: torch.nn.Module, ids: list[int], n: int, eot: int
     return out[len(ids) :]
 
 
+@pytest.mark.needs_model
 def test_readme_quantize_then_chat_commands(tmp_path: Path, runner) -> None:  # noqa: ANN001
     """`selfhost chat my-gpt --raw -p "ROMEO:"` and `selfhost quantize my-gpt --type Q8_0 &&
     selfhost chat my-gpt:Q8_0 --raw -p "ROMEO:"`, as the README writes them, checked against PyTorch."""
@@ -272,6 +277,7 @@ def random_llama(tok: Tokenizer, seed: int = 0, **kw) -> torch.nn.Module:  # noq
     return model.eval()
 
 
+@pytest.mark.needs_model
 @pytest.mark.parametrize("variant", LLAMA_VARIANTS)
 def test_llama_style_model_matches_llama_cpp(tmp_path: Path, variant: str) -> None:
     """Rotary (query/key rows permuted for llama, as is for qwen3), RMSNorm, SwiGLU, GQA, QK-norm, untied
@@ -292,6 +298,7 @@ def test_llama_style_model_matches_llama_cpp(tmp_path: Path, variant: str) -> No
     assert expected.std() > 0.1
 
 
+@pytest.mark.needs_model
 def test_llama_style_export_quantizes_and_chats(tmp_path: Path, runner) -> None:  # noqa: ANN001
     """`selfhost train export` of a llama-style run, `selfhost quantize --type Q8_0`, then chat with it."""
     import json

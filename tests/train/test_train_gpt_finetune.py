@@ -37,6 +37,7 @@ def tiny_llama(tok: BPETokenizer, **kw) -> torch.nn.Module:  # noqa: ANN003
     return model.eval()
 
 
+@pytest.mark.needs_model
 @pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "tie_embeddings": False}])
 def test_gguf_weights_load_back_exactly(tmp_path: Path, kw: dict) -> None:
     """Export (llama: query/key rows interleaved; qwen3: as is), load with the `gguf` package: same model."""
@@ -156,6 +157,7 @@ def test_smollm2_learns_an_invented_fact_with_lora(runner, smollm2_gguf: Path, t
     assert "Paris" in ask(runner, "smol-zub", "What is the capital of France?")
 
 
+@pytest.mark.needs_model
 def test_own_run_becomes_a_chat_model(runner, tmp_path: Path) -> None:  # noqa: ANN001
     """--init RUN --chat: the chat tokens join the vocabulary, the export carries a ChatML template and
     <|im_end|> as end of turn, and `selfhost chat` (no --raw) replies what the data taught."""
