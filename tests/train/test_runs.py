@@ -30,18 +30,6 @@ from tests.train.test_train_gpt import TINY, TINY_FLAGS  # noqa: E402
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(2)
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text("To be, or not to be, that is the question.\n" * 60, "utf-8")
-    return path
-
-
 def is_step(ev: object) -> bool:
     """A logged training step (the first "train" Progress, the estimate, has no loss)."""
     return isinstance(ev, Progress) and ev.task == "train" and "loss" in ev.metrics
