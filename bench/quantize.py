@@ -83,20 +83,17 @@ def synthetic_f16(path: Path) -> Path:
 def plain_eval_seconds(model: Path, chunk_size: int, n_chunks: int, threads: int) -> float:
     """The same chunks evaluated the same way as the imatrix run, with no eval callback."""
     from selfhost.quantize import calibrate
-    from selfhost.runtime.llama_backend import capture_logs, llama
+    from selfhost.runtime.llama_backend import llama
+    from selfhost.runtime.llama_context import model_and_context
 
     lib = llama()
-    with capture_logs():
-        llm, ctx = calibrate._load(lib, model, chunk_size, threads, lib.ggml_backend_sched_eval_callback())
-    try:
-        tokens = calibrate._tokenize(lib, llm.vocab, calibrate.default_calibration_text())
+    with model_and_context(model, n_ctx=chunk_size, threads=threads) as (llm, ctx):
+        vocab = lib.llama_model_get_vocab(llm)
+        tokens = calibrate._tokenize(lib, vocab, calibrate.default_calibration_text())
         started = time.perf_counter()
         for i in range(n_chunks):
             calibrate._eval_chunk(lib, ctx, tokens[i * chunk_size : (i + 1) * chunk_size])
         return time.perf_counter() - started
-    finally:
-        ctx.close()
-        llm.close()
 
 
 def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:

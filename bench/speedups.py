@@ -44,7 +44,8 @@ def load(path: Path, args: argparse.Namespace, parallel: int = 1, ctx: int | Non
 
 def one(model, question: str, max_tokens: int) -> dict:  # noqa: ANN001
     """One greedy reply, cold cache: text, generation tok/s, drafted/accepted."""
-    from selfhost.runtime.batch import Job, JobText, SamplingParams
+    from selfhost.runtime.jobs import Job, JobText
+    from selfhost.runtime.sampler import SamplingParams
 
     model.engine.clear_cache()
     tokens = model.tokenize_prompt(model.render([{"role": "user", "content": question}]))
@@ -84,9 +85,10 @@ def compare(label: str, models: dict[str, object], args: argparse.Namespace) -> 
 def kv_slots(path: Path, args: argparse.Namespace) -> None:
     """Slots of --ctx tokens that fit in the KV memory of 4 f16 slots; aggregate tok/s at that count."""
     from selfhost.runtime import gguf_info
-    from selfhost.runtime.batch import Job, SamplingParams
+    from selfhost.runtime.jobs import Job
     from selfhost.runtime.kvcache import KVSettings
     from selfhost.runtime.memory import kv_bytes_per_token
+    from selfhost.runtime.sampler import SamplingParams
 
     info = gguf_info.inspect(path)
     budget = 4 * kv_bytes_per_token(info, KVSettings()) * args.ctx
@@ -118,7 +120,8 @@ def kv_slots(path: Path, args: argparse.Namespace) -> None:
 
 def returning(path: Path, args: argparse.Namespace) -> None:
     """TTFT of a returning ~2k-token conversation after another took its only slot, cache vs none."""
-    from selfhost.runtime.batch import Job, SamplingParams
+    from selfhost.runtime.jobs import Job
+    from selfhost.runtime.sampler import SamplingParams
 
     notes, ctx = (110, 4096) if args.ctx >= 2048 else (20, 1024)  # ~2k tokens; a small one for --ctx < 2048
     history = " ".join(

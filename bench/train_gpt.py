@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -45,9 +45,12 @@ sys.path.insert(0, str(REPO))
 
 from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import common  # noqa: E402
-from selfhost.train.gpt import data, estimate, trainer  # noqa: E402
+from selfhost.train.gpt import data, estimate, options, trainer  # noqa: E402
 from selfhost.train.gpt.config import TrainConfig, build_config  # noqa: E402
+from selfhost.train.gpt.devices import resolve_dtype, to_device  # noqa: E402
 from selfhost.train.gpt.model import build_model  # noqa: E402
+from selfhost.train.gpt.optim import Stepper, lr_factor  # noqa: E402
+from selfhost.train.gpt.setup import gpt_config  # noqa: E402
 
 REFERENCE = {"cpu-tiny": "nanogpt-cpu-tiny"}  # the nanoGPT-equivalent run of a preset: nanoGPT's own settings
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -178,7 +181,7 @@ def nanogpt_run(cfg: TrainConfig, vocab: int, ds: data.Dataset, threads: int, ru
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                             fused=device.type == "cuda")  # fmt: skip
-    lr_at = lambda it: cfg.learning_rate * trainer.lr_factor(cfg)(it)  # noqa: E731 (nanoGPT's get_lr)
+    lr_at = lambda it: cfg.learning_rate * lr_factor(cfg)(it)  # noqa: E731 (nanoGPT's get_lr)
 
     @torch.no_grad()
     def estimate_loss() -> dict[str, float]:
@@ -239,11 +242,11 @@ def compare_steps(
 ) -> tuple[float, float]:
     """tokens/s of our training step vs the naive reference on the same batches shape."""
     sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
-    batch = lambda: trainer.to_device(*sampler.next(), device)  # noqa: E731
-    dtype = trainer.resolve_dtype(cfg.dtype, device)
-    ours_model = build_model(trainer.gpt_config(cfg, vocab)).to(device)
+    batch = lambda: to_device(*sampler.next(), device)  # noqa: E731
+    dtype = resolve_dtype(cfg.dtype, device)
+    ours_model = build_model(gpt_config(cfg, vocab)).to(device)
     model = torch.compile(ours_model) if cfg.compile else ours_model
-    ours = trainer.Stepper(model, cfg.model_copy(update={"grad_accum": 1}), device, dtype, batch, ddp=False)
+    ours = Stepper(model, cfg.model_copy(update={"grad_accum": 1}), device, dtype, batch, ddp=False)
     tokens = cfg.batch_size * cfg.block_size
     ours_tps = throughput(ours.step, tokens, device, steps)
     del ours, model, ours_model
@@ -306,9 +309,9 @@ def step_vs_nanogpt(cfg: TrainConfig, ref_cfg: TrainConfig, vocab: int, ds: data
     timed in turns A B B A of `steps` steps each (CPU): with a run's loss-per-step curve, what its time to
     a loss would be where the machine is too busy for whole runs side by side."""
     sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
-    batch = lambda: trainer.to_device(*sampler.next(), torch.device("cpu"))  # noqa: E731
-    model = build_model(trainer.gpt_config(cfg, vocab))
-    ours = trainer.Stepper(model, cfg, torch.device("cpu"), torch.float32, batch, ddp=False).step
+    batch = lambda: to_device(*sampler.next(), torch.device("cpu"))  # noqa: E731
+    model = build_model(gpt_config(cfg, vocab))
+    ours = Stepper(model, cfg, torch.device("cpu"), torch.float32, batch, ddp=False).step
     steps_of = {"ours": lambda: ours().item(), "nanoGPT": nanogpt_step(ref_cfg, vocab, batch)}
     for step in steps_of.values():
         for _ in range(3):
@@ -342,10 +345,10 @@ def profile_step(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.d
     from torch.profiler import ProfilerActivity, profile
 
     sampler = data.BatchSampler(ds.train, cfg.block_size, cfg.batch_size, 0)
-    batch = lambda: trainer.to_device(*sampler.next(), device)  # noqa: E731
-    model = build_model(trainer.gpt_config(cfg, vocab)).to(device)
-    dtype = trainer.resolve_dtype(cfg.dtype, device)
-    runs = {"ours": trainer.Stepper(model, cfg, device, dtype, batch, ddp=False).step}
+    batch = lambda: to_device(*sampler.next(), device)  # noqa: E731
+    model = build_model(gpt_config(cfg, vocab)).to(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    runs = {"ours": Stepper(model, cfg, device, dtype, batch, ddp=False).step}
     if device.type == "cpu":
         runs["nanoGPT-eq."] = nanogpt_step(cfg, vocab, batch)
     table: dict[str, dict[str, float]] = {}
@@ -533,8 +536,8 @@ def full_runs(cfg: TrainConfig, args: argparse.Namespace, default_threads: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--preset", default="cpu-tiny")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=options.DEFAULT_PRESET, choices=options.preset_names())
+    ap.add_argument("--device", default="cpu", choices=get_args(options.Device))
     ap.add_argument("--iters", type=int, default=None,
                     help="iterations (nanoGPT evaluates at multiples of eval_interval)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto, as the CLI does)")
@@ -592,7 +595,7 @@ def step_table(cfg: TrainConfig, vocab: int, ds: data.Dataset, device: torch.dev
           "| vs reference |")  # fmt: skip
     print("|---|---|---|")
     print(f"| reference (manual attention, unfused AdamW, fp32) | {ref:,.0f} | 1.00x |")
-    dtype = trainer.resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     what = f"ours (SDPA, fused AdamW, sigmoid-form GELU, {str(dtype)[6:]}"
     what += ", compiled)" if cfg.compile else ")"
     print(f"| {what} | {ours:,.0f} | {ours / ref:.2f}x |")

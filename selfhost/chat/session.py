@@ -31,7 +31,8 @@ from selfhost.chat.messages import (
 from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.errors import HistoryError, UsageError
-from selfhost.runtime.batch import Job, JobEnd, JobText, SamplingParams
+from selfhost.runtime.jobs import Job, JobEnd, JobText
+from selfhost.runtime.sampler import SamplingParams
 
 if TYPE_CHECKING:
     from selfhost.models.resolve import ResolvedModel

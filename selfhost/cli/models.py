@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from selfhost.cli.console import plain
 from selfhost.cli.output import Output, fmt_bytes, fmt_count
+from selfhost.models.kinds import Kind
 
 if TYPE_CHECKING:
     from selfhost.models.resolve import ResolvedModel
@@ -25,9 +26,9 @@ def register(app: typer.Typer) -> None:
 def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     available: bool = typer.Option(False, "--available", help="List the registry's aliases instead."),
-    kind: str | None = typer.Option(
-        None, "--kind", help="With --available: only chat, embedding, base or rerank models."
-    ),
+    kind: Annotated[
+        Kind | None, typer.Option("--kind", help="With --available: only models of this kind.")
+    ] = None,
     fits: bool = typer.Option(
         False, "--fits", help="With --available: only models that fit the free GPU memory or RAM."
     ),
@@ -38,8 +39,6 @@ def list_command(
 
     if (kind or fits) and not available:
         raise UsageError("--kind and --fits apply to --available")
-    if kind is not None and kind not in ("chat", "embedding", "base", "rerank"):
-        raise UsageError(f"bad --kind '{kind}'", hint="use chat, embedding, base or rerank")
     out = Output(as_json)
     store = Store()
     records = store.list()
@@ -89,11 +88,11 @@ def _print_local(records: list[ModelRecord], store: Store, out: Output) -> None:
         out.console.print(plain("pull one with `selfhost pull smollm2-135m`", "dim"))
 
 
-def _list_available(records: list[ModelRecord], kind: str | None, fits: bool, out: Output) -> None:
+def _list_available(records: list[ModelRecord], kind: Kind | None, fits: bool, out: Output) -> None:
     from selfhost.models.catalog import available_models, memory_budget
 
     budget = memory_budget()
-    rows = available_models(kind=kind, fits=fits, budget=budget, pulled={r.base for r in records})  # type: ignore[arg-type]
+    rows = available_models(kind=kind, fits=fits, budget=budget, pulled={r.base for r in records})
     data = [
         {"alias": r.alias, "pulled": r.pulled, "fit": r.fit, "need_bytes": r.need, **r.entry.model_dump()}
         for r in rows

@@ -14,19 +14,23 @@ import typer
 
 from selfhost.cli.output import Output, fmt_bytes, fmt_count, fmt_duration
 from selfhost.events import Event, Notice, Progress
+from selfhost.train.gpt import options
+from selfhost.train.gpt.options import Arch, Device, DType, ExportType, OptimizerKind, Schedule, TokenizerKind
 
-_TRAIN_FLAGS = (
-    "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd", "block_size", "dropout",
-    "batch_size", "grad_accum", "max_iters", "learning_rate", "decay_lr", "warmup_iters", "lr_decay_iters",
-    "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters", "log_interval",
-    "sample_tokens", "device", "dtype", "compile", "seed", "threads", "arch", "n_kv_head", "n_ff", "qk_norm",
-    "tie_embeddings", "rope_theta", "optimizer", "muon_lr", "muon_momentum", "lr_schedule", "cooldown",
-    "lora_rank", "lora_alpha",
-)  # fmt: skip
 JSON_OPTION = typer.Option("--json", help="Print the result as JSON (progress stays on stderr).")
 gpt_app = typer.Typer(
     help="Use a GPT trained by `selfhost train gpt`: export it to GGUF, sample from it.", no_args_is_help=True
 )
+_PRESET_HELP = (f"Base settings: {', '.join(options.preset_names())} (default: {options.DEFAULT_PRESET}; "
+                f"{options.FINETUNE_PRESET} with --init).")  # fmt: skip
+# `train gpt`'s own options; every other option is a TrainConfig setting (tests/test_train_gpt_options.py).
+RUN_OPTIONS = ("data", "preset", "config", "name", "out", "resume", "estimate", "export", "export_type",
+               "chat", "init", "tensorboard", "as_json")  # fmt: skip
+
+
+def _setting(field: str, help: str | None = None) -> Any:
+    """The option of TrainConfig setting `field`, under the flag options.py gives it."""
+    return typer.Option(options.declaration(field), help=help)
 
 
 def register(app: typer.Typer, train: typer.Typer) -> None:
@@ -42,7 +46,7 @@ def gpt(
     data: Annotated[
         Path | None, typer.Option("--data", "-d", help="Text file, or folder of documents.")
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="seed | shakespeare-char | cpu-tiny (default).")] = None,
+    preset: Annotated[str | None, typer.Option(help=_PRESET_HELP)] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file of settings (and `preset`).")
     ] = None,
@@ -53,81 +57,91 @@ def gpt(
         Path | None, typer.Option("--out", help="Run folder (default: SELFHOST_HOME/runs/<name>).")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in the run folder exactly.")
+        bool,
+        typer.Option("--resume", help="Continue the run in the run folder exactly (with its own settings)."),
     ] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print the cost estimate and exit.")] = False,
     export: Annotated[
         bool, typer.Option("--export/--no-export", help="Export to GGUF + store at the end.")
     ] = True,
-    export_type: Annotated[str, typer.Option("--export-type", help="f16 or f32.")] = "f16",
-    tokenizer: Annotated[str | None, typer.Option(help="char or bpe.")] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="BPE vocabulary size.")] = None,
+    export_type: Annotated[
+        ExportType, typer.Option("--export-type", case_sensitive=False, help="GGUF tensor type.")
+    ] = "f16",
+    tokenizer: Annotated[TokenizerKind | None, _setting("tokenizer", "Character or byte-level BPE.")] = None,
+    vocab_size: Annotated[int | None, _setting("vocab_size", "BPE vocabulary size.")] = None,
     val_fraction: Annotated[
-        float | None, typer.Option(help="Share of tokens held out for validation.")
+        float | None, _setting("val_fraction", "Share of tokens held out for validation.")
     ] = None,
     arch: Annotated[
-        str | None, typer.Option(help="gpt2, or llama (rotary, RMSNorm, SwiGLU; GGUF llama/qwen3).")
+        Arch | None, _setting("arch", "gpt2, or llama (rotary, RMSNorm, SwiGLU; GGUF llama/qwen3).")
     ] = None,
-    n_kv_head: Annotated[int | None, typer.Option(help="llama: key/value heads (GQA; 0: n_head).")] = None,
-    n_ff: Annotated[int | None, typer.Option(help="llama: SwiGLU width (0: 8/3 n_embd).")] = None,
-    qk_norm: Annotated[
-        bool | None, typer.Option("--qk-norm/--no-qk-norm", help="llama: RMSNorm of q/k heads (qwen3).")
+    n_kv_head: Annotated[
+        int | None, _setting("n_kv_head", "llama: key/value heads (GQA; 0: n_head).")
     ] = None,
-    tie_embeddings: Annotated[
-        bool | None, typer.Option("--tie-embeddings/--untie-embeddings", help="llama: output = embedding.")
+    n_ff: Annotated[int | None, _setting("n_ff", "llama: SwiGLU width (0: 8/3 n_embd).")] = None,
+    qk_norm: Annotated[bool | None, _setting("qk_norm", "llama: RMSNorm of q/k heads (qwen3).")] = None,
+    tie_embeddings: Annotated[bool | None, _setting("tie_embeddings", "llama: output = embedding.")] = None,
+    rope_theta: Annotated[float | None, _setting("rope_theta", "llama: rotary base.")] = None,
+    n_layer: Annotated[int | None, _setting("n_layer", "Transformer blocks.")] = None,
+    n_head: Annotated[int | None, _setting("n_head", "Attention heads.")] = None,
+    n_embd: Annotated[int | None, _setting("n_embd", "Embedding width (a multiple of 32 for Q8_0).")] = None,
+    block_size: Annotated[int | None, _setting("block_size", "Context length in tokens.")] = None,
+    dropout: Annotated[float | None, _setting("dropout")] = None,
+    batch_size: Annotated[
+        int | None, _setting("batch_size", "Sequences per micro-batch (per process).")
     ] = None,
-    rope_theta: Annotated[float | None, typer.Option(help="llama: rotary base.")] = None,
-    n_layer: Annotated[int | None, typer.Option(help="Transformer blocks.")] = None,
-    n_head: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
-    n_embd: Annotated[int | None, typer.Option(help="Embedding width (a multiple of 32 for Q8_0).")] = None,
-    block_size: Annotated[int | None, typer.Option(help="Context length in tokens.")] = None,
-    dropout: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch (per process).")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    max_iters: Annotated[int | None, typer.Option("--iters", help="Optimizer steps.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    grad_accum: Annotated[int | None, _setting("grad_accum", "Micro-batches per optimizer step.")] = None,
+    max_iters: Annotated[int | None, _setting("max_iters", "Optimizer steps.")] = None,
+    learning_rate: Annotated[float | None, _setting("learning_rate", "Peak learning rate.")] = None,
     decay_lr: Annotated[
-        bool | None, typer.Option("--decay-lr/--constant-lr", help="Cosine decay or constant.")
+        bool | None, _setting("decay_lr", "Decay the learning rate, or keep it constant.")
     ] = None,
-    warmup_iters: Annotated[int | None, typer.Option("--warmup", help="Linear warm-up steps.")] = None,
+    warmup_iters: Annotated[int | None, _setting("warmup_iters", "Linear warm-up steps.")] = None,
     lr_decay_iters: Annotated[
-        int | None, typer.Option(help="Steps of cosine decay (default: --iters).")
+        int | None, _setting("lr_decay_iters", "Steps of cosine decay (default: --iters).")
     ] = None,
-    min_lr: Annotated[float | None, typer.Option(help="Learning rate at the end of the decay.")] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
-    beta1: Annotated[float | None, typer.Option()] = None,
-    beta2: Annotated[float | None, typer.Option()] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0: off).")] = None,
+    min_lr: Annotated[float | None, _setting("min_lr", "Learning rate at the end of the decay.")] = None,
+    weight_decay: Annotated[float | None, _setting("weight_decay")] = None,
+    beta1: Annotated[float | None, _setting("beta1")] = None,
+    beta2: Annotated[float | None, _setting("beta2")] = None,
+    grad_clip: Annotated[float | None, _setting("grad_clip", "Max gradient norm (0: off).")] = None,
     optimizer: Annotated[
-        str | None, typer.Option(help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest).")
+        OptimizerKind | None,
+        _setting("optimizer", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)."),
     ] = None,
-    muon_lr: Annotated[float | None, typer.Option(help="Muon's peak learning rate.")] = None,
-    muon_momentum: Annotated[float | None, typer.Option(help="Muon's momentum.")] = None,
+    muon_lr: Annotated[float | None, _setting("muon_lr", "Muon's peak learning rate.")] = None,
+    muon_momentum: Annotated[float | None, _setting("muon_momentum", "Muon's momentum.")] = None,
     lr_schedule: Annotated[
-        str | None, typer.Option(help="cosine, or wsd (warm-up, stable, linear decay at the end).")
+        Schedule | None, _setting("lr_schedule", "cosine, or wsd (warm-up, stable, linear decay at the end).")
     ] = None,
-    cooldown: Annotated[float | None, typer.Option(help="wsd: share of the steps spent decaying.")] = None,
+    cooldown: Annotated[float | None, _setting("cooldown", "wsd: share of the steps spent decaying.")] = None,
     chat: Annotated[
-        Path | None, typer.Option("--chat", help="Chat fine-tuning data: JSONL of {\"messages\": [...]}.")
+        Path | None, typer.Option("--chat", help='Chat fine-tuning data: JSONL of {"messages": [...]}.')
     ] = None,
     init: Annotated[
         str | None, typer.Option("--init", help="Start from a run, or a llama GGUF (store name).")
     ] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank for --init fine-tuning (0: full).")] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (alpha / rank).")] = None,
-    eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
-    eval_iters: Annotated[int | None, typer.Option(help="Batches per eval.")] = None,
-    log_interval: Annotated[int | None, typer.Option(help="Steps between progress updates.")] = None,
-    sample_tokens: Annotated[int | None, typer.Option(help="Tokens of sample text at each eval.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    lora_rank: Annotated[
+        int | None, _setting("lora_rank", "LoRA rank for --init fine-tuning (0: full).")
+    ] = None,
+    lora_alpha: Annotated[
+        float | None, _setting("lora_alpha", "LoRA scale numerator (alpha / rank).")
+    ] = None,
+    eval_interval: Annotated[
+        int | None, _setting("eval_interval", "Steps between evals + checkpoints.")
+    ] = None,
+    eval_iters: Annotated[int | None, _setting("eval_iters", "Batches per eval.")] = None,
+    log_interval: Annotated[int | None, _setting("log_interval", "Steps between progress updates.")] = None,
+    sample_tokens: Annotated[
+        int | None, _setting("sample_tokens", "Tokens of sample text at each eval.")
+    ] = None,
+    device: Annotated[Device | None, _setting("device", "Where to train (auto: cuda > mps > cpu).")] = None,
     threads: Annotated[
-        int | None, typer.Option(help="CPU threads per process (0: the cores other programs leave free).")
+        int | None, _setting("threads", "CPU threads per process (0: the cores other programs leave free).")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    dtype: Annotated[DType | None, _setting("dtype", "Training precision (auto: bf16/fp16 on CUDA).")] = None,
+    compile: Annotated[bool | None, _setting("compile", "torch.compile the model.")] = None,
+    seed: Annotated[int | None, _setting("seed")] = None,
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also write TensorBoard event files (run/tensorboard).")
     ] = False,
@@ -137,17 +151,25 @@ def gpt(
 
     Metrics go to <run>/metrics.jsonl as training goes; `selfhost train runs` shows them."""
     from selfhost import paths
+    from selfhost.errors import UsageError
     from selfhost.train.common import require_torch
-    from selfhost.train.gpt.config import build_config, check_name
+    from selfhost.train.gpt.config import TrainConfig, build_config, check_name
 
     require_torch()
     from selfhost.train.gpt import trainer
 
     out_ = Output(as_json)
     given = locals()
-    overrides = {k: given[k] for k in _TRAIN_FLAGS if given[k] is not None}
+    overrides = {
+        k: given[k] for k in TrainConfig.model_fields if k not in options.NO_FLAG and given[k] is not None
+    }
+    if resume and (preset is not None or config is not None):
+        raise UsageError(
+            "--resume continues a run with its own settings; --preset and --config are for new runs",
+            hint="drop them; flags such as --iters can still extend the run",
+        )
     if init is not None and preset is None and config is None:
-        preset = "finetune"
+        preset = options.FINETUNE_PRESET
     cfg = build_config(preset, config, overrides)
     if name is None:
         source = chat or data
@@ -156,8 +178,6 @@ def gpt(
     run_dir = out or paths.runs_dir() / name
     if init is not None or chat is not None:
         if resume or estimate:
-            from selfhost.errors import UsageError
-
             raise UsageError("--resume and --estimate are for training from scratch, not --init fine-tuning")
         _finetune(out_, cfg, init, chat, data, name, run_dir, export_type)
         return
@@ -170,7 +190,7 @@ def gpt(
 
 
 def _finetune(out: Output, cfg: Any, init: str | None, chat: Path | None, data: Path | None, name: str,
-              run_dir: Path, export_type: str) -> None:  # fmt: skip
+              run_dir: Path, export_type: ExportType) -> None:  # fmt: skip
     from selfhost.errors import UsageError
     from selfhost.train.gpt import finetune
 
@@ -178,7 +198,7 @@ def _finetune(out: Output, cfg: Any, init: str | None, chat: Path | None, data: 
         raise UsageError("--chat fine-tunes a model you have", hint="add --init RUN_OR_MODEL")
     if (chat is None) == (data is None):
         raise UsageError("fine-tuning needs one of --chat FILE.jsonl or --data TEXT")
-    req = finetune.FinetuneRequest(cfg, init, chat, name, run_dir, export_type.lower(), data=data)
+    req = finetune.FinetuneRequest(cfg, init, chat, name, run_dir, export_type, data=data)
     done = out.run(_with_step_details(finetune.train(req)))
     out.result(done, lambda d: _print_finetuned(out, d))
 
@@ -193,15 +213,15 @@ def _print_finetuned(out: Output, done: Any) -> None:
 
 
 def _estimate(out: Output, req: Any) -> None:
-    from selfhost.train.gpt import trainer
+    from selfhost.train.gpt import estimate, trainer
 
     est = trainer.estimate_run(req)
-    metrics = trainer.estimate_metrics(est, req.config)
+    metrics = estimate.estimate_metrics(est, req.config)
     lines = "\n".join(_estimate_lines(metrics, est.device))
     out.result({**metrics, "device": est.device}, lambda _: out.console.print(lines, markup=False))
 
 
-def _train_and_export(out: Output, req: Any, name: str, export: bool, export_type: str) -> None:
+def _train_and_export(out: Output, req: Any, name: str, export: bool, export_type: ExportType) -> None:
     """Train, then (rank 0 only) write the curves, export the best weights and print the result."""
     from selfhost.cli.common import curves_png
     from selfhost.train.gpt import trainer
@@ -226,7 +246,9 @@ def export(
     name: Annotated[
         str | None, typer.Option("--name", "-n", help="Store name (default: the run's name).")
     ] = None,
-    export_type: Annotated[str, typer.Option("--type", "-t", help="f16 or f32.")] = "f16",
+    export_type: Annotated[
+        ExportType, typer.Option("--type", "-t", case_sensitive=False, help="GGUF tensor type.")
+    ] = "f16",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="GGUF path (default: models folder).")
     ] = None,
@@ -236,11 +258,12 @@ def export(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Write a checkpoint as a GGUF (llama.cpp `gpt2`) and register it in the store."""
+    from selfhost.train import runs
     from selfhost.train.common import require_torch
 
     require_torch()
     out = Output(as_json)
-    ckpt = _find_checkpoint(checkpoint)
+    ckpt = runs.find_checkpoint(checkpoint)
     run = ckpt if ckpt.is_dir() else ckpt.parent
     exported = _export(out, ckpt, name or run.name.lower(), export_type, output, register)
     out.result(exported, lambda e: _print_exported(out, e))
@@ -262,11 +285,12 @@ def sample(
     from selfhost.train.common import require_torch
 
     require_torch()
+    from selfhost.train import runs
     from selfhost.train.gpt.sample import generate
 
     out = Output(as_json)
-    pieces = generate(_find_checkpoint(checkpoint), prompt, max_tokens=max_tokens, temperature=temperature,
-                      top_k=top_k, seed=seed, device=device)  # fmt: skip
+    pieces = generate(runs.find_checkpoint(checkpoint), prompt, max_tokens=max_tokens,
+                      temperature=temperature, top_k=top_k, seed=seed, device=device)  # fmt: skip
     text, started = [], False
     for piece in pieces:  # the first piece comes once the model is loaded (and the prompt checked)
         if isinstance(piece, Notice):
@@ -285,21 +309,17 @@ def sample(
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _find_checkpoint(ref: Path) -> Path:
-    from selfhost import paths
-
-    if not ref.exists() and len(ref.parts) == 1 and (paths.runs_dir() / ref.name).exists():
-        return paths.runs_dir() / ref.name
-    return ref
-
-
 def _export(
-    out: Output, ckpt: Path, name: str, export_type: str, output: Path | None = None, register: bool = True
+    out: Output,
+    ckpt: Path,
+    name: str,
+    export_type: ExportType,
+    output: Path | None = None,
+    register: bool = True,
 ) -> Any:
     from selfhost.train.gpt.export import export_checkpoint
 
-    kind = export_type.lower()
-    return out.run(export_checkpoint(ckpt, name, dtype=kind, dest=output, register=register))  # type: ignore[arg-type]
+    return out.run(export_checkpoint(ckpt, name, dtype=export_type, dest=output, register=register))
 
 
 def _print_exported(out: Output, exported: Any) -> None:
@@ -325,7 +345,7 @@ def _print_trained(out: Output, summary: dict[str, Any]) -> None:
 
 
 def _estimate_lines(m: Mapping[str, float], device: str) -> list[str]:
-    """The cost estimate (trainer.estimate_metrics) in four lines."""
+    """The cost estimate (estimate.estimate_metrics) in four lines."""
     arch = f"{m['n_layer']}L/{m['n_head']}H/{m['n_embd']}d, block {m['block_size']}"
     enough = "enough" if m["train_tokens"] >= m["compute_optimal_tokens"] else "less"
     rate = f"{m['tokens_per_s']:,.0f} tokens/s measured" if m.get("tokens_per_s") else "not measured"

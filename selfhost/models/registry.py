@@ -12,16 +12,15 @@ import re
 import tomllib
 from functools import cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfhost import paths
 from selfhost.errors import RegistryError
+from selfhost.models.kinds import Kind
 
 QUANT_PATTERN = r"^[A-Za-z0-9_]+$"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
-Kind = Literal["chat", "embedding", "base", "rerank"]
 # licence names that say nothing: name the licence ("qwen-research", "gemma", "llama3.2")
 _VAGUE_LICENSES = {"other", "unknown", "custom", "proprietary", "see-repo", ""}
 

@@ -220,7 +220,8 @@ def compute_imatrix(
 
     Yields a Notice, one Progress per chunk (metrics: seconds, eta_seconds), a Notice with the summary,
     and ends with Result(ImatrixResult)."""
-    from selfhost.runtime.llama_backend import capture_logs, default_threads, llama
+    from selfhost.runtime.llama_backend import default_threads, llama
+    from selfhost.runtime.llama_context import model_and_context
 
     if chunk_size < MIN_CHUNK:
         raise UsageError(f"--chunk-size must be at least {MIN_CHUNK} tokens")
@@ -235,10 +236,10 @@ def compute_imatrix(
     callback = lib.ggml_backend_sched_eval_callback(collector)
     threads = threads or default_threads()
 
-    with capture_logs():
-        llm_model, ctx = _load(lib, model, chunk_size, threads, callback)
-    try:
-        vocab = llm_model.vocab
+    # one chunk is one graph (n_batch = n_ctx), evaluated on the CPU; the callback sees every node
+    opened = model_and_context(model, n_ctx=chunk_size, threads=threads, eval_callback=callback)
+    with opened as (llm_model, ctx):
+        vocab = lib.llama_model_get_vocab(llm_model)
         tokens = _tokenize(lib, vocab, text)
         n_chunks = len(tokens) // chunk_size
         if max_chunks is not None:
@@ -262,9 +263,6 @@ def compute_imatrix(
             eta = seconds / (i + 1) * (n_chunks - i - 1)
             yield Progress(IMATRIX_TASK, i + 1, n_chunks, unit="chunks",
                            metrics={"seconds": seconds, "eta_seconds": eta})
-    finally:
-        ctx.close()
-        llm_model.close()
     if not collector.sums:
         raise ModelLoadError(f"no weight matrix of {model.name} reported activations: no imatrix to write")
     write_imatrix(out, collector.sums, collector.counts, datasets=[dataset], chunk_count=n_chunks,
@@ -277,27 +275,6 @@ def compute_imatrix(
         f"{result.seconds:.1f} s ({per_1k:.1f} s per 1k tokens)"
     )
     yield Result(result)
-
-
-def _load(lib: Any, model: Path, n_ctx: int, threads: int, callback: Any) -> tuple[Any, Any]:
-    from selfhost.runtime.llama_private import open_model_and_context
-
-    model_params = lib.llama_model_default_params()
-    model_params.n_gpu_layers = 0
-    ctx_params = lib.llama_context_default_params()
-    ctx_params.n_ctx = n_ctx
-    ctx_params.n_batch = n_ctx
-    ctx_params.n_ubatch = n_ctx
-    ctx_params.n_threads = threads
-    ctx_params.n_threads_batch = threads
-    ctx_params.cb_eval = callback
-    ctx_params.cb_eval_user_data = None
-    try:
-        llm_model, ctx = open_model_and_context(str(model), model_params, ctx_params)
-    except ValueError as exc:
-        raise ModelLoadError(f"llama.cpp could not load {model}: {exc}") from exc
-    ctx._selfhost_keep = (callback, ctx_params)  # the callback must outlive the context
-    return llm_model, ctx
 
 
 def _tokenize(lib: Any, vocab: Any, text: str) -> list[int]:
@@ -314,10 +291,16 @@ def _tokenize(lib: Any, vocab: Any, text: str) -> list[int]:
 def _eval_chunk(lib: Any, ctx: Any, chunk: list[int]) -> None:
     """Evaluate one chunk from an empty cache. Every position is an output, as in llama-imatrix: otherwise
     llama.cpp prunes the last layer's rows to the last token and its matrices see too few rows."""
-    from selfhost.runtime.llama_private import decode_all_logits
-
-    lib.llama_memory_clear(ctx.memory, True)
-    rc = decode_all_logits(lib, ctx, chunk)
+    lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+    batch = lib.llama_batch_init(len(chunk), 0, 1)
+    try:
+        for i, token in enumerate(chunk):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(chunk)
+        rc = lib.llama_decode(ctx, batch)
+    finally:
+        lib.llama_batch_free(batch)
     if rc != 0:
         raise ModelLoadError(f"llama.cpp failed to evaluate a calibration chunk (llama_decode returned {rc})")
 

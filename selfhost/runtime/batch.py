@@ -1,6 +1,7 @@
 """Continuous batching over N slots of one llama.cpp context: the one generation loop of selfhost.
 
-Every reply, in the REPL, in one-shot mode and in the server, is a `Job` run by a `BatchEngine`:
+Every reply, in the REPL, in one-shot mode and in the server, is a `Job` (runtime/jobs.py) run by a
+`BatchEngine`, the scheduler:
 
 - one llama.cpp context holds N sequences (slots), each with its own stream of the KV cache;
 - each `step()` builds one batch: the last sampled token of every generating slot, then prompt
@@ -8,8 +9,9 @@ Every reply, in the REPL, in one-shot mode and in the server, is a `Job` run by 
   is read over several steps instead of stalling the replies in flight (chunked prefill);
 - new jobs take a free slot between two steps (the one whose cached tokens share the longest
   prefix with the prompt: that prefix is not evaluated again); finished or cancelled jobs leave;
-- each job samples with its own llama.cpp sampler chain (penalties, top-k/top-p/min-p,
-  temperature, seeded distribution, or greedy) behind an optional grammar.
+- each job samples with its own llama.cpp sampler chain (runtime/sampler.py); with speculative
+  decoding a slot verifies drafted tokens in the same batch (runtime/speculative.py);
+- a slot given to another prompt first keeps its state in the prompt cache (runtime/prompt_cache.py).
 
 The REPL drives `step()` itself (`run_inline`); the server runs it on one background thread
 (`start()`), and a job's consumer reads its chunks either way. llama.cpp aborts the process when a
@@ -18,134 +20,23 @@ sequence passes its context, so a job never holds more than `ctx_per_slot` token
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import ctypes
-import itertools
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel
-
-from selfhost.errors import SelfhostError, UsageError
+from selfhost.errors import SelfhostError
 from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK, SLOT_QUEUE
+from selfhost.runtime.jobs import Job, JobEnd, JobFinish, JobText, QueueFullError
 from selfhost.runtime.kvcache import KVSettings
 from selfhost.runtime.prompt_cache import PromptCache
-from selfhost.runtime.speculative import ModelDrafter, NgramDrafter, SpecSettings
+from selfhost.runtime.sampler import check_grammar, make_sampler
+from selfhost.runtime.speculative import DraftPace, ModelDrafter, NgramDrafter, SpecSettings
+from selfhost.runtime.text_stream import TextStream, token_piece
 
-JobFinish = Literal["stop", "length", "context", "cancelled", "error"]
 RESTORE_MIN_GAIN = 32  # restore from the prompt cache only when it gives this many more tokens
-
-
-class QueueFullError(SelfhostError):
-    """Every slot is busy and the waiting queue is full."""
-
-
-class SamplingParams(BaseModel):
-    """How one job picks tokens. temperature 0 is greedy."""
-
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None  # None: a random seed per job
-
-
-@dataclass
-class JobText:
-    """Text decoded from the reply so far (stop strings already cut out)."""
-
-    text: str
-
-
-@dataclass
-class JobEnd:
-    """The last chunk of a job: why it ended and what it cost."""
-
-    finish_reason: JobFinish
-    text: str
-    generated_tokens: int
-    prompt_tokens: int
-    reused_tokens: int  # prompt prefix found in the slot's KV cache
-    queued_s: float
-    time_to_first_token_s: float
-    total_s: float
-    error: str | None = None
-    context_used: int = 0  # tokens of this job in its slot's KV cache at the end
-    drafted_tokens: int = 0  # speculative decoding: tokens drafted for this job
-    accepted_tokens: int = 0  # ... and of those, the ones the model kept
-    restored_tokens: int = 0  # of reused_tokens, those restored from the prompt cache
-
-
-JobChunk = JobText | JobEnd
-
-
-@dataclass
-class Job:
-    """One generation request: prompt tokens in, text chunks and one JobEnd out."""
-
-    prompt: list[int]
-    sampling: SamplingParams
-    max_tokens: int  # the engine also stops at the slot's context end ("context")
-    grammar: str | None = None  # GBNF text, root rule "root"
-    stop: list[str] = field(default_factory=list)
-    special: bool = False  # render control tokens as text (chat markers: <|channel|>, [TOOL_CALLS])
-    id: int = field(default_factory=itertools.count(1).__next__)
-    cancelled: bool = False
-    end: JobEnd | None = None
-    t_submit: float = 0.0
-    _chunks: deque[JobChunk] = field(default_factory=deque)
-    _engine: BatchEngine | None = None
-    _waker: Any = None  # (loop, asyncio.Event) of an async consumer
-
-    def cancel(self) -> None:
-        """Stop generating at the next step (a client went away, Ctrl-C, shutdown)."""
-        self.cancelled = True
-        if self._engine is not None:
-            self._engine.wake()
-
-    def chunks(self) -> Iterator[JobChunk]:
-        """Chunks as they come; in inline mode this drives the engine itself."""
-        engine = self._engine
-        assert engine is not None, "submit the job first"
-        while not (yield from self._drain()):
-            engine.wait_for(self)
-
-    async def achunks(self) -> AsyncIterator[JobChunk]:
-        """The same chunks for an asyncio consumer (the engine runs on its thread)."""
-        event = asyncio.Event()
-        self._waker = (asyncio.get_running_loop(), event)
-        while True:
-            while self._chunks:
-                chunk = self._chunks.popleft()
-                yield chunk
-                if isinstance(chunk, JobEnd):
-                    return
-            await event.wait()  # async generators cannot `yield from`: the loop above mirrors _drain
-            event.clear()
-
-    def _drain(self) -> Generator[JobChunk, None, bool]:
-        """Yield the chunks ready now; return True once the last one (JobEnd) went out."""
-        while self._chunks:
-            chunk = self._chunks.popleft()
-            yield chunk
-            if isinstance(chunk, JobEnd):
-                return True
-        return False
-
-    def _emit(self, chunk: JobChunk) -> None:
-        self._chunks.append(chunk)
-        if self._waker is not None:
-            loop, event = self._waker
-            loop.call_soon_threadsafe(event.set)
 
 
 class _Slot:
@@ -161,45 +52,12 @@ class _Slot:
         self.batch_index: int | None = None  # where its logits are in the current batch
         self.drafts: list[int] = []  # drafted tokens in the current batch, after next_token
         self.ngram: NgramDrafter | None = None
-        self.draft_len = 0  # tokens to draft next: grows while drafts hold, shrinks when they fail
-        self.misses = self.skip = 0  # drafts rejected in a row; steps left without drafting
+        self.pace = DraftPace(0)  # how many tokens to draft next
         self.drafted = self.accepted = self.restored = 0
         self.generated: list[int] = []
-        self.text = _TextStream([])
+        self.text = TextStream([])
         self.reused = 0
         self.t_admit = self.t_first = 0.0
-
-
-class _TextStream:
-    """Incremental UTF-8 decoding with stop strings: text is released once no stop can start in it."""
-
-    def __init__(self, stop: list[str]) -> None:
-        self.stop = [s for s in stop if s]
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.full = ""
-        self.released = 0
-        self.stopped = False
-
-    def feed(self, piece: bytes, final: bool = False) -> str:
-        self.full += self.decoder.decode(piece, final=final)
-        for stop in self.stop:
-            at = self.full.find(stop, max(0, self.released - len(stop)))
-            if at != -1:
-                self.full, self.stopped = self.full[:at], True
-        hold = 0 if final or self.stopped else self._held_back()
-        out = self.full[self.released : len(self.full) - hold]
-        self.released += len(out)
-        return out
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that could still become a stop string."""
-        best = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.full)), best, -1):
-                if stop.startswith(self.full[-n:]):
-                    best = n
-                    break
-        return best
 
 
 class BatchEngine:
@@ -237,14 +95,12 @@ class BatchEngine:
         self.n_batch = max(n_batch, slots * (1 + self.spec.draft_max) if self.spec.mode != "none" else slots)
         self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
         self.max_queue = SLOT_QUEUE * slots if max_queue is None else max_queue
-        self.ctx = _open_context(self.lib, llm, slots * ctx_per_slot, slots, self.n_batch, threads, self.kv)
+        self.ctx = self._slots_context(llm.model, threads)
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.drafter: ModelDrafter | None = None
         if self.spec.mode == "draft":
             assert draft_llm is not None, "draft mode needs the draft model"
-            draft_ctx = _open_context(
-                self.lib, draft_llm, slots * ctx_per_slot, slots, self.n_batch, threads, self.kv
-            )
+            draft_ctx = self._slots_context(draft_llm.model, threads)
             self.drafter = ModelDrafter(draft_llm, draft_ctx, slots, self.n_batch)
         self.prompt_cache = prompt_cache
         self.stats = {"drafted": 0, "accepted": 0}
@@ -255,6 +111,15 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+
+    def _slots_context(self, model: Any, threads: int) -> Any:
+        """A context on `model` (the target's or the draft's) with one KV sequence per slot."""
+        from selfhost.runtime.llama_context import open_context
+
+        n_ctx = self.n_slots * self.ctx_per_slot
+        return open_context(
+            model, n_ctx=n_ctx, n_seq_max=self.n_slots, n_batch=self.n_batch, threads=threads, kv=self.kv
+        )
 
     # ------------------------------------------------------------------ public
     def submit(self, job: Job) -> Job:
@@ -295,6 +160,10 @@ class BatchEngine:
             out["prompt_cache"] = {**self.prompt_cache.stats, "entries": len(self.prompt_cache.entries)}
         return out
 
+    def check_grammar(self, grammar: str) -> None:
+        """Compile a GBNF grammar once, to refuse a broken one before a job carries it."""
+        check_grammar(self.lib, self.vocab, grammar)
+
     def start(self) -> None:
         """Run the scheduler on a background thread (the server's mode)."""
         self._thread = threading.Thread(target=self._loop, name="selfhost-batch", daemon=True)
@@ -333,7 +202,7 @@ class BatchEngine:
     def wait_for(self, job: Job) -> None:
         """Block until `job` has news: run a step ourselves inline, else wait for the thread."""
         if self._thread is None:
-            _step_atomically(self.step)
+            _step_atomically(self.guarded_step)
             return
         with self._cond:
             self._cond.wait_for(lambda: bool(job._chunks), timeout=0.5)
@@ -355,9 +224,17 @@ class BatchEngine:
                 self._cond.wait_for(lambda: self._stopping or self.waiting or any(s.job for s in self.slots))
                 if self._stopping and not self.waiting and not any(s.job for s in self.slots):
                     return
-            self.step()
+            self.guarded_step()
             with self._cond:
                 self._cond.notify_all()  # sync consumers waiting in wait_for
+
+    def guarded_step(self) -> None:
+        """`step`, where an unexpected error ends the jobs it hit with that error instead of ending the
+        engine thread (or the REPL) and leaving their clients waiting."""
+        try:
+            self.step()
+        except Exception as exc:
+            self._fail_active(exc)
 
     def step(self) -> None:
         """Admit waiting jobs, decode one batch, sample one token for every slot that has logits."""
@@ -368,7 +245,11 @@ class BatchEngine:
             while self.waiting and self.waiting[0].cancelled:
                 self._reject(self.waiting.popleft(), "cancelled")
             while self.waiting and any(s.job is None for s in self.slots):
-                self._admit(self.waiting.popleft())
+                job = self.waiting.popleft()
+                try:
+                    self._admit(job)
+                except Exception as exc:  # only this job fails; the engine goes on
+                    self._fail_admission(job, exc)
         active = [s for s in self.slots if s.job is not None]
         n_tokens, members = self._fill_batch(active)
         if n_tokens == 0:
@@ -388,7 +269,7 @@ class BatchEngine:
     # -------------------------------------------------------------- internals
     def _admit(self, job: Job) -> None:
         try:
-            sampler = self._make_sampler(job)
+            sampler = make_sampler(self.lib, self.vocab, job.sampling, job.grammar)
         except SelfhostError as exc:
             self._reject(job, "error", error=str(exc))
             return
@@ -399,11 +280,11 @@ class BatchEngine:
             self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
         slot.cached = slot.cached[:keep]
         slot.job, slot.pending, slot.next_token = job, job.prompt[keep:], None
-        slot.generated, slot.text, slot.reused = [], _TextStream(job.stop), keep
+        slot.generated, slot.text, slot.reused = [], TextStream(job.stop), keep
         slot.t_admit, slot.t_first = time.perf_counter(), 0.0
         slot.sampler = sampler
         slot.drafts, slot.drafted, slot.accepted, slot.restored = [], 0, 0, min(restored, keep)
-        slot.draft_len, slot.misses, slot.skip = self.spec.draft_max, 0, 0
+        slot.pace = DraftPace(self.spec.draft_max)
         if self.spec.mode == "ngram":
             slot.ngram = NgramDrafter(self.spec.ngram)
             slot.ngram.reset(job.prompt)
@@ -503,11 +384,8 @@ class BatchEngine:
         """Tokens to verify after the slot's next token (none without speculation, or no room)."""
         job = slot.job
         assert job is not None and slot.next_token is not None
-        if slot.skip > 0:  # backing off after rejected drafts: a failed draft costs a wider batch
-            slot.skip -= 1
-            return []
         room = min(
-            slot.draft_len,
+            slot.pace.budget(),  # 0 while backing off after rejected drafts
             self.ctx_per_slot - len(slot.cached) - 2,  # every drafted position stays inside the slot
             job.max_tokens - len(slot.generated) - 1,
         )
@@ -537,7 +415,7 @@ class BatchEngine:
             del slot.cached[keep:]
             slot.drafted += len(drafts)
             slot.accepted += accepted
-            _adapt(slot, len(drafts), accepted, self.spec.draft_max)
+            slot.pace.update(len(drafts), accepted)
             self.stats["drafted"] += len(drafts)
             self.stats["accepted"] += accepted
         for i, token in enumerate(out):
@@ -600,6 +478,23 @@ class BatchEngine:
         job.end = end
         job._emit(end)
 
+    def _fail_admission(self, job: Job, exc: Exception) -> None:
+        slot = next((s for s in self.slots if s.job is job), None)
+        if slot is not None:
+            self._drop_cache(slot)
+            self._finish(slot, "error", error=_internal_error(exc))
+        else:
+            self._reject(job, "error", error=_internal_error(exc))
+
+    def _fail_active(self, exc: Exception) -> None:
+        """An unexpected error in a step: every job in a slot ends with it (their caches are dropped: what
+        they hold is unknown); waiting jobs and the engine go on."""
+        with self._cond:
+            for slot in self.slots:
+                if slot.job is not None:
+                    self._drop_cache(slot)
+                    self._finish(slot, "error", error=_internal_error(exc))
+
     def _reject(self, job: Job, reason: JobFinish, error: str | None = None) -> None:
         """End a job that never got a slot."""
         queued = time.perf_counter() - job.t_submit
@@ -610,63 +505,14 @@ class BatchEngine:
         self.lib.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
         slot.cached = []
 
-    def check_grammar(self, grammar: str) -> None:
-        """Compile a GBNF grammar once, to refuse a broken one before a job carries it."""
-        sampler = self.lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-        if not sampler:
-            raise UsageError("llama.cpp could not compile the grammar (GBNF, root rule `root`)")
-        self.lib.llama_sampler_free(sampler)
-
-    def _make_sampler(self, job: Job) -> Any:
-        lib, s = self.lib, job.sampling
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-
-        def add(sampler: Any) -> None:
-            lib.llama_sampler_chain_add(chain, sampler)
-
-        if job.grammar is not None:
-            grammar = lib.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
-            if not grammar:
-                lib.llama_sampler_free(chain)
-                raise SelfhostError("llama.cpp could not compile the grammar")
-            add(grammar)
-        if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
-            add(
-                lib.llama_sampler_init_penalties(
-                    64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
-                )
-            )
-        if s.temperature <= 0:
-            add(lib.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            add(lib.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            add(lib.llama_sampler_init_min_p(s.min_p, 1))
-        add(lib.llama_sampler_init_temp(s.temperature))
-        add(lib.llama_sampler_init_dist(s.seed if s.seed is not None else lib.LLAMA_DEFAULT_SEED))
-        return chain
-
     def _free_sampler(self, slot: _Slot) -> None:
         if slot.sampler is not None:
             self.lib.llama_sampler_free(slot.sampler)
             slot.sampler = None
 
 
-def _adapt(slot: _Slot, drafted: int, accepted: int, draft_max: int) -> None:
-    """Draft length and back-off: double while every draft holds, else the accepted run plus one;
-    after a draft rejected outright, skip drafting for 1, 2, 4 ... 32 steps."""
-    if accepted == drafted:
-        slot.draft_len = min(draft_max, 2 * slot.draft_len)
-    else:
-        slot.draft_len = max(1, accepted + 1)
-    if accepted == 0:
-        slot.misses += 1
-        slot.skip = min(32, 2 ** (slot.misses - 1))
-    else:
-        slot.misses = 0
+def _internal_error(exc: Exception) -> str:
+    return f"internal error in the batch engine: {type(exc).__name__}: {exc}"
 
 
 def _step_atomically(step: Any) -> None:
@@ -690,40 +536,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def token_piece(lib: Any, vocab: Any, token: int, special: bool = False) -> bytes:
-    """The bytes a token stands for (control tokens only with `special`)."""
-    buf = ctypes.create_string_buffer(64)
-    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    return buf.raw[:n]
-
-
-def _open_context(
-    lib: Any, llm: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int, kv: KVSettings | None = None
-) -> Any:
-    """A llama.cpp context for `n_seq` sequences, each with its own KV stream of n_ctx / n_seq cells."""
-    from selfhost.errors import ModelLoadError
-    from selfhost.runtime.llama_backend import capture_logs
-
-    params = lib.llama_context_default_params()
-    params.n_ctx = n_ctx
-    params.n_batch = n_batch
-    params.n_ubatch = n_batch
-    params.n_seq_max = n_seq
-    params.n_threads = threads
-    params.n_threads_batch = threads
-    params.no_perf = True
-    # One KV stream per slot: a reply's cells never interleave with another's, so a greedy reply is
-    # the same token for token whatever else runs beside it (a unified cache changes float rounding).
-    params.kv_unified = False
-    (kv or KVSettings()).apply(params)
-    with capture_logs() as log:
-        ctx = lib.llama_init_from_model(llm.model, params)
-    if not ctx:
-        tail = "".join(log)[-300:].strip().replace("\n", " | ")
-        raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens", hint=tail or None)
-    return ctx

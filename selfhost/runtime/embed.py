@@ -29,23 +29,18 @@ class Embedder:
         self._lock = threading.Lock()
 
     def _open(self) -> None:
-        from selfhost.runtime.llama_backend import capture_logs
+        from selfhost.runtime.llama_context import open_context
 
         lib = self.lib
-        params = lib.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
-        params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = self.threads
-        params.embeddings = True
-        params.no_perf = True
         pooling = _model_pooling(self.llm)
-        params.pooling_type = pooling if pooling > 0 else lib.LLAMA_POOLING_TYPE_MEAN
         if self.rank:
-            params.pooling_type = lib.LLAMA_POOLING_TYPE_RANK
-        with capture_logs() as log:
-            ctx = lib.llama_init_from_model(self.llm.model, params)
-        if not ctx:
-            raise ModelLoadError("llama.cpp could not create an embedding context", hint="".join(log)[-300:])
+            pooling = lib.LLAMA_POOLING_TYPE_RANK
+        elif pooling <= 0:
+            pooling = lib.LLAMA_POOLING_TYPE_MEAN
+        ctx = open_context(
+            self.llm.model, n_ctx=self.n_ctx, threads=self.threads, embeddings=True, pooling_type=pooling,
+            what="an embedding context",
+        )
         self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
         self.ctx = ctx
 

@@ -12,6 +12,7 @@ target's, and greedy output is the same token for token.
   draft. No second model: it wins when the reply quotes its input (edits, summaries, code, RAG).
 - `ModelDrafter`: a small model of the same vocabulary drafts greedily in its own llama.cpp
   context, one KV sequence per slot beside the target's; it stops early when unsure (p < p_min).
+- `DraftPace`: how many tokens a slot drafts at each step, from how its last drafts fared.
 """
 
 from __future__ import annotations
@@ -71,6 +72,37 @@ class NgramDrafter:
         if at is None:
             return []
         return h[at : at + k]
+
+
+class DraftPace:
+    """How many tokens a slot drafts next: double while every draft holds, else the accepted run plus
+    one; after a draft rejected outright, skip drafting for 1, 2, 4 ... 32 steps (a failed draft
+    costs a wider batch)."""
+
+    def __init__(self, draft_max: int) -> None:
+        self.draft_max = draft_max
+        self.length = draft_max  # tokens to draft next
+        self.misses = 0  # drafts rejected outright in a row
+        self.skip = 0  # steps left without drafting
+
+    def budget(self) -> int:
+        """Tokens to draft at this step: 0 while backing off."""
+        if self.skip > 0:
+            self.skip -= 1
+            return 0
+        return self.length
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Adapt to one verified draft: `accepted` of its `drafted` tokens held."""
+        if accepted == drafted:
+            self.length = min(self.draft_max, 2 * self.length)
+        else:
+            self.length = max(1, accepted + 1)
+        if accepted == 0:
+            self.misses += 1
+            self.skip = min(32, 2 ** (self.misses - 1))
+        else:
+            self.misses = 0
 
 
 class ModelDrafter:

@@ -25,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfhost.chat.messages import ReasoningChunk, ReplyChunk, ToolCallChunk
-from selfhost.runtime.batch import JobEnd, JobText
 from selfhost.runtime.embed import Embedder
+from selfhost.runtime.jobs import JobEnd, JobText
 from selfhost.serve import runner
 from selfhost.serve.manager import ModelManager
 from selfhost.serve.runner import Served

@@ -35,9 +35,9 @@ from selfhost.serve.service import ApiError
 if TYPE_CHECKING:
     from selfhost.chat.model import ChatModel
     from selfhost.models.resolve import ResolvedModel
-    from selfhost.runtime.batch import JobEnd
     from selfhost.runtime.embed import Embedder
     from selfhost.runtime.gguf_info import GGUFInfo
+    from selfhost.runtime.jobs import JobEnd
     from selfhost.serve.server import ServeOptions
     from selfhost.serve.service import Service
 

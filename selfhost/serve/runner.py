@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from selfhost.chat.messages import ReplyChunk
 from selfhost.chat.model import ChatModel
-from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError
+from selfhost.runtime.jobs import Job, JobEnd, JobText, QueueFullError
 from selfhost.serve.manager import Managed, ModelManager
 from selfhost.serve.schemas import ChatCompletionRequest, CompletionRequest
 from selfhost.serve.service import ApiError, Completed, Planned, Service

@@ -32,7 +32,7 @@ from selfhost.chat.model import ChatModel
 from selfhost.chat.schema import grammar_for
 from selfhost.chat.session import ChatSession, ContextLengthError, PreparedReply, Sampling
 from selfhost.errors import SelfhostError, UsageError
-from selfhost.runtime.batch import JobEnd
+from selfhost.runtime.jobs import JobEnd
 from selfhost.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -57,7 +57,7 @@ def register(app: FastAPI, served: Served) -> None:
 
 def _piece(model: Any, token: int) -> str | list[int]:
     """A token's text, or its bytes when they are not valid UTF-8 on their own (as llama-server)."""
-    from selfhost.runtime.batch import token_piece
+    from selfhost.runtime.text_stream import token_piece
 
     data = token_piece(model.lib, model.vocab, token)
     try:

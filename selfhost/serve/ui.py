@@ -26,7 +26,7 @@ from selfhost.chat.history import ChatLog, HistoryStore
 from selfhost.chat.messages import Message, ReasoningChunk, TextChunk
 from selfhost.chat.session import ChatSession, PreparedReply, Sampling
 from selfhost.errors import HistoryBusyError, HistoryError, NotFoundError, UsageError
-from selfhost.runtime.batch import JobEnd, JobText, QueueFullError
+from selfhost.runtime.jobs import JobEnd, JobText, QueueFullError
 from selfhost.serve.service import ApiError, Service
 
 if TYPE_CHECKING:

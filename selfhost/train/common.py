@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, Self
 
@@ -121,12 +122,18 @@ class TrainSettings(BaseModel):
     seed: int = 0
 
     @classmethod
-    def validated(cls, values: dict[str, Any]) -> Self:
+    def validated(cls, values: dict[str, Any], origins: Mapping[str, str] | None = None) -> Self:
+        """The settings, or one line naming the bad one where the user gave it: `origins` maps a field
+        to its flag or its config file's key (default: `--` + the field with dashes)."""
         try:
             return cls(**values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
             msg = first["msg"].removeprefix("Value error, ")
-            flag = "--" + where.replace("_", "-")
-            raise UsageError(f"invalid training setting {where} ({flag}): {msg}") from exc
+            if not first["loc"]:  # a rule across settings (a model validator)
+                raise UsageError(f"invalid training settings: {msg}") from exc
+            field = str(first["loc"][0])
+            where = (origins or {}).get(field) or "--" + field.replace("_", "-")
+            if first["type"] == "extra_forbidden":
+                raise UsageError(f"unknown training setting {where}") from exc
+            raise UsageError(f"invalid {where}: {msg} (got {first['input']!r})") from exc

@@ -273,6 +273,14 @@ def find_run(ref: str | Path) -> Path:
     raise NotFoundError(f"no training run '{ref}'", hint="see `selfhost train runs list`")
 
 
+def find_checkpoint(ref: str | Path) -> Path:
+    """What `gpt export|sample` read: a checkpoint file (.pt) as given, else a run by name or folder."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    return find_run(ref)
+
+
 def summarize(run_dir: Path) -> RunSummary:
     run_dir = Path(run_dir)
     info = read_info(run_dir)

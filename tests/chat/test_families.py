@@ -617,7 +617,7 @@ def test_control_tokens_reach_the_parser_as_text(tmp_path_factory: pytest.TempPa
     """Markers such as gpt-oss's <|channel|> or Llama's <|python_tag|> are control tokens: a job of a
     family with markup renders them (Job.special); a plain model's reply never shows them."""
     from selfhost.chat.model import ChatModel
-    from selfhost.runtime.batch import token_piece
+    from selfhost.runtime.text_stream import token_piece
 
     model = ChatModel.load(tiny("gpt-oss", tmp_path_factory), ctx=256, threads=1)
     try:

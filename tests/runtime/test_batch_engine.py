@@ -12,8 +12,10 @@ import pytest
 
 from selfhost.chat.model import ChatModel
 from selfhost.errors import ModelLoadError
-from selfhost.runtime.batch import Job, JobEnd, JobText, QueueFullError, SamplingParams, _TextStream
+from selfhost.runtime.jobs import Job, JobEnd, JobText, QueueFullError
+from selfhost.runtime.sampler import SamplingParams
 from selfhost.runtime.template import ChatTemplate
+from selfhost.runtime.text_stream import TextStream
 
 GREEDY = SamplingParams(temperature=0)
 QUESTIONS = ["What is the capital of France?", "What do bees make?", "Name a red fruit.", "Say hello."]
@@ -140,12 +142,12 @@ def test_reply_stops_at_the_slot_context_and_seeded_sampling_repeats(model: Chat
 
 
 def test_stop_strings_are_cut_even_across_tokens() -> None:
-    stream = _TextStream(["END", "\n\n"])
+    stream = TextStream(["END", "\n\n"])
     out = "".join(stream.feed(p) for p in [b"Hello E", b"N", b"D more"])
     assert out == "Hello " and stream.stopped and stream.full == "Hello "
-    stream = _TextStream(["xyz"])
+    stream = TextStream(["xyz"])
     assert stream.feed(b"abx") == "ab" and stream.feed(b"q") == "xq"  # held back, then released
-    assert _TextStream([]).feed("é".encode()[:1]) == ""  # half a character waits for the rest
+    assert TextStream([]).feed("é".encode()[:1]) == ""  # half a character waits for the rest
 
 
 def test_template_limits_stop_hangs_huge_values_and_empty_prompts() -> None:
@@ -169,3 +171,50 @@ def test_template_limits_stop_hangs_huge_values_and_empty_prompts() -> None:
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{{ bos_token }}", bos_token="<s>"
     )
     assert ok.render(msgs) == "<user>hi<s>"
+
+
+@pytest.mark.timeout(120)  # before the fix the engine thread died and the first job's reader hung
+def test_an_unexpected_error_ends_only_the_jobs_it_hit_and_the_engine_thread_goes_on(
+    smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = ChatModel.load(smollm2_gguf, ctx=256, threads=2, parallel=2)
+    engine = m.engine
+    engine.start()  # the server's mode: the scheduler on its own thread
+    try:
+        real_sample, calls = engine._sample, []
+
+        def sample_failing_once(slot):  # noqa: ANN001, ANN202
+            calls.append(slot)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real_sample(slot)
+
+        monkeypatch.setattr(engine, "_sample", sample_failing_once)
+        hit = engine.submit(Job(prompt(m, "Say hello."), GREEDY, max_tokens=4))
+        assert list(hit.chunks())[-1].finish_reason == "error" and "RuntimeError: boom" in hit.end.error
+        # the thread is alive: the next job is answered, and a sampler that cannot be built fails only its job
+        after = engine.submit(Job(prompt(m, "Say hello."), GREEDY, max_tokens=4))
+        assert list(after.chunks())[-1].finish_reason in ("stop", "length") and after.end.generated_tokens > 0
+
+        def broken_sampler(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise TypeError("a binding changed")
+
+        monkeypatch.setattr("selfhost.runtime.batch.make_sampler", broken_sampler)
+        refused = engine.submit(Job(prompt(m, "Say hello."), GREEDY, max_tokens=4))
+        assert list(refused.chunks())[-1].finish_reason == "error" and "TypeError" in refused.end.error
+        monkeypatch.undo()
+        assert engine._thread is not None and engine._thread.is_alive() and engine.busy() == (0, 0)
+    finally:
+        m.close()
+
+
+def test_repetition_penalties_reach_llama_cpp(model: ChatModel) -> None:
+    """llama-cpp-python 0.3.36's penalties sampler takes n_vocab first: a penalised job runs and differs."""
+    model.engine.clear_cache()
+    question = prompt(model, "List the numbers from one to twenty, separated by commas.")
+    plain = run([model.engine.submit(Job(question, GREEDY, max_tokens=40))])[0]
+    penalised = SamplingParams(temperature=0, repeat_penalty=1.8, frequency_penalty=1.0, presence_penalty=1.0)
+    model.engine.clear_cache()
+    text, end = run([model.engine.submit(Job(question, penalised, max_tokens=40))])[0]
+    assert end.finish_reason in ("stop", "length") and end.error is None
+    assert text != plain[0]

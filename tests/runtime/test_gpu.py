@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from selfhost.chat.model import ChatModel, EngineOptions
-from selfhost.runtime.batch import Job, JobText, SamplingParams
+from selfhost.runtime.jobs import Job, JobText
 from selfhost.runtime.kvcache import KVSettings
+from selfhost.runtime.sampler import SamplingParams
 from selfhost.runtime.speculative import SpecSettings
 
 pytestmark = pytest.mark.gpu

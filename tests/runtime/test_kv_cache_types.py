@@ -17,10 +17,12 @@ import pytest
 from selfhost.chat.model import ChatModel, EngineOptions
 from selfhost.errors import UsageError
 from selfhost.runtime import gguf_info
-from selfhost.runtime.batch import Job, JobText, SamplingParams, _open_context
+from selfhost.runtime.jobs import Job, JobText
 from selfhost.runtime.kvcache import KVSettings
 from selfhost.runtime.llama_backend import capture_logs, llama, load_model
+from selfhost.runtime.llama_context import open_context
 from selfhost.runtime.memory import kv_bytes_per_token
+from selfhost.runtime.sampler import SamplingParams
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -35,7 +37,7 @@ PPL_BOUND = {"q8_0": 1.02, "q4_0": 1.10}  # perplexity at most this many times F
 def perplexity(path: Path, kv: KVSettings) -> float:
     lib = llama()
     llm, _ = load_model(path, n_ctx=64, n_threads=2)
-    ctx = _open_context(lib, llm, 256, 1, 256, 2, kv)
+    ctx = open_context(llm.model, n_ctx=256, n_batch=256, threads=2, kv=kv)
     try:
         tokens = llm.tokenize(TEXT.encode(), add_bos=True)
         batch = lib.llama_batch_init(len(tokens), 0, 1)
@@ -95,7 +97,7 @@ def test_kv_estimate_per_token_matches_what_llama_cpp_allocates(
     lib = llama()
     llm, _ = load_model(smollm2_gguf, n_ctx=64, n_threads=1)
     with capture_logs() as log:
-        ctx = _open_context(lib, llm, 2048, 2, 64, 1, kv)
+        ctx = open_context(llm.model, n_ctx=2048, n_seq_max=2, n_batch=64, threads=1, kv=kv)
     lib.llama_free(ctx)
     llm.close()
     text = "".join(log)

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfhost.chat.model import ChatModel, EngineOptions
-from selfhost.runtime.batch import Job, JobEnd, SamplingParams
+from selfhost.runtime.jobs import Job, JobEnd
 from selfhost.runtime.kvcache import KVSettings
+from selfhost.runtime.sampler import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 HISTORY = "Here are my notes. " + " ".join(f"Item {i}: buy {i} apples and {i + 1} pears." for i in range(16))

@@ -11,7 +11,8 @@ import pytest
 
 from selfhost.chat.model import ChatModel, EngineOptions
 from selfhost.errors import UsageError
-from selfhost.runtime.batch import Job, JobEnd, JobText, SamplingParams
+from selfhost.runtime.jobs import Job, JobEnd, JobText
+from selfhost.runtime.sampler import SamplingParams
 from selfhost.runtime.speculative import NgramDrafter, SpecSettings
 from tests.fakes.servehelp import Server
 

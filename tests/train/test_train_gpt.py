@@ -18,8 +18,10 @@ pytest.importorskip("tokenizers")
 from selfhost.cli.app import app  # noqa: E402
 from selfhost.errors import NotFoundError, UsageError  # noqa: E402
 from selfhost.events import Notice, Progress, Result  # noqa: E402
-from selfhost.train.gpt import checkpoint, data, estimate, trainer  # noqa: E402
-from selfhost.train.gpt.config import PRESETS, build_config  # noqa: E402
+from selfhost.train.gpt import checkpoint, data, estimate, options, trainer  # noqa: E402
+from selfhost.train.gpt.config import build_config  # noqa: E402
+from selfhost.train.gpt.optim import lr_factor  # noqa: E402
+from selfhost.train.gpt.setup import gpt_config  # noqa: E402
 from selfhost.train.gpt.tokenizer import CharTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +65,7 @@ def test_presets_and_precedence(tmp_path: Path) -> None:
     )
     sc = build_config("shakespeare-char")
     assert (sc.learning_rate, sc.min_lr, sc.warmup_iters, sc.beta2, sc.n_embd) == (1e-3, 1e-4, 100, 0.99, 384)
-    for name in PRESETS:  # Q8_0 needs rows that are multiples of 32
+    for name in options.preset_names():  # Q8_0 needs rows that are multiples of 32
         assert build_config(name).n_embd % 32 == 0
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "shakespeare-char"\nn-layer = 3\nlearning_rate = 5e-4\n', "utf-8")
@@ -80,12 +82,12 @@ def test_presets_and_precedence(tmp_path: Path) -> None:
 
 def test_learning_rate_schedule() -> None:
     cfg = build_config("shakespeare-char")
-    f = trainer.lr_factor(cfg)
+    f = lr_factor(cfg)
     assert f(0) == pytest.approx(1 / 101)
     assert f(100) == pytest.approx(1.0)
     assert f(5000) == pytest.approx(0.1) and f(9000) == pytest.approx(0.1)
     assert 0.1 < f(2500) < 1.0
-    assert trainer.lr_factor(build_config("seed"))(4000) == 1.0  # the seed's constant rate
+    assert lr_factor(build_config("seed"))(4000) == 1.0  # the seed's constant rate
 
 
 # -- data + estimate ----------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def test_estimate_counts_match_the_model() -> None:
     from selfhost.train.gpt.model import GPT
 
     cfg = build_config("seed")
-    model = GPT(trainer.gpt_config(cfg, 65))
+    model = GPT(gpt_config(cfg, 65))
     n, total = estimate.count_params(cfg, 65)
     assert (n, total) == (model.num_params(), model.num_params(non_embedding=False))
     est = estimate.make_estimate(cfg, 65, 1_000_000, device="cpu", tokens_per_s=1000.0)
@@ -274,7 +276,6 @@ def test_bad_inputs_are_one_line_errors(runner, tmp_path: Path, text_file: Path)
     short.write_text("just a few words here", "utf-8")
     one_line_error(runner.invoke(app, [*gpt, "-d", str(short)]), "too short")
     one_line_error(runner.invoke(app, [*gpt, "-d", str(text_file), "--preset", "huge"]), "unknown preset")
-    one_line_error(runner.invoke(app, [*gpt, "-d", str(text_file), "--tokenizer", "words"]), "tokenizer")
     one_line_error(runner.invoke(app, [*gpt, "-d", str(text_file), "--n-head", "3"]), "multiple of n_head")
     one_line_error(runner.invoke(app, [*gpt, "--resume", "--name", "none"]), "no checkpoint")
 
@@ -380,7 +381,7 @@ def test_llama_muon_run_resumes_exactly(text_file: Path, tmp_path: Path) -> None
 def test_wsd_schedule_is_flat_then_linear() -> None:
     cfg = build_config("cpu-tiny", overrides={"lr_schedule": "wsd", "max_iters": 1000, "lr_decay_iters": 1000,
                                               "warmup_iters": 10, "cooldown": 0.2})  # fmt: skip
-    f = trainer.lr_factor(cfg)
+    f = lr_factor(cfg)
     assert f(0) == pytest.approx(1 / 11) and f(10) == f(799) == 1.0
     floor = cfg.min_lr / cfg.learning_rate
     assert f(900) == pytest.approx(floor + (1 - floor) * 0.5) and f(1000) == pytest.approx(floor)

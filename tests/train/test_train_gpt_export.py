@@ -170,7 +170,7 @@ def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, run
     from selfhost.cli.app import app
     from selfhost.models.store import Store
     from selfhost.train.gpt import tokenizer
-    from selfhost.train.gpt.trainer import load_model
+    from selfhost.train.gpt.checkpoint import load_model
 
     docs = tmp_path / "docs"
     docs.mkdir()

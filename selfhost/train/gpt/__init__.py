@@ -1,10 +1,12 @@
-"""Train your own GPT (GPT-2 architecture, nanoGPT-style), estimate its cost, export it to GGUF.
+"""Train your own GPT (GPT-2 or llama-style, nanoGPT-style code), estimate its cost, export it to GGUF.
 
-Modules: `config` (presets, TOML), `tokenizer` (char + byte-level BPE), `data` (documents -> token
-arrays), `model` (the network), `estimate` (params, FLOPs, ETA), `trainer` (the loop, yields events),
-`checkpoint` (atomic, weights-only), `export` (GGUF `gpt2` + store), `sample` (generation).
+Modules: `options` (each setting's flag, each choice's values, the presets folder: what the CLI reads at
+start-up), `config` (TrainConfig, presets/*.toml, TOML files), `tokenizer` (char + byte-level BPE), `data`
+(documents -> token arrays), `model` and `llama` (the networks), `estimate` (params, FLOPs, ETA),
+`trainer` (the loop) with `setup`, `run`, `optim` (+ `muon`), `evaluation`, `resume` and `devices`,
+`checkpoint` (atomic, weights-only), `export` (GGUF + store), `base` + `finetune` (--init), `sample`.
 Shared plumbing (device, threads, dependency guard, settings base) is in `selfhost.train.common`.
-Only `model`, `trainer`, `checkpoint`, `estimate`, `export` and `sample` import torch.
+`options` and `config` never import torch.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 
 from selfhost import atomic
 from selfhost.errors import IntegrityError, NotFoundError
-from selfhost.train.gpt.model import GPTConfig, build_model
+from selfhost.train.gpt.model import CausalLM, GPTConfig, build_model
 
 FORMAT = "selfhost-gpt"
 VERSION = 1
@@ -235,3 +235,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(ckpt: dict[str, Any], device: torch.device) -> CausalLM:
+    """A checkpoint's model in eval mode."""
+    model = build_model(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()

@@ -1,29 +1,24 @@
-"""Training configuration: presets, a TOML file for repeatable runs, and per-flag overrides.
-
-Precedence: preset < config file < explicit overrides (CLI flags). Every hyper-parameter is a field.
+"""Training configuration: presets (the TOML files of presets/), a TOML file for repeatable runs, and
+per-flag overrides. Precedence: preset < config file < explicit overrides (CLI flags). Every
+hyper-parameter is a field; options.py holds each field's flag and each choice's values.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from selfhost.errors import NotFoundError, UsageError
 from selfhost.train.common import TrainSettings
-
-TokenizerKind = Literal["char", "bpe"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-Arch = Literal["gpt2", "llama"]
-OptimizerKind = Literal["adamw", "muon"]
-Schedule = Literal["cosine", "wsd"]
+from selfhost.train.gpt import options
+from selfhost.train.gpt.options import Arch, Device, DType, OptimizerKind, Schedule, TokenizerKind
 
 
 class TrainConfig(TrainSettings):
-    """Everything that defines a run. Field names are the TOML keys and (with dashes) the CLI flags."""
+    """Everything that defines a run. Field names are the TOML keys; options.flag(field) is the CLI flag."""
 
     # data + tokenizer
     tokenizer: TokenizerKind = "char"
@@ -92,75 +87,64 @@ class TrainConfig(TrainSettings):
         return self.batch_size * self.block_size * self.grad_accum
 
 
-_SHAKESPEARE_CHAR: dict[str, Any] = dict(
-    n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
-    batch_size=64, max_iters=5000, learning_rate=1e-3, lr_decay_iters=5000, min_lr=1e-4,
-    warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-    eval_interval=250, eval_iters=200, log_interval=10,
-)  # fmt: skip
-
-_NANOGPT_CPU_TINY: dict[str, Any] = dict(
-    n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-    batch_size=12, max_iters=2000, learning_rate=1e-3, lr_decay_iters=2000, min_lr=1e-4,
-    warmup_iters=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-    eval_interval=250, eval_iters=20, log_interval=10, sample_tokens=100,
-)  # fmt: skip
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The seed material's configuration (constant lr, AdamW defaults, no clipping).
-    "seed": dict(
-        n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
-        batch_size=64, max_iters=5000, learning_rate=3e-4, decay_lr=False, warmup_iters=0,
-        min_lr=3e-4, beta2=0.999, weight_decay=0.01, grad_clip=0.0,
-        eval_interval=500, eval_iters=200, log_interval=10,
-    ),
-    # nanoGPT's config/train_shakespeare_char.py
-    "shakespeare-char": _SHAKESPEARE_CHAR,
-    # nanoGPT's "baby GPT" CPU settings (gpt2, AdamW, cosine): minutes on 2 cores; the bench's reference.
-    "nanogpt-cpu-tiny": _NANOGPT_CPU_TINY,
-    # The same model size and batch, the modern recipe: llama-style model, Muon + AdamW, warm-up/stable/decay.
-    # Reaches nanogpt-cpu-tiny's final val loss in fewer steps (bench/train_gpt.py; README benchmarks).
-    "cpu-tiny": {**_NANOGPT_CPU_TINY, "arch": "llama", "optimizer": "muon", "lr_schedule": "wsd",
-                 "cooldown": 0.4, "max_iters": 1000, "lr_decay_iters": 1000, "eval_interval": 200},
-    # Fine-tuning a model (--init; the default preset there): LoRA adapters, a short constant-then-decay run.
-    "finetune": dict(
-        block_size=512, dropout=0.0, batch_size=8, max_iters=100, learning_rate=1e-3, min_lr=1e-4,
-        warmup_iters=5, lr_schedule="wsd", cooldown=0.3, weight_decay=0.0, grad_clip=1.0, lora_rank=8,
-        lora_alpha=16.0, log_interval=1,
-    ),
-}  # fmt: skip
-DEFAULT_PRESET = "cpu-tiny"
-
-
-def preset_values(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise NotFoundError(f"unknown preset '{name}'", hint=f"choose one of: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
-
-
 def read_toml(path: Path) -> dict[str, Any]:
-    """A config file: top-level keys are TrainConfig fields (`preset = "..."` picks the base)."""
+    """A config file (or a preset): top-level keys are TrainConfig fields, dashes or underscores
+    (`preset = "..."` names the preset it builds on)."""
+    return {key.replace("-", "_"): value for key, value in _toml_table(path).items()}
+
+
+def _toml_table(path: Path) -> dict[str, Any]:
+    """A TOML file's top-level table, keys as written (what config files and presets share)."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"no such config file: {path}")
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        return tomllib.loads(path.read_text("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
-    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def preset_path(name: Any) -> Path:
+    """The TOML file of a shipped preset (an unknown name: one line listing the shipped ones)."""
+    names = options.preset_names()
+    if name not in names:
+        raise NotFoundError(f"unknown preset '{name}'", hint=f"choose one of: {', '.join(names)}")
+    return options.PRESETS_DIR / f"{name}.toml"
+
+
+def preset_layers(name: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, settings) of preset `name` and of each preset it builds on (`preset = "..."`), base first."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    while name is not None:
+        if any(name == seen for seen, _ in chain):
+            cycle = " -> ".join([*(seen for seen, _ in chain), name])
+            raise UsageError(f"presets build on each other in a circle: {cycle}")
+        values = read_toml(preset_path(name))
+        chain.append((name, values))
+        name = values.pop("preset", None)
+    return chain[::-1]
 
 
 def build_config(
     preset: str | None = None, config_file: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """preset < config file < overrides (None values in overrides are ignored)."""
-    file_values = read_toml(config_file) if config_file else {}
-    preset = preset or file_values.pop("preset", None) or DEFAULT_PRESET
-    file_values.pop("preset", None)
-    values = preset_values(preset)
-    values.update(file_values)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig.validated(values)
+    """preset (and its bases) < config file < overrides (the flags; None values are ignored).
+    The config file's `preset` key picks the preset when `preset` is None; the default is cpu-tiny.
+    A bad value is one line naming where it came from: the flag, the file's key, or the preset."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # field -> where its value came from (for error messages)
+    file_table = _toml_table(config_file) if config_file else {}
+    file_values = {key.replace("-", "_"): (key, value) for key, value in file_table.items()}
+    _, base = file_values.pop("preset", (None, None))
+    for name, layer in preset_layers(preset or base or options.DEFAULT_PRESET):
+        values.update(layer)
+        origins.update({field: f"{field} in preset {name}" for field in layer})
+    for field, (key, value) in file_values.items():
+        values[field], origins[field] = value, f"{key} in {config_file}"
+    for field, value in (overrides or {}).items():
+        if value is not None:
+            values[field], origins[field] = value, options.flag(field)
+    return TrainConfig.validated(values, origins)
 
 
 def check_name(name: str) -> str:

@@ -117,3 +117,12 @@ def probe_throughput(step: Any, tokens_per_call: int, device: Any, calls: int = 
         step()
     sync()
     return tokens_per_call * calls / max(time.perf_counter() - t0, 1e-9)
+
+
+def estimate_metrics(est: Estimate, cfg: TrainConfig) -> dict[str, float]:
+    """The estimate's numbers and the model's shape, for the start Progress (the CLI prints them)."""
+    numbers = {k: v for k, v in vars(est).items() if isinstance(v, int | float)}
+    derived = {"total_tokens": est.total_tokens, "epochs": est.epochs, "total_flops": est.total_flops,
+               "compute_optimal_tokens": est.compute_optimal_tokens}  # fmt: skip
+    shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    return {**numbers, **derived, **shape}

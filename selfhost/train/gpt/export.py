@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +21,9 @@ from selfhost.events import Events, Notice, Result
 from selfhost.models.store import ModelRecord, Store, sha256_file
 from selfhost.runtime import gguf_info
 from selfhost.train.gpt.model import LAYER_NORM_EPS
+from selfhost.train.gpt.options import ExportType
 from selfhost.train.gpt.tokenizer import CHAT_TEMPLATE, Tokenizer
 
-ExportType = Literal["f32", "f16"]
 # A base model has no roles: the prompt is the messages' text, one per line.
 BASE_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}\n{% endif %}{% endfor %}"

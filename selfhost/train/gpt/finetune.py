@@ -29,6 +29,7 @@ from selfhost.events import Events, Notice, Progress, Result
 from selfhost.train.gpt.base import BaseModel, load_base
 from selfhost.train.gpt.config import TrainConfig
 from selfhost.train.gpt.model import CausalLM, GPTConfig, build_model
+from selfhost.train.gpt.options import ExportType
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -179,7 +180,7 @@ class FinetuneRequest:
     chat: Path | None
     name: str
     run_dir: Path
-    export_type: str = "f16"
+    export_type: ExportType = "f16"
     data: Path | None = None  # plain text instead of conversations
     register: bool = True
 
@@ -235,7 +236,7 @@ def train(req: FinetuneRequest) -> Events:
 
 def _loop(model: CausalLM, params: list[nn.Parameter], examples: list[Example], cfg: TrainConfig) -> Any:
     """AdamW over the trainable parameters with the run's schedule; a Progress per logged step."""
-    from selfhost.train.gpt.trainer import lr_factor
+    from selfhost.train.gpt.optim import lr_factor
 
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)  # fmt: skip

@@ -11,7 +11,6 @@ from selfhost.errors import UsageError
 from selfhost.events import Notice
 from selfhost.train.common import pick_device, resolve_threads
 from selfhost.train.gpt import checkpoint, tokenizer
-from selfhost.train.gpt.trainer import load_model
 
 
 def generate(
@@ -35,7 +34,7 @@ def generate(
     resolve_threads(0, dev)  # on a busy CPU, fewer threads are faster
     ckpt = checkpoint.load(ckpt_path)
     tok = tokenizer.from_json(ckpt["tokenizer"])
-    model = load_model(ckpt, dev)
+    model = checkpoint.load_model(ckpt, dev)
     gen = torch.Generator(device=dev)
     if seed is not None:
         gen.manual_seed(seed)
