@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pull.py --size-mb 200
 
-1. Throughput: the fake Hub (tests/hubserver.py, 127.0.0.1, in this process) serves one random
+1. Throughput: the fake Hub (tests/fakes/hubserver.py, 127.0.0.1, in this process) serves one random
    random llama GGUF; selfhost's core `pull()` (download + sha256 verification + fsync + registration)
    and `hf_hub_download` (download only) each fetch it into a fresh cache, `--rounds` times; best wins.
 2. Resume: the server drops the connection at 50% of the file. selfhost's next run fetches only the missing
@@ -28,7 +28,7 @@ FILE = "random-Q4_K_M.gguf"
 def make_file(size: int) -> bytes:
     """A valid random llama GGUF of about `size` bytes (pull validates what it registers), its
     feed-forward width chosen to reach the size (2 layers x 3 matrices of n_ff x 64 F32)."""
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     n_ff = max(128, size // (2 * 3 * 64 * 4))
     with tempfile.TemporaryDirectory() as folder:
@@ -57,7 +57,7 @@ def main() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-    from tests.hubserver import FakeHub
+    from tests.fakes.hubserver import FakeHub
 
     size = args.size_mb * 1_000_000
     data = make_file(size)

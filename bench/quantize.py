@@ -75,7 +75,7 @@ def synthetic_f16(path: Path) -> Path:
     """A random-weight llama of ~0.4 B parameters in F16 (~0.8 GB): quantization time does not
     depend on the values, so it stands in for a real model of that size."""
     sys.path.insert(0, str(REPO))
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     return write_tiny_llama(path, n_embd=2048, n_ff=5632, n_layer=8, n_head=16, n_ctx=2048, dtype="f16")
 

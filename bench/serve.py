@@ -43,7 +43,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.servehelp import free_port  # noqa: E402
+from tests.fakes.servehelp import free_port  # noqa: E402
 
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread.",

@@ -27,7 +27,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.servehelp import Server  # noqa: E402
+from tests.fakes.servehelp import Server  # noqa: E402
 
 PROMPT = "What is the capital of France?"
 SYSTEM = "Answer in one short sentence."

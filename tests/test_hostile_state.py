@@ -23,7 +23,7 @@ from selfhost.chat.messages import Conversation, Message
 from selfhost.cli.app import app
 from selfhost.errors import HistoryBusyError, HistoryDiskFullError
 from tests.conftest import REPO
-from tests.test_pull import fake_hub, gguf_bytes  # noqa: F401 - the fake Hub fixture
+from tests.fakes.tinygguf import gguf_bytes
 
 
 # -- 4: migrations race ------------------------------------------------------------------------

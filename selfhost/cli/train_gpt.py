@@ -23,7 +23,8 @@ gpt_app = typer.Typer(
 )
 _PRESET_HELP = (f"Base settings: {', '.join(options.preset_names())} (default: {options.DEFAULT_PRESET}; "
                 f"{options.FINETUNE_PRESET} with --init).")  # fmt: skip
-# `train gpt`'s own options; every other option is a TrainConfig setting (tests/test_train_gpt_options.py).
+# `train gpt`'s own options; every other option is a TrainConfig setting
+# (tests/train/test_train_gpt_options.py).
 RUN_OPTIONS = ("data", "preset", "config", "name", "out", "resume", "estimate", "export", "export_type",
                "chat", "init", "tensorboard", "as_json")  # fmt: skip
 

@@ -1,6 +1,6 @@
 -- A history.db as written by selfhost 0.1 (schema version 1), frozen: tests/data/history_v1.db is
 -- built from this file with `sqlite3 tests/data/history_v1.db < tests/data/history_v1.sql`
--- (or tests/test_history.py::build_v1_fixture); never from today's migration code.
+-- (or tests/chat/test_history.py::build_v1_fixture); never from today's migration code.
 CREATE TABLE _migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT);
 CREATE TABLE conversations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

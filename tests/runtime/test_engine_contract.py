@@ -23,7 +23,7 @@ CTX = 64
 
 @pytest.fixture(scope="module")
 def talker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tinygguf import write_tiny_llama
+    from tests.fakes.tinygguf import write_tiny_llama
 
     # greedy on these random weights never samples <|im_end|>: a reply runs to a limit
     return write_tiny_llama(tmp_path_factory.mktemp("contract") / "talker.gguf", n_ctx=128, seed=1)
