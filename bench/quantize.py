@@ -47,7 +47,7 @@ def bare_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
 
 
 def core_quantize(src: Path, dst: Path, qtype: str, threads: int, store: bool = True) -> float:
-    from selfhost.quantize.run import QuantizeOptions, run_quantize
+    from selfhost.quantize.flow import QuantizeOptions, run_quantize
 
     started = time.perf_counter()
     options = QuantizeOptions(type=qtype, out=dst, threads=threads, force=True, add_to_store=store)
@@ -100,7 +100,7 @@ def imatrix_section(f16: Path, work: Path, args: argparse.Namespace) -> None:
     from selfhost.events import run_to_end
     from selfhost.quantize.calibrate import compute_imatrix, default_calibration_text
     from selfhost.quantize.compare import compare
-    from selfhost.quantize.run import QuantizeOptions, run_quantize
+    from selfhost.quantize.flow import QuantizeOptions, run_quantize
 
     matrix = work / "smollm2.imatrix.gguf"
     written = run_to_end(

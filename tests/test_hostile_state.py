@@ -220,7 +220,7 @@ def test_quantize_on_a_disk_that_fills_up_says_the_disk_is_full(tiny_gguf: Path,
     from selfhost.errors import DiskSpaceError
     from selfhost.events import Progress
     from selfhost.models.store import Store
-    from selfhost.quantize.run import QuantizeOptions, quantize
+    from selfhost.quantize.flow import QuantizeOptions, quantize
 
     out = small_disk / "tiny-Q8_0.gguf"
     events = quantize(str(tiny_gguf), QuantizeOptions(type="Q8_0", out=out, threads=1))

@@ -15,7 +15,7 @@ from selfhost import paths
 from selfhost.cli.app import app
 from selfhost.events import Progress, Result, run_to_end
 from selfhost.models.store import Store
-from selfhost.quantize.run import QuantizeOptions, quantize, run_quantize
+from selfhost.quantize.flow import QuantizeOptions, quantize, run_quantize
 from selfhost.runtime import gguf_info
 from tests.conftest import one_error_line
 from tests.fakes.tinygguf import write_tiny_llama

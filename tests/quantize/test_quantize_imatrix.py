@@ -18,9 +18,8 @@ from selfhost.events import Notice, Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.calibrate import compute_imatrix
 from selfhost.quantize.imatrix import load_imatrix
-from selfhost.quantize.run import QuantizeOptions, run_quantize
+from selfhost.quantize.flow import QuantizeOptions, run_quantize
 from selfhost.runtime import gguf_info
-from tests.fakes.tinygguf import write_tiny_llama
 
 CALIBRATION = ["--calibration", "default", "--chunk-size", "128", "--calibration-chunks", "2"]
 
@@ -33,11 +32,15 @@ def llama_cpp_gguf_summary(path: Path) -> tuple[str, list[str]]:
         _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
     lib = _ggml.libggml
-    lib.gguf_init_from_file.restype, lib.gguf_init_from_file.argtypes = ctypes.c_void_p, [ctypes.c_char_p,
-                                                                                           InitParams]
+    lib.gguf_init_from_file.restype, lib.gguf_init_from_file.argtypes = (
+        ctypes.c_void_p,
+        [ctypes.c_char_p, InitParams],
+    )
     lib.gguf_find_key.restype, lib.gguf_find_key.argtypes = ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]
-    lib.gguf_get_val_str.restype, lib.gguf_get_val_str.argtypes = ctypes.c_char_p, [ctypes.c_void_p,
-                                                                                     ctypes.c_int64]
+    lib.gguf_get_val_str.restype, lib.gguf_get_val_str.argtypes = (
+        ctypes.c_char_p,
+        [ctypes.c_void_p, ctypes.c_int64],
+    )
     lib.gguf_get_n_tensors.restype, lib.gguf_get_n_tensors.argtypes = ctypes.c_int64, [ctypes.c_void_p]
     lib.gguf_get_tensor_name.restype = ctypes.c_char_p
     lib.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -53,12 +56,6 @@ def llama_cpp_gguf_summary(path: Path) -> tuple[str, list[str]]:
 
 
 # -- a tiny model: fast checks -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Rows of 256 and 512: every IQ2 block fits."""
-    return write_tiny_llama(tmp_path_factory.mktemp("imx") / "tiny.gguf", n_embd=256, n_ff=512, n_ctx=128)
-
-
 def test_iq2_works_with_calibration_and_the_file_is_llama_cpp_imatrix(runner, tiny_f32, tmp_path):
     kept = tmp_path / "tiny.imatrix.gguf"
     no_imatrix = runner.invoke(app, ["quantize", str(tiny_f32), "--type", "IQ2_XXS"])
@@ -85,8 +82,10 @@ def test_iq2_works_with_calibration_and_the_file_is_llama_cpp_imatrix(runner, ti
     assert all(np.isfinite(v).all() and (v > 0).all() for v in data.values.values())
 
     # the kept file feeds llama.cpp's quantizer again, as llama-imatrix's files do
-    again = run_quantize(str(tiny_f32), QuantizeOptions(type="IQ2_XS", imatrix=kept, out=tmp_path / "xs.gguf",
-                                                        threads=1, add_to_store=False))
+    again = run_quantize(
+        str(tiny_f32),
+        QuantizeOptions(type="IQ2_XS", imatrix=kept, out=tmp_path / "xs.gguf", threads=1, add_to_store=False),
+    )
     assert gguf_info.inspect(again.output).quant == "IQ2_XS" and again.imatrix == kept
 
 
@@ -142,8 +141,9 @@ def test_imatrix_lowers_perplexity_of_smollm2(runner, smollm2_gguf, shared_data,
     assert result.exit_code == 0, result.output
     assert "importance matrix: 210 weight matrices" in result.output  # 30 layers x 7 matrices
     assert llama_cpp_gguf_summary(kept)[0] == "imatrix"
-    without = run_quantize(str(f16), QuantizeOptions(type="Q4_K_M", out=tmp_path / "without.gguf", threads=2,
-                                                     add_to_store=False)).output
+    without = run_quantize(
+        str(f16), QuantizeOptions(type="Q4_K_M", out=tmp_path / "without.gguf", threads=2, add_to_store=False)
+    ).output
     fields = __import__("gguf").GGUFReader(with_imatrix).fields
     assert int(fields["quantize.imatrix.entries_count"].parts[-1][0]) == 210
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from selfhost.cli.app import app
-from selfhost.quantize.run import QuantizeOptions, run_quantize
+from selfhost.quantize.flow import QuantizeOptions, run_quantize
 from selfhost.runtime import gguf_info
 
 pytestmark = pytest.mark.slow

@@ -246,7 +246,7 @@ def test_mnist_eval_writes_a_grid_of_misclassified_digits(mnist_small: Path, tmp
 
 # -- selfhost compare --plot ----------------------------------------------------------------------
 def test_compare_plot(runner, tiny_f32: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    from selfhost.quantize.run import QuantizeOptions, run_quantize
+    from selfhost.quantize.flow import QuantizeOptions, run_quantize
 
     f32 = tiny_f32
     q8 = tmp_path / "tiny-q8.gguf"
@@ -263,8 +263,9 @@ def test_compare_plot(runner, tiny_f32: Path, tmp_path: Path) -> None:  # noqa: 
     png_is_sane(png, min_size=(900, 300))
 
 
-def test_missing_optional_packages_are_one_line_errors(runner, text_file: Path, isolated_home: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_missing_optional_packages_are_one_line_errors(
+    runner, text_file: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
     run_dir = isolated_home / "runs" / "handmade"
     run_dir.mkdir(parents=True)
     rows = [{"kind": "train", "step": s, "loss": 3.0 - s / 10, "elapsed_s": s} for s in range(1, 6)]
@@ -281,5 +282,6 @@ def test_missing_optional_packages_are_one_line_errors(runner, text_file: Path, 
     args = ["train", "gpt", "-d", str(text_file), "--tensorboard", "--no-export", *TINY_FLAGS]
     tb = runner.invoke(app, args)
     assert tb.exit_code == 1 and tb.output.strip() == (
-        "error: TensorBoard is not installed (pip install 'selfhost[tensorboard]')")
+        "error: TensorBoard is not installed (pip install 'selfhost[tensorboard]')"
+    )
     assert not (isolated_home / "runs" / "text-gpt").exists()  # refused before anything was written

@@ -31,18 +31,6 @@ TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size
               "--eval-iters", "2", "--sample-tokens", "8", "--warmup", "2"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(2)
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text("To be, or not to be, that is the question.\n" * 60, "utf-8")
-    return path
-
-
 def one_line_error(result, needle: str) -> None:  # noqa: ANN001
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -173,8 +161,15 @@ def test_training_on_shakespeare_lowers_val_loss(shared_data: Path, tmp_path: Pa
     best = checkpoint.load(tmp_path / "run")  # a run folder means its best weights
     assert best["val_loss"] == done.best_val_loss and "optimizer" not in best
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.pt", "ckpt.pt", "config.json", "metrics.jsonl", "run.json", "tokenizer.json", "train.npy",
-        "val.npy"]  # fmt: skip  (the run records itself: metrics.jsonl, run.json)
+        "best.pt",
+        "ckpt.pt",
+        "config.json",
+        "metrics.jsonl",
+        "run.json",
+        "tokenizer.json",
+        "train.npy",
+        "val.npy",
+    ]  # fmt: skip  (the run records itself: metrics.jsonl, run.json)
 
 
 def losses(events: list) -> dict[str, float]:  # noqa: ANN001

@@ -30,11 +30,6 @@ PROBES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(2)
-
-
 def random_model(tok: Tokenizer, seed: int = 0) -> GPT:
     """A small GPT with weights spread enough that its logits have clear argmaxes."""
     torch.manual_seed(seed)

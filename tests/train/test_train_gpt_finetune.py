@@ -22,11 +22,6 @@ from tests.train.test_train_gpt import one_line_error  # noqa: E402
 TEXT = "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer.\n" * 20
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(2)
-
-
 def tiny_llama(tok: BPETokenizer, **kw) -> torch.nn.Module:  # noqa: ANN003
     torch.manual_seed(0)
     model = build_model(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64,

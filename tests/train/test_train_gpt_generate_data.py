@@ -21,11 +21,6 @@ from selfhost.train.gpt.config import build_config  # noqa: E402
 from selfhost.train.gpt.model import GPT, GPTConfig  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(2)
-
-
 def tokens_of(model: GPT, idx: torch.Tensor, n: int, **kw) -> list[int]:  # noqa: ANN003
     return [int(t) for t in model.generate(idx, n, **kw)]
 
