@@ -96,8 +96,8 @@ def quantize(
         raise UsageError(
             "name a model to quantize", hint="e.g. `selfhost quantize model-f16.gguf --type Q4_K_M`"
         )
-    from selfhost.quantize.perplexity import read_text
     from selfhost.quantize.flow import QuantizeOptions, quantize
+    from selfhost.quantize.perplexity import read_text
 
     text = read_text(eval_text) if eval_text else None  # fail on a bad --eval before quantizing
     model = ensure_model(model, pull, purpose="load")  # auto-pull: an alias or owner/repo not here yet

@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from selfhost.events import run_to_end  # noqa: E402
-from selfhost.quantize.perplexity import perplexity  # noqa: E402
 from selfhost.quantize.flow import QuantizeOptions, run_quantize  # noqa: E402
+from selfhost.quantize.perplexity import perplexity  # noqa: E402
 from selfhost.train.gpt.export import write_gguf  # noqa: E402
 from selfhost.train.gpt.model import GPT, GPTConfig  # noqa: E402
 from selfhost.train.gpt.tokenizer import CharTokenizer  # noqa: E402

@@ -17,8 +17,8 @@ from selfhost.cli.app import app
 from selfhost.events import Notice, Progress, Result, run_to_end
 from selfhost.models.store import Store
 from selfhost.quantize.calibrate import compute_imatrix
-from selfhost.quantize.imatrix import load_imatrix
 from selfhost.quantize.flow import QuantizeOptions, run_quantize
+from selfhost.quantize.imatrix import load_imatrix
 from selfhost.runtime import gguf_info
 
 CALIBRATION = ["--calibration", "default", "--chunk-size", "128", "--calibration-chunks", "2"]
