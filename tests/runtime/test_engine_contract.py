@@ -29,7 +29,7 @@ def talker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("contract") / "talker.gguf", n_ctx=128, seed=1)
 
 
-@pytest.fixture(params=["real", "fake"])
+@pytest.fixture(params=[pytest.param("real", marks=pytest.mark.needs_model), "fake"])
 def model(request: pytest.FixtureRequest, talker: Path, monkeypatch: pytest.MonkeyPatch):
     if request.param == "fake":
         use_fake_engine(monkeypatch, FakeModel(default=lambda prompt, n: " and so on" * 200))
