@@ -35,6 +35,7 @@ from selfhost.runtime.prompt_cache import PromptCache
 from selfhost.runtime.sampler import check_grammar, make_sampler
 from selfhost.runtime.speculative import DraftPace, ModelDrafter, NgramDrafter, SpecSettings
 from selfhost.runtime.text_stream import TextStream, token_piece
+from selfhost.runtime.tokens import common_prefix
 
 RESTORE_MIN_GAIN = 32  # restore from the prompt cache only when it gives this many more tokens
 
@@ -326,7 +327,7 @@ class BatchEngine:
         lets llama.cpp put all their tokens in one micro-batch. What the slot held is kept in the
         prompt cache before it is overwritten; a longer prefix there is restored into the slot."""
         shared, _, slot = max(
-            (_common_prefix(s.cached, prompt), -s.seq_id, s) for s in self.slots if s.job is None
+            (common_prefix(s.cached, prompt), -s.seq_id, s) for s in self.slots if s.job is None
         )
         cache = self.prompt_cache
         if cache is None:
@@ -558,11 +559,3 @@ def _step_atomically(step: Any) -> None:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     if pressed:
         raise KeyboardInterrupt
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

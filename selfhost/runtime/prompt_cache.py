@@ -21,6 +21,7 @@ from pathlib import Path
 
 from selfhost.atomic import write_bytes
 from selfhost.events import Notice
+from selfhost.runtime.tokens import common_prefix
 
 MAGIC = b"SELFHOST-PROMPT-CACHE-1\n"
 DISK_FACTOR = 4  # the directory holds at most this many times the RAM budget
@@ -90,7 +91,7 @@ class PromptCache:
         """The entry sharing the longest prefix with `prompt`: (shared tokens, entry), or None."""
         found: tuple[int, CacheEntry] | None = None
         for key, entry in self.entries.items():
-            shared = _common_prefix(key, prompt)
+            shared = common_prefix(key, prompt)
             if shared >= MIN_TOKENS and (found is None or shared > found[0]):
                 found = (shared, entry)
         return found
@@ -220,11 +221,3 @@ class PromptCache:
             )
             return None
         return state
-
-
-def _common_prefix(a: tuple[int, ...] | list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

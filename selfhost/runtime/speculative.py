@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from selfhost.errors import UsageError
+from selfhost.runtime.tokens import common_prefix
 
 SpecMode = Literal["none", "ngram", "draft"]
 
@@ -137,7 +138,7 @@ class ModelDrafter:
         if k <= 0 or not history:
             return []
         cached = self.cached[seq]
-        keep = min(_common_prefix(cached, history), len(history) - 1)
+        keep = min(common_prefix(cached, history), len(history) - 1)
         if not self.lib.llama_memory_seq_rm(self.memory, seq, keep, -1):
             keep = 0
             self.lib.llama_memory_seq_rm(self.memory, seq, 0, -1)
@@ -211,11 +212,3 @@ def check_compatible(lib: Any, target_vocab: Any, draft_vocab: Any, draft_name: 
             f"draft model {draft_name} cannot draft for this model: its vocabulary has {problem}",
             hint="use a smaller model of the same family",
         )
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

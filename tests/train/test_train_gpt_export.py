@@ -165,7 +165,7 @@ def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, run
     from selfhost.cli.app import app
     from selfhost.models.store import Store
     from selfhost.train.gpt import tokenizer
-    from selfhost.train.gpt.checkpoint import load_model
+    from selfhost.train.gpt.checkpoint import model_from_checkpoint
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -180,7 +180,7 @@ def test_briefly_trained_bpe_model_on_documents_keeps_parity(tmp_path: Path, run
     record = Store().find("bpe-gpt")
     ckpt = checkpoint.load(paths.runs_dir() / "bpe-gpt")  # its best weights: what was exported
     tok = tokenizer.from_json(ckpt["tokenizer"])
-    model = load_model(ckpt, torch.device("cpu"))
+    model = model_from_checkpoint(ckpt, torch.device("cpu"))
     llm = load(record.path, logits_all=True)
     text = "ROMEO:\nWhat's this? Café 日本語 😀"
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)

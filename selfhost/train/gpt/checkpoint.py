@@ -237,7 +237,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_model(ckpt: dict[str, Any], device: torch.device) -> CausalLM:
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> CausalLM:
     """A checkpoint's model in eval mode."""
     model = build_model(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])

@@ -34,7 +34,7 @@ def generate(
     resolve_threads(0, dev)  # on a busy CPU, fewer threads are faster
     ckpt = checkpoint.load(ckpt_path)
     tok = tokenizer.from_json(ckpt["tokenizer"])
-    model = checkpoint.load_model(ckpt, dev)
+    model = checkpoint.model_from_checkpoint(ckpt, dev)
     gen = torch.Generator(device=dev)
     if seed is not None:
         gen.manual_seed(seed)
