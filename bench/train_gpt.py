@@ -2,9 +2,10 @@
 nanoGPT-equivalent run in the same process, and step throughput against a naive reference step (manual
 attention, unfused AdamW, fp32), all measured in the same run.
 
-CPU (default: nanoGPT's "baby GPT" = preset cpu-tiny: 4L/4H/128d, block 64, batch 12, 2000 iters,
-dropout 0, lr 1e-3, an eval of 20 batches per split every 250 iters; nanoGPT's own train.py: val loss
-1.8857 in 125.8 s on an idle 2-core VM):
+CPU (default: preset cpu-tiny, our llama + Muon recipe at nanoGPT's "baby GPT" size and batch, against the
+nanoGPT-equivalent run of preset nanogpt-cpu-tiny: 4L/4H/128d, block 64, batch 12, 2000 iters, dropout 0,
+lr 1e-3, an eval of 20 batches per split every 250 iters; nanoGPT's own train.py: val loss 1.8857 in
+125.8 s on an idle 2-core VM; `--preset nanogpt-cpu-tiny` compares the same model and loop):
     .venv/bin/python bench/train_gpt.py
     .venv/bin/python bench/train_gpt.py --iters 500 --repeat          # shorter; ours, ref, ref, ours
     .venv/bin/python bench/train_gpt.py --before 9328f94 --cli-iters 200 --skip-run   # old vs new CLI
