@@ -90,3 +90,15 @@ class Server:
                 self.proc.wait()
         self._log_file.close()
         return self.proc.returncode
+
+
+# A tool's parameters, as JSON schema: the served tool-call tests validate arguments against it.
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}

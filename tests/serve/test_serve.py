@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.fakes.servehelp import Server
+from tests.fakes.servehelp import WEATHER, Server
 
 pytestmark = pytest.mark.slow
 
@@ -260,15 +260,7 @@ def test_json_schema_response_format_validates(server: Server, client) -> None:
 
 
 def test_forced_tool_call_arguments_validate(server: Server, client) -> None:
-    parameters = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 30},
-            "unit": {"enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    }
+    parameters = WEATHER
     tools = [
         {
             "type": "function",

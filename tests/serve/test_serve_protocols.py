@@ -12,7 +12,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from tests.fakes.servehelp import Server
+from tests.fakes.servehelp import WEATHER, Server
 from tests.fakes.tinygguf import gguf_bytes, write_tiny_reranker
 
 pytestmark = pytest.mark.slow
@@ -22,15 +22,6 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the served file's name (selfhost's name 
 GREEDY = {"temperature": 0}  # anthropic 2.x dropped sampling arguments: sent as extra fields
 SYSTEM = "Answer in one short sentence."
 QUESTION = "What is the capital of France?"
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 30},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
