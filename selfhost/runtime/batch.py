@@ -503,6 +503,7 @@ class BatchEngine:
             drafted_tokens=slot.drafted,
             accepted_tokens=slot.accepted,
             restored_tokens=slot.restored,
+            stop_sequence=slot.text.matched,
         )
         self._free_sampler(slot)
         slot.job, slot.next_token, slot.batch_index, slot.drafts, slot.ngram = None, None, None, [], None

@@ -51,6 +51,7 @@ class JobEnd:
     drafted_tokens: int = 0  # speculative decoding: tokens drafted for this job
     accepted_tokens: int = 0  # ... and of those, the ones the model kept
     restored_tokens: int = 0  # of reused_tokens, those restored from the prompt cache
+    stop_sequence: str | None = None  # the job's stop string that ended it (finish_reason "stop")
 
 
 JobChunk = JobText | JobEnd

@@ -17,13 +17,14 @@ class TextStream:
         self.full = ""
         self.released = 0
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: bytes, final: bool = False) -> str:
         self.full += self.decoder.decode(piece, final=final)
         for stop in self.stop:
             at = self.full.find(stop, max(0, self.released - len(stop)))
             if at != -1:
-                self.full, self.stopped = self.full[:at], True
+                self.full, self.stopped, self.matched = self.full[:at], True, stop
         hold = 0 if final or self.stopped else self._held_back()
         out = self.full[self.released : len(self.full) - hold]
         self.released += len(out)

@@ -200,6 +200,13 @@ def _messages(m: AnthropicMessage) -> list[dict[str, Any]]:
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
+def _stop_reason(result: Completed) -> str:
+    """Anthropic's stop_reason: "stop_sequence" when one of the request's stop_sequences ended the reply."""
+    if result.stop_sequence is not None and result.finish_reason == "stop":
+        return "stop_sequence"
+    return _STOP.get(result.finish_reason, "end_turn")
+
+
 def _blocks(result: Completed) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     thinking = runner.reasoning(result)
@@ -230,8 +237,8 @@ def _message(reply: runner.Reply, result: Completed) -> dict[str, Any]:
     return {
         **_head(reply),
         "content": _blocks(result),
-        "stop_reason": _STOP.get(result.finish_reason, "end_turn"),
-        "stop_sequence": None,
+        "stop_reason": _stop_reason(result),
+        "stop_sequence": result.stop_sequence,
         "usage": _usage(result),
     }
 
@@ -287,7 +294,7 @@ async def _events(
         yield _event("content_block_delta", index=index, delta=_delta(block))
         yield _event("content_block_stop", index=index)
         index += 1
-    stop = {"stop_reason": _STOP.get(result.finish_reason, "end_turn"), "stop_sequence": None}
+    stop = {"stop_reason": _stop_reason(result), "stop_sequence": result.stop_sequence}
     yield _event("message_delta", delta=stop, usage={"output_tokens": result.usage["completion_tokens"]})
     yield _event("message_stop")
 

@@ -94,6 +94,7 @@ class Completed:
     finish_reason: str
     usage: dict[str, Any]
     reasoning: str | None = None
+    stop_sequence: str | None = None  # the request's stop string that ended the reply
 
 
 class Service:
@@ -284,7 +285,7 @@ class Service:
                 "accepted_prediction_tokens": end.accepted_tokens,
                 "rejected_prediction_tokens": end.drafted_tokens - end.accepted_tokens,
             }
-        return Completed(content, calls, finish, usage, done.message.reasoning)
+        return Completed(content, calls, finish, usage, done.message.reasoning, end.stop_sequence)
 
 
 def _message(m: Any) -> Message:

@@ -299,6 +299,7 @@ class FakeEngine:
             time_to_first_token_s=(slot.t_first or now) - slot.t_admit,
             total_s=now - slot.t_admit,
             context_used=len(slot.cached),
+            stop_sequence=slot.text.matched,
         )
         slot.job, slot.next_token, slot.reply = None, None, deque()
         job._emit(job.end)

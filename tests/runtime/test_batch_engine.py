@@ -144,7 +144,11 @@ def test_reply_stops_at_the_slot_context_and_seeded_sampling_repeats(model: Chat
 def test_stop_strings_are_cut_even_across_tokens() -> None:
     stream = TextStream(["END", "\n\n"])
     out = "".join(stream.feed(p) for p in [b"Hello E", b"N", b"D more"])
-    assert out == "Hello " and stream.stopped and stream.full == "Hello "
+    assert out == "Hello " and stream.stopped and stream.full == "Hello " and stream.matched == "END"
+    assert TextStream(["b", "a"]).feed(b"xaby") == "x" and TextStream(["b", "a"]).matched is None
+    both = TextStream(["b", "a"])
+    both.feed(b"xaby")
+    assert both.matched == "a"  # the earliest stop string in the text is the one that ends it
     stream = TextStream(["xyz"])
     assert stream.feed(b"abx") == "ab" and stream.feed(b"q") == "xq"  # held back, then released
     assert TextStream([]).feed("é".encode()[:1]) == ""  # half a character waits for the rest

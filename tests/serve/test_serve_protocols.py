@@ -74,6 +74,17 @@ def test_anthropic_reply_stream_and_count_tokens(server: Server, claude) -> None
         kinds = [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
     assert kinds[0] == "message_start" and kinds[1] == "content_block_start"
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+
+    # a stop sequence ends the reply: Anthropic's stop_reason "stop_sequence" names it, whole and streamed
+    cut = claude.messages.create(model=MODEL, system=SYSTEM, messages=messages, max_tokens=24,
+                                 stop_sequences=["Paris"], extra_body=GREEDY)  # fmt: skip
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == "Paris"
+    before = cut.content[0].text if cut.content else ""
+    assert "Paris" not in before and text.startswith(before.rstrip())  # the greedy reply, cut before it
+    with claude.messages.stream(model=MODEL, system=SYSTEM, messages=messages, max_tokens=24,
+                                stop_sequences=["Paris"], extra_body=GREEDY) as stream:  # fmt: skip
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "Paris"
     assert set(kinds[2:-3]) == {"content_block_delta"}
 
 
