@@ -99,7 +99,7 @@ def gpt(
     ] = None,
     warmup_iters: Annotated[int | None, _setting("warmup_iters", "Linear warm-up steps.")] = None,
     lr_decay_iters: Annotated[
-        int | None, _setting("lr_decay_iters", "Steps of cosine decay (default: --iters).")
+        int | None, _setting("lr_decay_iters", "Step where the decay ends (default: --iters).")
     ] = None,
     min_lr: Annotated[float | None, _setting("min_lr", "Learning rate at the end of the decay.")] = None,
     weight_decay: Annotated[float | None, _setting("weight_decay")] = None,
@@ -148,7 +148,7 @@ def gpt(
     ] = False,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """Train a GPT (GPT-2 architecture) on your text; torchrun runs it on several GPUs/processes.
+    """Train a GPT on your text (default: a llama-style model with Muon); torchrun runs it on several GPUs.
 
     Metrics go to <run>/metrics.jsonl as training goes; `selfhost train runs` shows them."""
     from selfhost import paths
