@@ -1,5 +1,10 @@
-"""The web chat page of `selfhost serve` in a real headless Chromium (Debian's, driven by Playwright):
-SmolLM2 in llama.cpp behind real uvicorn, the real SQLite history shared with `selfhost chat`."""
+"""The web chat page of `selfhost serve` in a real headless Chromium (Debian's, driven by Playwright).
+
+The page's behaviour (stop, regenerate, edit, switch, delete, escaping, errors, the API key, cross-site
+calls) runs on the real server in this process over the fake engine (tests/fakes/inprocess.py,
+tests/fakes/engine.py): replies are scripted, so what the page shows is known exactly. One test keeps
+the whole loop real: `selfhost serve --open` with SmolLM2 in llama.cpp behind uvicorn in a subprocess,
+a REPL conversation in the SQLite history that the page continues."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import httpx
 import pytest
 
 from tests.conftest import checkout_env, selfhost_command
+from tests.fakes.engine import FakeModel
+from tests.fakes.inprocess import InProcessServer
 from tests.fakes.servehelp import Server
 
 pytestmark = pytest.mark.slow
@@ -20,6 +27,8 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "page-key-456"
 ONE_SENTENCE = "Answer in one short sentence."
+PARIS = "The capital of France is Paris."
+STORY = "Once upon a time" + " the dragon flew over the knight." * 200  # more than the 400 tokens asked
 XSS = "<img src=x onerror=alert(1)> [a](javascript:alert(2))"
 REPLY_PAYLOADS = "\n\n".join(
     [
@@ -33,6 +42,7 @@ REPLY_PAYLOADS = "\n\n".join(
         "```python\nprint('<b>not bold</b>')\n```",
     ]
 )
+DANGEROUS = "script, iframe, object, embed, [onerror], [onload], [onclick], a[href^='javascript']"
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +56,23 @@ def playwright_browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("web") / "home"
-    with Server(smollm2_gguf, home, "--parallel", "2", "--ctx", "1024", "--threads", "2") as srv:
-        yield srv
+@pytest.fixture
+def server(tiny_gguf: Path, fake_model: FakeModel, isolated_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """`selfhost serve` in this process over the fake engine (model `tiny`); its history is the test's."""
+    srv = InProcessServer(monkeypatch, [tiny_gguf], parallel=2, ctx=1024, threads=2)
+    srv.home = isolated_home
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def keyed(tiny_gguf: Path, fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch):
+    """A second in-process server, with an API key and one CORS origin."""
+    srv = InProcessServer(
+        monkeypatch, [tiny_gguf], api_key=KEY, parallel=1, ctx=512, cors_origins=["http://allowed.example"]
+    )
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -96,27 +118,31 @@ def send(page, text: str, wait: bool = True) -> None:
 
 
 def replies(page) -> list[str]:
-    return page.locator("#messages .msg.assistant .content").all_inner_texts()
+    return [text.strip() for text in page.locator("#messages .msg.assistant .content").all_inner_texts()]
 
 
 def history(home: Path, *args: str) -> object:
-    out = subprocess.run(
-        selfhost_command("history", *args, "--json"),
-        env=checkout_env(SELFHOST_HOME=str(home)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    """`selfhost history ARGS --json` on `home` (the CLI in this process: the REPL's view of the log)."""
+    from typer.testing import CliRunner
+
+    from selfhost.cli.app import app
+
+    result = CliRunner().invoke(app, ["history", *args, "--json"], env={"SELFHOST_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 def current_id(page) -> int:
     return int(page.locator("#conversations li.active").get_attribute("data-id"))
 
 
-# ------------------------------------------------------------------- the page
-def test_page_is_served_offline_with_its_assets(server: Server) -> None:
+def wait_done(page) -> None:
+    page.locator("#messages .msg.assistant .stats:not(:empty)").last.wait_for(timeout=30_000)
+    page.locator("#send").wait_for(state="visible")
+
+
+# ------------------------------------------------------- the page, over the fake engine
+def test_page_is_served_offline_with_its_assets(server: InProcessServer) -> None:
     page = httpx.get(f"{server.url}/", timeout=10)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     csp = page.headers["content-security-policy"]
@@ -131,60 +157,70 @@ def test_page_is_served_offline_with_its_assets(server: Server) -> None:
     for name in ("index.html", "app.js", "style.css"):
         text = httpx.get(f"{server.url}/ui/static/{name}" if name != "index.html" else f"{server.url}/").text
         assert not re.search(r"""(src|href|from)\s*=?\s*["']https?://""", text), name
-    out = server.output()
-    assert f"chat page: {server.url}/" in out, out
 
 
-def test_chat_stop_regenerate_switch_history_delete(server: Server, playwright_browser, shots: Path) -> None:
+def test_chat_stop_regenerate_switch_history_delete(
+    server: InProcessServer, fake_model: FakeModel, playwright_browser, shots: Path
+) -> None:
+    fake_model.enqueue(PARIS, "Paris, on the Seine.")
     page = open_page(playwright_browser, f"{server.url}/")
     ready(page)
-    assert page.locator("#model option").first.inner_text().startswith("SmolLM2")
+    assert page.locator("#model option").first.inner_text().startswith("tiny")
     set_settings(page)
     send(page, "What is the capital of France?")
-    assert "Paris" in replies(page)[-1]
+    assert replies(page) == [PARIS]
+    assert ONE_SENTENCE in fake_model.prompts[-1] and "What is the capital of France?" in fake_model.prompts[-1]
     stats = page.locator("#messages .msg.assistant .stats").last.inner_text()
-    assert re.search(r"\d+ tokens · [\d.]+ tok/s · first token [\d.]+ s · prompt \d+ tokens", stats), stats
+    assert re.search(r"7 tokens · [\d.]+ tok/s · first token [\d.]+ s · prompt \d+ tokens", stats), stats
     paris = current_id(page)
 
     # the conversation is the REPL's history: `selfhost history list` shows it, with the system prompt
     listed = {c["id"]: c for c in history(server.home, "list")}
     assert listed[paris]["title"] == "What is the capital of France?" and listed[paris]["n_messages"] == 2
     shown = history(server.home, "show", str(paris))
-    assert shown["system"] == ONE_SENTENCE and "Paris" in shown["messages"][1]["content"]
+    assert shown["system"] == ONE_SENTENCE and shown["messages"][1]["content"] == PARIS
 
-    # regenerate: the reply is replaced, not added (greedy: the same answer again)
-    first = replies(page)[-1]
+    # regenerate: the reply is replaced, not added, and asked for the same question again
     page.locator(".msg.assistant .action.regenerate").click()
-    page.locator("#messages .msg.assistant .stats:not(:empty)").last.wait_for(timeout=120_000)
-    page.locator("#send").wait_for(state="visible")
-    assert replies(page) == [first]
-    assert len(history(server.home, "show", str(paris))["messages"]) == 2
+    page.locator("#messages .msg.assistant .content", has_text="Seine").wait_for(timeout=30_000)
+    wait_done(page)
+    assert replies(page) == ["Paris, on the Seine."]
+    assert fake_model.prompts[-1] == fake_model.prompts[-2]
+    regenerated = history(server.home, "show", str(paris))["messages"]
+    assert [m["content"] for m in regenerated] == ["What is the capital of France?", "Paris, on the Seine."]
 
     # stop a long reply mid-stream with Esc: the part said is kept as an interrupted reply
     page.click("#new-chat")
     set_settings(page, system="", temperature="0.8", max_tokens="400")
+    fake_model.step_seconds = 0.05  # 400 tokens would take 20 s
+    fake_model.enqueue(STORY)
     send(page, "Write a very long story about a dragon and a knight.", wait=False)
-    page.locator(".msg.assistant.streaming .content:not(:empty)").wait_for(timeout=120_000)
+    page.locator(".msg.assistant.streaming .content:not(:empty)").wait_for(timeout=30_000)
     page.keyboard.press("Escape")
     page.locator("#send").wait_for(state="visible", timeout=30_000)
     page.locator(".msg.assistant .stats", has_text="stopped").wait_for(timeout=30_000)
+    fake_model.step_seconds = 0.0
     story = current_id(page)
     stopped = history(server.home, "show", str(story))["messages"][-1]
     assert stopped["finish_reason"] == "interrupted" and 0 < stopped["tokens"] < 400
+    assert stopped["content"].startswith("Once") and STORY.startswith(stopped["content"])  # what was said
+    assert replies(page)[-1] == stopped["content"].strip()
 
     # edit-and-resend the last message: it replaces the message and its reply
+    fake_model.enqueue("Hello!")
     page.locator(".msg.user .action.edit").click()
     page.fill(".edit-box", "Say hello.")
     page.locator(".msg.user .action.send").click()
-    page.locator("#messages .msg.assistant .stats:not(:empty)").last.wait_for(timeout=120_000)
-    page.locator("#send").wait_for(state="visible")
+    page.locator("#messages .msg.assistant .content", has_text="Hello!").wait_for(timeout=30_000)
+    wait_done(page)
     edited = history(server.home, "show", str(story))["messages"]
-    assert [m["role"] for m in edited] == ["user", "assistant"] and edited[0]["content"] == "Say hello."
+    assert [(m["role"], m["content"]) for m in edited] == [("user", "Say hello."), ("assistant", "Hello!")]
+    assert replies(page) == ["Hello!"]
 
     # switch back to the first conversation from the sidebar
     page.locator(f'#conversations li[data-id="{paris}"] button').click()
     page.locator("#conv-title", has_text="What is the capital of France?").wait_for()
-    assert "Paris" in replies(page)[-1]
+    assert replies(page) == ["Paris, on the Seine."]
     assert page.input_value("#system") == ONE_SENTENCE
     page.screenshot(path=str(shots / "chat-light.png"))
     page.emulate_media(color_scheme="dark")
@@ -196,78 +232,14 @@ def test_chat_stop_regenerate_switch_history_delete(server: Server, playwright_b
     assert "cannot be undone" in page.locator("#ask-text").inner_text()
     page.click("#ask-ok")
     page.locator(f'#conversations li[data-id="{paris}"]').wait_for(state="detached")
-    assert paris not in {c["id"] for c in history(server.home, "list")}
-    assert story in {c["id"] for c in history(server.home, "list")}
+    assert {c["id"] for c in history(server.home, "list")} == {story}
     assert page.errors == []
     page.context.close()
 
 
-def test_repl_conversation_continues_in_the_page(
-    server: Server, playwright_browser, smollm2_gguf: Path
+def test_xss_in_a_reply_and_a_title_stays_inert(
+    server: InProcessServer, fake_model: FakeModel, playwright_browser
 ) -> None:
-    one_shot = subprocess.run(
-        selfhost_command(
-            "chat",
-            str(smollm2_gguf),
-            "-p",
-            "Name a colour.",
-            "--max-tokens",
-            "12",
-            "--temperature",
-            "0",
-            "--threads",
-            "2",
-            "--ctx",
-            "512",
-        ),
-        env=checkout_env(SELFHOST_HOME=str(server.home)),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert one_shot.returncode == 0, one_shot.stderr
-    repl = max(c["id"] for c in history(server.home, "list"))
-    page = open_page(playwright_browser, f"{server.url}/")
-    ready(page)
-    page.locator(f'#conversations li[data-id="{repl}"] button').click()
-    page.locator("#conv-title", has_text="Name a colour.").wait_for()
-    assert page.locator(".msg.user .content").all_inner_texts() == ["Name a colour."]
-    assert replies(page)[0].strip() == one_shot.stdout.strip()
-
-    # continue it in the page: the same conversation in the history grows by one turn
-    set_settings(page, system="", max_tokens="12")
-    send(page, "Name another one.")
-    messages = history(server.home, "show", str(repl))["messages"]
-    assert [m["content"] for m in messages[:3]] == [
-        "Name a colour.",
-        messages[1]["content"],
-        "Name another one.",
-    ]
-    assert len(messages) == 4 and current_id(page) == repl
-
-    # search finds it by its text; export gives the REPL's Markdown
-    page.fill("#search", "another one")
-    page.locator("#conversations li").first.wait_for()
-    page.wait_for_timeout(400)
-    found = page.locator("#conversations li").evaluate_all("l => l.map(e => Number(e.dataset.id))")
-    assert found == [repl]
-    with page.expect_download() as download:
-        page.click("#export")
-    text = Path(download.value.path()).read_text()
-    assert text.startswith("# Name a colour.") and "## User\n\nName another one." in text
-
-    # rename from the page: the REPL's history has the new title
-    page.click("#rename")
-    page.fill("#ask-input", "Colours <b>and</b> more")
-    page.click("#ask-ok")
-    page.locator("#conv-title", has_text="Colours <b>and</b> more").wait_for()
-    assert {c["id"]: c["title"] for c in history(server.home, "list")}[repl] == "Colours <b>and</b> more"
-    missing = httpx.patch(f"{server.url}/ui/api/conversations/999999", json={"title": "x"}, timeout=30)
-    assert missing.status_code == 404 and "no conversation 999999" in missing.json()["error"]["message"]
-    page.context.close()
-
-
-def test_xss_in_a_reply_and_a_title_stays_inert(server: Server, playwright_browser) -> None:
     from selfhost.chat.history import HistoryStore
     from selfhost.chat.messages import Conversation, Message
 
@@ -290,29 +262,30 @@ def test_xss_in_a_reply_and_a_title_stays_inert(server: Server, playwright_brows
     for link in page.locator(".msg .content a").all():
         link.click()  # would run a javascript: URL if one were left
     content = page.locator("#messages")
-    dangerous = "script, iframe, object, embed, [onerror], [onload], [onclick], a[href^='javascript']"
-    assert content.locator(dangerous).evaluate_all("l => l.map(e => e.outerHTML)") == []
+    assert content.locator(DANGEROUS).evaluate_all("l => l.map(e => e.outerHTML)") == []
     assert content.locator(".msg.user img").count() == 0  # the user's text is never HTML
     assert page.locator("pre code").inner_text().startswith("print('<b>not bold</b>')")
 
-    # a streamed reply: JSON-schema mode forces SmolLM2 to write the payload itself
+    # a streamed reply: the model says the payloads itself, token by token
+    fake_model.enqueue(XSS, REPLY_PAYLOADS)
     page.click("#new-chat")
-    page.click("#settings-toggle")
-    page.check("#json-mode")
-    page.fill("#schema", json.dumps({"enum": [XSS]}))
-    page.fill("#max_tokens", "60")
-    page.click("#settings-toggle")
     send(page, "Say anything.")
     reply = page.locator(".msg.assistant .content").last
     assert reply.locator("img").count() == 1 and reply.locator("img[onerror]").count() == 0
     assert reply.locator("a").count() == 1 and reply.locator("a[href^='javascript']").count() == 0
-    assert "schema" not in (page.locator("#error-text").inner_text() or "")
+    send(page, "Say more.")
+    reply = page.locator(".msg.assistant .content").last
+    reply.locator("strong", has_text="bold").wait_for()
+    for link in reply.locator("a").all():
+        link.click()
+    assert content.locator(DANGEROUS).evaluate_all("l => l.map(e => e.outerHTML)") == []
+    assert reply.locator("pre code").inner_text().startswith("print('<b>not bold</b>')")
     page.wait_for_timeout(300)
     assert page.alerts == [] and page.errors == []
     page.context.close()
 
 
-def test_screenshots_light_dark_and_phone(server: Server, playwright_browser, shots: Path) -> None:
+def test_screenshots_light_dark_and_phone(server: InProcessServer, playwright_browser, shots: Path) -> None:
     from selfhost.chat.history import HistoryStore
     from selfhost.chat.messages import Conversation, Message
 
@@ -362,7 +335,7 @@ def test_screenshots_light_dark_and_phone(server: Server, playwright_browser, sh
 
 
 def test_context_full_and_a_model_that_cannot_load_are_readable_errors(
-    server: Server, playwright_browser
+    server: InProcessServer, fake_model: FakeModel, playwright_browser
 ) -> None:
     page = open_page(playwright_browser, f"{server.url}/")
     ready(page)
@@ -380,25 +353,14 @@ def test_context_full_and_a_model_that_cannot_load_are_readable_errors(
     page.locator("#error-text", has_text="Context full").wait_for(timeout=30_000)
     assert "does not fit" in page.locator("#error-text").inner_text()
     assert page.input_value("#input").startswith("word word")  # given back to edit
+    assert fake_model.prompts == []  # neither reached the model
     page.context.close()
 
 
 # ------------------------------------------------------------- safety, auth
-@pytest.fixture
-def keyed(smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A server with an API key and one CORS origin, started with --open (the "browser" notes the URL)."""
-    browser = tmp_path / "browser.sh"
-    browser.write_text(f'#!/bin/sh\necho "$1" > {tmp_path}/opened\n')
-    browser.chmod(0o755)
-    monkeypatch.setenv("BROWSER", str(browser))  # what Python's webbrowser module runs
-    flags = ["--parallel", "1", "--ctx", "512", "--threads", "2", "--cors-origin", "http://allowed.example"]
-    with Server(smollm2_gguf, tmp_path / "home", *flags, "--open", api_key=KEY) as srv:
-        srv.opened = tmp_path / "opened"
-        yield srv
-
-
-def test_api_key_asked_once_sent_as_bearer_and_server_down(keyed: Server, playwright_browser) -> None:
-    assert keyed.opened.read_text().strip() == f"{keyed.url}/"  # --open opened the page
+def test_api_key_asked_once_sent_as_bearer_and_server_down(
+    keyed: InProcessServer, fake_model: FakeModel, playwright_browser
+) -> None:
     page = open_page(playwright_browser, f"{keyed.url}/")
     seen: list[tuple[str, str | None]] = []
     page.on("request", lambda r: seen.append((r.url, r.headers.get("authorization"))))
@@ -411,8 +373,10 @@ def test_api_key_asked_once_sent_as_bearer_and_server_down(keyed: Server, playwr
     page.click("#ask-ok")
     ready(page)
     assert page.locator("#model option").count() >= 1
+    fake_model.enqueue("Hi there.")
     set_settings(page, max_tokens="8")
     send(page, "Hi")
+    assert replies(page) == ["Hi there."]
     page.reload()  # asked once: the key is remembered
     ready(page)
     assert page.locator("#ask[open]").count() == 0
@@ -427,7 +391,9 @@ def test_api_key_asked_once_sent_as_bearer_and_server_down(keyed: Server, playwr
     page.context.close()
 
 
-def test_cross_site_calls_refused_cors_closed_by_default(server: Server, keyed: Server) -> None:
+def test_cross_site_calls_refused_cors_closed_by_default(
+    server: InProcessServer, keyed: InProcessServer, fake_model: FakeModel
+) -> None:
     before = len(history(server.home, "list"))
     body = json.dumps({"action": "send", "content": "hi", "sampling": {"max_tokens": 2}})
     headers = {"Content-Type": "application/json", "Origin": "http://evil.example"}
@@ -438,6 +404,7 @@ def test_cross_site_calls_refused_cors_closed_by_default(server: Server, keyed: 
         assert gone.status_code == 403
         completion = httpx.post(f"{srv.url}/v1/chat/completions", content="{}", headers={**headers, **auth})
         assert completion.status_code == 403
+    assert fake_model.prompts == []  # nothing refused reached the model
     # a preflight from another site gets no CORS grant by default
     preflight = httpx.options(
         f"{server.url}/ui/api/chat",
@@ -449,12 +416,103 @@ def test_cross_site_calls_refused_cors_closed_by_default(server: Server, keyed: 
     allowed = {"Origin": "http://allowed.example", "Authorization": f"Bearer {KEY}"}
     ok = httpx.get(f"{keyed.url}/ui/api/conversations", headers=allowed, timeout=30)
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://allowed.example"
+    fake_model.enqueue("Hello from the allowed origin.")
     sent = httpx.post(
         f"{keyed.url}/ui/api/chat",
         content=body,
         headers={**allowed, "Content-Type": "application/json"},
-        timeout=120,
+        timeout=30,
     )
     assert sent.status_code == 200 and '"type": "done"' in sent.text
+    assert "Hello" in sent.text and len(fake_model.prompts) == 1
     # the key is needed for the page's API as for /v1
     assert httpx.get(f"{keyed.url}/ui/api/conversations", timeout=30).status_code == 401
+
+
+# ------------------------------------------------- end to end: SmolLM2 in llama.cpp, the CLI's serve
+@pytest.fixture(scope="module")
+def real_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`selfhost serve --open` in a subprocess with SmolLM2 (the "browser" notes the URL it is given)."""
+    root = tmp_path_factory.mktemp("web")
+    browser = root / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {root}/opened\n')
+    browser.chmod(0o755)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BROWSER", str(browser))  # what Python's webbrowser module runs
+        flags = ["--parallel", "1", "--ctx", "1024", "--threads", "2", "--open"]
+        with Server(smollm2_gguf, root / "home", *flags) as srv:
+            srv.opened = root / "opened"
+            yield srv
+
+
+def test_repl_conversation_continues_in_the_page(
+    real_server: Server, playwright_browser, smollm2_gguf: Path
+) -> None:
+    server = real_server
+    assert f"chat page: {server.url}/" in server.output(), server.output()
+    assert server.opened.read_text().strip() == f"{server.url}/"  # --open opened the page
+    one_shot = subprocess.run(
+        selfhost_command(
+            "chat",
+            str(smollm2_gguf),
+            "-p",
+            "Name a colour.",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--threads",
+            "2",
+            "--ctx",
+            "512",
+        ),
+        env=checkout_env(SELFHOST_HOME=str(server.home)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert one_shot.returncode == 0, one_shot.stderr
+    repl = max(c["id"] for c in history(server.home, "list"))
+    page = open_page(playwright_browser, f"{server.url}/")
+    ready(page)
+    assert page.locator("#model option").first.inner_text().startswith("SmolLM2")
+    page.locator(f'#conversations li[data-id="{repl}"] button').click()
+    page.locator("#conv-title", has_text="Name a colour.").wait_for()
+    assert page.locator(".msg.user .content").all_inner_texts() == ["Name a colour."]
+    assert replies(page)[0] == one_shot.stdout.strip()
+
+    # continue it in the page: SmolLM2 answers, and the same conversation in the history grows by one turn
+    set_settings(page, system="", max_tokens="12")
+    send(page, "Name another one.")
+    stats = page.locator("#messages .msg.assistant .stats").last.inner_text()
+    assert re.search(r"\d+ tokens · [\d.]+ tok/s · first token [\d.]+ s · prompt \d+ tokens", stats), stats
+    messages = history(server.home, "show", str(repl))["messages"]
+    assert [m["content"] for m in messages[:3]] == [
+        "Name a colour.",
+        messages[1]["content"],
+        "Name another one.",
+    ]
+    assert len(messages) == 4 and current_id(page) == repl
+    assert messages[3]["content"].strip() and replies(page)[-1] == messages[3]["content"].strip()
+
+    # search finds it by its text; export gives the REPL's Markdown
+    page.fill("#search", "another one")
+    page.locator("#conversations li").first.wait_for()
+    page.wait_for_timeout(400)
+    found = page.locator("#conversations li").evaluate_all("l => l.map(e => Number(e.dataset.id))")
+    assert found == [repl]
+    with page.expect_download() as download:
+        page.click("#export")
+    text = Path(download.value.path()).read_text()
+    assert text.startswith("# Name a colour.") and "## User\n\nName another one." in text
+
+    # rename from the page: the REPL's history has the new title
+    page.click("#rename")
+    page.fill("#ask-input", "Colours <b>and</b> more")
+    page.click("#ask-ok")
+    page.locator("#conv-title", has_text="Colours <b>and</b> more").wait_for()
+    assert {c["id"]: c["title"] for c in history(server.home, "list")}[repl] == "Colours <b>and</b> more"
+    missing = httpx.patch(f"{server.url}/ui/api/conversations/999999", json={"title": "x"}, timeout=30)
+    assert missing.status_code == 404 and "no conversation 999999" in missing.json()["error"]["message"]
+    assert page.errors == []
+    page.context.close()
