@@ -169,7 +169,8 @@ def test_chat_stop_regenerate_switch_history_delete(
     set_settings(page)
     send(page, "What is the capital of France?")
     assert replies(page) == [PARIS]
-    assert ONE_SENTENCE in fake_model.prompts[-1] and "What is the capital of France?" in fake_model.prompts[-1]
+    asked = fake_model.prompts[-1]  # the model read the system prompt and the question
+    assert ONE_SENTENCE in asked and "What is the capital of France?" in asked
     stats = page.locator("#messages .msg.assistant .stats").last.inner_text()
     assert re.search(r"7 tokens · [\d.]+ tok/s · first token [\d.]+ s · prompt \d+ tokens", stats), stats
     paris = current_id(page)
