@@ -291,13 +291,12 @@ def _tokenize(lib: Any, vocab: Any, text: str) -> list[int]:
 def _eval_chunk(lib: Any, ctx: Any, chunk: list[int]) -> None:
     """Evaluate one chunk from an empty cache. Every position is an output, as in llama-imatrix: otherwise
     llama.cpp prunes the last layer's rows to the last token and its matrices see too few rows."""
+    from selfhost.runtime.llama_context import fill_sequence
+
     lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
     batch = lib.llama_batch_init(len(chunk), 0, 1)
     try:
-        for i, token in enumerate(chunk):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
-            batch.seq_id[i][0] = 0
-        batch.n_tokens = len(chunk)
+        fill_sequence(batch, chunk, all_logits=True)
         rc = lib.llama_decode(ctx, batch)
     finally:
         lib.llama_batch_free(batch)

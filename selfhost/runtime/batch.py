@@ -31,6 +31,7 @@ from selfhost.errors import SelfhostError
 from selfhost.runtime.defaults import DEFAULT_PREFILL_CHUNK, SLOT_QUEUE
 from selfhost.runtime.jobs import Job, JobEnd, JobFinish, JobText, QueueFullError
 from selfhost.runtime.kvcache import KVSettings
+from selfhost.runtime.llama_context import open_context, set_token
 from selfhost.runtime.prompt_cache import PromptCache
 from selfhost.runtime.sampler import check_grammar, make_sampler
 from selfhost.runtime.speculative import DraftPace, ModelDrafter, NgramDrafter, SpecSettings
@@ -116,8 +117,6 @@ class BatchEngine:
 
     def _slots_context(self, model: Any, threads: int) -> Any:
         """A context on `model` (the target's or the draft's) with one KV sequence per slot."""
-        from selfhost.runtime.llama_context import open_context
-
         n_ctx = self.n_slots * self.ctx_per_slot
         return open_context(
             model, n_ctx=n_ctx, n_seq_max=self.n_slots, n_batch=self.n_batch, threads=threads, kv=self.kv
@@ -404,12 +403,7 @@ class BatchEngine:
         return n, members
 
     def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        b = self.batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
-        b.logits[i] = logits
+        set_token(self.batch, i, token, pos, seq_id, logits)
 
     def _draft(self, slot: _Slot) -> list[int]:
         """Tokens to verify after the slot's next token (none without speculation, or no room)."""

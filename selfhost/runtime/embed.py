@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from selfhost.errors import ModelLoadError, UsageError
+from selfhost.runtime.llama_context import fill_sequence, open_context
 
 
 class Embedder:
@@ -29,8 +30,6 @@ class Embedder:
         self._lock = threading.Lock()
 
     def _open(self) -> None:
-        from selfhost.runtime.llama_context import open_context
-
         lib = self.lib
         pooling = _model_pooling(self.llm)
         if self.rank:
@@ -87,10 +86,7 @@ class Embedder:
                 self._open()
             lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
             b = self.batch
-            for i, token in enumerate(tokens):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, i, 1, True
-                b.seq_id[i][0] = 0
-            b.n_tokens = len(tokens)
+            fill_sequence(b, tokens, all_logits=True)
             if lib.llama_model_has_encoder(self.llm.model) and not lib.llama_model_has_decoder(
                 self.llm.model
             ):

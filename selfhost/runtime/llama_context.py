@@ -4,6 +4,7 @@ no `Llama` wrapper.
 Every context selfhost opens itself is made by `open_context`: the batch engine's (one KV stream per
 slot), a draft model's, the embedding context, and the imatrix calibration's (with an eval callback).
 `Llama` objects (llama_backend.load_model) keep their own context for tokenizing and templates.
+`set_token` and `fill_sequence` write a `llama_batch` for every one of them.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def model_and_context(path: Path, *, n_gpu_layers: int = 0, **context: Any) -> I
             lib.llama_free(ctx)
     finally:
         lib.llama_model_free(model)
+
+
+def set_token(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    """Entry i of a `llama_batch`: `token` at position `pos` of one sequence, with or without logits."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
+
+
+def fill_sequence(
+    batch: Any, tokens: list[int], *, seq_id: int = 0, start: int = 0, all_logits: bool
+) -> None:
+    """The whole batch: `tokens` of one sequence from position `start`; logits at every position, or
+    only at the last one."""
+    last = len(tokens) - 1
+    for i, token in enumerate(tokens):
+        set_token(batch, i, token, start + i, seq_id, all_logits or i == last)
+    batch.n_tokens = len(tokens)
 
 
 def _tail(log: list[str]) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from selfhost.errors import UsageError
+from selfhost.runtime.llama_context import fill_sequence
 from selfhost.runtime.tokens import common_prefix
 
 SpecMode = Literal["none", "ngram", "draft"]
@@ -161,13 +162,8 @@ class ModelDrafter:
         cached = self.cached[seq]
         for start in range(0, len(tokens), self.n_batch):
             piece = tokens[start : start + self.n_batch]
-            b = self.batch
-            for i, token in enumerate(piece):
-                b.token[i], b.pos[i], b.n_seq_id[i] = token, len(cached) + i, 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = i == len(piece) - 1
-            b.n_tokens = len(piece)
-            if self.lib.llama_decode(self.ctx, b) != 0:
+            fill_sequence(self.batch, piece, seq_id=seq, start=len(cached), all_logits=False)
+            if self.lib.llama_decode(self.ctx, self.batch) != 0:
                 return False
             cached.extend(piece)
         return True
