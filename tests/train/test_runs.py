@@ -23,7 +23,7 @@ from selfhost.events import Progress, Result  # noqa: E402
 from selfhost.train import runs  # noqa: E402
 from selfhost.train.gpt import trainer  # noqa: E402
 from selfhost.train.gpt.config import build_config  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, one_error_line  # noqa: E402
 from tests.fakes.terminal import Terminal  # noqa: E402
 from tests.train.test_train_gpt import TINY, TINY_FLAGS  # noqa: E402
 
@@ -285,3 +285,13 @@ def test_missing_optional_packages_are_one_line_errors(
         "error: TensorBoard is not installed (pip install 'selfhost[tensorboard]')"
     )
     assert not (isolated_home / "runs" / "text-gpt").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["export", "sample"])
+def test_gpt_commands_on_a_missing_run_name_it(runner, tmp_path: Path, command: str) -> None:  # noqa: ANN001
+    """A name that is no run, and a folder that holds none: one line naming what was asked for."""
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    for ref in ("nothing", str(empty)):
+        line = one_error_line(runner.invoke(app, ["gpt", command, ref]))
+        assert line == f"error: no training run '{ref}' (see `selfhost train runs list`)"
